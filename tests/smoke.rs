@@ -1,1 +1,2 @@
-#[test] fn builds() {}
+#[test]
+fn builds() {}

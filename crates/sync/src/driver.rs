@@ -1,0 +1,411 @@
+//! Runs the protocol machines over async byte streams (QUIC streams in ferry, in-memory pipes in
+//! tests). The driver owns the I/O the machines ask for: disk work runs on blocking threads, each
+//! stream has its own task, and every queue between them is bounded.
+//!
+//! Sender: one control stream (both directions) and `data` send streams. Receiver: the same
+//! control stream and the matching data receive streams. Data frames go out on whichever stream
+//! is free, so a slow stream does not hold the others back.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, Mutex};
+
+use crate::manifest::ManifestSummary;
+use crate::proto::frame::{decode_frame, Frame, FrameError};
+use crate::proto::{
+    Lane, Receiver, RecvEvent, RecvIoDone, SendEvent, SendIoDone, Sender, SessionError, Transmit,
+};
+use crate::source::Source;
+use crate::store::FsStore;
+
+/// How a driven session ended badly.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DriveError {
+    /// The session failed (protocol, integrity, source or destination problem, peer's close).
+    #[error(transparent)]
+    Session(#[from] SessionError),
+    /// The connection went away before the migration finished. Resumable.
+    #[error("the connection was lost: {0}")]
+    LinkLost(String),
+}
+
+impl DriveError {
+    /// Whether running a new session may complete the migration.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            DriveError::LinkLost(_) => true,
+            DriveError::Session(e) => e.is_retryable(),
+        }
+    }
+}
+
+/// Reads frames from a byte stream.
+pub struct FrameReader<R> {
+    inner: R,
+    buf: BytesMut,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    pub fn new(inner: R) -> Self {
+        FrameReader {
+            inner,
+            buf: BytesMut::with_capacity(256 * 1024),
+        }
+    }
+
+    /// The next frame; `Ok(None)` at a clean end of stream.
+    pub async fn next(&mut self) -> Result<Option<Frame>, ReadError> {
+        loop {
+            if let Some(f) = decode_frame(&mut self.buf)? {
+                return Ok(Some(f));
+            }
+            if self.buf.capacity() - self.buf.len() < 64 * 1024 {
+                self.buf.reserve(256 * 1024);
+            }
+            let n = self
+                .inner
+                .read_buf(&mut self.buf)
+                .await
+                .map_err(|e| ReadError::Io(e.to_string()))?;
+            if n == 0 {
+                return if self.buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(ReadError::Io("stream ended inside a frame".into()))
+                };
+            }
+        }
+    }
+}
+
+/// A frame stream failure.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error("{0}")]
+    Io(String),
+}
+
+async fn write_transmit<W: AsyncWrite + Unpin>(w: &mut W, t: &Transmit) -> std::io::Result<()> {
+    w.write_all(&t.head).await?;
+    if !t.body.is_empty() {
+        w.write_all(&t.body).await?;
+    }
+    Ok(())
+}
+
+enum Input {
+    Frame(Frame),
+    FrameError(FrameError),
+    Closed(String),
+}
+
+fn spawn_control_reader<R>(r: R, tx: mpsc::Sender<Input>)
+where
+    R: AsyncRead + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut reader = FrameReader::new(r);
+        loop {
+            let input = match reader.next().await {
+                Ok(Some(f)) => Input::Frame(f),
+                Ok(None) => Input::Closed("the peer closed the control stream".into()),
+                Err(ReadError::Frame(e)) => Input::FrameError(e),
+                Err(ReadError::Io(e)) => Input::Closed(e),
+            };
+            let last = !matches!(input, Input::Frame(_));
+            if tx.send(input).await.is_err() || last {
+                break;
+            }
+        }
+    });
+}
+
+/// Sender-side statistics of a finished session.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SendStats {
+    /// Chunk payload bytes sent (after compression).
+    pub wire_bytes: u64,
+    /// Chunk bytes sent (before compression).
+    pub raw_bytes: u64,
+    pub chunks: u64,
+}
+
+/// Runs a sender session to its end. `on_event` sees every event.
+pub async fn run_sender<CR, CW, DW>(
+    mut sender: Sender,
+    source: Arc<Source>,
+    control_read: CR,
+    mut control_write: CW,
+    data: Vec<DW>,
+    mut on_event: impl FnMut(&SendEvent),
+) -> (Result<(), DriveError>, SendStats)
+where
+    CR: AsyncRead + Unpin + Send + 'static,
+    CW: AsyncWrite + Unpin + Send + 'static,
+    DW: AsyncWrite + Unpin + Send + 'static,
+{
+    let (in_tx, mut in_rx) = mpsc::channel::<Input>(16);
+    spawn_control_reader(control_read, in_tx);
+
+    // Data writers share one bounded queue; each takes the next frame when it is free.
+    let lanes = data.len().max(1);
+    let (data_tx, data_rx) = mpsc::channel::<Transmit>(lanes * 2);
+    let data_rx = Arc::new(Mutex::new(data_rx));
+    let (werr_tx, mut werr_rx) = mpsc::channel::<String>(lanes);
+    let mut writers = Vec::new();
+    for mut w in data {
+        let rx = Arc::clone(&data_rx);
+        let err = werr_tx.clone();
+        writers.push(tokio::spawn(async move {
+            loop {
+                let next = rx.lock().await.recv().await;
+                let Some(t) = next else { break };
+                if let Err(e) = write_transmit(&mut w, &t).await {
+                    let _ = err.send(e.to_string()).await;
+                    return;
+                }
+            }
+            let _ = w.shutdown().await;
+        }));
+    }
+    drop(werr_tx);
+
+    let max_reads = 64;
+    let (io_tx, mut io_rx) = mpsc::channel::<SendIoDone>(max_reads);
+    let mut stats = SendStats::default();
+    let mut result: Option<Result<(), DriveError>> = None;
+    let mut data_tx = Some(data_tx);
+
+    'outer: loop {
+        // Drain the machine.
+        while let Some(t) = sender.poll_transmit() {
+            match t.lane {
+                Lane::Control => {
+                    if let Err(e) = write_transmit(&mut control_write, &t).await {
+                        result.get_or_insert(Err(DriveError::LinkLost(e.to_string())));
+                        break 'outer;
+                    }
+                }
+                Lane::Data => {
+                    let Some(tx) = data_tx.as_ref() else { continue };
+                    tokio::select! {
+                        r = tx.send(t) => if r.is_err() {
+                            result.get_or_insert(Err(DriveError::LinkLost("data streams closed".into())));
+                            break 'outer;
+                        },
+                        Some(e) = werr_rx.recv() => {
+                            result.get_or_insert(Err(DriveError::LinkLost(e)));
+                            break 'outer;
+                        }
+                    }
+                }
+            }
+        }
+        while let Some(io) = sender.poll_io() {
+            let src = Arc::clone(&source);
+            let tx = io_tx.clone();
+            tokio::task::spawn_blocking(move || {
+                let done = src.execute(io);
+                let _ = tx.blocking_send(done);
+            });
+        }
+        while let Some(ev) = sender.poll_event() {
+            on_event(&ev);
+            match ev {
+                SendEvent::Done { .. } => {
+                    result.get_or_insert(Ok(()));
+                }
+                SendEvent::Failed(e) => {
+                    result.get_or_insert(Err(DriveError::Session(e)));
+                }
+                SendEvent::Wanted { .. } => {}
+            }
+        }
+        if sender.is_closed() {
+            // Flush the close frame, then stop.
+            while let Some(t) = sender.poll_transmit() {
+                if t.lane == Lane::Control {
+                    let _ = write_transmit(&mut control_write, &t).await;
+                }
+            }
+            break;
+        }
+        tokio::select! {
+            input = in_rx.recv() => match input {
+                Some(Input::Frame(f)) => sender.handle_frame(f),
+                Some(Input::FrameError(e)) => sender.handle_frame_error(e),
+                Some(Input::Closed(why)) => {
+                    result.get_or_insert(Err(DriveError::LinkLost(why)));
+                    break;
+                }
+                None => {
+                    result.get_or_insert(Err(DriveError::LinkLost("control stream ended".into())));
+                    break;
+                }
+            },
+            Some(done) = io_rx.recv() => sender.handle_io_done(done),
+            Some(e) = werr_rx.recv() => {
+                result.get_or_insert(Err(DriveError::LinkLost(e)));
+                break;
+            }
+        }
+    }
+    stats.wire_bytes = sender.wire_bytes();
+    stats.raw_bytes = sender.raw_bytes_sent();
+    stats.chunks = sender.chunks_sent();
+    // Let the data writers finish what was queued (on success) and close their streams.
+    data_tx = None;
+    drop(data_tx);
+    if matches!(result, Some(Ok(()))) {
+        for w in writers {
+            let _ = w.await;
+        }
+        let _ = control_write.shutdown().await;
+    } else {
+        for w in writers {
+            w.abort();
+        }
+    }
+    (
+        result.unwrap_or(Err(DriveError::LinkLost("session ended".into()))),
+        stats,
+    )
+}
+
+/// Runs a receiver session to its end. `on_event` sees every event.
+///
+/// On a lost link the receiver commits everything verified so far before returning, so the next
+/// session resumes from it.
+pub async fn run_receiver<CR, CW, DR>(
+    mut receiver: Receiver,
+    store: Arc<FsStore>,
+    control_read: CR,
+    mut control_write: CW,
+    data: Vec<DR>,
+    mut on_event: impl FnMut(&RecvEvent),
+) -> Result<ManifestSummary, DriveError>
+where
+    CR: AsyncRead + Unpin + Send + 'static,
+    CW: AsyncWrite + Unpin + Send + 'static,
+    DR: AsyncRead + Unpin + Send + 'static,
+{
+    let (in_tx, mut in_rx) = mpsc::channel::<Input>(16);
+    spawn_control_reader(control_read, in_tx);
+    let (chunk_tx, mut chunk_rx) = mpsc::channel::<Input>(8);
+    let mut readers = Vec::new();
+    for r in data {
+        let tx = chunk_tx.clone();
+        readers.push(tokio::spawn(async move {
+            let mut reader = FrameReader::new(r);
+            loop {
+                let input = match reader.next().await {
+                    Ok(Some(f)) => Input::Frame(f),
+                    Ok(None) => return,
+                    Err(ReadError::Frame(e)) => Input::FrameError(e),
+                    Err(ReadError::Io(e)) => Input::Closed(e),
+                };
+                let last = !matches!(input, Input::Frame(_));
+                if tx.send(input).await.is_err() || last {
+                    return;
+                }
+            }
+        }));
+    }
+    drop(chunk_tx);
+
+    let (io_tx, mut io_rx) = mpsc::channel::<RecvIoDone>(256);
+    let mut result: Option<Result<ManifestSummary, DriveError>> = None;
+    let mut link_up = true;
+    let mut data_open = true;
+    let tick = Duration::from_millis(100);
+    receiver.handle_timeout(Instant::now());
+
+    loop {
+        while let Some(t) = receiver.poll_transmit() {
+            if link_up {
+                if let Err(e) = write_transmit(&mut control_write, &t).await {
+                    link_up = false;
+                    result.get_or_insert(Err(DriveError::LinkLost(e.to_string())));
+                    receiver.handle_link_lost();
+                }
+            }
+        }
+        while let Some(io) = receiver.poll_io() {
+            let st = Arc::clone(&store);
+            let tx = io_tx.clone();
+            // Prepare, commit and finalize are ordered by the machine (one at a time); stores
+            // and copies run side by side, bounded by the machine's pending-bytes limit.
+            tokio::task::spawn_blocking(move || {
+                let done = st.execute(io);
+                let _ = tx.blocking_send(done);
+            });
+        }
+        while let Some(ev) = receiver.poll_event() {
+            on_event(&ev);
+            match ev {
+                RecvEvent::Done(s) => {
+                    result.get_or_insert(Ok(s));
+                }
+                RecvEvent::Failed(e) => {
+                    result.get_or_insert(Err(DriveError::Session(e)));
+                }
+                _ => {}
+            }
+        }
+        if receiver.is_done() {
+            // Flush the Done frame and close our side cleanly.
+            while let Some(t) = receiver.poll_transmit() {
+                let _ = write_transmit(&mut control_write, &t).await;
+            }
+            let _ = control_write.flush().await;
+            let _ = control_write.shutdown().await;
+            break;
+        }
+        if receiver.is_idle() {
+            break;
+        }
+        let deadline = receiver.poll_timeout().map(tokio::time::Instant::from_std);
+        let sleep_until = deadline
+            .unwrap_or_else(|| tokio::time::Instant::now() + tick)
+            .min(tokio::time::Instant::now() + tick);
+        let accept = link_up && data_open && receiver.can_accept_chunk();
+        tokio::select! {
+            input = in_rx.recv(), if link_up => match input {
+                Some(Input::Frame(f)) => receiver.handle_frame(f),
+                Some(Input::FrameError(e)) => receiver.handle_frame_error(e),
+                Some(Input::Closed(why)) => {
+                    link_up = false;
+                    result.get_or_insert(Err(DriveError::LinkLost(why)));
+                    receiver.handle_link_lost();
+                }
+                None => {
+                    link_up = false;
+                    result.get_or_insert(Err(DriveError::LinkLost("control stream ended".into())));
+                    receiver.handle_link_lost();
+                }
+            },
+            input = chunk_rx.recv(), if accept => match input {
+                Some(Input::Frame(f)) => receiver.handle_frame(f),
+                Some(Input::FrameError(e)) => receiver.handle_frame_error(e),
+                Some(Input::Closed(why)) => {
+                    link_up = false;
+                    result.get_or_insert(Err(DriveError::LinkLost(why)));
+                    receiver.handle_link_lost();
+                }
+                None => data_open = false, // all data streams finished; control decides the end
+            },
+            Some(done) = io_rx.recv() => receiver.handle_io_done(done),
+            _ = tokio::time::sleep_until(sleep_until) => receiver.handle_timeout(Instant::now()),
+        }
+    }
+    for r in readers {
+        r.abort();
+    }
+    result.unwrap_or(Err(DriveError::LinkLost("session ended".into())))
+}

@@ -1,0 +1,766 @@
+//! The chunk manifest: what a history contains, and the content address of every byte of it.
+//!
+//! # Chunking
+//! Files are cut into **fixed-size, aligned chunks** whose size is a power of two chosen from the
+//! file size ([`chunk_shift_for`]): 128 KiB for files up to 128 MiB, growing so that a file has
+//! about 1024 chunks, up to 4 MiB for files of 4 GiB and more.
+//! - Fixed aligned chunks suit SQLite, the bulk of a chat history's churn: SQLite rewrites whole
+//!   pages in place (4 KiB, aligned), so a change touches exactly the chunks holding those pages
+//!   and a catch-up round re-sends only those. Content-defined chunking buys nothing for in-place
+//!   page updates and costs CPU and complexity; media files are written once and never edited.
+//! - Scaling with the file (as Syncthing does with its block size) keeps the per-chunk overhead
+//!   (hash, journal record, frame header) negligible for large videos while keeping the unit of
+//!   re-transfer small for databases. The 4 MiB ceiling bounds memory per chunk in flight and the
+//!   bytes lost per interruption.
+//! - The chunk size is carried on the wire per file (`chunk_shift`) so the policy can evolve; a
+//!   receiver accepts any shift within [`MIN_CHUNK_SHIFT`, `MAX_CHUNK_SHIFT`].
+//!
+//! # Identity and dedup
+//! Every chunk slot (file, index) names a BLAKE3 hash. Slots with the same hash and length share
+//! one entry of the **unique-chunk table**, numbered in order of first appearance; the protocol
+//! names chunks by that number, so a forwarded photo stored 50 times crosses the link once.
+//!
+//! # Root hash
+//! Entries are sorted by path (bytewise). The root hash is BLAKE3 over a domain-separation tag,
+//! each entry's canonical encoding (length-prefixed postcard of [`WireEntry`]), and the entry
+//! count. Same content ⇒ same root, whoever computed it.
+
+use std::collections::HashMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::path::{self, PathProblem};
+
+/// Smallest chunk: 128 KiB.
+pub const MIN_CHUNK_SHIFT: u8 = 17;
+/// Largest chunk: 4 MiB.
+pub const MAX_CHUNK_SHIFT: u8 = 22;
+/// Largest chunk in bytes.
+pub const MAX_CHUNK_SIZE: usize = 1 << MAX_CHUNK_SHIFT;
+const TARGET_CHUNKS_PER_FILE: u64 = 1024;
+const ROOT_DOMAIN: &[u8] = b"ferry manifest root v1";
+
+/// A BLAKE3 hash.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ChunkHash(pub [u8; 32]);
+
+impl ChunkHash {
+    /// Hashes `data`.
+    pub fn of(data: &[u8]) -> Self {
+        ChunkHash(*blake3::hash(data).as_bytes())
+    }
+
+    /// Lower-case hex.
+    pub fn to_hex(&self) -> String {
+        blake3::Hash::from_bytes(self.0).to_hex().to_string()
+    }
+
+    /// Parses 64 hex digits.
+    pub fn from_hex(s: &str) -> Option<Self> {
+        blake3::Hash::from_hex(s)
+            .ok()
+            .map(|h| ChunkHash(*h.as_bytes()))
+    }
+}
+
+impl fmt::Debug for ChunkHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", &self.to_hex()[..16])
+    }
+}
+
+impl fmt::Display for ChunkHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+/// The chunk size (as a power of two) for a file of `size` bytes.
+pub fn chunk_shift_for(size: u64) -> u8 {
+    let wanted = size.div_ceil(TARGET_CHUNKS_PER_FILE).max(1);
+    let shift = (64 - (wanted - 1).leading_zeros()) as u8; // ceil(log2(wanted))
+    shift.clamp(MIN_CHUNK_SHIFT, MAX_CHUNK_SHIFT)
+}
+
+/// Number of chunks of a file.
+pub fn chunk_count(size: u64, shift: u8) -> u64 {
+    size.div_ceil(1u64 << shift)
+}
+
+/// Modification time as seconds and nanoseconds since the Unix epoch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mtime {
+    pub secs: i64,
+    pub nanos: u32,
+}
+
+/// What an entry is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EntryKind {
+    Dir,
+    File { chunk_shift: u8 },
+    Symlink { target: String },
+}
+
+/// One entry of a manifest as it crosses the wire (and as the root hash sees it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireEntry {
+    pub path: String,
+    pub kind: EntryKind,
+    pub size: u64,
+    pub mode: u32,
+    pub mtime: Mtime,
+    /// Chunk hashes of a file, in order; empty for other kinds.
+    pub hashes: Vec<ChunkHash>,
+}
+
+/// One entry of a manifest in memory. File chunk hashes live in the manifest's slot table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub path: String,
+    pub kind: EntryKind,
+    pub size: u64,
+    pub mode: u32,
+    pub mtime: Mtime,
+    /// Index of this file's first chunk slot.
+    pub first_slot: u32,
+}
+
+impl Entry {
+    /// Number of chunk slots (0 for anything but a non-empty file).
+    pub fn chunks(&self) -> u32 {
+        match self.kind {
+            EntryKind::File { chunk_shift } => chunk_count(self.size, chunk_shift) as u32,
+            _ => 0,
+        }
+    }
+
+    /// Chunk size of a file (0 for other kinds).
+    pub fn chunk_size(&self) -> u64 {
+        match self.kind {
+            EntryKind::File { chunk_shift } => 1u64 << chunk_shift,
+            _ => 0,
+        }
+    }
+
+    /// Whether this is a regular file.
+    pub fn is_file(&self) -> bool {
+        matches!(self.kind, EntryKind::File { .. })
+    }
+}
+
+/// A chunk of the unique-chunk table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UniqueChunk {
+    pub hash: ChunkHash,
+    pub len: u32,
+    /// First slot holding this chunk.
+    pub first_slot: u32,
+}
+
+/// Where a chunk slot lies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SlotLocation {
+    /// Index of the file entry.
+    pub entry: u32,
+    pub offset: u64,
+    pub len: u32,
+}
+
+/// Totals that close a manifest on the wire and in the receipt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestSummary {
+    pub root: ChunkHash,
+    pub entries: u64,
+    pub files: u64,
+    pub bytes: u64,
+    pub unique_chunks: u64,
+    pub unique_bytes: u64,
+}
+
+/// Limits a receiver applies to a manifest it is sent.
+#[derive(Clone, Debug)]
+pub struct ManifestLimits {
+    pub max_entries: u64,
+    pub max_slots: u64,
+    pub max_total_bytes: u64,
+    /// Refuse paths that differ only by case (set when the destination folds case).
+    pub case_insensitive: bool,
+}
+
+impl Default for ManifestLimits {
+    fn default() -> Self {
+        ManifestLimits {
+            max_entries: 20_000_000,
+            max_slots: 200_000_000,
+            max_total_bytes: 1 << 50,
+            case_insensitive: false,
+        }
+    }
+}
+
+/// A manifest the receiver refuses.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ManifestError {
+    #[error("unsafe path {path:?}: {problem}")]
+    UnsafePath { path: String, problem: PathProblem },
+    #[error("entry {path:?} is out of order or a duplicate (entries must be sorted by path)")]
+    OutOfOrder { path: String },
+    #[error("entry {path:?} lies under {ancestor:?}, which is not a directory in the manifest")]
+    AncestorNotDir { path: String, ancestor: String },
+    #[error("entry {path:?} collides with {other:?} on a case-insensitive destination")]
+    CaseCollision { path: String, other: String },
+    #[error("symlink {path:?} points outside the destination ({target:?})")]
+    SymlinkEscapes { path: String, target: String },
+    #[error("file {path:?}: chunk size 2^{shift} is outside the accepted range")]
+    BadChunkSize { path: String, shift: u8 },
+    #[error("entry {path:?}: {expected} chunk hashes expected for its size, {got} given")]
+    ChunkCount {
+        path: String,
+        expected: u64,
+        got: u64,
+    },
+    #[error("entry {path:?}: a directory or symlink must have size 0")]
+    NonFileSize { path: String },
+    #[error("the manifest exceeds the limit of {limit} {what}")]
+    TooLarge { what: &'static str, limit: u64 },
+    #[error("the manifest's root hash does not match its entries (sender said {said}, entries give {computed})")]
+    RootMismatch {
+        said: ChunkHash,
+        computed: ChunkHash,
+    },
+    #[error("the manifest's totals do not match its entries")]
+    SummaryMismatch,
+}
+
+/// A complete, validated manifest.
+#[derive(Clone, Debug)]
+pub struct Manifest {
+    entries: Vec<Entry>,
+    /// Unique-chunk id of every slot.
+    slots: Vec<u32>,
+    unique: Vec<UniqueChunk>,
+    /// Next slot holding the same unique chunk (`u32::MAX` ends the list).
+    next_same: Vec<u32>,
+    summary: ManifestSummary,
+}
+
+impl Manifest {
+    /// Builds a manifest from entries (any order), as a scanner does. Validates like a receiver.
+    pub fn from_wire_entries(mut entries: Vec<WireEntry>) -> Result<Self, ManifestError> {
+        entries.sort_by(|a, b| a.path.as_bytes().cmp(b.path.as_bytes()));
+        let mut b = ManifestBuilder::new(ManifestLimits::default());
+        for e in entries {
+            b.push(e)?;
+        }
+        Ok(b.finish_unchecked())
+    }
+
+    pub fn entries(&self) -> &[Entry] {
+        &self.entries
+    }
+
+    pub fn entry(&self, i: u32) -> Option<&Entry> {
+        self.entries.get(i as usize)
+    }
+
+    pub fn summary(&self) -> &ManifestSummary {
+        &self.summary
+    }
+
+    pub fn root(&self) -> ChunkHash {
+        self.summary.root
+    }
+
+    /// Number of chunk slots (file chunks, counting duplicates).
+    pub fn slot_count(&self) -> u32 {
+        self.slots.len() as u32
+    }
+
+    pub fn unique_chunks(&self) -> &[UniqueChunk] {
+        &self.unique
+    }
+
+    pub fn unique(&self, id: u32) -> Option<&UniqueChunk> {
+        self.unique.get(id as usize)
+    }
+
+    /// Unique-chunk id of a slot.
+    pub fn slot_chunk(&self, slot: u32) -> Option<u32> {
+        self.slots.get(slot as usize).copied()
+    }
+
+    /// Hash of a slot.
+    pub fn slot_hash(&self, slot: u32) -> Option<ChunkHash> {
+        self.slot_chunk(slot)
+            .and_then(|u| self.unique(u))
+            .map(|u| u.hash)
+    }
+
+    /// Every slot holding unique chunk `id`, in order.
+    pub fn slots_of(&self, id: u32) -> SlotsOf<'_> {
+        SlotsOf {
+            next: self.unique(id).map_or(u32::MAX, |u| u.first_slot),
+            manifest: self,
+        }
+    }
+
+    /// File entry, offset and length of a slot.
+    pub fn locate(&self, slot: u32) -> Option<SlotLocation> {
+        let uid = self.slot_chunk(slot)?;
+        let len = self.unique(uid)?.len;
+        let idx = self
+            .entries
+            .partition_point(|e| e.first_slot <= slot)
+            .checked_sub(1)?;
+        let e = &self.entries[idx];
+        let index = slot.checked_sub(e.first_slot)?;
+        if index >= e.chunks() {
+            return None;
+        }
+        Some(SlotLocation {
+            entry: idx as u32,
+            offset: u64::from(index) * e.chunk_size(),
+            len,
+        })
+    }
+
+    /// The wire form of entry `i` (with its chunk hashes).
+    pub fn wire_entry(&self, i: usize) -> Option<WireEntry> {
+        let e = self.entries.get(i)?;
+        let first = e.first_slot as usize;
+        let hashes = self.slots[first..first + e.chunks() as usize]
+            .iter()
+            .map(|&u| self.unique[u as usize].hash)
+            .collect();
+        Some(WireEntry {
+            path: e.path.clone(),
+            kind: e.kind.clone(),
+            size: e.size,
+            mode: e.mode,
+            mtime: e.mtime,
+            hashes,
+        })
+    }
+
+    /// Index of the entry with this exact path.
+    pub fn find(&self, path: &str) -> Option<usize> {
+        self.entries
+            .binary_search_by(|e| e.path.as_bytes().cmp(path.as_bytes()))
+            .ok()
+    }
+}
+
+/// Iterator over the slots of one unique chunk.
+pub struct SlotsOf<'a> {
+    next: u32,
+    manifest: &'a Manifest,
+}
+
+impl Iterator for SlotsOf<'_> {
+    type Item = u32;
+    fn next(&mut self) -> Option<u32> {
+        if self.next == u32::MAX {
+            return None;
+        }
+        let cur = self.next;
+        self.next = self
+            .manifest
+            .next_same
+            .get(cur as usize)
+            .copied()
+            .unwrap_or(u32::MAX);
+        Some(cur)
+    }
+}
+
+/// Builds a [`Manifest`] entry by entry, validating each as it arrives (entries come from an
+/// untrusted peer, in bounded frames).
+#[derive(Debug)]
+pub struct ManifestBuilder {
+    limits: ManifestLimits,
+    entries: Vec<Entry>,
+    slots: Vec<u32>,
+    unique: Vec<UniqueChunk>,
+    next_same: Vec<u32>,
+    last_same: Vec<u32>,
+    by_hash: HashMap<(ChunkHash, u32), u32>,
+    folded: HashMap<String, u32>,
+    hasher: blake3::Hasher,
+    files: u64,
+    bytes: u64,
+    unique_bytes: u64,
+    scratch: Vec<u8>,
+}
+
+impl ManifestBuilder {
+    pub fn new(limits: ManifestLimits) -> Self {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(ROOT_DOMAIN);
+        ManifestBuilder {
+            limits,
+            entries: Vec::new(),
+            slots: Vec::new(),
+            unique: Vec::new(),
+            next_same: Vec::new(),
+            last_same: Vec::new(),
+            by_hash: HashMap::new(),
+            folded: HashMap::new(),
+            hasher,
+            files: 0,
+            bytes: 0,
+            unique_bytes: 0,
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Entries accepted so far.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Validates and adds the next entry.
+    pub fn push(&mut self, e: WireEntry) -> Result<(), ManifestError> {
+        let limits = &self.limits;
+        if self.entries.len() as u64 >= limits.max_entries {
+            return Err(ManifestError::TooLarge {
+                what: "entries",
+                limit: limits.max_entries,
+            });
+        }
+        path::check_relative_path(&e.path).map_err(|problem| ManifestError::UnsafePath {
+            path: e.path.clone(),
+            problem,
+        })?;
+        if let Some(prev) = self.entries.last() {
+            if prev.path.as_bytes() >= e.path.as_bytes() {
+                return Err(ManifestError::OutOfOrder { path: e.path });
+            }
+        }
+        // Every ancestor that the manifest names must be a directory: a file or symlink "a"
+        // followed by "a/b" would write through a symlink or clobber a file.
+        let mut anc = path::parent(&e.path);
+        while let Some(a) = anc {
+            if let Some(i) = self.find(a) {
+                if self.entries[i].kind != EntryKind::Dir {
+                    let ancestor = a.to_string();
+                    return Err(ManifestError::AncestorNotDir {
+                        path: e.path,
+                        ancestor,
+                    });
+                }
+                break; // its own ancestors were checked when it was added
+            }
+            anc = path::parent(a);
+        }
+        if self.limits.case_insensitive {
+            let folded = e.path.to_lowercase();
+            if let Some(&other) = self.folded.get(&folded) {
+                return Err(ManifestError::CaseCollision {
+                    path: e.path,
+                    other: self.entries[other as usize].path.clone(),
+                });
+            }
+            self.folded.insert(folded, self.entries.len() as u32);
+        }
+        let expected_chunks = match &e.kind {
+            EntryKind::File { chunk_shift } => {
+                if !(MIN_CHUNK_SHIFT..=MAX_CHUNK_SHIFT).contains(chunk_shift) {
+                    return Err(ManifestError::BadChunkSize {
+                        path: e.path,
+                        shift: *chunk_shift,
+                    });
+                }
+                chunk_count(e.size, *chunk_shift)
+            }
+            EntryKind::Symlink { target } => {
+                if !path::symlink_stays_inside(&e.path, target) {
+                    return Err(ManifestError::SymlinkEscapes {
+                        target: target.clone(),
+                        path: e.path,
+                    });
+                }
+                if e.size != 0 {
+                    return Err(ManifestError::NonFileSize { path: e.path });
+                }
+                0
+            }
+            EntryKind::Dir => {
+                if e.size != 0 {
+                    return Err(ManifestError::NonFileSize { path: e.path });
+                }
+                0
+            }
+        };
+        if expected_chunks != e.hashes.len() as u64 {
+            return Err(ManifestError::ChunkCount {
+                path: e.path,
+                expected: expected_chunks,
+                got: e.hashes.len() as u64,
+            });
+        }
+        if self.slots.len() as u64 + expected_chunks > self.limits.max_slots {
+            return Err(ManifestError::TooLarge {
+                what: "chunks",
+                limit: self.limits.max_slots,
+            });
+        }
+        let total = self.bytes.saturating_add(e.size);
+        if total > self.limits.max_total_bytes {
+            return Err(ManifestError::TooLarge {
+                what: "bytes",
+                limit: self.limits.max_total_bytes,
+            });
+        }
+
+        // Hash the canonical encoding into the root.
+        self.scratch.clear();
+        let encoded = postcard::to_extend(&e, std::mem::take(&mut self.scratch))
+            .map_err(|_| ManifestError::SummaryMismatch)?;
+        self.hasher.update(&(encoded.len() as u64).to_le_bytes());
+        self.hasher.update(&encoded);
+        self.scratch = encoded;
+
+        let first_slot = self.slots.len() as u32;
+        if let EntryKind::File { chunk_shift } = e.kind {
+            self.files += 1;
+            let csize = 1u64 << chunk_shift;
+            let n = e.hashes.len();
+            for (i, h) in e.hashes.iter().enumerate() {
+                let len = if i + 1 == n {
+                    e.size - csize * (n as u64 - 1)
+                } else {
+                    csize
+                } as u32;
+                let slot = self.slots.len() as u32;
+                let uid = match self.by_hash.get(&(*h, len)) {
+                    Some(&uid) => {
+                        let last = self.last_same[uid as usize];
+                        self.next_same[last as usize] = slot;
+                        self.last_same[uid as usize] = slot;
+                        uid
+                    }
+                    None => {
+                        let uid = self.unique.len() as u32;
+                        self.unique.push(UniqueChunk {
+                            hash: *h,
+                            len,
+                            first_slot: slot,
+                        });
+                        self.last_same.push(slot);
+                        self.by_hash.insert((*h, len), uid);
+                        self.unique_bytes += u64::from(len);
+                        uid
+                    }
+                };
+                self.slots.push(uid);
+                self.next_same.push(u32::MAX);
+            }
+        }
+        self.bytes = total;
+        self.entries.push(Entry {
+            path: e.path,
+            kind: e.kind,
+            size: e.size,
+            mode: e.mode,
+            mtime: e.mtime,
+            first_slot,
+        });
+        Ok(())
+    }
+
+    fn find(&self, path: &str) -> Option<usize> {
+        self.entries
+            .binary_search_by(|e| e.path.as_bytes().cmp(path.as_bytes()))
+            .ok()
+    }
+
+    /// Finishes and checks the result against the totals the peer announced.
+    pub fn finish(self, said: &ManifestSummary) -> Result<Manifest, ManifestError> {
+        let m = self.finish_unchecked();
+        if m.summary.root != said.root {
+            return Err(ManifestError::RootMismatch {
+                said: said.root,
+                computed: m.summary.root,
+            });
+        }
+        if m.summary != *said {
+            return Err(ManifestError::SummaryMismatch);
+        }
+        Ok(m)
+    }
+
+    /// Finishes, computing the summary from the entries.
+    pub fn finish_unchecked(mut self) -> Manifest {
+        self.hasher
+            .update(&(self.entries.len() as u64).to_le_bytes());
+        let root = ChunkHash(*self.hasher.finalize().as_bytes());
+        let summary = ManifestSummary {
+            root,
+            entries: self.entries.len() as u64,
+            files: self.files,
+            bytes: self.bytes,
+            unique_chunks: self.unique.len() as u64,
+            unique_bytes: self.unique_bytes,
+        };
+        Manifest {
+            entries: self.entries,
+            slots: self.slots,
+            unique: self.unique,
+            next_same: self.next_same,
+            summary,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(path: &str, data: &[u8]) -> WireEntry {
+        let shift = chunk_shift_for(data.len() as u64);
+        let hashes = data.chunks(1 << shift).map(ChunkHash::of).collect();
+        WireEntry {
+            path: path.into(),
+            kind: EntryKind::File { chunk_shift: shift },
+            size: data.len() as u64,
+            mode: 0o644,
+            mtime: Mtime::default(),
+            hashes,
+        }
+    }
+
+    fn dir(path: &str) -> WireEntry {
+        WireEntry {
+            path: path.into(),
+            kind: EntryKind::Dir,
+            size: 0,
+            mode: 0o755,
+            mtime: Mtime::default(),
+            hashes: vec![],
+        }
+    }
+
+    #[test]
+    fn chunk_policy() {
+        assert_eq!(chunk_shift_for(0), MIN_CHUNK_SHIFT);
+        assert_eq!(chunk_shift_for(5000), MIN_CHUNK_SHIFT);
+        assert_eq!(chunk_shift_for(128 << 20), MIN_CHUNK_SHIFT);
+        assert_eq!(chunk_shift_for((128 << 20) + 1), MIN_CHUNK_SHIFT + 1);
+        assert_eq!(chunk_shift_for(1 << 40), MAX_CHUNK_SHIFT);
+        assert_eq!(chunk_count(0, 17), 0);
+        assert_eq!(chunk_count(1, 17), 1);
+        assert_eq!(chunk_count(1 << 17, 17), 1);
+        assert_eq!(chunk_count((1 << 17) + 1, 17), 2);
+    }
+
+    #[test]
+    fn dedup_and_locate() {
+        let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let m = Manifest::from_wire_entries(vec![
+            file("b/x", &big),
+            dir("b"),
+            file("a", b"hello"),
+            file("c", b"hello"),
+            file("empty", b""),
+        ])
+        .unwrap();
+        assert_eq!(
+            m.entries()
+                .iter()
+                .map(|e| e.path.as_str())
+                .collect::<Vec<_>>(),
+            ["a", "b", "b/x", "c", "empty"]
+        );
+        // "hello" twice shares one unique chunk; big has 3 chunks.
+        assert_eq!(m.slot_count(), 5);
+        assert_eq!(m.unique_chunks().len(), 4);
+        let hello = m.slot_chunk(0).unwrap();
+        assert_eq!(m.slots_of(hello).collect::<Vec<_>>(), vec![0, 4]);
+        let loc = m.locate(3).unwrap();
+        assert_eq!(m.entries()[loc.entry as usize].path, "b/x");
+        assert_eq!(loc.offset, 2 << 17);
+        assert_eq!(loc.len as usize, 300_000 - (2 << 17));
+        let loc = m.locate(4).unwrap();
+        assert_eq!(m.entries()[loc.entry as usize].path, "c");
+        assert!(m.locate(5).is_none());
+        assert_eq!(m.summary().files, 4);
+        assert_eq!(m.summary().bytes, 300_010);
+    }
+
+    #[test]
+    fn root_is_order_independent_and_content_sensitive() {
+        let a = Manifest::from_wire_entries(vec![file("a", b"1"), file("b", b"2")]).unwrap();
+        let b = Manifest::from_wire_entries(vec![file("b", b"2"), file("a", b"1")]).unwrap();
+        let c = Manifest::from_wire_entries(vec![file("a", b"1"), file("b", b"3")]).unwrap();
+        assert_eq!(a.root(), b.root());
+        assert_ne!(a.root(), c.root());
+    }
+
+    #[test]
+    fn builder_rejects_bad_input() {
+        let mut b = ManifestBuilder::new(ManifestLimits::default());
+        b.push(file("a", b"x")).unwrap();
+        assert!(matches!(
+            b.push(file("a", b"x")),
+            Err(ManifestError::OutOfOrder { .. })
+        ));
+        assert!(matches!(
+            b.push(file("a/b", b"x")),
+            Err(ManifestError::AncestorNotDir { .. })
+        ));
+        let mut bad = file("b", b"xyz");
+        bad.hashes.push(ChunkHash([0; 32]));
+        assert!(matches!(b.push(bad), Err(ManifestError::ChunkCount { .. })));
+        let mut bad = file("c", b"xyz");
+        bad.kind = EntryKind::File { chunk_shift: 40 };
+        assert!(matches!(
+            b.push(bad),
+            Err(ManifestError::BadChunkSize { .. })
+        ));
+        let link = WireEntry {
+            kind: EntryKind::Symlink {
+                target: "../../etc".into(),
+            },
+            hashes: vec![],
+            ..dir("d")
+        };
+        assert!(matches!(
+            b.push(link),
+            Err(ManifestError::SymlinkEscapes { .. })
+        ));
+        assert!(matches!(
+            b.push(file("../e", b"")),
+            Err(ManifestError::UnsafePath { .. })
+        ));
+
+        let mut ci = ManifestBuilder::new(ManifestLimits {
+            case_insensitive: true,
+            ..Default::default()
+        });
+        ci.push(file("Photo.JPG", b"1")).unwrap();
+        assert!(matches!(
+            ci.push(file("photo.jpg", b"1")),
+            Err(ManifestError::CaseCollision { .. })
+        ));
+    }
+
+    #[test]
+    fn finish_checks_summary() {
+        let m = Manifest::from_wire_entries(vec![file("a", b"1")]).unwrap();
+        let mut b = ManifestBuilder::new(ManifestLimits::default());
+        b.push(m.wire_entry(0).unwrap()).unwrap();
+        let mut said = *m.summary();
+        said.root = ChunkHash([7; 32]);
+        assert!(matches!(
+            b.finish(&said),
+            Err(ManifestError::RootMismatch { .. })
+        ));
+    }
+}

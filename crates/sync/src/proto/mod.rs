@@ -1,0 +1,188 @@
+//! The migration protocol.
+//!
+//! # Participants and goal
+//! The **sender** (old device) owns a history directory, described by a [`Manifest`]. The
+//! **receiver** (new device) owns a destination directory and its store (staging + journal). The
+//! goal: the destination ends up holding exactly the manifest's tree, every byte verified against
+//! its BLAKE3 hash, atomically committed, with a receipt naming the manifest's root hash — and any
+//! interruption costs at most the chunks in flight.
+//!
+//! # Session
+//! One session runs over one connection: a bidirectional **control** stream plus any number of
+//! unidirectional **data** streams from sender to receiver. Frames are defined in [`frame`].
+//!
+//! 1. Both sides send a `Hello` (magic, version, role) first on the control stream. A bad magic or
+//!    unknown version closes the session with [`CloseCode::UnsupportedVersion`].
+//! 2. The sender streams the manifest in bounded `Manifest` frames (entries sorted by path) and
+//!    closes it with `ManifestEnd` (root hash and totals). The receiver validates every entry as it
+//!    arrives (paths, ordering, chunk counts, limits) and checks the root at the end.
+//! 3. The receiver asks its store what it already holds (journal of verified, durable chunks, and
+//!    files already in place), reuses local copies of duplicate chunks, and sends `Want` ranges of
+//!    unique-chunk ids it still needs, then `WantEnd`.
+//! 4. The sender reads wanted chunks (bounded read-ahead), compresses them per policy and sends
+//!    them as chunk frames on the data streams, in want order, on whichever stream is free.
+//! 5. The receiver verifies each chunk (decode bounded by the declared length, hash check) before
+//!    writing it to the staging area; verified chunks become durable in group commits (data fsync,
+//!    then journal append + fsync). A chunk that fails verification is answered with `Rejected`
+//!    and wanted again; the sender re-reads it and checks it against the manifest (a source file
+//!    that changed underneath is reported by name). A chunk that was never wanted is a protocol
+//!    violation.
+//! 6. When every slot is durable, the receiver finalizes (re-verifies each file from disk, fsyncs,
+//!    renames it into place, fsyncs directories, writes the receipt) and sends `Done{root}`. The
+//!    sender answers by closing with [`CloseCode::Done`].
+//!
+//! Either side may send `Close{code, reason}` at any point; codes are [`CloseCode`].
+//!
+//! The machines here are sans-IO: they never touch sockets, files or clocks. Feed them with
+//! `handle_frame`, `handle_io_done`, `handle_timeout(now)`; drain `poll_transmit`, `poll_io`,
+//! `poll_event` until each returns `None` after every input.
+
+pub mod frame;
+mod receiver;
+mod sender;
+
+use bytes::Bytes;
+
+pub use frame::{ChunkRange, Frame, FrameError, Hello, Message, Role, PROTOCOL_VERSION};
+pub use receiver::{Receiver, ReceiverConfig, RecvEvent, RecvIo, RecvIoDone};
+pub use sender::{SendEvent, SendIo, SendIoDone, Sender, SenderConfig};
+
+#[allow(unused_imports)]
+use crate::manifest::Manifest;
+
+/// Named reasons for ending a session, sent in `Close` frames (and usable as QUIC close codes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u16)]
+#[non_exhaustive]
+pub enum CloseCode {
+    /// The migration is complete.
+    Done = 0,
+    /// The user or application stopped; the migration can be resumed.
+    Cancelled = 1,
+    /// The peer broke the protocol (bad frame, unrequested chunk, out-of-range request).
+    ProtocolViolation = 2,
+    /// Magic number or protocol version not understood.
+    UnsupportedVersion = 3,
+    /// The receiver refused the manifest (unsafe path, limits, root mismatch).
+    ManifestRejected = 4,
+    /// A chunk failed verification repeatedly.
+    IntegrityFailure = 5,
+    /// The sender cannot read its source (file vanished, permission denied, changed during read).
+    SourceError = 6,
+    /// The receiver cannot write its destination (no space, permission, I/O error).
+    DestinationError = 7,
+    /// The peer stopped making progress.
+    Timeout = 8,
+}
+
+impl CloseCode {
+    pub fn from_u16(c: u16) -> Option<Self> {
+        Some(match c {
+            0 => CloseCode::Done,
+            1 => CloseCode::Cancelled,
+            2 => CloseCode::ProtocolViolation,
+            3 => CloseCode::UnsupportedVersion,
+            4 => CloseCode::ManifestRejected,
+            5 => CloseCode::IntegrityFailure,
+            6 => CloseCode::SourceError,
+            7 => CloseCode::DestinationError,
+            8 => CloseCode::Timeout,
+            _ => return None,
+        })
+    }
+}
+
+/// Which stream a frame goes on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lane {
+    Control,
+    Data,
+}
+
+/// An encoded frame to send: `head` then `body` (a chunk payload is sent without copying).
+#[derive(Clone, Debug)]
+pub struct Transmit {
+    pub lane: Lane,
+    pub head: Bytes,
+    pub body: Bytes,
+}
+
+impl Transmit {
+    pub(crate) fn control(head: Bytes) -> Self {
+        Transmit {
+            lane: Lane::Control,
+            head,
+            body: Bytes::new(),
+        }
+    }
+
+    /// Bytes on the wire.
+    pub fn len(&self) -> usize {
+        self.head.len() + self.body.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Why a session failed, as seen by one machine.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SessionError {
+    #[error("the peer closed the session: {reason} ({code:?})")]
+    PeerClosed {
+        code: Option<CloseCode>,
+        reason: String,
+    },
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error("manifest rejected: {0}")]
+    Manifest(#[from] crate::manifest::ManifestError),
+    #[error("integrity failure: {0}")]
+    Integrity(String),
+    #[error("source problem: {0}")]
+    Source(String),
+    #[error("destination problem: {0}")]
+    Destination(String),
+}
+
+impl SessionError {
+    /// The close code that tells the peer about this error.
+    pub fn close_code(&self) -> CloseCode {
+        match self {
+            SessionError::PeerClosed { .. } => CloseCode::Cancelled,
+            SessionError::Protocol(_) => CloseCode::ProtocolViolation,
+            SessionError::Frame(FrameError::UnsupportedVersion { .. } | FrameError::BadMagic) => {
+                CloseCode::UnsupportedVersion
+            }
+            SessionError::Frame(_) => CloseCode::ProtocolViolation,
+            SessionError::Manifest(_) => CloseCode::ManifestRejected,
+            SessionError::Integrity(_) => CloseCode::IntegrityFailure,
+            SessionError::Source(_) => CloseCode::SourceError,
+            SessionError::Destination(_) => CloseCode::DestinationError,
+        }
+    }
+
+    /// Whether running the session again may succeed without anything changing.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            SessionError::PeerClosed { code, .. } => {
+                matches!(code, None | Some(CloseCode::Cancelled | CloseCode::Timeout))
+            }
+            _ => false,
+        }
+    }
+}
+
+pub(crate) fn close_frame(code: CloseCode, reason: &str) -> Transmit {
+    let reason: String = reason.chars().take(1000).collect();
+    let m = Message::Close {
+        code: code as u16,
+        reason,
+    };
+    // A close message is always small enough to encode.
+    Transmit::control(frame::encode_message(&m).unwrap_or_default())
+}

@@ -1,0 +1,705 @@
+//! The receiver's protocol machine.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use super::frame::{self, ChunkRange, Frame, Hello, Message, Role, MAX_RANGES_PER_FRAME};
+use super::sender::frame_name;
+use super::{close_frame, CloseCode, SessionError, Transmit};
+use crate::compress::Encoding;
+use crate::manifest::{ManifestBuilder, ManifestLimits, ManifestSummary};
+use crate::Manifest;
+
+/// Tuning for the receiver.
+#[derive(Clone, Debug)]
+pub struct ReceiverConfig {
+    pub limits: ManifestLimits,
+    /// Commit (fsync + journal) once this many verified bytes wait.
+    pub commit_bytes: u64,
+    /// …or once the oldest uncommitted chunk waited this long.
+    pub commit_interval: Duration,
+    /// Chunk bytes being verified/written or waiting for commit before the receiver stops
+    /// reading the network (see [`Receiver::can_accept_chunk`]).
+    pub max_pending_bytes: u64,
+    /// A chunk failing verification this many times ends the session.
+    pub max_rejects_per_chunk: u32,
+    /// With chunks wanted, no chunk for this long ends the session (so the driver reconnects).
+    pub stall_timeout: Duration,
+}
+
+impl Default for ReceiverConfig {
+    fn default() -> Self {
+        ReceiverConfig {
+            limits: ManifestLimits::default(),
+            commit_bytes: 32 << 20,
+            commit_interval: Duration::from_millis(500),
+            max_pending_bytes: 96 << 20,
+            max_rejects_per_chunk: 3,
+            stall_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// I/O the receiver asks its driver (and store) to perform.
+#[derive(Clone, Debug)]
+pub enum RecvIo {
+    /// Open the store for this manifest: reload the journal, find reusable data, and answer
+    /// [`RecvIoDone::Prepared`] with every slot that is already durable.
+    Prepare { manifest: Arc<Manifest> },
+    /// Verify a received chunk (decode within its declared length, check its hash) and write it
+    /// to `slots`. Answer `Stored` or `Corrupt`. Nothing is durable yet.
+    Store {
+        chunk: u32,
+        encoding: Encoding,
+        payload: Bytes,
+        slots: Vec<u32>,
+    },
+    /// Read durable slot `from`, verify it, write it to `to`. Answer `Stored` or `Corrupt`.
+    Copy { chunk: u32, from: u32, to: Vec<u32> },
+    /// Make `slots` durable: fsync their data, then append them to the journal and fsync it.
+    Commit { slots: Vec<u32> },
+    /// Every slot is durable: verify each file from disk, move it into place, write the receipt.
+    /// Answer `Finalized`, or `Damaged` with slots that failed verification.
+    Finalize,
+}
+
+/// Results of [`RecvIo`].
+#[derive(Clone, Debug)]
+pub enum RecvIoDone {
+    Prepared {
+        durable: Vec<u32>,
+    },
+    Stored {
+        chunk: u32,
+        slots: Vec<u32>,
+    },
+    Corrupt {
+        chunk: u32,
+        error: String,
+    },
+    Committed {
+        slots: Vec<u32>,
+    },
+    /// These durable slots turned out not to hold their chunk (disk damage); fetch them again.
+    Damaged {
+        slots: Vec<u32>,
+    },
+    Finalized,
+    /// The store failed; the session ends with a destination error.
+    Failed {
+        error: String,
+    },
+}
+
+/// What happened, for the application.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RecvEvent {
+    /// The manifest arrived and was validated.
+    Manifest(ManifestSummary),
+    /// Part of the history was already here (earlier run, or local copies).
+    Resumed {
+        bytes_have: u64,
+        bytes_total: u64,
+    },
+    /// Want list sent: this much must cross the network.
+    Wanted {
+        chunks: u64,
+        bytes: u64,
+    },
+    /// Verified and durable bytes so far (of `bytes_total` file bytes).
+    Progress {
+        bytes_done: u64,
+        bytes_total: u64,
+    },
+    /// Everything is verified, committed and in place.
+    Done(ManifestSummary),
+    Failed(SessionError),
+}
+
+#[derive(Debug)]
+enum State {
+    AwaitHello,
+    Manifest(Box<ManifestBuilder>),
+    Preparing,
+    Transferring,
+    Finalizing,
+    Done,
+    /// Link lost or failed: finish outstanding I/O, commit, stop.
+    Draining,
+}
+
+#[derive(Debug, Default, Clone)]
+struct BitSet(Vec<u64>);
+
+impl BitSet {
+    fn new(n: usize) -> Self {
+        BitSet(vec![0; n.div_ceil(64)])
+    }
+    fn get(&self, i: u32) -> bool {
+        self.0
+            .get(i as usize / 64)
+            .is_some_and(|w| w >> (i % 64) & 1 == 1)
+    }
+    fn set(&mut self, i: u32, v: bool) {
+        if let Some(w) = self.0.get_mut(i as usize / 64) {
+            if v {
+                *w |= 1 << (i % 64);
+            } else {
+                *w &= !(1 << (i % 64));
+            }
+        }
+    }
+}
+
+/// The receiver's side of one session. See the [module docs](super) for the protocol.
+#[derive(Debug)]
+pub struct Receiver {
+    cfg: ReceiverConfig,
+    state: State,
+    manifest: Option<Arc<Manifest>>,
+    /// Unique chunks verified and written (maybe not yet durable).
+    have: BitSet,
+    /// Unique chunks asked of the sender and not yet arrived.
+    wanted: BitSet,
+    durable: BitSet,
+    slots_durable: u64,
+    control: VecDeque<Transmit>,
+    io: VecDeque<RecvIo>,
+    events: VecDeque<RecvEvent>,
+    copies: VecDeque<(u32, u32, Vec<u32>)>,
+    /// I/O issued (store, copy) and not answered, in bytes and count.
+    busy_bytes: u64,
+    busy: usize,
+    uncommitted: Vec<u32>,
+    uncommitted_bytes: u64,
+    uncommitted_since: Option<Instant>,
+    committing: bool,
+    rejects: HashMap<u32, u32>,
+    bytes_done: u64,
+    now: Option<Instant>,
+    last_chunk_at: Option<Instant>,
+    wanted_left: u64,
+}
+
+impl Receiver {
+    /// A new session. Queues the hello.
+    pub fn new(cfg: ReceiverConfig) -> Self {
+        let mut control = VecDeque::new();
+        control.push_back(Transmit::control(frame::encode_hello(&Hello {
+            version: frame::PROTOCOL_VERSION,
+            role: Role::Receiver,
+        })));
+        Receiver {
+            cfg,
+            state: State::AwaitHello,
+            manifest: None,
+            have: BitSet::default(),
+            wanted: BitSet::default(),
+            durable: BitSet::default(),
+            slots_durable: 0,
+            control,
+            io: VecDeque::new(),
+            events: VecDeque::new(),
+            copies: VecDeque::new(),
+            busy_bytes: 0,
+            busy: 0,
+            uncommitted: Vec::new(),
+            uncommitted_bytes: 0,
+            uncommitted_since: None,
+            committing: false,
+            rejects: HashMap::new(),
+            bytes_done: 0,
+            now: None,
+            last_chunk_at: None,
+            wanted_left: 0,
+        }
+    }
+
+    /// The validated manifest, once it has arrived.
+    pub fn manifest(&self) -> Option<&Arc<Manifest>> {
+        self.manifest.as_ref()
+    }
+
+    /// Whether the migration completed.
+    pub fn is_done(&self) -> bool {
+        matches!(self.state, State::Done)
+    }
+
+    /// Whether the session is over and all I/O has settled (the store may be closed).
+    pub fn is_idle(&self) -> bool {
+        matches!(self.state, State::Done | State::Draining)
+            && self.busy == 0
+            && !self.committing
+            && self.io.is_empty()
+            && self.uncommitted.is_empty()
+    }
+
+    /// Verified, durable file bytes.
+    pub fn bytes_done(&self) -> u64 {
+        self.bytes_done
+    }
+
+    /// Whether the driver should read another chunk frame now (bounded memory).
+    pub fn can_accept_chunk(&self) -> bool {
+        self.busy_bytes + self.uncommitted_bytes < self.cfg.max_pending_bytes
+    }
+
+    /// Feeds a frame received from the sender.
+    pub fn handle_frame(&mut self, frame: Frame) {
+        if matches!(self.state, State::Done | State::Draining) {
+            return;
+        }
+        if let Err(e) = self.on_frame(frame) {
+            self.fail(e);
+        }
+    }
+
+    /// Feeds a frame decoding error (the stream is unusable).
+    pub fn handle_frame_error(&mut self, e: frame::FrameError) {
+        if !matches!(self.state, State::Done | State::Draining) {
+            self.fail(e.into());
+        }
+    }
+
+    /// The connection is gone: stop asking for data, finish and commit what arrived.
+    pub fn handle_link_lost(&mut self) {
+        if !matches!(self.state, State::Done | State::Draining) {
+            self.state = State::Draining;
+            self.copies.clear();
+            self.flush_commit();
+        }
+    }
+
+    fn on_frame(&mut self, frame: Frame) -> Result<(), SessionError> {
+        if let Frame::Message(Message::Close { code, reason }) = frame {
+            let code = CloseCode::from_u16(code);
+            self.events
+                .push_back(RecvEvent::Failed(SessionError::PeerClosed { code, reason }));
+            self.state = State::Draining;
+            self.copies.clear();
+            self.flush_commit();
+            return Ok(());
+        }
+        match (&mut self.state, frame) {
+            (State::AwaitHello, Frame::Hello(h)) => {
+                if h.role != Role::Sender {
+                    return Err(SessionError::Protocol("peer is not a sender".into()));
+                }
+                self.state =
+                    State::Manifest(Box::new(ManifestBuilder::new(self.cfg.limits.clone())));
+                Ok(())
+            }
+            (State::Manifest(b), Frame::Message(Message::Manifest(entries))) => {
+                for e in entries {
+                    b.push(e)?;
+                }
+                Ok(())
+            }
+            (State::Manifest(_), Frame::Message(Message::ManifestEnd(summary))) => {
+                let State::Manifest(b) = std::mem::replace(&mut self.state, State::Preparing)
+                else {
+                    return Err(SessionError::Protocol("internal state".into()));
+                };
+                let m = Arc::new(b.finish(&summary)?);
+                let uniques = m.unique_chunks().len();
+                self.have = BitSet::new(uniques);
+                self.wanted = BitSet::new(uniques);
+                self.durable = BitSet::new(m.slot_count() as usize);
+                self.events.push_back(RecvEvent::Manifest(summary));
+                self.io.push_back(RecvIo::Prepare {
+                    manifest: Arc::clone(&m),
+                });
+                self.manifest = Some(m);
+                Ok(())
+            }
+            (
+                State::Transferring,
+                Frame::Chunk {
+                    id,
+                    encoding,
+                    raw_len,
+                    payload,
+                },
+            ) => self.on_chunk(id, encoding, raw_len, payload),
+            (_, f) => Err(SessionError::Protocol(format!(
+                "unexpected {} frame",
+                frame_name(&f)
+            ))),
+        }
+    }
+
+    fn on_chunk(
+        &mut self,
+        id: u32,
+        encoding: Encoding,
+        raw_len: u32,
+        payload: Bytes,
+    ) -> Result<(), SessionError> {
+        let m = self
+            .manifest
+            .as_ref()
+            .ok_or_else(|| SessionError::Protocol("no manifest".into()))?;
+        let u = *m
+            .unique(id)
+            .ok_or_else(|| SessionError::Protocol(format!("chunk {id} is not in the manifest")))?;
+        if !self.wanted.get(id) {
+            return Err(SessionError::Protocol(format!(
+                "chunk {id} was never requested"
+            )));
+        }
+        if raw_len != u.len {
+            return Err(SessionError::Protocol(format!(
+                "chunk {id} declared {raw_len} bytes, the manifest says {}",
+                u.len
+            )));
+        }
+        let max_payload = u.len as usize + u.len as usize / 128 + 1024;
+        if payload.len() > max_payload {
+            return Err(SessionError::Protocol(format!(
+                "chunk {id} payload is oversized"
+            )));
+        }
+        self.wanted.set(id, false);
+        self.wanted_left = self.wanted_left.saturating_sub(1);
+        self.last_chunk_at = self.now;
+        let slots: Vec<u32> = m.slots_of(id).filter(|&s| !self.durable.get(s)).collect();
+        self.busy += 1;
+        self.busy_bytes += u64::from(u.len);
+        self.io.push_back(RecvIo::Store {
+            chunk: id,
+            encoding,
+            payload,
+            slots,
+        });
+        Ok(())
+    }
+
+    /// Feeds the result of a [`RecvIo`].
+    pub fn handle_io_done(&mut self, done: RecvIoDone) {
+        let Some(m) = self.manifest.clone() else {
+            return;
+        };
+        match done {
+            RecvIoDone::Prepared { durable } => self.on_prepared(&m, durable),
+            RecvIoDone::Stored { chunk, slots } => {
+                self.settle(&m, chunk);
+                self.have.set(chunk, true);
+                let len = m.unique(chunk).map_or(0, |u| u64::from(u.len));
+                self.uncommitted_bytes += len * slots.len() as u64;
+                self.uncommitted.extend(slots);
+                if self.uncommitted_since.is_none() {
+                    self.uncommitted_since = self.now;
+                }
+                if self.uncommitted_bytes >= self.cfg.commit_bytes || self.all_stored(&m) {
+                    self.flush_commit();
+                }
+                self.maybe_finalize(&m);
+            }
+            RecvIoDone::Corrupt { chunk, error } => {
+                self.settle(&m, chunk);
+                if matches!(self.state, State::Draining | State::Done) {
+                    return;
+                }
+                let n = {
+                    let n = self.rejects.entry(chunk).or_insert(0);
+                    *n += 1;
+                    *n
+                };
+                if n > self.cfg.max_rejects_per_chunk {
+                    let path = slot_path(&m, m.unique(chunk).map_or(0, |u| u.first_slot));
+                    self.fail(SessionError::Integrity(format!(
+                        "{path}: chunk {chunk} failed verification {n} times ({error})"
+                    )));
+                    return;
+                }
+                self.have.set(chunk, false);
+                self.want_again(chunk, true);
+            }
+            RecvIoDone::Committed { slots } => {
+                self.committing = false;
+                for s in slots {
+                    if !self.durable.get(s) {
+                        self.durable.set(s, true);
+                        self.slots_durable += 1;
+                        if let Some(l) = m.locate(s) {
+                            self.bytes_done += u64::from(l.len);
+                        }
+                    }
+                }
+                self.events.push_back(RecvEvent::Progress {
+                    bytes_done: self.bytes_done,
+                    bytes_total: m.summary().bytes,
+                });
+                if !self.uncommitted.is_empty()
+                    && (self.uncommitted_bytes >= self.cfg.commit_bytes
+                        || matches!(self.state, State::Draining)
+                        || self.all_stored(&m))
+                {
+                    self.flush_commit();
+                }
+                self.maybe_finalize(&m);
+            }
+            RecvIoDone::Damaged { slots } => {
+                self.state = State::Transferring;
+                let mut chunks = Vec::new();
+                for s in slots {
+                    if self.durable.get(s) {
+                        self.durable.set(s, false);
+                        self.slots_durable -= 1;
+                        if let Some(l) = m.locate(s) {
+                            self.bytes_done -= u64::from(l.len);
+                        }
+                    }
+                    if let Some(c) = m.slot_chunk(s) {
+                        chunks.push(c);
+                    }
+                }
+                chunks.sort_unstable();
+                chunks.dedup();
+                for c in chunks {
+                    self.have.set(c, false);
+                    self.want_again(c, false);
+                }
+            }
+            RecvIoDone::Finalized => {
+                self.state = State::Done;
+                self.control.push_back(Transmit::control(
+                    frame::encode_message(&Message::Done { root: m.root() }).unwrap_or_default(),
+                ));
+                self.events.push_back(RecvEvent::Done(*m.summary()));
+            }
+            RecvIoDone::Failed { error } => {
+                self.busy = self.busy.saturating_sub(1);
+                self.committing = false;
+                self.fail(SessionError::Destination(error));
+                // Nothing more can be written: forget what was not committed.
+                self.uncommitted.clear();
+                self.uncommitted_bytes = 0;
+                self.busy = 0;
+                self.busy_bytes = 0;
+            }
+        }
+    }
+
+    fn settle(&mut self, m: &Manifest, chunk: u32) {
+        self.busy = self.busy.saturating_sub(1);
+        let len = m.unique(chunk).map_or(0, |u| u64::from(u.len));
+        self.busy_bytes = self.busy_bytes.saturating_sub(len);
+    }
+
+    fn want_again(&mut self, chunk: u32, rejected: bool) {
+        self.wanted.set(chunk, true);
+        self.wanted_left += 1;
+        if rejected {
+            self.send(&Message::Rejected { chunk });
+        }
+        self.send(&Message::Want(vec![ChunkRange {
+            start: chunk,
+            end: chunk + 1,
+        }]));
+    }
+
+    fn on_prepared(&mut self, m: &Arc<Manifest>, durable: Vec<u32>) {
+        if !matches!(self.state, State::Preparing) {
+            return;
+        }
+        for s in durable {
+            if (s as usize) < m.slot_count() as usize && !self.durable.get(s) {
+                self.durable.set(s, true);
+                self.slots_durable += 1;
+                if let Some(l) = m.locate(s) {
+                    self.bytes_done += u64::from(l.len);
+                }
+            }
+        }
+        let mut ranges: Vec<ChunkRange> = Vec::new();
+        let (mut want_chunks, mut want_bytes) = (0u64, 0u64);
+        for (id, u) in m.unique_chunks().iter().enumerate() {
+            let id = id as u32;
+            let mut from = None;
+            let mut missing = Vec::new();
+            for s in m.slots_of(id) {
+                if self.durable.get(s) {
+                    from.get_or_insert(s);
+                } else {
+                    missing.push(s);
+                }
+            }
+            match from {
+                Some(f) => {
+                    self.have.set(id, true);
+                    if !missing.is_empty() {
+                        self.copies.push_back((id, f, missing));
+                    }
+                }
+                None => {
+                    self.wanted.set(id, true);
+                    want_chunks += 1;
+                    want_bytes += u64::from(u.len);
+                    match ranges.last_mut() {
+                        Some(r) if r.end == id => r.end = id + 1,
+                        _ => ranges.push(ChunkRange {
+                            start: id,
+                            end: id + 1,
+                        }),
+                    }
+                }
+            }
+        }
+        self.wanted_left = want_chunks;
+        if self.bytes_done > 0 {
+            self.events.push_back(RecvEvent::Resumed {
+                bytes_have: self.bytes_done,
+                bytes_total: m.summary().bytes,
+            });
+        }
+        for part in ranges.chunks(MAX_RANGES_PER_FRAME) {
+            self.send(&Message::Want(part.to_vec()));
+        }
+        self.send(&Message::WantEnd {
+            chunks: want_chunks,
+            bytes: want_bytes,
+        });
+        self.events.push_back(RecvEvent::Wanted {
+            chunks: want_chunks,
+            bytes: want_bytes,
+        });
+        self.state = State::Transferring;
+        self.maybe_finalize(m);
+    }
+
+    fn send(&mut self, m: &Message) {
+        match frame::encode_message(m) {
+            Ok(b) => self.control.push_back(Transmit::control(b)),
+            Err(e) => self.fail(SessionError::Protocol(format!("cannot encode: {e}"))),
+        }
+    }
+
+    fn all_stored(&self, m: &Manifest) -> bool {
+        self.wanted_left == 0 && self.busy == 0 && self.copies.is_empty() && {
+            let _ = m;
+            true
+        }
+    }
+
+    fn flush_commit(&mut self) {
+        if self.committing || self.uncommitted.is_empty() {
+            return;
+        }
+        self.committing = true;
+        self.uncommitted_bytes = 0;
+        self.uncommitted_since = None;
+        let slots = std::mem::take(&mut self.uncommitted);
+        self.io.push_back(RecvIo::Commit { slots });
+    }
+
+    fn maybe_finalize(&mut self, m: &Manifest) {
+        if matches!(self.state, State::Transferring)
+            && self.slots_durable == u64::from(m.slot_count())
+            && self.all_stored(m)
+            && !self.committing
+            && self.uncommitted.is_empty()
+        {
+            self.state = State::Finalizing;
+            self.io.push_back(RecvIo::Finalize);
+        }
+    }
+
+    fn fail(&mut self, e: SessionError) {
+        self.control
+            .push_back(close_frame(e.close_code(), &e.to_string()));
+        self.events.push_back(RecvEvent::Failed(e));
+        self.state = State::Draining;
+        self.copies.clear();
+        self.flush_commit();
+    }
+
+    /// Advances the clock: group commits and stall detection.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.now = Some(now);
+        if let Some(since) = self.uncommitted_since {
+            if now >= since + self.cfg.commit_interval {
+                self.flush_commit();
+            }
+        }
+        if matches!(self.state, State::Transferring) && self.wanted_left > 0 {
+            match self.last_chunk_at {
+                None => self.last_chunk_at = Some(now),
+                Some(t) if now >= t + self.cfg.stall_timeout => {
+                    self.events
+                        .push_back(RecvEvent::Failed(SessionError::PeerClosed {
+                            code: Some(CloseCode::Timeout),
+                            reason: format!(
+                                "no data from the sender for {} s",
+                                self.cfg.stall_timeout.as_secs()
+                            ),
+                        }));
+                    self.control
+                        .push_back(close_frame(CloseCode::Timeout, "no data received"));
+                    self.state = State::Draining;
+                    self.copies.clear();
+                    self.flush_commit();
+                }
+                Some(_) => {}
+            }
+        }
+    }
+
+    /// When `handle_timeout` should next be called.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let commit = self.uncommitted_since.map(|t| t + self.cfg.commit_interval);
+        let stall = match self.state {
+            State::Transferring if self.wanted_left > 0 => {
+                self.last_chunk_at.map(|t| t + self.cfg.stall_timeout)
+            }
+            _ => None,
+        };
+        match (commit, stall) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// The next frame to send (all receiver frames are control frames).
+    #[must_use]
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.control.pop_front()
+    }
+
+    /// The next I/O to perform.
+    #[must_use]
+    pub fn poll_io(&mut self) -> Option<RecvIo> {
+        if let Some(io) = self.io.pop_front() {
+            return Some(io);
+        }
+        if matches!(self.state, State::Transferring) && self.busy_bytes < self.cfg.max_pending_bytes
+        {
+            let (chunk, from, to) = self.copies.pop_front()?;
+            let len = self
+                .manifest
+                .as_ref()
+                .and_then(|m| m.unique(chunk))
+                .map_or(0, |u| u.len);
+            self.busy += 1;
+            self.busy_bytes += u64::from(len);
+            return Some(RecvIo::Copy { chunk, from, to });
+        }
+        None
+    }
+
+    /// The next event for the application.
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<RecvEvent> {
+        self.events.pop_front()
+    }
+}
+
+fn slot_path(m: &Manifest, slot: u32) -> String {
+    m.locate(slot)
+        .and_then(|l| m.entry(l.entry))
+        .map_or_else(|| format!("slot {slot}"), |e| e.path.clone())
+}

@@ -1,0 +1,422 @@
+//! The sender's protocol machine.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::frame::{self, ChunkRange, Frame, Hello, Message, Role, MANIFEST_FRAME_TARGET};
+use super::{close_frame, CloseCode, Lane, SessionError, Transmit};
+use crate::compress::Encoding;
+use crate::manifest::{ChunkHash, Manifest};
+
+/// Tuning for the sender.
+#[derive(Clone, Debug)]
+pub struct SenderConfig {
+    /// Chunk bytes read ahead of the network (issued reads plus frames not yet taken by
+    /// `poll_transmit`). Bounds the sender's memory.
+    pub read_ahead_bytes: u64,
+    /// Most reads outstanding at once.
+    pub max_reads: usize,
+    /// Chunks a receiver may ask for beyond one copy of each (re-requests after corruption).
+    pub max_rerequests: u64,
+}
+
+impl Default for SenderConfig {
+    fn default() -> Self {
+        SenderConfig {
+            read_ahead_bytes: 32 << 20,
+            max_reads: 16,
+            max_rerequests: 10_000,
+        }
+    }
+}
+
+/// I/O the sender asks its driver to perform.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SendIo {
+    /// Read `len` bytes of entry `entry` at `offset` and encode them (see
+    /// [`crate::compress::encode_chunk`]). With `verify`, also check them against `hash` and
+    /// answer [`SendIoDone::Changed`] on a mismatch.
+    Read {
+        chunk: u32,
+        entry: u32,
+        offset: u64,
+        len: u32,
+        hash: ChunkHash,
+        verify: bool,
+    },
+}
+
+/// Results of [`SendIo`].
+#[derive(Clone, Debug)]
+pub enum SendIoDone {
+    Read {
+        chunk: u32,
+        encoding: Encoding,
+        payload: Bytes,
+    },
+    /// The source no longer holds the content the manifest promised.
+    Changed {
+        chunk: u32,
+    },
+    Failed {
+        chunk: u32,
+        error: String,
+    },
+}
+
+/// What happened, for the application.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SendEvent {
+    /// The receiver's want list is complete.
+    Wanted { chunks: u64, bytes: u64 },
+    /// The receiver verified and committed everything.
+    Done { root: ChunkHash },
+    /// The session ended with an error (already sent to the peer when it was ours).
+    Failed(SessionError),
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum State {
+    AwaitHello,
+    Serving,
+    Closed,
+}
+
+/// The sender's side of one session. See the [module docs](super) for the protocol.
+#[derive(Debug)]
+pub struct Sender {
+    manifest: Arc<Manifest>,
+    cfg: SenderConfig,
+    state: State,
+    manifest_next: usize,
+    manifest_done: bool,
+    control: VecDeque<Transmit>,
+    data: VecDeque<(u32, Transmit)>,
+    io: VecDeque<SendIo>,
+    events: VecDeque<SendEvent>,
+    want: VecDeque<ChunkRange>,
+    verify: HashSet<u32>,
+    requested: u64,
+    reads: usize,
+    ahead_bytes: u64,
+    wire_bytes: u64,
+    chunks_sent: u64,
+    raw_bytes_sent: u64,
+}
+
+impl Sender {
+    /// A new session for `manifest`. Queues the hello.
+    pub fn new(manifest: Arc<Manifest>, cfg: SenderConfig) -> Self {
+        let mut control = VecDeque::new();
+        control.push_back(Transmit::control(frame::encode_hello(&Hello {
+            version: frame::PROTOCOL_VERSION,
+            role: Role::Sender,
+        })));
+        Sender {
+            manifest,
+            cfg,
+            state: State::AwaitHello,
+            manifest_next: 0,
+            manifest_done: false,
+            control,
+            data: VecDeque::new(),
+            io: VecDeque::new(),
+            events: VecDeque::new(),
+            want: VecDeque::new(),
+            verify: HashSet::new(),
+            requested: 0,
+            reads: 0,
+            ahead_bytes: 0,
+            wire_bytes: 0,
+            chunks_sent: 0,
+            raw_bytes_sent: 0,
+        }
+    }
+
+    pub fn manifest(&self) -> &Arc<Manifest> {
+        &self.manifest
+    }
+
+    /// Chunk payload bytes handed out for sending (after compression).
+    pub fn wire_bytes(&self) -> u64 {
+        self.wire_bytes
+    }
+
+    /// Chunk bytes handed out for sending (before compression).
+    pub fn raw_bytes_sent(&self) -> u64 {
+        self.raw_bytes_sent
+    }
+
+    pub fn chunks_sent(&self) -> u64 {
+        self.chunks_sent
+    }
+
+    /// Whether the session is over (done or failed).
+    pub fn is_closed(&self) -> bool {
+        self.state == State::Closed
+    }
+
+    /// Reads outstanding.
+    pub fn reads_in_flight(&self) -> usize {
+        self.reads
+    }
+
+    /// Feeds a frame received from the receiver.
+    pub fn handle_frame(&mut self, frame: Frame) {
+        if self.state == State::Closed {
+            return;
+        }
+        if let Err(e) = self.on_frame(frame) {
+            self.fail(e);
+        }
+    }
+
+    /// Feeds a frame decoding error (the stream is unusable).
+    pub fn handle_frame_error(&mut self, e: frame::FrameError) {
+        if self.state != State::Closed {
+            self.fail(e.into());
+        }
+    }
+
+    fn on_frame(&mut self, frame: Frame) -> Result<(), SessionError> {
+        match (&self.state, frame) {
+            (State::AwaitHello, Frame::Hello(h)) => {
+                if h.role != Role::Receiver {
+                    return Err(SessionError::Protocol("peer is not a receiver".into()));
+                }
+                self.state = State::Serving;
+                Ok(())
+            }
+            (_, Frame::Message(Message::Close { code, reason })) => {
+                let code = CloseCode::from_u16(code);
+                self.state = State::Closed;
+                self.events
+                    .push_back(SendEvent::Failed(SessionError::PeerClosed { code, reason }));
+                Ok(())
+            }
+            (State::Serving, Frame::Message(Message::Want(ranges))) => {
+                let n = self.manifest.unique_chunks().len() as u64;
+                for r in ranges {
+                    if r.start >= r.end || u64::from(r.end) > n {
+                        return Err(SessionError::Protocol(format!(
+                            "want range {}..{} outside the manifest's {n} chunks",
+                            r.start, r.end
+                        )));
+                    }
+                    self.requested += u64::from(r.end - r.start);
+                    if self.requested > n + self.cfg.max_rerequests {
+                        return Err(SessionError::Protocol(format!(
+                            "receiver asked for {} chunks; the manifest has {n}",
+                            self.requested
+                        )));
+                    }
+                    self.want.push_back(r);
+                }
+                Ok(())
+            }
+            (State::Serving, Frame::Message(Message::WantEnd { chunks, bytes })) => {
+                self.events.push_back(SendEvent::Wanted { chunks, bytes });
+                Ok(())
+            }
+            (State::Serving, Frame::Message(Message::Rejected { chunk })) => {
+                if chunk as usize >= self.manifest.unique_chunks().len() {
+                    return Err(SessionError::Protocol(format!(
+                        "rejected unknown chunk {chunk}"
+                    )));
+                }
+                if self.verify.len() as u64 > self.cfg.max_rerequests {
+                    return Err(SessionError::Protocol("too many rejected chunks".into()));
+                }
+                self.verify.insert(chunk);
+                Ok(())
+            }
+            (State::Serving, Frame::Message(Message::Done { root })) => {
+                if root != self.manifest.root() {
+                    return Err(SessionError::Protocol(format!(
+                        "receiver finished root {root:?}, expected {:?}",
+                        self.manifest.root()
+                    )));
+                }
+                self.control
+                    .push_back(close_frame(CloseCode::Done, "migration complete"));
+                self.events.push_back(SendEvent::Done { root });
+                self.state = State::Closed;
+                Ok(())
+            }
+            (_, f) => Err(SessionError::Protocol(format!(
+                "unexpected frame {}",
+                frame_name(&f)
+            ))),
+        }
+    }
+
+    /// Feeds the result of a [`SendIo`].
+    pub fn handle_io_done(&mut self, done: SendIoDone) {
+        match done {
+            SendIoDone::Read {
+                chunk,
+                encoding,
+                payload,
+            } => {
+                self.reads = self.reads.saturating_sub(1);
+                let Some(u) = self.manifest.unique(chunk) else {
+                    return;
+                };
+                let raw_len = u.len;
+                if self.state == State::Closed {
+                    self.ahead_bytes = self.ahead_bytes.saturating_sub(u64::from(raw_len));
+                    return;
+                }
+                let head = frame::encode_chunk_header(chunk, encoding, raw_len, payload.len());
+                self.data.push_back((
+                    raw_len,
+                    Transmit {
+                        lane: Lane::Data,
+                        head,
+                        body: payload,
+                    },
+                ));
+            }
+            SendIoDone::Changed { chunk } | SendIoDone::Failed { chunk, .. } => {
+                self.reads = self.reads.saturating_sub(1);
+                let path = self
+                    .manifest
+                    .unique(chunk)
+                    .and_then(|u| self.manifest.locate(u.first_slot))
+                    .and_then(|l| self.manifest.entry(l.entry))
+                    .map_or_else(|| format!("chunk {chunk}"), |e| e.path.clone());
+                let msg = match done {
+                    SendIoDone::Failed { error, .. } => format!("cannot read {path}: {error}"),
+                    _ => format!(
+                        "{path} changed while it was being sent; run ferry send again to rescan"
+                    ),
+                };
+                if self.state != State::Closed {
+                    self.fail(SessionError::Source(msg));
+                }
+            }
+        }
+    }
+
+    fn fail(&mut self, e: SessionError) {
+        self.control
+            .push_back(close_frame(e.close_code(), &e.to_string()));
+        self.events.push_back(SendEvent::Failed(e));
+        self.state = State::Closed;
+        self.want.clear();
+        self.data.clear();
+    }
+
+    /// The next frame to send. Control frames go first; data frames are chunks.
+    #[must_use]
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        if let Some(t) = self.control.pop_front() {
+            return Some(t);
+        }
+        if self.state == State::Serving && !self.manifest_done {
+            return Some(self.next_manifest_frame());
+        }
+        let (raw_len, t) = self.data.pop_front()?;
+        self.ahead_bytes = self.ahead_bytes.saturating_sub(u64::from(raw_len));
+        self.wire_bytes += t.body.len() as u64;
+        self.raw_bytes_sent += u64::from(raw_len);
+        self.chunks_sent += 1;
+        Some(t)
+    }
+
+    /// Whether a data frame is ready (so a driver with a busy data path can skip polling).
+    pub fn has_data(&self) -> bool {
+        !self.data.is_empty()
+    }
+
+    /// Whether a control frame is ready.
+    pub fn has_control(&self) -> bool {
+        !self.control.is_empty() || (self.state == State::Serving && !self.manifest_done)
+    }
+
+    fn next_manifest_frame(&mut self) -> Transmit {
+        let m = Arc::clone(&self.manifest);
+        let mut entries = Vec::new();
+        let mut size = 0usize;
+        while size < MANIFEST_FRAME_TARGET {
+            let Some(e) = m.wire_entry(self.manifest_next) else {
+                break;
+            };
+            size += e.path.len() + 32 * e.hashes.len() + 48;
+            entries.push(e);
+            self.manifest_next += 1;
+        }
+        let msg = if entries.is_empty() {
+            self.manifest_done = true;
+            Message::ManifestEnd(*m.summary())
+        } else {
+            Message::Manifest(entries)
+        };
+        match frame::encode_message(&msg) {
+            Ok(b) => Transmit::control(b),
+            Err(e) => {
+                let err = SessionError::Source(format!("manifest cannot be encoded: {e}"));
+                let t = close_frame(err.close_code(), &err.to_string());
+                self.events.push_back(SendEvent::Failed(err));
+                self.state = State::Closed;
+                t
+            }
+        }
+    }
+
+    /// The next read to perform.
+    #[must_use]
+    pub fn poll_io(&mut self) -> Option<SendIo> {
+        if let Some(io) = self.io.pop_front() {
+            return Some(io);
+        }
+        if self.state != State::Serving
+            || self.reads >= self.cfg.max_reads
+            || self.ahead_bytes >= self.cfg.read_ahead_bytes
+        {
+            return None;
+        }
+        let r = self.want.front_mut()?;
+        let chunk = r.start;
+        r.start += 1;
+        if r.start >= r.end {
+            self.want.pop_front();
+        }
+        let u = *self.manifest.unique(chunk)?;
+        let loc = self.manifest.locate(u.first_slot)?;
+        self.reads += 1;
+        self.ahead_bytes += u64::from(u.len);
+        Some(SendIo::Read {
+            chunk,
+            entry: loc.entry,
+            offset: loc.offset,
+            len: u.len,
+            hash: u.hash,
+            verify: self.verify.remove(&chunk),
+        })
+    }
+
+    /// The next event for the application.
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<SendEvent> {
+        self.events.pop_front()
+    }
+}
+
+pub(crate) fn frame_name(f: &Frame) -> &'static str {
+    match f {
+        Frame::Hello(_) => "hello",
+        Frame::Chunk { .. } => "chunk",
+        Frame::Message(m) => match m {
+            Message::Manifest(_) => "manifest",
+            Message::ManifestEnd(_) => "manifest-end",
+            Message::Want(_) => "want",
+            Message::WantEnd { .. } => "want-end",
+            Message::Rejected { .. } => "rejected",
+            Message::Done { .. } => "done",
+            Message::Close { .. } => "close",
+        },
+    }
+}

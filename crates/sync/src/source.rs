@@ -1,0 +1,101 @@
+//! The sender's side of the disk: reading chunks of the shared directory.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use bytes::BytesMut;
+
+use crate::compress::{encode_chunk, CompressPolicy};
+use crate::manifest::ChunkHash;
+use crate::proto::{SendIo, SendIoDone};
+use crate::Manifest;
+
+const MAX_OPEN_FILES: usize = 64;
+
+/// Reads chunks of the files a manifest describes, below `root` only.
+#[derive(Debug)]
+pub struct Source {
+    root: PathBuf,
+    manifest: Arc<Manifest>,
+    policy: CompressPolicy,
+    open: Mutex<HashMap<u32, Arc<File>>>,
+}
+
+impl Source {
+    pub fn new(root: &Path, manifest: Arc<Manifest>, policy: CompressPolicy) -> Self {
+        Source {
+            root: root.to_path_buf(),
+            manifest,
+            policy,
+            open: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn manifest(&self) -> &Arc<Manifest> {
+        &self.manifest
+    }
+
+    fn file(&self, entry: u32) -> std::io::Result<Arc<File>> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = open.get(&entry) {
+            return Ok(Arc::clone(f));
+        }
+        let e = self
+            .manifest
+            .entry(entry)
+            .ok_or_else(|| std::io::Error::other("entry outside the manifest"))?;
+        // Never follow a symlink at the leaf: the scan recorded a regular file here.
+        let f = Arc::new(
+            OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(self.root.join(&e.path))?,
+        );
+        if open.len() >= MAX_OPEN_FILES {
+            open.clear();
+        }
+        open.insert(entry, Arc::clone(&f));
+        Ok(f)
+    }
+
+    /// Performs one read of the sender machine.
+    pub fn execute(&self, io: SendIo) -> SendIoDone {
+        let SendIo::Read {
+            chunk,
+            entry,
+            offset,
+            len,
+            hash,
+            verify,
+        } = io;
+        let read = || -> std::io::Result<BytesMut> {
+            let f = self.file(entry)?;
+            let mut buf = BytesMut::zeroed(len as usize);
+            f.read_exact_at(&mut buf, offset)?;
+            Ok(buf)
+        };
+        match read() {
+            Ok(buf) => {
+                if verify && ChunkHash::of(&buf) != hash {
+                    return SendIoDone::Changed { chunk };
+                }
+                let (encoding, payload) = encode_chunk(buf.freeze(), &self.policy);
+                SendIoDone::Read {
+                    chunk,
+                    encoding,
+                    payload,
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                SendIoDone::Changed { chunk }
+            }
+            Err(e) => SendIoDone::Failed {
+                chunk,
+                error: e.to_string(),
+            },
+        }
+    }
+}

@@ -1,0 +1,975 @@
+//! The receiver's crash-safe store.
+//!
+//! Everything ferry keeps for an unfinished migration lives in `DEST/.ferry/`:
+//! ```text
+//! .ferry/lock            held (flock) while a receiver uses DEST
+//! .ferry/staging/<key>   one file per manifest file, preallocated to its size; key = BLAKE3(path)
+//! .ferry/journal         append-only records: (key, offset, len, hash, check)
+//! .ferry/receipt         after completion: the manifest (frames) that DEST now holds
+//! .ferry/receipt.json    after completion: a human-readable summary
+//! ```
+//!
+//! # Durability ordering
+//! 1. A received chunk is verified (bounded decode, BLAKE3) before it is written anywhere.
+//! 2. It is written into its staging file(s) at its offset. Nothing claims it yet.
+//! 3. **Commit**: the staging files written since the last commit are `fdatasync`ed (and the
+//!    staging directory, when files were created), *then* the chunks' journal records are appended
+//!    and the journal is `fdatasync`ed. A record therefore never names data that is not on disk.
+//! 4. On open, the journal is read up to the first torn or corrupt record (each record carries a
+//!    check hash), records that do not match the new manifest exactly are dropped, and the
+//!    compacted journal replaces the old one (write, fsync, rename, fsync dir) *before* any new
+//!    write, so a slot the journal claims is never overwritten with other content.
+//! 5. **Finalize**: every file is re-read from disk and checked against the manifest, its mode
+//!    and mtime set, `fsync`ed and renamed into place; the parent directories are `fsync`ed; then
+//!    the receipt is written (tmp, fsync, rename, fsync). Only then are journal and staging
+//!    removed. A final path only ever receives a complete, verified file.
+//!
+//! A `kill -9` at any instant loses at most the chunks written since the last commit. Files that
+//! are already in place at their final path (an interrupted finalize, or an older copy of the
+//! same history) are checked chunk by chunk and reused.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+
+use crate::compress::{decode_verified, ChunkError, Encoding};
+use crate::manifest::{ChunkHash, EntryKind, Manifest, ManifestBuilder, ManifestLimits, Mtime};
+use crate::path::STATE_DIR;
+use crate::proto::frame::{self, Frame, Message, MANIFEST_FRAME_TARGET};
+use crate::proto::{RecvIo, RecvIoDone};
+
+const RECORD_LEN: usize = 16 + 8 + 4 + 32 + 8;
+const JOURNAL_MAGIC: &[u8; 8] = b"FRRYJRN1";
+const RECEIPT_MAGIC: &[u8; 8] = b"FRRYRCP1";
+const MAX_OPEN_FILES: usize = 128;
+
+/// A store failure. Each kind tells the user what to do.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error("no space left on the destination while writing {path}: free some space and run the same command again")]
+    NoSpace { path: PathBuf },
+    #[error("permission denied on {path}: check the destination's permissions")]
+    PermissionDenied { path: PathBuf },
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{path} is in the way: {why}")]
+    Conflict { path: PathBuf, why: String },
+    #[error("another ferry receiver is using {0}")]
+    Locked(PathBuf),
+    #[error("the store was used before prepare()")]
+    NotPrepared,
+    #[error("{path} is not a valid ferry receipt: {why}")]
+    BadReceipt { path: PathBuf, why: String },
+    #[error("{0} has no ferry receipt: it does not hold a completed migration")]
+    NoReceipt(PathBuf),
+}
+
+impl StoreError {
+    fn io(path: &Path, source: io::Error) -> Self {
+        match source.kind() {
+            io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded => StoreError::NoSpace {
+                path: path.to_path_buf(),
+            },
+            io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem => {
+                StoreError::PermissionDenied {
+                    path: path.to_path_buf(),
+                }
+            }
+            _ => StoreError::Io {
+                path: path.to_path_buf(),
+                source,
+            },
+        }
+    }
+}
+
+fn ctx<T>(path: &Path, r: io::Result<T>) -> Result<T, StoreError> {
+    r.map_err(|e| StoreError::io(path, e))
+}
+
+/// Name of a file's staging file.
+fn staging_key(path: &str) -> [u8; 16] {
+    let h = blake3::hash(path.as_bytes());
+    let mut k = [0u8; 16];
+    k.copy_from_slice(&h.as_bytes()[..16]);
+    k
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Record {
+    key: [u8; 16],
+    offset: u64,
+    len: u32,
+    hash: ChunkHash,
+}
+
+impl Record {
+    fn encode(&self) -> [u8; RECORD_LEN] {
+        let mut b = [0u8; RECORD_LEN];
+        b[..16].copy_from_slice(&self.key);
+        b[16..24].copy_from_slice(&self.offset.to_le_bytes());
+        b[24..28].copy_from_slice(&self.len.to_le_bytes());
+        b[28..60].copy_from_slice(&self.hash.0);
+        let check = blake3::hash(&b[..60]);
+        b[60..].copy_from_slice(&check.as_bytes()[..8]);
+        b
+    }
+
+    fn decode(b: &[u8; RECORD_LEN]) -> Option<Self> {
+        let check = blake3::hash(&b[..60]);
+        if b[60..] != check.as_bytes()[..8] {
+            return None;
+        }
+        let mut key = [0u8; 16];
+        key.copy_from_slice(&b[..16]);
+        let mut hash = [0u8; 32];
+        hash.copy_from_slice(&b[28..60]);
+        Some(Record {
+            key,
+            offset: u64::from_le_bytes(b[16..24].try_into().ok()?),
+            len: u32::from_le_bytes(b[24..28].try_into().ok()?),
+            hash: ChunkHash(hash),
+        })
+    }
+}
+
+/// Where a file's verified bytes are.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Home {
+    Staging,
+    /// Already complete at its final path.
+    InPlace,
+}
+
+struct Prepared {
+    manifest: Arc<Manifest>,
+    homes: Vec<Home>,
+}
+
+#[derive(Default)]
+struct Open {
+    files: HashMap<u32, Arc<File>>,
+    dirty: HashSet<u32>,
+    created: bool,
+}
+
+/// Summary of a completed migration, as written in the receipt.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Receipt {
+    pub root: ChunkHash,
+    pub files: u64,
+    pub bytes: u64,
+}
+
+/// The receiver's store for one destination directory.
+pub struct FsStore {
+    dest: PathBuf,
+    state: PathBuf,
+    staging: PathBuf,
+    _lock: File,
+    prepared: Mutex<Option<Arc<Prepared>>>,
+    open: Mutex<Open>,
+    journal: Mutex<Option<BufWriter<File>>>,
+}
+
+impl std::fmt::Debug for FsStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FsStore")
+            .field("dest", &self.dest)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl FsStore {
+    /// Opens (creating if needed) the store of `dest`, taking its lock.
+    pub fn open(dest: &Path) -> Result<Self, StoreError> {
+        ctx(dest, fs::create_dir_all(dest))?;
+        let state = dest.join(STATE_DIR);
+        let staging = state.join("staging");
+        ctx(&staging, fs::create_dir_all(&staging))?;
+        let lock_path = state.join("lock");
+        let lock_file = ctx(
+            &lock_path,
+            OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&lock_path),
+        )?;
+        match lock_file.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                return Err(StoreError::Locked(dest.to_path_buf()))
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(StoreError::io(&lock_path, e)),
+        }
+        Ok(FsStore {
+            dest: dest.to_path_buf(),
+            state,
+            staging,
+            _lock: lock_file,
+            prepared: Mutex::new(None),
+            open: Mutex::new(Open::default()),
+            journal: Mutex::new(None),
+        })
+    }
+
+    /// The destination directory.
+    pub fn dest(&self) -> &Path {
+        &self.dest
+    }
+
+    /// Whether `dest` holds an unfinished ferry migration.
+    pub fn has_unfinished(dest: &Path) -> bool {
+        dest.join(STATE_DIR).join("journal").exists()
+    }
+
+    /// Whether `dest` holds a completed ferry migration.
+    pub fn has_receipt(dest: &Path) -> bool {
+        dest.join(STATE_DIR).join("receipt").exists()
+    }
+
+    /// Performs one I/O request of the receiver machine.
+    pub fn execute(&self, io: RecvIo) -> RecvIoDone {
+        let r = match io {
+            RecvIo::Prepare { manifest } => self
+                .prepare(&manifest)
+                .map(|durable| RecvIoDone::Prepared { durable }),
+            RecvIo::Store {
+                chunk,
+                encoding,
+                payload,
+                slots,
+            } => match self.store_chunk(chunk, encoding, payload, &slots) {
+                Ok(Ok(())) => Ok(RecvIoDone::Stored { chunk, slots }),
+                Ok(Err(e)) => Ok(RecvIoDone::Corrupt {
+                    chunk,
+                    error: e.to_string(),
+                }),
+                Err(e) => Err(e),
+            },
+            RecvIo::Copy { chunk, from, to } => match self.copy_chunk(chunk, from, &to) {
+                Ok(Ok(())) => Ok(RecvIoDone::Stored { chunk, slots: to }),
+                Ok(Err(e)) => Ok(RecvIoDone::Corrupt {
+                    chunk,
+                    error: e.to_string(),
+                }),
+                Err(e) => Err(e),
+            },
+            RecvIo::Commit { slots } => self
+                .commit(&slots)
+                .map(|()| RecvIoDone::Committed { slots }),
+            RecvIo::Finalize => self.finalize().map(|damaged| {
+                if damaged.is_empty() {
+                    RecvIoDone::Finalized
+                } else {
+                    RecvIoDone::Damaged { slots: damaged }
+                }
+            }),
+        };
+        r.unwrap_or_else(|e| RecvIoDone::Failed {
+            error: e.to_string(),
+        })
+    }
+
+    fn prepared(&self) -> Result<Arc<Prepared>, StoreError> {
+        lock(&self.prepared).clone().ok_or(StoreError::NotPrepared)
+    }
+
+    fn staging_path(&self, path: &str) -> PathBuf {
+        self.staging.join(hex(&staging_key(path)))
+    }
+
+    /// Opens the store for `manifest` and returns every slot already durable.
+    pub fn prepare(&self, manifest: &Arc<Manifest>) -> Result<Vec<u32>, StoreError> {
+        *lock(&self.journal) = None;
+        *lock(&self.open) = Open::default();
+        // A receipt for other content stops being true as soon as files start to change.
+        if FsStore::has_receipt(&self.dest)
+            && read_receipt(&self.dest).map_or(true, |r| r.root() != manifest.root())
+        {
+            let p = self.state.join("receipt");
+            ctx(&p, fs::remove_file(&p))?;
+            let _ = fs::remove_file(self.state.join("receipt.json"));
+        }
+        let journal_path = self.state.join("journal");
+        let records = read_journal(&journal_path)?;
+
+        let mut durable = Vec::new();
+        let mut keep: Vec<Record> = Vec::new();
+        let mut homes = vec![Home::Staging; manifest.entries().len()];
+        let mut wanted_keys = HashSet::new();
+        for (i, e) in manifest.entries().iter().enumerate() {
+            if !e.is_file() {
+                continue;
+            }
+            let key = staging_key(&e.path);
+            wanted_keys.insert(hex(&key));
+            let staged = self.staging.join(hex(&key));
+            let staged_len = fs::metadata(&staged).ok().map(|m| m.len());
+            let n = e.chunks();
+            let mut found = 0;
+            if staged_len.is_some() {
+                for c in 0..n {
+                    let slot = e.first_slot + c;
+                    let Some(loc) = manifest.locate(slot) else {
+                        continue;
+                    };
+                    let Some(hash) = manifest.slot_hash(slot) else {
+                        continue;
+                    };
+                    let want = Record {
+                        key,
+                        offset: loc.offset,
+                        len: loc.len,
+                        hash,
+                    };
+                    if records.get(&(key, loc.offset)) == Some(&want) {
+                        keep.push(want);
+                        durable.push(slot);
+                        found += 1;
+                    }
+                }
+            }
+            if found == n && staged_len.is_some() {
+                continue;
+            }
+            // Is the file (or part of it) already at its final path?
+            if let Some(reuse) = self.reusable_in_place(manifest, i as u32)? {
+                if reuse.len() == n as usize && staged_len.is_none() {
+                    homes[i] = Home::InPlace;
+                    durable.extend(reuse);
+                } else if staged_len.is_none() && !reuse.is_empty() {
+                    // Copy the matching chunks into a new staging file; they become durable
+                    // with the compacted journal below.
+                    let final_path = self.dest.join(&e.path);
+                    let src = ctx(&final_path, File::open(&final_path))?;
+                    let dst = self.create_staging(&e.path, e.size)?;
+                    let mut buf = vec![0u8; e.chunk_size() as usize];
+                    for slot in reuse {
+                        let (Some(loc), Some(hash)) =
+                            (manifest.locate(slot), manifest.slot_hash(slot))
+                        else {
+                            continue;
+                        };
+                        let b = &mut buf[..loc.len as usize];
+                        ctx(&final_path, src.read_exact_at(b, loc.offset))?;
+                        ctx(&self.staging, dst.write_all_at(b, loc.offset))?;
+                        keep.push(Record {
+                            key,
+                            offset: loc.offset,
+                            len: loc.len,
+                            hash,
+                        });
+                        durable.push(slot);
+                    }
+                    ctx(&self.staging, dst.sync_data())?;
+                }
+            }
+        }
+        // Staging files of files no longer in the manifest are garbage.
+        if let Ok(rd) = fs::read_dir(&self.staging) {
+            for ent in rd.flatten() {
+                let name = ent.file_name().to_string_lossy().into_owned();
+                if !wanted_keys.contains(&name) {
+                    let _ = fs::remove_file(ent.path());
+                }
+            }
+        }
+        ctx(&self.staging, sync_dir(&self.staging))?;
+        // Compact the journal before anything new is written (see the module docs).
+        let tmp = self.state.join("journal.tmp");
+        {
+            let f = ctx(&tmp, File::create(&tmp))?;
+            let mut w = BufWriter::new(f);
+            ctx(&tmp, w.write_all(JOURNAL_MAGIC))?;
+            for r in &keep {
+                ctx(&tmp, w.write_all(&r.encode()))?;
+            }
+            let f = ctx(&tmp, w.into_inner().map_err(|e| e.into_error()))?;
+            ctx(&tmp, f.sync_all())?;
+        }
+        ctx(&journal_path, fs::rename(&tmp, &journal_path))?;
+        ctx(&self.state, sync_dir(&self.state))?;
+        let f = ctx(
+            &journal_path,
+            OpenOptions::new().append(true).open(&journal_path),
+        )?;
+        *lock(&self.journal) = Some(BufWriter::with_capacity(64 * 1024, f));
+        *lock(&self.prepared) = Some(Arc::new(Prepared {
+            manifest: Arc::clone(manifest),
+            homes,
+        }));
+        Ok(durable)
+    }
+
+    /// Slots of file entry `entry` whose chunk already sits, verified, at its final path.
+    fn reusable_in_place(&self, m: &Manifest, entry: u32) -> Result<Option<Vec<u32>>, StoreError> {
+        let Some(e) = m.entry(entry) else {
+            return Ok(None);
+        };
+        let final_path = self.dest.join(&e.path);
+        let Ok(md) = fs::symlink_metadata(&final_path) else {
+            return Ok(None);
+        };
+        if !md.is_file() || md.len() != e.size || !self.parents_are_dirs(&e.path) {
+            return Ok(None);
+        }
+        let Ok(f) = File::open(&final_path) else {
+            return Ok(None);
+        };
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; e.chunk_size() as usize];
+        for c in 0..e.chunks() {
+            let slot = e.first_slot + c;
+            let (Some(loc), Some(hash)) = (m.locate(slot), m.slot_hash(slot)) else {
+                continue;
+            };
+            let b = &mut buf[..loc.len as usize];
+            if f.read_exact_at(b, loc.offset).is_err() {
+                return Ok(Some(out));
+            }
+            if ChunkHash::of(b) == hash {
+                out.push(slot);
+            }
+        }
+        Ok(Some(out))
+    }
+
+    fn parents_are_dirs(&self, path: &str) -> bool {
+        let mut cur = self.dest.clone();
+        let parts: Vec<&str> = path.split('/').collect();
+        for p in &parts[..parts.len().saturating_sub(1)] {
+            cur.push(p);
+            match fs::symlink_metadata(&cur) {
+                Ok(md) if md.is_dir() => {}
+                _ => return false,
+            }
+        }
+        true
+    }
+
+    fn create_staging(&self, path: &str, size: u64) -> Result<File, StoreError> {
+        let p = self.staging_path(path);
+        let f = ctx(
+            &p,
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&p),
+        )?;
+        let len = ctx(&p, f.metadata())?.len();
+        if len != size {
+            ctx(&p, f.set_len(size))?;
+        }
+        Ok(f)
+    }
+
+    fn staging_file(&self, m: &Manifest, entry: u32) -> Result<Arc<File>, StoreError> {
+        let mut open = lock(&self.open);
+        if let Some(f) = open.files.get(&entry) {
+            return Ok(Arc::clone(f));
+        }
+        let e = m.entry(entry).ok_or(StoreError::NotPrepared)?;
+        let p = self.staging_path(&e.path);
+        let existed = p.exists();
+        let f = Arc::new(self.create_staging(&e.path, e.size)?);
+        if !existed {
+            open.created = true;
+        }
+        if open.files.len() >= MAX_OPEN_FILES {
+            // Dirty files must stay reachable for the next commit's fsync: keep them.
+            let dirty = open.dirty.clone();
+            open.files.retain(|k, _| dirty.contains(k));
+        }
+        open.files.insert(entry, Arc::clone(&f));
+        Ok(f)
+    }
+
+    fn write_slots(&self, p: &Prepared, data: &[u8], slots: &[u32]) -> Result<(), StoreError> {
+        for &slot in slots {
+            let loc = p.manifest.locate(slot).ok_or(StoreError::NotPrepared)?;
+            let f = self.staging_file(&p.manifest, loc.entry)?;
+            let path = &self.staging;
+            ctx(path, f.write_all_at(data, loc.offset))?;
+            lock(&self.open).dirty.insert(loc.entry);
+        }
+        Ok(())
+    }
+
+    /// Verifies a received chunk and writes it to `slots` (not yet durable).
+    pub fn store_chunk(
+        &self,
+        chunk: u32,
+        encoding: Encoding,
+        payload: Bytes,
+        slots: &[u32],
+    ) -> Result<Result<(), ChunkError>, StoreError> {
+        let p = self.prepared()?;
+        let u = *p.manifest.unique(chunk).ok_or(StoreError::NotPrepared)?;
+        let data = match decode_verified(encoding, payload, u.len, &u.hash) {
+            Ok(d) => d,
+            Err(e) => return Ok(Err(e)),
+        };
+        self.write_slots(&p, &data, slots)?;
+        Ok(Ok(()))
+    }
+
+    /// Copies durable slot `from` to `to`, verifying it on the way.
+    pub fn copy_chunk(
+        &self,
+        chunk: u32,
+        from: u32,
+        to: &[u32],
+    ) -> Result<Result<(), ChunkError>, StoreError> {
+        let p = self.prepared()?;
+        let u = *p.manifest.unique(chunk).ok_or(StoreError::NotPrepared)?;
+        let loc = p.manifest.locate(from).ok_or(StoreError::NotPrepared)?;
+        let e = p.manifest.entry(loc.entry).ok_or(StoreError::NotPrepared)?;
+        let src = match p.homes[loc.entry as usize] {
+            Home::InPlace => self.dest.join(&e.path),
+            Home::Staging => self.staging_path(&e.path),
+        };
+        let mut buf = vec![0u8; u.len as usize];
+        let read = File::open(&src).and_then(|f| f.read_exact_at(&mut buf, loc.offset));
+        if let Err(e) = read {
+            return Ok(Err(ChunkError::Decompress {
+                expected: u.len,
+                why: format!("local copy unreadable: {e}"),
+            }));
+        }
+        let got = ChunkHash::of(&buf);
+        if got != u.hash {
+            return Ok(Err(ChunkError::HashMismatch {
+                expected: u.hash,
+                got,
+            }));
+        }
+        self.write_slots(&p, &buf, to)?;
+        Ok(Ok(()))
+    }
+
+    /// Makes `slots` durable: data first, then the journal.
+    pub fn commit(&self, slots: &[u32]) -> Result<(), StoreError> {
+        let p = self.prepared()?;
+        let (dirty, created) = {
+            let mut open = lock(&self.open);
+            let open = &mut *open;
+            let dirty: Vec<(u32, Arc<File>)> = open
+                .dirty
+                .drain()
+                .filter_map(|e| open.files.get(&e).map(|f| (e, Arc::clone(f))))
+                .collect();
+            (dirty, std::mem::take(&mut open.created))
+        };
+        for (_, f) in &dirty {
+            ctx(&self.staging, f.sync_data())?;
+        }
+        if created {
+            ctx(&self.staging, sync_dir(&self.staging))?;
+        }
+        let jpath = self.state.join("journal");
+        let mut j = lock(&self.journal);
+        let w = j.as_mut().ok_or(StoreError::NotPrepared)?;
+        for &slot in slots {
+            let loc = p.manifest.locate(slot).ok_or(StoreError::NotPrepared)?;
+            let e = p.manifest.entry(loc.entry).ok_or(StoreError::NotPrepared)?;
+            let hash = p.manifest.slot_hash(slot).ok_or(StoreError::NotPrepared)?;
+            let r = Record {
+                key: staging_key(&e.path),
+                offset: loc.offset,
+                len: loc.len,
+                hash,
+            };
+            ctx(&jpath, w.write_all(&r.encode()))?;
+        }
+        ctx(&jpath, w.flush())?;
+        ctx(&jpath, w.get_ref().sync_data())?;
+        Ok(())
+    }
+
+    /// Verifies every file, moves it into place and writes the receipt. Returns slots that
+    /// failed verification (then nothing more is done: fetch them and finalize again).
+    pub fn finalize(&self) -> Result<Vec<u32>, StoreError> {
+        let p = self.prepared()?;
+        let m = &p.manifest;
+        *lock(&self.open) = Open::default();
+        let mut ok_dirs: HashSet<PathBuf> = HashSet::new();
+        let mut touched_dirs: HashSet<PathBuf> = HashSet::new();
+        // Verify first (in parallel), so that damage is found before anything moves.
+        let bad = verify_files(m, |i| match p.homes[i] {
+            Home::InPlace => self.dest.join(&m.entries()[i].path),
+            Home::Staging => self.staging_path(&m.entries()[i].path),
+        });
+        if !bad.is_empty() {
+            return Ok(bad);
+        }
+        for (i, e) in m.entries().iter().enumerate() {
+            let final_path = self.dest.join(&e.path);
+            let parent = final_path
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| self.dest.clone());
+            match &e.kind {
+                EntryKind::Dir => {
+                    self.ensure_dir(&e.path, &mut ok_dirs)?;
+                    touched_dirs.insert(parent);
+                }
+                EntryKind::File { .. } => {
+                    if p.homes[i] == Home::InPlace {
+                        set_meta(&final_path, e.mode, e.mtime)?;
+                        continue;
+                    }
+                    if let Some(par) = crate::path::parent(&e.path) {
+                        self.ensure_dir(par, &mut ok_dirs)?;
+                    }
+                    let staged = self.staging_path(&e.path);
+                    if e.size == 0 && !staged.exists() {
+                        ctx(&staged, File::create(&staged))?;
+                    }
+                    self.check_target(&final_path)?;
+                    set_meta(&staged, e.mode, e.mtime)?;
+                    let f = ctx(&staged, File::open(&staged))?;
+                    ctx(&staged, f.sync_all())?;
+                    ctx(&final_path, fs::rename(&staged, &final_path))?;
+                    touched_dirs.insert(parent);
+                }
+                EntryKind::Symlink { target } => {
+                    if let Some(par) = crate::path::parent(&e.path) {
+                        self.ensure_dir(par, &mut ok_dirs)?;
+                    }
+                    self.check_target(&final_path)?;
+                    let tmp = parent.join(format!(".ferry-link-{}", hex(&staging_key(&e.path))));
+                    let _ = fs::remove_file(&tmp);
+                    ctx(&tmp, std::os::unix::fs::symlink(target, &tmp))?;
+                    ctx(&final_path, fs::rename(&tmp, &final_path))?;
+                    touched_dirs.insert(parent);
+                }
+            }
+        }
+        for d in &touched_dirs {
+            ctx(d, sync_dir(d))?;
+        }
+        // Directory metadata last (writing files into them changed their mtimes), deepest first.
+        for e in m.entries().iter().rev() {
+            if e.kind == EntryKind::Dir {
+                set_meta(&self.dest.join(&e.path), e.mode, e.mtime)?;
+            }
+        }
+        self.write_receipt(m)?;
+        *lock(&self.journal) = None;
+        let _ = fs::remove_file(self.state.join("journal"));
+        let _ = fs::remove_dir_all(&self.staging);
+        ctx(&self.state, sync_dir(&self.state))?;
+        Ok(Vec::new())
+    }
+
+    /// Creates `rel` (and its parents) as directories, refusing to pass through anything that is
+    /// not a real directory (a symlink planted in DEST cannot redirect writes).
+    fn ensure_dir(&self, rel: &str, ok: &mut HashSet<PathBuf>) -> Result<(), StoreError> {
+        let mut cur = self.dest.clone();
+        for part in rel.split('/') {
+            cur.push(part);
+            if ok.contains(&cur) {
+                continue;
+            }
+            match fs::symlink_metadata(&cur) {
+                Ok(md) if md.is_dir() => {}
+                Ok(_) => {
+                    return Err(StoreError::Conflict {
+                        path: cur,
+                        why: "a file or symlink exists where the history has a directory; move it away and run again".into(),
+                    })
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    ctx(&cur, fs::create_dir(&cur))?;
+                    if let Some(par) = cur.parent() {
+                        ctx(par, sync_dir(par))?;
+                    }
+                }
+                Err(e) => return Err(StoreError::io(&cur, e)),
+            }
+            ok.insert(cur.clone());
+        }
+        Ok(())
+    }
+
+    fn check_target(&self, final_path: &Path) -> Result<(), StoreError> {
+        match fs::symlink_metadata(final_path) {
+            Ok(md) if md.is_dir() => Err(StoreError::Conflict {
+                path: final_path.to_path_buf(),
+                why: "a directory exists where the history has a file; move it away and run again"
+                    .into(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    fn write_receipt(&self, m: &Manifest) -> Result<(), StoreError> {
+        let tmp = self.state.join("receipt.tmp");
+        let path = self.state.join("receipt");
+        {
+            let f = ctx(&tmp, File::create(&tmp))?;
+            let mut w = BufWriter::new(f);
+            ctx(&tmp, w.write_all(RECEIPT_MAGIC))?;
+            let mut entries = Vec::new();
+            let mut size = 0;
+            let flush = |entries: &mut Vec<_>, w: &mut BufWriter<File>| -> Result<(), StoreError> {
+                let b = frame::encode_message(&Message::Manifest(std::mem::take(entries)))
+                    .map_err(|e| StoreError::BadReceipt {
+                        path: tmp.clone(),
+                        why: e.to_string(),
+                    })?;
+                ctx(&tmp, w.write_all(&b))
+            };
+            for i in 0..m.entries().len() {
+                if let Some(e) = m.wire_entry(i) {
+                    size += e.path.len() + 32 * e.hashes.len() + 48;
+                    entries.push(e);
+                }
+                if size >= MANIFEST_FRAME_TARGET {
+                    flush(&mut entries, &mut w)?;
+                    size = 0;
+                }
+            }
+            if !entries.is_empty() {
+                flush(&mut entries, &mut w)?;
+            }
+            let end = frame::encode_message(&Message::ManifestEnd(*m.summary())).map_err(|e| {
+                StoreError::BadReceipt {
+                    path: tmp.clone(),
+                    why: e.to_string(),
+                }
+            })?;
+            ctx(&tmp, w.write_all(&end))?;
+            let f = ctx(&tmp, w.into_inner().map_err(|e| e.into_error()))?;
+            ctx(&tmp, f.sync_all())?;
+        }
+        ctx(&path, fs::rename(&tmp, &path))?;
+        let s = m.summary();
+        let json =
+            format!(
+            "{{\"root\":\"{}\",\"entries\":{},\"files\":{},\"bytes\":{},\"completed_unix\":{}}}\n",
+            s.root,
+            s.entries,
+            s.files,
+            s.bytes,
+            SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs()
+        );
+        let jp = self.state.join("receipt.json");
+        ctx(&jp, fs::write(&jp, json))?;
+        ctx(&self.state, sync_dir(&self.state))
+    }
+}
+
+fn read_journal(path: &Path) -> Result<HashMap<([u8; 16], u64), Record>, StoreError> {
+    let mut out = HashMap::new();
+    let f = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(StoreError::io(path, e)),
+    };
+    let mut r = BufReader::with_capacity(256 * 1024, f);
+    let mut magic = [0u8; 8];
+    if r.read_exact(&mut magic).is_err() || &magic != JOURNAL_MAGIC {
+        return Ok(out); // unreadable journal: nothing is claimed
+    }
+    let mut rec = [0u8; RECORD_LEN];
+    // A torn or corrupt record ends the journal: everything after it is unclaimed.
+    while r.read_exact(&mut rec).is_ok() {
+        match Record::decode(&rec) {
+            Some(x) => {
+                out.insert((x.key, x.offset), x);
+            }
+            None => break,
+        }
+    }
+    Ok(out)
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+fn set_meta(path: &Path, mode: u32, mtime: Mtime) -> Result<(), StoreError> {
+    let perm = fs::Permissions::from_mode(mode & 0o7777);
+    ctx(path, fs::set_permissions(path, perm))?;
+    let t = if mtime.secs >= 0 {
+        SystemTime::UNIX_EPOCH + Duration::new(mtime.secs as u64, mtime.nanos.min(999_999_999))
+    } else {
+        SystemTime::UNIX_EPOCH
+    };
+    let f = ctx(path, File::options().read(true).open(path))?;
+    // Directories can't be opened for writing; set_times works on a read handle on Linux.
+    ctx(
+        path,
+        f.set_times(fs::FileTimes::new().set_modified(t).set_accessed(t)),
+    )
+}
+
+/// Checks files against a manifest chunk by chunk; returns the slots that do not match.
+/// `path_of(i)` names where entry `i`'s bytes are.
+fn verify_files(m: &Manifest, path_of: impl Fn(usize) -> PathBuf + Sync) -> Vec<u32> {
+    let files: Vec<usize> = (0..m.entries().len())
+        .filter(|&i| m.entries()[i].is_file())
+        .collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let bad = Mutex::new(Vec::new());
+    let threads = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .min(4);
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                let mut buf = Vec::new();
+                loop {
+                    let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(&i) = files.get(k) else { break };
+                    let e = &m.entries()[i];
+                    let mine = verify_file(m, i, &path_of(i), &mut buf);
+                    if !mine.is_empty() {
+                        tracing::warn!(path = %e.path, chunks = mine.len(), "verification failed");
+                        lock(&bad).extend(mine);
+                    }
+                }
+            });
+        }
+    });
+    bad.into_inner().unwrap_or_else(|p| p.into_inner())
+}
+
+fn verify_file(m: &Manifest, i: usize, path: &Path, buf: &mut Vec<u8>) -> Vec<u32> {
+    let e = &m.entries()[i];
+    let all = || (e.first_slot..e.first_slot + e.chunks()).collect::<Vec<u32>>();
+    let Ok(f) = File::open(path) else {
+        return all();
+    };
+    match f.metadata() {
+        Ok(md) if md.len() == e.size => {}
+        _ => return all(),
+    }
+    let mut bad = Vec::new();
+    buf.resize(e.chunk_size() as usize, 0);
+    for c in 0..e.chunks() {
+        let slot = e.first_slot + c;
+        let (Some(loc), Some(hash)) = (m.locate(slot), m.slot_hash(slot)) else {
+            continue;
+        };
+        let b = &mut buf[..loc.len as usize];
+        if f.read_exact_at(b, loc.offset).is_err() || ChunkHash::of(b) != hash {
+            bad.push(slot);
+        }
+    }
+    bad
+}
+
+/// Reads the manifest recorded in `dest`'s receipt.
+pub fn read_receipt(dest: &Path) -> Result<Manifest, StoreError> {
+    let path = dest.join(STATE_DIR).join("receipt");
+    let data = match fs::read(&path) {
+        Ok(d) => d,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(StoreError::NoReceipt(dest.to_path_buf()))
+        }
+        Err(e) => return Err(StoreError::io(&path, e)),
+    };
+    let bad = |why: String| StoreError::BadReceipt {
+        path: path.clone(),
+        why,
+    };
+    if data.len() < 8 || &data[..8] != RECEIPT_MAGIC {
+        return Err(bad("bad magic".into()));
+    }
+    let mut buf = BytesMut::from(&data[8..]);
+    let mut b = ManifestBuilder::new(ManifestLimits::default());
+    loop {
+        match frame::decode_frame(&mut buf).map_err(|e| bad(e.to_string()))? {
+            Some(Frame::Message(Message::Manifest(entries))) => {
+                for e in entries {
+                    b.push(e).map_err(|e| bad(e.to_string()))?;
+                }
+            }
+            Some(Frame::Message(Message::ManifestEnd(s))) => {
+                return b.finish(&s).map_err(|e| bad(e.to_string()));
+            }
+            _ => return Err(bad("truncated".into())),
+        }
+    }
+}
+
+/// The outcome of [`verify_dest`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifyReport {
+    pub root: ChunkHash,
+    pub files: u64,
+    pub bytes: u64,
+    /// Paths that do not match the receipt (missing, wrong size, wrong content, wrong kind).
+    pub mismatched: Vec<String>,
+}
+
+/// Re-hashes everything in `dest` against its receipt.
+pub fn verify_dest(dest: &Path) -> Result<VerifyReport, StoreError> {
+    let m = read_receipt(dest)?;
+    let bad = verify_files(&m, |i| dest.join(&m.entries()[i].path));
+    let mut mismatched: Vec<String> = bad
+        .iter()
+        .filter_map(|&s| {
+            m.locate(s)
+                .and_then(|l| m.entry(l.entry))
+                .map(|e| e.path.clone())
+        })
+        .collect();
+    for e in m.entries() {
+        let p = dest.join(&e.path);
+        let md = fs::symlink_metadata(&p);
+        let ok = match (&e.kind, &md) {
+            (EntryKind::Dir, Ok(md)) => md.is_dir(),
+            (EntryKind::File { .. }, Ok(md)) => md.is_file() && md.len() == e.size,
+            (EntryKind::Symlink { target }, Ok(md)) => {
+                md.file_type().is_symlink()
+                    && fs::read_link(&p).ok().as_deref() == Some(Path::new(target))
+            }
+            (_, Err(_)) => false,
+        };
+        if !ok {
+            mismatched.push(e.path.clone());
+        }
+    }
+    mismatched.sort();
+    mismatched.dedup();
+    let s = m.summary();
+    Ok(VerifyReport {
+        root: s.root,
+        files: s.files,
+        bytes: s.bytes,
+        mismatched,
+    })
+}
+
+/// The receipt summary of a completed destination, if any.
+pub fn receipt_summary(dest: &Path) -> Result<Receipt, StoreError> {
+    let m = read_receipt(dest)?;
+    let s = m.summary();
+    Ok(Receipt {
+        root: s.root,
+        files: s.files,
+        bytes: s.bytes,
+    })
+}
