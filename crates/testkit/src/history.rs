@@ -152,15 +152,25 @@ pub fn generate(dir: &Path, spec: &HistorySpec) -> anyhow::Result<HistoryReport>
     }
     let mut rng = ChaCha8Rng::seed_from_u64(spec.seed);
     let budget = Budget::split(spec.total_bytes);
-    let mut buf = Vec::new();
-
     let mut report = HistoryReport::default();
-    let media = write_media(dir, &mut rng, budget.media, spec, &mut buf, &mut report)?;
-    write_small_files(dir, &mut rng, spec.small_files, &mut buf)?;
-    write_text_files(dir, &mut rng, budget.text)?;
-    write_documents(dir, &mut rng, &mut buf)?;
-    write_empties(dir)?;
-    write_databases(dir, &mut rng, budget.db, spec, &media, &mut report)?;
+    // Media are planned first (names, sizes, content seeds: all the randomness), then written
+    // by a second thread while this one builds the databases, which are CPU-bound.
+    let media = plan_media(&mut rng, budget.media, spec, &mut report);
+    std::thread::scope(|scope| {
+        let writer = scope.spawn(|| write_media(dir, &media));
+        let rest = (|| {
+            let mut buf = Vec::new();
+            write_small_files(dir, &mut rng, spec.small_files, &mut buf)?;
+            write_text_files(dir, &mut rng, budget.text)?;
+            write_documents(dir, &mut rng, &mut buf)?;
+            write_empties(dir)?;
+            write_databases(dir, &mut rng, budget.db, spec, &media, &mut report)
+        })();
+        let written = writer
+            .join()
+            .map_err(|_| anyhow::anyhow!("media writer thread panicked"))?;
+        written.and(rest)
+    })?;
 
     let (files, dirs, bytes, wal_bytes) = count_tree(dir)?;
     report.files = files;
@@ -182,14 +192,12 @@ fn create_dir(path: &Path) -> anyhow::Result<()> {
     fs::create_dir_all(path).with_context(|| format!("create {}", path.display()))
 }
 
-fn write_media(
-    dir: &Path,
+fn plan_media(
     rng: &mut ChaCha8Rng,
     budget: u64,
     spec: &HistorySpec,
-    buf: &mut Vec<u8>,
     report: &mut HistoryReport,
-) -> anyhow::Result<Vec<MediaFile>> {
+) -> Vec<MediaFile> {
     // No single file above 1/16 of the media budget, so small histories still hold every kind.
     let cap = (budget / 16).max(32 * KIB);
     let mut files: Vec<MediaFile> = Vec::new();
@@ -197,7 +205,6 @@ fn write_media(
     while budget.saturating_sub(used) >= KIB {
         let remaining = budget - used;
         let name = hex_name(rng);
-        let folder = dir.join("media").join(&name[..2]);
         // A forwarded copy of an earlier file, if one still fits in the budget.
         let original = if !files.is_empty() && rng.random::<f32>() < spec.duplicate_fraction {
             Some(&files[rng.random_range(0..files.len())]).filter(|o| o.size <= remaining)
@@ -208,11 +215,12 @@ fn write_media(
         let (kind, size, content_seed) = match original {
             Some(o) => (o.kind, o.size, o.content_seed),
             None => {
+                // By count: mostly thumbnails and voice notes; by bytes: photos and videos.
                 let kind = match rng.random_range(0..100u32) {
-                    0..=34 => BlobKind::Thumb,
-                    35..=49 => BlobKind::VoiceAmr,
-                    50..=59 => BlobKind::VoiceSilk,
-                    60..=92 => BlobKind::Image,
+                    0..=44 => BlobKind::Thumb,
+                    45..=61 => BlobKind::VoiceAmr,
+                    62..=73 => BlobKind::VoiceSilk,
+                    74..=96 => BlobKind::Image,
                     _ => BlobKind::Video,
                 };
                 (kind, media::sample_size(rng, kind, cap), rng.next_u64())
@@ -220,24 +228,32 @@ fn write_media(
         };
         let prefix = if kind == BlobKind::Thumb { "th_" } else { "" };
         let size = size.min(remaining);
-        let rel = format!("media/{}/{prefix}{name}.{}", &name[..2], kind.ext());
-        create_dir(&folder)?;
-        let path = dir.join(&rel);
-        media::write_blob(&path, kind, size, content_seed, buf)
-            .with_context(|| format!("write {}", path.display()))?;
         used += size;
         report.media_files += 1;
         if dup {
             report.duplicate_files += 1;
         }
         files.push(MediaFile {
-            rel,
+            rel: format!("media/{}/{prefix}{name}.{}", &name[..2], kind.ext()),
             kind,
             size,
             content_seed,
         });
     }
-    Ok(files)
+    files
+}
+
+fn write_media(dir: &Path, files: &[MediaFile]) -> anyhow::Result<()> {
+    let mut buf = Vec::new();
+    for f in files {
+        let path = dir.join(&f.rel);
+        if let Some(folder) = path.parent() {
+            create_dir(folder)?;
+        }
+        media::write_blob(&path, f.kind, f.size, f.content_seed, &mut buf)
+            .with_context(|| format!("write {}", path.display()))?;
+    }
+    Ok(())
 }
 
 fn write_small_files(
@@ -543,11 +559,13 @@ fn db_size(conn: &Connection) -> rusqlite::Result<u64> {
     Ok((pages.max(0) as u64) * (size.max(0) as u64))
 }
 
-/// Open a fresh database for bulk loading (rollback journal: deterministic and fast).
+/// Open a fresh database for bulk loading: no journal, no syncs, a large page cache. Nothing
+/// else reads the file until it is finished, and a failed generation is discarded anyway.
 fn open_bulk(path: &Path) -> anyhow::Result<Connection> {
     let conn = Connection::open(path)?;
-    run(&conn, "PRAGMA journal_mode=DELETE")?;
+    run(&conn, "PRAGMA journal_mode=OFF")?;
     run(&conn, "PRAGMA synchronous=OFF")?;
+    run(&conn, "PRAGMA cache_size=-131072")?;
     Ok(conn)
 }
 
@@ -638,7 +656,7 @@ fn write_message_db(
         if size >= bulk_target {
             break;
         }
-        let batch = ((bulk_target - size) / 160).clamp(50, 5000);
+        let batch = ((bulk_target - size) / 160).clamp(50, 50_000);
         let tx = conn.transaction()?;
         insert_messages(&tx, rng, batch, convs, source, clock, false)?;
         tx.commit()?;
