@@ -110,19 +110,18 @@ pub struct HistoryReport {
     pub wal_bytes: u64,
 }
 
-/// How the target size is split: databases ~12%, text ~1%, media the rest.
+/// How the target size is split: databases ~12%, text ~1%; media get what is left after the
+/// databases and the files actually written for text and documents.
 struct Budget {
     db: u64,
     text: u64,
-    media: u64,
 }
 
 impl Budget {
     fn split(total: u64) -> Self {
         let db = (total / 8).max(96 * KIB);
         let text = (total / 100).clamp(8 * KIB, 64 * MIB);
-        let media = total.saturating_sub(db + text);
-        Budget { db, text, media }
+        Budget { db, text }
     }
 }
 
@@ -155,15 +154,16 @@ pub fn generate(dir: &Path, spec: &HistorySpec) -> anyhow::Result<HistoryReport>
     let mut report = HistoryReport::default();
     // Media are planned first (names, sizes, content seeds: all the randomness), then written
     // by a second thread while this one builds the databases, which are CPU-bound.
-    let media = plan_media(&mut rng, budget.media, spec, &mut report);
+    let mut buf = Vec::new();
+    let fixed = write_text_files(dir, &mut rng, budget.text)?
+        + write_documents(dir, &mut rng, spec.total_bytes, &mut buf)?;
+    write_empties(dir)?;
+    let media_budget = spec.total_bytes.saturating_sub(budget.db + fixed);
+    let media = plan_media(&mut rng, media_budget, spec, &mut report);
     std::thread::scope(|scope| {
         let writer = scope.spawn(|| write_media(dir, &media));
         let rest = (|| {
-            let mut buf = Vec::new();
             write_small_files(dir, &mut rng, spec.small_files, &mut buf)?;
-            write_text_files(dir, &mut rng, budget.text)?;
-            write_documents(dir, &mut rng, &mut buf)?;
-            write_empties(dir)?;
             write_databases(dir, &mut rng, budget.db, spec, &media, &mut report)
         })();
         let written = writer
@@ -279,7 +279,7 @@ fn write_file(path: &Path, data: &[u8]) -> anyhow::Result<()> {
 }
 
 /// Logs (several per-day files) and JSON config: text that compresses well.
-fn write_text_files(dir: &Path, rng: &mut ChaCha8Rng, budget: u64) -> anyhow::Result<()> {
+fn write_text_files(dir: &Path, rng: &mut ChaCha8Rng, budget: u64) -> anyhow::Result<u64> {
     create_dir(&dir.join("logs"))?;
     create_dir(&dir.join("config"))?;
     let config = format!(
@@ -309,31 +309,37 @@ fn write_text_files(dir: &Path, rng: &mut ChaCha8Rng, budget: u64) -> anyhow::Re
             log.as_bytes(),
         )?;
     }
-    Ok(())
+    Ok(used)
 }
 
-/// A small folder of user documents with awkward names.
-fn write_documents(dir: &Path, rng: &mut ChaCha8Rng, buf: &mut Vec<u8>) -> anyhow::Result<()> {
+/// A small folder of user documents with awkward names; returns the bytes written.
+fn write_documents(
+    dir: &Path,
+    rng: &mut ChaCha8Rng,
+    total: u64,
+    buf: &mut Vec<u8>,
+) -> anyhow::Result<u64> {
     let docs = dir.join("Documents");
     create_dir(&docs.join("旅行 2023 🏖️"))?;
-    let notes = "会议纪要：下周一上午十点，三楼会议室。\nMeeting notes: Monday 10:00, room 3.\n";
-    write_file(&docs.join("会议纪要 2023.txt"), notes.repeat(40).as_bytes())?;
-    write_file(
-        &docs.join("emoji 😀 notes.md"),
-        "# Notes 📝\n\n- buy milk 🥛\n- 给妈妈打电话 ☎️\n".as_bytes(),
-    )?;
+    let notes =
+        "会议纪要：下周一上午十点，三楼会议室。\nMeeting notes: Monday 10:00, room 3.\n".repeat(40);
+    let md = "# Notes 📝\n\n- buy milk 🥛\n- 给妈妈打电话 ☎️\n";
+    write_file(&docs.join("会议纪要 2023.txt"), notes.as_bytes())?;
+    write_file(&docs.join("emoji 😀 notes.md"), md.as_bytes())?;
+    let mut bytes = (notes.len() + md.len()) as u64;
     for (name, kind) in [
         ("report final (1).pdf", BlobKind::Pdf),
         ("旅行 2023 🏖️/海边 日落.jpg", BlobKind::Image),
         ("旅行 2023 🏖️/IMG 0001.jpg", BlobKind::Thumb),
     ] {
         let (lo, _) = kind.size_range();
-        let size = rng.random_range(lo..lo * 3);
+        let size = rng.random_range(lo..lo * 3).min((total / 64).max(4 * KIB));
         let path = docs.join(name);
         media::write_blob(&path, kind, size, rng.next_u64(), buf)
             .with_context(|| format!("write {}", path.display()))?;
+        bytes += size;
     }
-    Ok(())
+    Ok(bytes)
 }
 
 /// A few empty files and empty directories, as real app folders have.
@@ -649,7 +655,8 @@ fn write_message_db(
     } else {
         0
     };
-    let bulk_target = budget.saturating_sub(tail_txns * 6 * KIB);
+    // Each tail transaction leaves ~4–6 pages (table, index, conversation) in the WAL.
+    let bulk_target = budget.saturating_sub(tail_txns * 24 * KIB);
     let first_id = clock.next_id;
     loop {
         let size = db_size(&conn)?;

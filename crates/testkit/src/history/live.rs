@@ -246,29 +246,31 @@ impl WriterState {
             self.ts += 1;
             let id = self.next_id;
             let number = self.stats.messages + 1;
-            let (k, body, att) =
-                if self.cfg.media_every > 0 && number % u64::from(self.cfg.media_every) == 0 {
-                    let rel =
-                        write_live_photo(&self.dir, &mut self.rng, &mut self.buf, &mut self.stats)?;
-                    (kind::IMAGE, "[图片]".to_string(), Some(rel))
-                } else {
-                    let no_media = MessageSource {
-                        images: Vec::new(),
-                        voices: Vec::new(),
-                        videos: Vec::new(),
-                    };
-                    no_media.message(&mut self.rng, Lang::Mixed)
+            let photo_due =
+                self.cfg.media_every > 0 && number % u64::from(self.cfg.media_every) == 0;
+            let (k, body, att) = if photo_due {
+                let rel =
+                    write_live_photo(&self.dir, &mut self.rng, &mut self.buf, &mut self.stats)?;
+                (kind::IMAGE, "[图片]".to_string(), Some(rel))
+            } else {
+                // Text only: photos come from `media_every`, each with a fresh file.
+                let text_only = MessageSource {
+                    images: Vec::new(),
+                    voices: Vec::new(),
+                    videos: Vec::new(),
                 };
-            tx.execute(
+                text_only.message(&mut self.rng, Lang::Mixed)
+            };
+            tx.prepare_cached(
                 "INSERT INTO messages(id, conv_id, sender_id, ts, kind, body, attachment)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![id, conv, sender, self.ts, k, body, att],
-            )?;
-            tx.execute(
+            )?
+            .execute(params![id, conv, sender, self.ts, k, body, att])?;
+            tx.prepare_cached(
                 "UPDATE conversations SET last_msg_id = ?1, last_ts = ?2, unread = unread + 1
                  WHERE id = ?3",
-                params![id, self.ts, conv],
-            )?;
+            )?
+            .execute(params![id, self.ts, conv])?;
             self.next_id += 1;
             self.stats.messages += 1;
             self.stats.last_message_id = id as u64;

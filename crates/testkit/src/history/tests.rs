@@ -76,7 +76,7 @@ fn checkpointed_history_is_reproducible_and_has_no_wal() {
 
 #[test]
 fn size_is_within_ten_percent_and_mix_is_present() {
-    for target in [8 * MIB, 64 * MIB] {
+    for target in [MIB, 8 * MIB, 64 * MIB] {
         let (dir, report) = gen(&HistorySpec::with_size(target));
         let ratio = report.bytes as f64 / target as f64;
         assert!((0.9..=1.1).contains(&ratio), "{target}: {report:?}");
