@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo run --release --example gen_history -- <DIR> [--size 2GiB] [--seed N] [--small-files N]
-//!     [--duplicates 0.1] [--checkpoint]
+//!     [--duplicates 0.1] [--checkpoint] [--max-db 256MiB]
 //! ```
 
 use std::path::PathBuf;
@@ -13,7 +13,7 @@ use anyhow::{bail, Context as _};
 use ferry_testkit::{generate, HistorySpec};
 
 const USAGE: &str = "usage: gen_history <DIR> [--size 2GiB] [--seed N] [--small-files N] \
-                     [--duplicates FRACTION] [--checkpoint]";
+                     [--duplicates FRACTION] [--checkpoint] [--max-db 256MiB]";
 
 /// "1048576", "64MiB", "2GiB", "500MB", "1G" (K/M/G alone mean KiB/MiB/GiB).
 fn parse_size(s: &str) -> anyhow::Result<u64> {
@@ -47,6 +47,7 @@ fn parse_args() -> anyhow::Result<(PathBuf, HistorySpec)> {
                 spec.duplicate_fraction = value()?.parse().context("bad --duplicates")?
             }
             "--checkpoint" => spec.checkpoint_wal = true,
+            "--max-db" => spec.max_db_bytes = parse_size(&value()?)?,
             "-h" | "--help" => bail!("{USAGE}"),
             other if other.starts_with('-') => bail!("unknown option {other}\n{USAGE}"),
             other if dir.is_none() => dir = Some(PathBuf::from(other)),

@@ -17,7 +17,14 @@
 //! ```
 //!
 //! Everything is derived from [`HistorySpec::seed`]: the same spec gives a byte-identical tree
-//! (the `-wal` salts, random in SQLite, are rewritten from the seed, see `wal.rs`).
+//! (the `-wal` salts, random in SQLite, are rewritten from the seed, see `wal.rs`). That holds
+//! for one build: another SQLite or `rand` version (a `Cargo.lock` change) may lay out bytes
+//! differently. Modification times and permissions are whatever the file system gives.
+//! No `-shm` files are left: SQLite rebuilds the index from the `-wal` on first open, as after
+//! a crash. Opening a database (even to read it) may checkpoint and so change the tree: compare
+//! or copy first, inspect after.
+//!
+//! If generation fails the directory is left partly written; callers use a fresh temp dir.
 //!
 //! [`LiveWriter`] keeps writing messages and media into a generated history, standing in for
 //! the app while it runs. [`tree_diff`] / [`assert_trees_equal`] compare two trees.
@@ -63,10 +70,14 @@ pub struct HistorySpec {
     /// Checkpoint every database fully (no `-wal` left). By default the newest message
     /// database and `contact.db` keep un-checkpointed frames in their `-wal`.
     pub checkpoint_wal: bool,
+    /// Message databases roll over to a new `msg_N.db` at about this size, as chat apps do
+    /// (at most 16 databases; the rest of the budget then grows each one).
+    pub max_db_bytes: u64,
 }
 
 impl Default for HistorySpec {
-    /// 64 MiB, seed 1, no extra small files, 10% forwarded media, WAL left un-checkpointed.
+    /// 64 MiB, seed 1, no extra small files, 10% forwarded media, WAL left un-checkpointed,
+    /// message databases split at 256 MiB.
     fn default() -> Self {
         HistorySpec {
             seed: 1,
@@ -74,6 +85,7 @@ impl Default for HistorySpec {
             small_files: 0,
             duplicate_fraction: 0.1,
             checkpoint_wal: false,
+            max_db_bytes: 256 * MIB,
         }
     }
 }
@@ -439,7 +451,9 @@ fn write_databases(
     let contacts = (budget / (8 * KIB)).clamp(10, 3000) as i64;
     let contact_bytes = contacts as u64 * 200 + 32 * KIB;
     let msg_budget = budget.saturating_sub(contact_bytes).max(64 * KIB);
-    let n_dbs = msg_budget.div_ceil(256 * MIB).clamp(1, 16);
+    let n_dbs = msg_budget
+        .div_ceil(spec.max_db_bytes.max(64 * KIB))
+        .clamp(1, 16);
     let per_db = msg_budget / n_dbs;
 
     let mut convs = Vec::new();

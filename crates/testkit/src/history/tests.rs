@@ -327,3 +327,35 @@ fn generate_refuses_a_non_empty_directory() {
     fs::write(dir.path().join("x"), b"x").expect("write");
     assert!(generate(dir.path(), &HistorySpec::with_size(MIB)).is_err());
 }
+
+#[test]
+fn large_histories_split_into_several_message_databases() {
+    let spec = HistorySpec {
+        max_db_bytes: 128 * KIB,
+        ..HistorySpec::with_size(4 * MIB)
+    };
+    let (a, report) = gen(&spec);
+    let (b, _) = gen(&spec);
+    assert_trees_equal(a.path(), b.path()).expect("same tree");
+    let msg_dbs = &report.databases[..report.databases.len() - 1];
+    assert!(msg_dbs.len() >= 3, "{report:?}");
+    let mut total = 0;
+    let mut last_max = 0;
+    for (i, db) in msg_dbs.iter().enumerate() {
+        assert!(db.ends_with(format!("msg_{i}.db")));
+        let newest = i + 1 == msg_dbs.len();
+        assert_eq!(sidecar(db, "-wal").exists(), newest, "{}", db.display());
+        let conn = Connection::open(db).expect("open");
+        let (n, min, max): (i64, i64, i64) = conn
+            .query_row("SELECT count(*), min(id), max(id) FROM messages", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .expect("count");
+        // Ids continue across databases, oldest first.
+        assert_eq!(min, last_max + 1);
+        assert_eq!(max - min + 1, n);
+        last_max = max;
+        total += n as u64;
+    }
+    assert_eq!(total, report.messages);
+}
