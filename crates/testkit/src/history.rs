@@ -137,7 +137,7 @@ impl Budget {
     }
 }
 
-/// A media file that was written, for attachment references and forwarded copies.
+/// A planned media file, for attachment references and forwarded copies.
 struct MediaFile {
     rel: String,
     kind: BlobKind,
@@ -164,13 +164,14 @@ pub fn generate(dir: &Path, spec: &HistorySpec) -> anyhow::Result<HistoryReport>
     let mut rng = ChaCha8Rng::seed_from_u64(spec.seed);
     let budget = Budget::split(spec.total_bytes);
     let mut report = HistoryReport::default();
-    // Media are planned first (names, sizes, content seeds: all the randomness), then written
-    // by a second thread while this one builds the databases, which are CPU-bound.
     let mut buf = Vec::new();
     let fixed = write_text_files(dir, &mut rng, budget.text)?
         + write_documents(dir, &mut rng, spec.total_bytes, &mut buf)?;
     write_empties(dir)?;
     let media_budget = spec.total_bytes.saturating_sub(budget.db + fixed);
+    // Media are planned first (names, sizes, content seeds: all the randomness, drawn in a
+    // fixed order), then written by a second thread while this one builds the databases,
+    // which are CPU-bound. Thread timing cannot change the output.
     let media = plan_media(&mut rng, media_budget, spec, &mut report);
     std::thread::scope(|scope| {
         let writer = scope.spawn(|| write_media(dir, &media));
