@@ -126,6 +126,27 @@ where
     });
 }
 
+fn spawn_data_reader<R>(r: R, tx: mpsc::Sender<Input>) -> tokio::task::JoinHandle<()>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut reader = FrameReader::new(r);
+        loop {
+            let input = match reader.next().await {
+                Ok(Some(f)) => Input::Frame(f),
+                Ok(None) => return,
+                Err(ReadError::Frame(e)) => Input::FrameError(e),
+                Err(ReadError::Io(e)) => Input::Closed(e),
+            };
+            let last = !matches!(input, Input::Frame(_));
+            if tx.send(input).await.is_err() || last {
+                return;
+            }
+        }
+    })
+}
+
 /// Sender-side statistics of a finished session.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SendStats {
@@ -287,7 +308,7 @@ pub async fn run_receiver<CR, CW, DR>(
     store: Arc<FsStore>,
     control_read: CR,
     mut control_write: CW,
-    data: Vec<DR>,
+    data: mpsc::Receiver<DR>,
     mut on_event: impl FnMut(&RecvEvent),
 ) -> Result<ManifestSummary, DriveError>
 where
@@ -299,30 +320,12 @@ where
     spawn_control_reader(control_read, in_tx);
     let (chunk_tx, mut chunk_rx) = mpsc::channel::<Input>(8);
     let mut readers = Vec::new();
-    for r in data {
-        let tx = chunk_tx.clone();
-        readers.push(tokio::spawn(async move {
-            let mut reader = FrameReader::new(r);
-            loop {
-                let input = match reader.next().await {
-                    Ok(Some(f)) => Input::Frame(f),
-                    Ok(None) => return,
-                    Err(ReadError::Frame(e)) => Input::FrameError(e),
-                    Err(ReadError::Io(e)) => Input::Closed(e),
-                };
-                let last = !matches!(input, Input::Frame(_));
-                if tx.send(input).await.is_err() || last {
-                    return;
-                }
-            }
-        }));
-    }
-    drop(chunk_tx);
+    let mut incoming = data;
+    let mut incoming_open = true;
 
     let (io_tx, mut io_rx) = mpsc::channel::<RecvIoDone>(256);
     let mut result: Option<Result<ManifestSummary, DriveError>> = None;
     let mut link_up = true;
-    let mut data_open = true;
     let tick = Duration::from_millis(100);
     receiver.handle_timeout(Instant::now());
 
@@ -374,7 +377,7 @@ where
         let sleep_until = deadline
             .unwrap_or_else(|| tokio::time::Instant::now() + tick)
             .min(tokio::time::Instant::now() + tick);
-        let accept = link_up && data_open && receiver.can_accept_chunk();
+        let accept = link_up && receiver.can_accept_chunk();
         tokio::select! {
             input = in_rx.recv(), if link_up => match input {
                 Some(Input::Frame(f)) => receiver.handle_frame(f),
@@ -398,9 +401,13 @@ where
                     result.get_or_insert(Err(DriveError::LinkLost(why)));
                     receiver.handle_link_lost();
                 }
-                None => data_open = false, // all data streams finished; control decides the end
+                None => {}
             },
             Some(done) = io_rx.recv() => receiver.handle_io_done(done),
+            stream = incoming.recv(), if incoming_open && link_up => match stream {
+                Some(r) => readers.push(spawn_data_reader(r, chunk_tx.clone())),
+                None => incoming_open = false,
+            },
             _ = tokio::time::sleep_until(sleep_until) => receiver.handle_timeout(Instant::now()),
         }
     }
