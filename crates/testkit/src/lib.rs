@@ -1,1 +1,3 @@
 //! ferry-testkit
+
+pub mod netns;

@@ -28,6 +28,8 @@
 #![warn(missing_docs)]
 
 pub mod dirs;
+pub mod discovery;
+pub mod doctor;
 pub mod endpoint;
 pub mod identity;
 pub mod pairing;
@@ -36,6 +38,11 @@ pub mod ticket;
 pub mod tls;
 
 pub use dirs::{DirsError, FerryDirs};
+pub use discovery::{
+    Advertisement, DiscoveredSender, Discovery, DiscoveryError, MdnsConfig, MdnsDiscovery,
+    MdnsInterface, MdnsInterfaces,
+};
+pub use doctor::{doctor, DoctorConfig, DoctorReport, InterfaceReport, MdnsSelfTest};
 pub use endpoint::{
     AcceptError, BindError, Congestion, ConnectError, Endpoint, EndpointConfig, PeerConnection,
     PeerInfo,
