@@ -1,9 +1,11 @@
 //! Raw QUIC bulk throughput between two ferry endpoints on loopback.
 //!
-//! `cargo run -p ferry-transport --example bulk -- [MiB total, default 1024] [cubic|bbr|newreno]`
+//! `cargo run -p ferry-transport --example bulk -- [MiB, default 1024] [cubic|bbr|newreno]
+//! [loss %, default 0] [one-way delay ms, default 0]`
 //! Pairs two in-memory identities on 127.0.0.1, then for 1, 4 and 8 concurrent
 //! unidirectional streams sends the total split across the streams and reports MB/s
-//! (10^6 bytes per second) measured at the receiver.
+//! (10^6 bytes per second) measured at the receiver. With loss or delay, traffic goes through
+//! a small UDP relay on 127.0.0.1 that drops packets at random and delays both directions.
 
 use std::time::{Duration, Instant};
 
@@ -28,6 +30,8 @@ async fn main() -> anyhow::Result<()> {
         Some("newreno") => Congestion::NewReno,
         Some(other) => anyhow::bail!("unknown congestion controller {other}"),
     };
+    let loss: f64 = args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(0.0);
+    let delay_ms: u64 = args.get(4).map(|s| s.parse()).transpose()?.unwrap_or(0);
     let server = Endpoint::bind(
         Identity::generate("server")?,
         PeerStore::in_memory(),
@@ -39,7 +43,17 @@ async fn main() -> anyhow::Result<()> {
         config(cc),
     )?;
     let code = server.issue_pairing_code()?;
-    let ticket = server.ticket(code)?;
+    let mut ticket = server.ticket(code)?;
+    if loss > 0.0 || delay_ms > 0 {
+        let relay = lossy_relay(
+            server.local_addr()?,
+            loss / 100.0,
+            Duration::from_millis(delay_ms),
+        )
+        .await?;
+        ticket.addrs = vec![relay];
+        println!("via relay: {loss}% loss, {delay_ms} ms each way");
+    }
     let t0 = Instant::now();
     let (s, c) = tokio::join!(server.accept(), client.connect_ticket(&ticket));
     let connect = t0.elapsed();
@@ -51,7 +65,7 @@ async fn main() -> anyhow::Result<()> {
     // Pinned reconnect, for comparison.
     let t0 = Instant::now();
     let sid = server.identity().device_id();
-    let (s2, c2) = tokio::join!(server.accept(), client.connect_peer(sid, &[]));
+    let (s2, c2) = tokio::join!(server.accept(), client.connect_peer(sid, &ticket.addrs));
     println!(
         "pinned reconnect: {:.2} ms",
         t0.elapsed().as_secs_f64() * 1e3
@@ -118,4 +132,47 @@ async fn main() -> anyhow::Result<()> {
 
 fn bytes_block() -> bytes::Bytes {
     bytes::Bytes::from((0..1u32 << 20).map(|i| (i * 31) as u8).collect::<Vec<u8>>())
+}
+
+/// A UDP relay between one client and `server` that drops `loss` of the packets (each
+/// direction) and delays the rest by `delay`. Queues are bounded; overflow is dropped too.
+async fn lossy_relay(
+    server: std::net::SocketAddr,
+    loss: f64,
+    delay: Duration,
+) -> anyhow::Result<std::net::SocketAddr> {
+    let sock = std::sync::Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await?);
+    let addr = sock.local_addr()?;
+    let (tx, mut rx) =
+        tokio::sync::mpsc::channel::<(Instant, std::net::SocketAddr, Vec<u8>)>(1 << 16);
+    let out = sock.clone();
+    tokio::spawn(async move {
+        while let Some((at, to, buf)) = rx.recv().await {
+            tokio::time::sleep_until(at.into()).await;
+            let _ = out.send_to(&buf, to).await;
+        }
+    });
+    tokio::spawn(async move {
+        let mut client = None;
+        let mut rng: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut buf = vec![0u8; 65536];
+        while let Ok((n, from)) = sock.recv_from(&mut buf).await {
+            let to = if from == server {
+                match client {
+                    Some(c) => c,
+                    None => continue,
+                }
+            } else {
+                client = Some(from);
+                server
+            };
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            if (rng >> 11) as f64 / (1u64 << 53) as f64 >= loss {
+                let _ = tx.try_send((Instant::now() + delay, to, buf[..n].to_vec()));
+            }
+        }
+    });
+    Ok(addr)
 }

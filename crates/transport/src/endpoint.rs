@@ -671,15 +671,15 @@ async fn accept_loop(sh: Arc<Shared>, tx: mpsc::Sender<Result<PeerConnection, Ac
         let tx = tx.clone();
         tokio::spawn(async move {
             let addr = incoming.remote_address();
-            let budget = sh.config.handshake_timeout;
-            let result = match tokio::time::timeout(budget, admit(&sh, incoming)).await {
-                Ok(r) => r,
-                Err(_) => Err(Some(AcceptError::Pairing {
-                    addr,
-                    source: PairingError::Timeout,
-                })),
-            };
-            drop(permit);
+            let deadline = tokio::time::Instant::now() + sh.config.handshake_timeout;
+            let result =
+                match tokio::time::timeout_at(deadline, admit(&sh, incoming, deadline)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(Some(AcceptError::Pairing {
+                        addr,
+                        source: PairingError::Timeout,
+                    })),
+                };
             match result {
                 Ok(c) => {
                     let _ = tx.send(Ok(c)).await;
@@ -689,6 +689,9 @@ async fn accept_loop(sh: Arc<Shared>, tx: mpsc::Sender<Result<PeerConnection, Ac
                 }
                 Err(None) => {}
             }
+            // Held until the application took the result: at most `max_pending` connections
+            // are in flight or waiting; beyond that, new ones are refused.
+            drop(permit);
         });
     }
 }
@@ -698,6 +701,7 @@ async fn accept_loop(sh: Arc<Shared>, tx: mpsc::Sender<Result<PeerConnection, Ac
 async fn admit(
     sh: &Shared,
     incoming: quinn::Incoming,
+    deadline: tokio::time::Instant,
 ) -> Result<PeerConnection, Option<AcceptError>> {
     let addr = incoming.remote_address();
     let conn = incoming
@@ -731,37 +735,43 @@ async fn admit(
         conn.close(VarInt::from_u32(code), b"session failed");
         Some(AcceptError::Pairing { addr, source: e })
     };
-    let (mut send, mut recv) = match conn.accept_bi().await {
-        Ok(s) => s,
-        Err(_) => return Err(None),
-    };
-    let hello: ClientMsg = match pairing::read_frame(&mut recv).await {
-        Ok(m) => m,
-        Err(e) => return Err(fail(&conn, e)),
-    };
-    match server_session(sh, &conn, client_id, pinned, hello, &mut send, &mut recv).await {
-        Ok((name, paired)) => {
-            raise_limits(&conn, &sh.config);
-            let _ = sh.peers.note_address(&client_id, addr);
-            Ok(PeerConnection {
-                conn,
-                peer: PeerInfo {
-                    device_id: client_id,
-                    name,
-                    addr,
-                },
-                newly_paired: paired,
-            })
-        }
-        Err((e, reason)) => {
-            if let Some(r) = reason {
-                let _ = pairing::write_frame(&mut send, &ServerMsg::Rejected(r)).await;
-                let _ = send.finish();
-                // Give the rejection a moment to arrive before the close discards it.
-                let _ = tokio::time::timeout(Duration::from_millis(500), send.stopped()).await;
+    let session = async {
+        let (mut send, mut recv) = match conn.accept_bi().await {
+            Ok(s) => s,
+            Err(_) => return Err(None::<AcceptError>),
+        };
+        let hello: ClientMsg = match pairing::read_frame(&mut recv).await {
+            Ok(m) => m,
+            Err(e) => return Err(fail(&conn, e)),
+        };
+        match server_session(sh, &conn, client_id, pinned, hello, &mut send, &mut recv).await {
+            Ok((name, paired)) => {
+                raise_limits(&conn, &sh.config);
+                let _ = sh.peers.note_address(&client_id, addr);
+                Ok(PeerConnection {
+                    conn: conn.clone(),
+                    peer: PeerInfo {
+                        device_id: client_id,
+                        name,
+                        addr,
+                    },
+                    newly_paired: paired,
+                })
             }
-            Err(fail(&conn, e))
+            Err((e, reason)) => {
+                if let Some(r) = reason {
+                    let _ = pairing::write_frame(&mut send, &ServerMsg::Rejected(r)).await;
+                    let _ = send.finish();
+                    // Give the rejection a moment to arrive before the close discards it.
+                    let _ = tokio::time::timeout(Duration::from_millis(500), send.stopped()).await;
+                }
+                Err(fail(&conn, e))
+            }
         }
+    };
+    match tokio::time::timeout_at(deadline, session).await {
+        Ok(r) => r,
+        Err(_) => Err(fail(&conn, PairingError::Timeout)),
     }
 }
 

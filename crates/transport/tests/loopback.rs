@@ -369,3 +369,59 @@ async fn persisted_identity_and_peers_survive_restart() {
     let (s, c) = tokio::join!(accept(&a), b.connect_peer(a_id, &to));
     assert!(s.is_err() && c.is_err());
 }
+
+/// While an unknown key is in the pairing window it gets the session stream only: no uni
+/// streams and no second bidi stream until pairing completes; the server then times it out.
+#[tokio::test]
+async fn unauthenticated_connection_cannot_open_data_streams() {
+    let cfg = EndpointConfig {
+        bind: "127.0.0.1:0".parse().unwrap(),
+        handshake_timeout: Duration::from_millis(1500),
+        ..EndpointConfig::default()
+    };
+    let server = Endpoint::bind(
+        Identity::generate("old").unwrap(),
+        PeerStore::in_memory(),
+        cfg,
+    )
+    .unwrap();
+    let _code = server.issue_pairing_code().unwrap();
+    let stranger = Identity::generate("stranger").unwrap();
+    let cc = quinn::ClientConfig::new(Arc::new(tls::client_crypto(&stranger, None).unwrap()));
+    let raw = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let conn = raw
+        .connect_with(cc, addr(&server), "ferry.invalid")
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut s1, _r1) = conn.open_bi().await.unwrap();
+    s1.write_all(b"\x00").await.unwrap(); // a partial frame: never completes the hello
+    let short = Duration::from_millis(300);
+    assert!(
+        tokio::time::timeout(short, conn.open_uni()).await.is_err(),
+        "uni stream allowed"
+    );
+    assert!(
+        tokio::time::timeout(short, conn.open_bi()).await.is_err(),
+        "2nd bidi allowed"
+    );
+    // The server gives up after its handshake timeout and closes the connection.
+    let r = accept(&server).await;
+    assert!(
+        matches!(
+            r,
+            Err(AcceptError::Pairing {
+                source: PairingError::Timeout,
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    let closed = tokio::time::timeout(T, conn.closed()).await.unwrap();
+    assert!(
+        !matches!(closed, quinn::ConnectionError::LocallyClosed),
+        "{closed:?}"
+    );
+    // The code was not consumed by a client that never sent its PAKE message.
+    assert!(server.pairing_open());
+}
