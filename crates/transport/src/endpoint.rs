@@ -1,0 +1,866 @@
+//! The QUIC endpoint: binds one UDP socket, serves and connects, admits only pinned keys or a
+//! peer that completes pairing while a code is active.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use quinn::VarInt;
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinSet;
+
+use crate::identity::{DeviceId, Identity};
+use crate::pairing::{
+    self, Binding, ClientMsg, HelloReply, PairingCode, PairingError, RejectReason, ServerMsg,
+};
+use crate::peers::{PeerRecord, PeerStore};
+use crate::ticket::Ticket;
+use crate::tls::{self, TlsConfigError, SERVER_NAME};
+use crate::{close, RecvStream, SendStream};
+
+/// Congestion controller for bulk transfer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Congestion {
+    /// CUBIC (RFC 8312): the default; well understood, quinn's most exercised controller.
+    #[default]
+    Cubic,
+    /// BBR (quinn's implementation is experimental); may hold up better under random loss.
+    Bbr,
+    /// NewReno.
+    NewReno,
+}
+
+/// Endpoint settings. `Default` suits a LAN bulk transfer.
+#[derive(Debug, Clone)]
+pub struct EndpointConfig {
+    /// Local UDP address to bind; port 0 picks one.
+    pub bind: SocketAddr,
+    /// Connection-level receive window.
+    pub conn_receive_window: u32,
+    /// Per-stream receive window.
+    pub stream_receive_window: u32,
+    /// Send buffer per connection.
+    pub send_window: u64,
+    /// Concurrent streams of each direction the peer may open once authenticated.
+    pub max_streams: u32,
+    /// Congestion controller.
+    pub congestion: Congestion,
+    /// Keep-alive interval.
+    pub keep_alive: Duration,
+    /// Idle timeout (a sleeping phone must survive it).
+    pub idle_timeout: Duration,
+    /// Budget for the TLS handshake + session/pairing handshake.
+    pub handshake_timeout: Duration,
+    /// How long an issued pairing code stays valid.
+    pub pairing_code_ttl: Duration,
+    /// Delay between starting attempts to successive candidate addresses.
+    pub connect_stagger: Duration,
+    /// Connections being handshaken at once on the server; more are refused.
+    pub max_pending: usize,
+}
+
+impl Default for EndpointConfig {
+    fn default() -> Self {
+        Self {
+            bind: SocketAddr::from(([0, 0, 0, 0], 0)),
+            conn_receive_window: 32 << 20,
+            stream_receive_window: 16 << 20,
+            send_window: 64 << 20,
+            max_streams: 256,
+            congestion: Congestion::default(),
+            keep_alive: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(90),
+            handshake_timeout: Duration::from_secs(30),
+            pairing_code_ttl: Duration::from_secs(600),
+            connect_stagger: Duration::from_millis(150),
+            max_pending: 32,
+        }
+    }
+}
+
+/// Error binding an [`Endpoint`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BindError {
+    /// The UDP socket could not be bound.
+    #[error("bind {addr}: {source}")]
+    Socket {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// TLS setup failed.
+    #[error(transparent)]
+    Tls(#[from] TlsConfigError),
+    /// A configured value is out of range.
+    #[error("invalid endpoint config: {0}")]
+    Config(String),
+}
+
+/// Error accepting one incoming connection. The endpoint keeps running: call
+/// [`Endpoint::accept`] again (except after [`AcceptError::EndpointClosed`]).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AcceptError {
+    /// The endpoint was closed.
+    #[error("endpoint closed")]
+    EndpointClosed,
+    /// The QUIC/TLS handshake failed.
+    #[error("handshake from {addr} failed: {source}")]
+    Handshake {
+        /// Remote address.
+        addr: SocketAddr,
+        /// The cause.
+        source: quinn::ConnectionError,
+    },
+    /// An unknown key connected while no pairing code was active: closed, no streams.
+    #[error("refused {device} from {addr}: not paired and no pairing code active")]
+    NotAdmitted {
+        /// The refused key.
+        device: DeviceId,
+        /// Remote address.
+        addr: SocketAddr,
+    },
+    /// Session handshake or pairing failed (e.g. wrong code: the code is burned).
+    #[error("pairing/session with {addr} failed: {source}")]
+    Pairing {
+        /// Remote address.
+        addr: SocketAddr,
+        /// The cause.
+        source: PairingError,
+    },
+}
+
+/// Error connecting to a peer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectError {
+    /// No candidate address was given (and none is remembered).
+    #[error("no address to connect to")]
+    NoAddresses,
+    /// Not paired with that device, so it cannot be reached without a code.
+    #[error("device {0} is not paired")]
+    UnknownPeer(DeviceId),
+    /// Every candidate failed; one entry per address.
+    #[error("could not connect: {}", .0.iter().map(|(a, e)| format!("{a}: {e}")).collect::<Vec<_>>().join("; "))]
+    AllFailed(Vec<(SocketAddr, String)>),
+    /// No candidate answered in time.
+    #[error("connect timed out")]
+    Timeout,
+    /// Session handshake or pairing failed.
+    #[error(transparent)]
+    Pairing(#[from] PairingError),
+    /// TLS setup failed.
+    #[error(transparent)]
+    Tls(#[from] TlsConfigError),
+}
+
+/// An authenticated peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerInfo {
+    /// Its pinned key id.
+    pub device_id: DeviceId,
+    /// The name it announced.
+    pub name: String,
+    /// Where the connection came from / went to.
+    pub addr: SocketAddr,
+}
+
+/// An authenticated connection: the peer's key is pinned (and was just paired, or already was).
+#[derive(Debug, Clone)]
+pub struct PeerConnection {
+    conn: quinn::Connection,
+    peer: PeerInfo,
+    newly_paired: bool,
+}
+
+impl PeerConnection {
+    /// The peer.
+    pub fn peer(&self) -> &PeerInfo {
+        &self.peer
+    }
+    /// Whether this connection completed pairing (rather than a pinned reconnect).
+    pub fn newly_paired(&self) -> bool {
+        self.newly_paired
+    }
+    /// Opens a bidirectional stream.
+    pub async fn open_bi(&self) -> Result<(SendStream, RecvStream), quinn::ConnectionError> {
+        self.conn.open_bi().await
+    }
+    /// Accepts a bidirectional stream opened by the peer.
+    pub async fn accept_bi(&self) -> Result<(SendStream, RecvStream), quinn::ConnectionError> {
+        self.conn.accept_bi().await
+    }
+    /// Opens a unidirectional stream.
+    pub async fn open_uni(&self) -> Result<SendStream, quinn::ConnectionError> {
+        self.conn.open_uni().await
+    }
+    /// Accepts a unidirectional stream opened by the peer.
+    pub async fn accept_uni(&self) -> Result<RecvStream, quinn::ConnectionError> {
+        self.conn.accept_uni().await
+    }
+    /// Closes the connection with an application code (see [`crate::close`]) and reason.
+    pub fn close(&self, code: u32, reason: &[u8]) {
+        self.conn.close(VarInt::from_u32(code), reason);
+    }
+    /// Resolves when the connection is closed, with the reason.
+    pub async fn closed(&self) -> quinn::ConnectionError {
+        self.conn.closed().await
+    }
+    /// The underlying quinn connection (stats, RTT, datagrams).
+    pub fn quinn(&self) -> &quinn::Connection {
+        &self.conn
+    }
+}
+
+struct ActiveCode {
+    code: PairingCode,
+    expires: Instant,
+}
+
+struct Shared {
+    quinn: quinn::Endpoint,
+    identity: Identity,
+    peers: PeerStore,
+    config: EndpointConfig,
+    window: Mutex<Option<ActiveCode>>,
+    client_transport: Arc<quinn::TransportConfig>,
+}
+
+impl Shared {
+    fn window(&self) -> std::sync::MutexGuard<'_, Option<ActiveCode>> {
+        self.window.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    fn window_open(&self) -> bool {
+        matches!(&*self.window(), Some(a) if a.expires > Instant::now())
+    }
+    /// Takes (burns) the active code.
+    fn take_code(&self) -> Option<PairingCode> {
+        self.window()
+            .take()
+            .filter(|a| a.expires > Instant::now())
+            .map(|a| a.code)
+    }
+}
+
+/// A ferry QUIC endpoint (both server and client on one UDP socket).
+pub struct Endpoint {
+    shared: Arc<Shared>,
+    incoming: tokio::sync::Mutex<mpsc::Receiver<Result<PeerConnection, AcceptError>>>,
+    accept_task: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("device", &self.shared.identity.device_id())
+            .field("local", &self.shared.quinn.local_addr().ok())
+            .finish_non_exhaustive()
+    }
+}
+
+fn transport(cfg: &EndpointConfig, initial_bidi: u32, initial_uni: u32) -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.receive_window(VarInt::from_u32(cfg.conn_receive_window))
+        .stream_receive_window(VarInt::from_u32(cfg.stream_receive_window))
+        .send_window(cfg.send_window)
+        .max_concurrent_bidi_streams(VarInt::from_u32(initial_bidi))
+        .max_concurrent_uni_streams(VarInt::from_u32(initial_uni))
+        .keep_alive_interval(Some(cfg.keep_alive))
+        .max_idle_timeout(quinn::IdleTimeout::try_from(cfg.idle_timeout).ok());
+    match cfg.congestion {
+        Congestion::Cubic => {
+            t.congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default()))
+        }
+        Congestion::Bbr => {
+            t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()))
+        }
+        Congestion::NewReno => {
+            t.congestion_controller_factory(Arc::new(quinn::congestion::NewRenoConfig::default()))
+        }
+    };
+    t
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Endpoint {
+    /// Binds the endpoint. Must be called inside a tokio runtime.
+    pub fn bind(
+        identity: Identity,
+        peers: PeerStore,
+        config: EndpointConfig,
+    ) -> Result<Self, BindError> {
+        if config.max_pending == 0 {
+            return Err(BindError::Config("max_pending must be > 0".into()));
+        }
+        // Unauthenticated peers get exactly one bidi stream (the session stream) and no uni
+        // streams; the limits are raised once the peer is authenticated.
+        let server_transport = Arc::new(transport(&config, 1, 0));
+        let client_transport = Arc::new(transport(&config, 0, 0));
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(tls::server_crypto(&identity)?));
+        server.transport_config(server_transport);
+        server.migration(true);
+        let socket =
+            std::net::UdpSocket::bind(config.bind).map_err(|source| BindError::Socket {
+                addr: config.bind,
+                source,
+            })?;
+        let quinn = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(|source| BindError::Socket {
+            addr: config.bind,
+            source,
+        })?;
+        let (tx, rx) = mpsc::channel(16);
+        let shared = Arc::new(Shared {
+            quinn,
+            identity,
+            peers,
+            config,
+            window: Mutex::new(None),
+            client_transport,
+        });
+        let accept_task = tokio::spawn(accept_loop(shared.clone(), tx));
+        Ok(Self {
+            shared,
+            incoming: tokio::sync::Mutex::new(rx),
+            accept_task,
+        })
+    }
+
+    /// The bound UDP address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.shared.quinn.local_addr()
+    }
+
+    /// Addresses a peer may reach us at: the bound address, or every up, non-loopback
+    /// interface address of the bound family when bound to the unspecified address.
+    pub fn candidate_addrs(&self) -> std::io::Result<Vec<SocketAddr>> {
+        let local = self.local_addr()?;
+        if !local.ip().is_unspecified() {
+            return Ok(vec![local]);
+        }
+        let v6 = local.is_ipv6();
+        let mut out: Vec<SocketAddr> = if_addrs::get_if_addrs()?
+            .into_iter()
+            .filter(|i| !i.is_loopback() && i.is_oper_up())
+            .map(|i| i.ip())
+            .filter(|ip| v6 || ip.is_ipv4())
+            .filter(|ip| !matches!(ip, IpAddr::V6(a) if (a.segments()[0] & 0xffc0) == 0xfe80))
+            .map(|ip| SocketAddr::new(ip, local.port()))
+            .collect();
+        out.sort();
+        out.dedup();
+        Ok(out)
+    }
+
+    /// This device's identity.
+    pub fn identity(&self) -> &Identity {
+        &self.shared.identity
+    }
+
+    /// The pinned peers.
+    pub fn peers(&self) -> &PeerStore {
+        &self.shared.peers
+    }
+
+    /// Opens the pairing window with a fresh one-time code (replacing any previous code). While
+    /// it is active and unused, unknown keys may connect to attempt pairing; the first attempt
+    /// burns it.
+    pub fn issue_pairing_code(&self) -> Result<PairingCode, PairingError> {
+        let code = PairingCode::random()?;
+        let expires = Instant::now() + self.shared.config.pairing_code_ttl;
+        *self.shared.window() = Some(ActiveCode { code, expires });
+        Ok(code)
+    }
+
+    /// Closes the pairing window without using the code.
+    pub fn revoke_pairing_code(&self) {
+        *self.shared.window() = None;
+    }
+
+    /// Whether a pairing code is active and unused.
+    pub fn pairing_open(&self) -> bool {
+        self.shared.window_open()
+    }
+
+    /// A ticket for `code` carrying our candidate addresses, key id and name.
+    pub fn ticket(&self, code: PairingCode) -> std::io::Result<Ticket> {
+        Ok(Ticket {
+            addrs: self.candidate_addrs()?,
+            device_id: self.shared.identity.device_id(),
+            name: self.shared.identity.name().to_string(),
+            code,
+        })
+    }
+
+    /// Waits for the next incoming connection to finish authentication (pinned key, or a
+    /// completed pairing). Per-connection failures are returned as errors; keep calling.
+    pub async fn accept(&self) -> Result<PeerConnection, AcceptError> {
+        let mut rx = self.incoming.lock().await;
+        rx.recv().await.unwrap_or(Err(AcceptError::EndpointClosed))
+    }
+
+    /// Connects using a ticket: pins the server key from the ticket and pairs with its code.
+    pub async fn connect_ticket(&self, ticket: &Ticket) -> Result<PeerConnection, ConnectError> {
+        self.connect_inner(&ticket.addrs, Some(ticket.device_id), Some(ticket.code))
+            .await
+    }
+
+    /// Connects to any of `addrs` and pairs with a code typed by the user. The server's key is
+    /// not known beforehand; pairing authenticates it.
+    pub async fn connect_with_code(
+        &self,
+        addrs: &[SocketAddr],
+        code: PairingCode,
+    ) -> Result<PeerConnection, ConnectError> {
+        self.connect_inner(addrs, None, Some(code)).await
+    }
+
+    /// Reconnects to a paired device by its pinned key alone. Empty `addrs` uses the addresses
+    /// remembered in the peers file.
+    pub async fn connect_peer(
+        &self,
+        device: DeviceId,
+        addrs: &[SocketAddr],
+    ) -> Result<PeerConnection, ConnectError> {
+        let rec = self
+            .shared
+            .peers
+            .get(&device)
+            .ok_or(ConnectError::UnknownPeer(device))?;
+        let addrs = if addrs.is_empty() {
+            rec.last_addrs
+        } else {
+            addrs.to_vec()
+        };
+        self.connect_inner(&addrs, Some(device), None).await
+    }
+
+    async fn connect_inner(
+        &self,
+        addrs: &[SocketAddr],
+        expected: Option<DeviceId>,
+        code: Option<PairingCode>,
+    ) -> Result<PeerConnection, ConnectError> {
+        if addrs.is_empty() {
+            return Err(ConnectError::NoAddresses);
+        }
+        let sh = &self.shared;
+        let mut client =
+            quinn::ClientConfig::new(Arc::new(tls::client_crypto(&sh.identity, expected)?));
+        client.transport_config(sh.client_transport.clone());
+        let budget = sh.config.handshake_timeout;
+        let (conn, addr) = tokio::time::timeout(budget, race(sh, &client, addrs))
+            .await
+            .map_err(|_| ConnectError::Timeout)??;
+        let result = tokio::time::timeout(budget, client_session(sh, &conn, code)).await;
+        let result = match result {
+            Ok(r) => r,
+            Err(_) => Err(PairingError::Timeout),
+        };
+        match result {
+            Ok((peer_id, name, paired)) => {
+                let _ = sh.peers.note_address(&peer_id, addr);
+                raise_limits(&conn, &sh.config);
+                Ok(PeerConnection {
+                    conn,
+                    peer: PeerInfo {
+                        device_id: peer_id,
+                        name,
+                        addr,
+                    },
+                    newly_paired: paired,
+                })
+            }
+            Err(e) => {
+                let code = match e {
+                    PairingError::WrongCode => close::PAIRING_FAILED,
+                    PairingError::Timeout => close::TIMEOUT,
+                    _ => close::PROTOCOL_ERROR,
+                };
+                conn.close(VarInt::from_u32(code), b"session failed");
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Stops accepting, closes all connections with `code`, and waits briefly for the peers
+    /// to be told.
+    pub async fn close(&self, code: u32, reason: &[u8]) {
+        self.accept_task.abort();
+        self.shared.quinn.close(VarInt::from_u32(code), reason);
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.shared.quinn.wait_idle()).await;
+    }
+}
+
+impl Drop for Endpoint {
+    fn drop(&mut self) {
+        self.accept_task.abort();
+    }
+}
+
+fn raise_limits(conn: &quinn::Connection, cfg: &EndpointConfig) {
+    conn.set_max_concurrent_bi_streams(VarInt::from_u32(cfg.max_streams));
+    conn.set_max_concurrent_uni_streams(VarInt::from_u32(cfg.max_streams));
+}
+
+/// Happy-eyeballs: start an attempt per address, `stagger` apart; first TLS-authenticated
+/// connection wins, the rest are closed.
+async fn race(
+    sh: &Shared,
+    client: &quinn::ClientConfig,
+    addrs: &[SocketAddr],
+) -> Result<(quinn::Connection, SocketAddr), ConnectError> {
+    let mut set = JoinSet::new();
+    let mut errors = Vec::new();
+    for (i, addr) in addrs.iter().copied().enumerate() {
+        let connecting = match sh.quinn.connect_with(client.clone(), addr, SERVER_NAME) {
+            Ok(c) => c,
+            Err(e) => {
+                errors.push((addr, e.to_string()));
+                continue;
+            }
+        };
+        let delay = sh.config.connect_stagger * i as u32;
+        set.spawn(async move {
+            tokio::time::sleep(delay).await;
+            (addr, connecting.await)
+        });
+    }
+    let mut winner = None;
+    while let Some(joined) = set.join_next().await {
+        match joined {
+            Ok((addr, Ok(conn))) => {
+                winner = Some((conn, addr));
+                break;
+            }
+            Ok((addr, Err(e))) => errors.push((addr, e.to_string())),
+            Err(e) => errors.push((SocketAddr::from(([0, 0, 0, 0], 0)), e.to_string())),
+        }
+    }
+    set.abort_all();
+    while let Some(joined) = set.join_next().await {
+        if let Ok((_, Ok(loser))) = joined {
+            loser.close(VarInt::from_u32(close::SUPERSEDED), b"another path won");
+        }
+    }
+    winner.ok_or(ConnectError::AllFailed(errors))
+}
+
+async fn client_session(
+    sh: &Shared,
+    conn: &quinn::Connection,
+    code: Option<PairingCode>,
+) -> Result<(DeviceId, String, bool), PairingError> {
+    let server_id = tls::peer_device_id(conn)
+        .ok_or_else(|| PairingError::Protocol("no server certificate".into()))?;
+    let me = &sh.identity;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let spake = code.as_ref().map(pairing::start);
+    let client_msg = spake.as_ref().map(|(_, m)| m.clone());
+    pairing::write_frame(
+        &mut send,
+        &ClientMsg::Hello {
+            magic: pairing::magic(),
+            name: me.name().to_string(),
+            pake: client_msg.clone(),
+        },
+    )
+    .await?;
+    let reply: ServerMsg = read_or_closed(conn, pairing::read_frame(&mut recv).await)?;
+    let (server_name, reply) = match reply {
+        ServerMsg::Hello { name, reply } => (name, reply),
+        ServerMsg::Rejected(r) => return Err(r.into()),
+        ServerMsg::Confirm(_) => return Err(PairingError::Protocol("unexpected confirm".into())),
+    };
+    let server_name = sanitize_name(&server_name);
+    match (reply, spake, client_msg) {
+        (HelloReply::Accepted, _, _) => {
+            // The server says it knows us; we must know it too.
+            if !sh.peers.contains(&server_id) {
+                return Err(PairingError::NotPaired);
+            }
+            let _ = send.finish();
+            Ok((server_id, server_name, false))
+        }
+        (HelloReply::Pake(server_msg), Some((state, _)), Some(client_msg)) => {
+            let key = state
+                .finish(&server_msg)
+                .map_err(|e| PairingError::Protocol(format!("spake2: {e:?}")))?;
+            let binding = Binding {
+                ekm: pairing::exporter(conn)?,
+                server: server_id,
+                client: me.device_id(),
+                server_name: &server_name,
+                client_name: me.name(),
+                client_msg: &client_msg,
+                server_msg: &server_msg,
+            };
+            let (mac_c, mac_s) = pairing::confirmations(&key, &binding);
+            pairing::write_frame(&mut send, &ClientMsg::Confirm(mac_c)).await?;
+            match read_or_closed(conn, pairing::read_frame(&mut recv).await)? {
+                ServerMsg::Confirm(m) if pairing::mac_eq(&m, &mac_s) => {}
+                ServerMsg::Confirm(_) => return Err(PairingError::WrongCode),
+                ServerMsg::Rejected(r) => return Err(r.into()),
+                ServerMsg::Hello { .. } => {
+                    return Err(PairingError::Protocol("unexpected hello".into()))
+                }
+            }
+            sh.peers.upsert(PeerRecord {
+                device_id: server_id,
+                name: server_name.clone(),
+                last_addrs: vec![conn.remote_address()],
+                paired_at: now_unix(),
+            })?;
+            pairing::write_frame(&mut send, &ClientMsg::Done).await?;
+            let _ = send.finish();
+            Ok((server_id, server_name, true))
+        }
+        (HelloReply::Pake(_), _, _) => Err(PairingError::Protocol("unsolicited pairing".into())),
+    }
+}
+
+/// Prefers the peer's close code over a generic read failure.
+fn read_or_closed<T>(
+    conn: &quinn::Connection,
+    r: Result<T, PairingError>,
+) -> Result<T, PairingError> {
+    match r {
+        Ok(v) => Ok(v),
+        Err(e) => {
+            if let Some(quinn::ConnectionError::ApplicationClosed(c)) = conn.close_reason() {
+                if let Ok(code) = u32::try_from(c.error_code.into_inner()) {
+                    if let Some(mapped) = close::pairing_error(code) {
+                        return Err(mapped);
+                    }
+                }
+            }
+            Err(e)
+        }
+    }
+}
+
+fn sanitize_name(name: &str) -> String {
+    name.chars()
+        .filter(|c| !c.is_control())
+        .take(crate::identity::MAX_DEVICE_NAME)
+        .collect()
+}
+
+async fn accept_loop(sh: Arc<Shared>, tx: mpsc::Sender<Result<PeerConnection, AcceptError>>) {
+    let pending = Arc::new(Semaphore::new(sh.config.max_pending));
+    while let Some(incoming) = sh.quinn.accept().await {
+        let Ok(permit) = pending.clone().try_acquire_owned() else {
+            incoming.refuse();
+            continue;
+        };
+        let sh = sh.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let addr = incoming.remote_address();
+            let deadline = tokio::time::Instant::now() + sh.config.handshake_timeout;
+            let result =
+                match tokio::time::timeout_at(deadline, admit(&sh, incoming, deadline)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(Some(AcceptError::Pairing {
+                        addr,
+                        source: PairingError::Timeout,
+                    })),
+                };
+            match result {
+                Ok(c) => {
+                    let _ = tx.send(Ok(c)).await;
+                }
+                Err(Some(e)) => {
+                    let _ = tx.send(Err(e)).await;
+                }
+                Err(None) => {}
+            }
+            // Held until the application took the result: at most `max_pending` connections
+            // are in flight or waiting; beyond that, new ones are refused.
+            drop(permit);
+        });
+    }
+}
+
+/// `Err(None)`: the peer gave up before saying anything (e.g. a happy-eyeballs loser); not
+/// worth reporting.
+async fn admit(
+    sh: &Shared,
+    incoming: quinn::Incoming,
+    deadline: tokio::time::Instant,
+) -> Result<PeerConnection, Option<AcceptError>> {
+    let addr = incoming.remote_address();
+    let conn = incoming
+        .await
+        .map_err(|source| Some(AcceptError::Handshake { addr, source }))?;
+    let Some(client_id) = tls::peer_device_id(&conn) else {
+        conn.close(
+            VarInt::from_u32(close::PROTOCOL_ERROR),
+            b"no client certificate",
+        );
+        return Err(Some(AcceptError::Handshake {
+            addr,
+            source: quinn::ConnectionError::LocallyClosed,
+        }));
+    };
+    let pinned = sh.peers.contains(&client_id);
+    if !pinned && !sh.window_open() {
+        conn.close(VarInt::from_u32(close::NOT_PAIRED), b"not paired");
+        return Err(Some(AcceptError::NotAdmitted {
+            device: client_id,
+            addr,
+        }));
+    }
+    let fail = |conn: &quinn::Connection, e: PairingError| {
+        let code = match e {
+            PairingError::WrongCode => close::PAIRING_FAILED,
+            PairingError::NotPaired | PairingError::NoPairingCode => close::NOT_PAIRED,
+            PairingError::Timeout => close::TIMEOUT,
+            _ => close::PROTOCOL_ERROR,
+        };
+        conn.close(VarInt::from_u32(code), b"session failed");
+        Some(AcceptError::Pairing { addr, source: e })
+    };
+    let session = async {
+        let (mut send, mut recv) = match conn.accept_bi().await {
+            Ok(s) => s,
+            Err(_) => return Err(None::<AcceptError>),
+        };
+        let hello: ClientMsg = match pairing::read_frame(&mut recv).await {
+            Ok(m) => m,
+            Err(e) => return Err(fail(&conn, e)),
+        };
+        match server_session(sh, &conn, client_id, pinned, hello, &mut send, &mut recv).await {
+            Ok((name, paired)) => {
+                raise_limits(&conn, &sh.config);
+                let _ = sh.peers.note_address(&client_id, addr);
+                Ok(PeerConnection {
+                    conn: conn.clone(),
+                    peer: PeerInfo {
+                        device_id: client_id,
+                        name,
+                        addr,
+                    },
+                    newly_paired: paired,
+                })
+            }
+            Err((e, reason)) => {
+                if let Some(r) = reason {
+                    let _ = pairing::write_frame(&mut send, &ServerMsg::Rejected(r)).await;
+                    let _ = send.finish();
+                    // Give the rejection a moment to arrive before the close discards it.
+                    let _ = tokio::time::timeout(Duration::from_millis(500), send.stopped()).await;
+                }
+                Err(fail(&conn, e))
+            }
+        }
+    };
+    match tokio::time::timeout_at(deadline, session).await {
+        Ok(r) => r,
+        Err(_) => Err(fail(&conn, PairingError::Timeout)),
+    }
+}
+
+type SessionFail = (PairingError, Option<RejectReason>);
+
+async fn server_session(
+    sh: &Shared,
+    conn: &quinn::Connection,
+    client_id: DeviceId,
+    pinned: bool,
+    hello: ClientMsg,
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+) -> Result<(String, bool), SessionFail> {
+    let protocol = |m: &str| {
+        (
+            PairingError::Protocol(m.into()),
+            Some(RejectReason::Protocol),
+        )
+    };
+    let io = |e: PairingError| (e, None);
+    let ClientMsg::Hello { magic, name, pake } = hello else {
+        return Err(protocol("expected hello"));
+    };
+    if magic != pairing::magic() {
+        return Err(protocol("bad magic/version"));
+    }
+    let client_name = sanitize_name(&name);
+    let me = &sh.identity;
+    let Some(client_msg) = pake else {
+        if !pinned {
+            return Err((PairingError::NotPaired, Some(RejectReason::NotPaired)));
+        }
+        let reply = ServerMsg::Hello {
+            name: me.name().to_string(),
+            reply: HelloReply::Accepted,
+        };
+        pairing::write_frame(send, &reply).await.map_err(io)?;
+        let _ = send.finish();
+        return Ok((client_name, false));
+    };
+    // Burn the code now: one online guess per code.
+    let Some(code) = sh.take_code() else {
+        return Err((
+            PairingError::NoPairingCode,
+            Some(RejectReason::NoPairingCode),
+        ));
+    };
+    let (state, server_msg) = pairing::start(&code);
+    let reply = ServerMsg::Hello {
+        name: me.name().to_string(),
+        reply: HelloReply::Pake(server_msg.clone()),
+    };
+    pairing::write_frame(send, &reply).await.map_err(io)?;
+    let key = state
+        .finish(&client_msg)
+        .map_err(|e| protocol(&format!("spake2: {e:?}")))?;
+    let binding = Binding {
+        ekm: pairing::exporter(conn).map_err(io)?,
+        server: me.device_id(),
+        client: client_id,
+        server_name: me.name(),
+        client_name: &client_name,
+        client_msg: &client_msg,
+        server_msg: &server_msg,
+    };
+    let (mac_c, mac_s) = pairing::confirmations(&key, &binding);
+    match pairing::read_frame(recv).await.map_err(io)? {
+        ClientMsg::Confirm(m) if pairing::mac_eq(&m, &mac_c) => {}
+        ClientMsg::Confirm(_) => {
+            return Err((PairingError::WrongCode, Some(RejectReason::WrongCode)))
+        }
+        _ => return Err(protocol("expected confirm")),
+    }
+    pairing::write_frame(send, &ServerMsg::Confirm(mac_s))
+        .await
+        .map_err(io)?;
+    match pairing::read_frame(recv).await.map_err(io)? {
+        ClientMsg::Done => {}
+        _ => return Err(protocol("expected done")),
+    }
+    let _ = send.finish();
+    sh.peers
+        .upsert(PeerRecord {
+            device_id: client_id,
+            name: client_name.clone(),
+            last_addrs: vec![conn.remote_address()],
+            paired_at: now_unix(),
+        })
+        .map_err(|e| (e.into(), None))?;
+    Ok((client_name, true))
+}
