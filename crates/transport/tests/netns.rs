@@ -76,6 +76,16 @@ async fn netns_role() {
             .unwrap();
             let conn = if let Some(s) = found.first() {
                 println!("FOUND {} {:?}", s.name, s.addrs);
+                let report = tokio::task::spawn_blocking(|| {
+                    doctor(&DoctorConfig {
+                        mdns: Some(mdns_eth0()),
+                        self_test_wait: Duration::from_secs(2),
+                        quic_port: None,
+                    })
+                })
+                .await
+                .unwrap();
+                println!("DOCTOR_MDNS {:?}", report.mdns);
                 ep.connect_with_code(&s.addrs, code).await.unwrap()
             } else {
                 println!("DISCOVERY_TIMEOUT");
@@ -221,7 +231,11 @@ fn netns_mdns_discovery_then_connect() {
     let Some(lab) = lab_or_skip("netns_mdns_discovery_then_connect") else {
         return;
     };
-    run_pair(&lab, true);
+    let lines = run_pair(&lab, true);
+    assert!(
+        lines.iter().any(|l| l == "DOCTOR_MDNS SawItself"),
+        "{lines:#?}"
+    );
 }
 
 #[test]
