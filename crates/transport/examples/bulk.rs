@@ -1,6 +1,6 @@
 //! Raw QUIC bulk throughput between two ferry endpoints on loopback.
 //!
-//! `cargo run -p ferry-transport --example bulk -- [MiB, default 1024] [cubic|bbr|newreno]
+//! `cargo run -p ferry-transport --example bulk -- [MiB, default 1024] [bbr|cubic|newreno]
 //! [loss %, default 0] [one-way delay ms, default 0]`
 //! Pairs two in-memory identities on 127.0.0.1, then for 1, 4 and 8 concurrent
 //! unidirectional streams sends the total split across the streams and reports MB/s
@@ -25,8 +25,8 @@ async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let total_mib: u64 = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(1024);
     let cc = match args.get(2).map(String::as_str) {
-        None | Some("cubic") => Congestion::Cubic,
-        Some("bbr") => Congestion::Bbr,
+        Some("cubic") => Congestion::Cubic,
+        None | Some("bbr") => Congestion::Bbr,
         Some("newreno") => Congestion::NewReno,
         Some(other) => anyhow::bail!("unknown congestion controller {other}"),
     };

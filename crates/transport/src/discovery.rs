@@ -1,5 +1,5 @@
 //! Local discovery, layered: mDNS (this module), tickets/QR ([`crate::ticket`]) and explicit
-//! `host:port`; [`crate::doctor`] explains which layer works on this network.
+//! `host:port`; [`crate::doctor()`] explains which layer works on this network.
 //!
 //! The sender advertises `_ferry._udp.local.` with TXT `v=1`, a per-session random id and the
 //! device name; no stable identifier is broadcast. The receiver browses and lists senders.

@@ -22,10 +22,12 @@ use crate::{close, RecvStream, SendStream};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum Congestion {
-    /// CUBIC (RFC 8312): the default; well understood, quinn's most exercised controller.
-    #[default]
+    /// CUBIC (RFC 8312). Loss-based: on Wi-Fi with random loss its rate collapses (measured
+    /// with the `bulk` example through a lossy relay: ~1 MB/s at 1 % loss, 10 ms RTT).
     Cubic,
-    /// BBR (quinn's implementation is experimental); may hold up better under random loss.
+    /// BBR, the default: model-based, keeps its rate under random loss (~38 MB/s in the same
+    /// setup). quinn marks its BBR as experimental; switch to `Cubic` if it misbehaves.
+    #[default]
     Bbr,
     /// NewReno.
     NewReno,
