@@ -1,3 +1,126 @@
-fn main() {
-    println!("ferry");
+//! ferry: move a chat history from an old device to a new one over your own network.
+//!
+//! The binary reads like a table of contents: flags are parsed in [`cli`], each command turns
+//! them into settings and calls the libraries (`ferry-sync`, `ferry-transport`); failures carry
+//! an exit code ([`exit`]) and a message that says what to do.
+
+mod cli;
+mod common;
+mod demo;
+mod exit;
+mod misc;
+mod output;
+mod receive;
+mod send;
+mod session;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use serde_json::json;
+
+use crate::cli::{Cli, Command};
+use crate::exit::{Exit, Failure};
+use crate::output::Reporter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = match cli.verbose {
+        0 => "warn",
+        1 => "info,quinn=warn",
+        _ => "debug",
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter)),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    let json = match &cli.command {
+        Command::Send(f) => f.json,
+        Command::Receive(f) => f.json,
+        Command::Pair(f) => f.json,
+        Command::Peers(f) => f.json,
+        Command::Verify(f) => f.json,
+        Command::Doctor(f) => f.json,
+        Command::Demo(f) => f.json,
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ferry: cannot start: {e}");
+            return ExitCode::from(Exit::Internal as u8);
+        }
+    };
+    let result = rt.block_on(run(cli.command));
+    rt.shutdown_timeout(Duration::from_secs(2));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            if json {
+                Reporter::new(true).event(
+                    "error",
+                    json!({"kind": f.exit.kind(), "message": f.message}),
+                );
+            }
+            eprintln!("ferry: {}", f.message);
+            ExitCode::from(f.exit as u8)
+        }
+    }
+}
+
+async fn run(command: Command) -> Result<(), Failure> {
+    match command {
+        Command::Send(f) => {
+            let rep = Reporter::new(f.json);
+            let settings = send::SendSettings {
+                code: f.code.as_deref().map(common::parse_code).transpose()?,
+                listen: f
+                    .listen
+                    .as_deref()
+                    .map(common::parse_addr)
+                    .transpose()?
+                    .and_then(|v| v.first().copied()),
+                mdns: !f.no_mdns,
+                name: f.name,
+                dirs: common::dirs()?,
+                dir: f.dir,
+            };
+            send::run(settings, &rep, None).await.map(|_| ())
+        }
+        Command::Receive(f) => {
+            let rep = Reporter::new(f.json);
+            let ticket = f
+                .ticket
+                .as_deref()
+                .map(|t| {
+                    t.trim()
+                        .parse()
+                        .map_err(|e| Failure::new(Exit::Usage, format!("bad ticket: {e}")))
+                })
+                .transpose()?;
+            let settings = receive::ReceiveSettings {
+                code: f.code.as_deref().map(common::parse_code).transpose()?,
+                connect: f.connect.as_deref().map(common::parse_addr).transpose()?,
+                ticket,
+                yes: f.yes,
+                give_up: Duration::from_secs(f.give_up_after),
+                name: f.name,
+                dirs: common::dirs()?,
+                interrupt_at: None,
+                dest: f.dest,
+            };
+            receive::run(settings, &rep).await.map(|_| ())
+        }
+        Command::Pair(f) => misc::pair(f).await,
+        Command::Peers(f) => misc::peers(f).await,
+        Command::Verify(f) => misc::verify(f).await,
+        Command::Doctor(f) => misc::doctor_cmd(f).await,
+        Command::Demo(f) => demo::run(f).await,
+    }
 }

@@ -361,10 +361,22 @@ where
                 _ => {}
             }
         }
-        if receiver.is_done() {
+        if receiver.is_done() && receiver.is_idle() {
+            if !link_up {
+                // Complete and committed here, but the sender was not told: a new session
+                // finds the receipt and tells it at once.
+                result = Some(Err(DriveError::LinkLost(
+                    "the link dropped as the migration completed".into(),
+                )));
+                break;
+            }
             // Flush the Done frame and close our side cleanly.
             while let Some(t) = receiver.poll_transmit() {
-                let _ = write_transmit(&mut control_write, &t).await;
+                if write_transmit(&mut control_write, &t).await.is_err() {
+                    result = Some(Err(DriveError::LinkLost(
+                        "the link dropped while confirming".into(),
+                    )));
+                }
             }
             let _ = control_write.flush().await;
             let _ = control_write.shutdown().await;

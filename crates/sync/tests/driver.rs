@@ -75,24 +75,30 @@ fn make_history(root: &Path) {
     .unwrap();
 }
 
-async fn session(
-    src: &Path,
-    dest: &Path,
-    lanes: usize,
-    die_after: Option<usize>,
-) -> (
+type Outcome = (
     Result<(), DriveError>,
     Result<ferry_sync::manifest::ManifestSummary, DriveError>,
     u64,
     bool,
-) {
+);
+
+async fn session(src: &Path, dest: &Path, lanes: usize, die_after: Option<usize>) -> Outcome {
+    let store = Arc::new(FsStore::open(dest).unwrap());
+    session_with(src, store, lanes, die_after).await
+}
+
+async fn session_with(
+    src: &Path,
+    store: Arc<FsStore>,
+    lanes: usize,
+    die_after: Option<usize>,
+) -> Outcome {
     let manifest = Arc::new(scan(src, None, &ScanConfig::default()).unwrap().manifest);
     let source = Arc::new(Source::new(
         src,
         Arc::clone(&manifest),
         CompressPolicy::default(),
     ));
-    let store = Arc::new(FsStore::open(dest).unwrap());
     let (c_s, c_r) = tokio::io::duplex(1 << 20);
     let (s_read, s_write) = tokio::io::split(c_s);
     let (r_read, r_write) = tokio::io::split(c_r);
@@ -158,4 +164,20 @@ async fn link_dies_then_resumes() {
         wire1 + wire2 <= full + (96 << 20),
         "first {wire1} + second {wire2} vs full {full}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn link_dies_then_resumes_with_the_same_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dest) = (dir.path().join("src"), dir.path().join("dest"));
+    make_history(&src);
+    let store = Arc::new(FsStore::open(&dest).unwrap());
+    for budget in [Some(3 << 20), Some(6 << 20), None] {
+        let (s, r, _, _) = session_with(&src, Arc::clone(&store), 2, budget).await;
+        if budget.is_none() {
+            s.unwrap();
+            r.unwrap();
+        }
+    }
+    ferry_testkit::assert_trees_equal(&src, &dest).unwrap();
 }

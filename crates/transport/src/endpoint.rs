@@ -66,8 +66,8 @@ impl Default for EndpointConfig {
     fn default() -> Self {
         Self {
             bind: SocketAddr::from(([0, 0, 0, 0], 0)),
-            conn_receive_window: 32 << 20,
-            stream_receive_window: 16 << 20,
+            conn_receive_window: 16 << 20,
+            stream_receive_window: 8 << 20,
             send_window: 64 << 20,
             max_streams: 256,
             congestion: Congestion::default(),
@@ -315,8 +315,17 @@ impl Endpoint {
                 addr: config.bind,
                 source,
             })?;
+        // Stateless-reset key derived from the device key: a restarted sender (same identity,
+        // same port) resets the receiver's stale connection at once instead of leaving it to
+        // wait for the idle timeout, so a resumed migration starts within a round trip.
+        let reset_key = {
+            let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+            ctx.update(b"ferry stateless reset key v1");
+            ctx.update(identity.private_key().secret_der());
+            ring::hmac::Key::new(ring::hmac::HMAC_SHA256, ctx.finish().as_ref())
+        };
         let quinn = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
+            quinn::EndpointConfig::new(Arc::new(reset_key)),
             Some(server),
             socket,
             Arc::new(quinn::TokioRuntime),
@@ -383,9 +392,15 @@ impl Endpoint {
     /// burns it.
     pub fn issue_pairing_code(&self) -> Result<PairingCode, PairingError> {
         let code = PairingCode::random()?;
+        self.set_pairing_code(code);
+        Ok(code)
+    }
+
+    /// Opens the pairing window with a code chosen by the caller (`ferry send --code`). A chosen
+    /// code is weaker than a random one: warn the user.
+    pub fn set_pairing_code(&self, code: PairingCode) {
         let expires = Instant::now() + self.shared.config.pairing_code_ttl;
         *self.shared.window() = Some(ActiveCode { code, expires });
-        Ok(code)
     }
 
     /// Closes the pairing window without using the code.

@@ -109,10 +109,12 @@ pub enum RecvEvent {
         chunks: u64,
         bytes: u64,
     },
-    /// Verified and durable bytes so far (of `bytes_total` file bytes).
+    /// Verified and durable bytes so far (of `bytes_total` file bytes); `wire_bytes` counts
+    /// chunk payload received in this session (after compression).
     Progress {
         bytes_done: u64,
         bytes_total: u64,
+        wire_bytes: u64,
     },
     /// Everything is verified, committed and in place.
     Done(ManifestSummary),
@@ -182,6 +184,11 @@ pub struct Receiver {
     now: Option<Instant>,
     last_chunk_at: Option<Instant>,
     wanted_left: u64,
+    wire_bytes: u64,
+    /// Prepare or Finalize outstanding (they must finish before the store is used again).
+    exclusive_io: bool,
+    /// File bytes verified and written (durable or not) — what progress shows.
+    bytes_verified: u64,
 }
 
 impl Receiver {
@@ -215,6 +222,9 @@ impl Receiver {
             now: None,
             last_chunk_at: None,
             wanted_left: 0,
+            wire_bytes: 0,
+            exclusive_io: false,
+            bytes_verified: 0,
         }
     }
 
@@ -233,8 +243,14 @@ impl Receiver {
         matches!(self.state, State::Done | State::Draining)
             && self.busy == 0
             && !self.committing
+            && !self.exclusive_io
             && self.io.is_empty()
             && self.uncommitted.is_empty()
+    }
+
+    /// Chunk payload bytes received in this session (after compression).
+    pub fn wire_bytes(&self) -> u64 {
+        self.wire_bytes
     }
 
     /// Verified, durable file bytes.
@@ -312,6 +328,7 @@ impl Receiver {
                 self.io.push_back(RecvIo::Prepare {
                     manifest: Arc::clone(&m),
                 });
+                self.exclusive_io = true;
                 self.manifest = Some(m);
                 Ok(())
             }
@@ -364,6 +381,7 @@ impl Receiver {
         }
         self.wanted.set(id, false);
         self.wanted_left = self.wanted_left.saturating_sub(1);
+        self.wire_bytes += payload.len() as u64;
         self.last_chunk_at = self.now;
         let slots: Vec<u32> = m.slots_of(id).filter(|&s| !self.durable.get(s)).collect();
         self.busy += 1;
@@ -383,11 +401,21 @@ impl Receiver {
             return;
         };
         match done {
-            RecvIoDone::Prepared { durable } => self.on_prepared(&m, durable),
+            RecvIoDone::Prepared { durable } => {
+                self.exclusive_io = false;
+                self.on_prepared(&m, durable);
+                self.bytes_verified = self.bytes_done;
+            }
             RecvIoDone::Stored { chunk, slots } => {
                 self.settle(&m, chunk);
                 self.have.set(chunk, true);
                 let len = m.unique(chunk).map_or(0, |u| u64::from(u.len));
+                self.bytes_verified += len * slots.len() as u64;
+                self.events.push_back(RecvEvent::Progress {
+                    bytes_done: self.bytes_verified,
+                    bytes_total: m.summary().bytes,
+                    wire_bytes: self.wire_bytes,
+                });
                 self.uncommitted_bytes += len * slots.len() as u64;
                 self.uncommitted.extend(slots);
                 if self.uncommitted_since.is_none() {
@@ -430,8 +458,9 @@ impl Receiver {
                     }
                 }
                 self.events.push_back(RecvEvent::Progress {
-                    bytes_done: self.bytes_done,
+                    bytes_done: self.bytes_verified.max(self.bytes_done),
                     bytes_total: m.summary().bytes,
+                    wire_bytes: self.wire_bytes,
                 });
                 if !self.uncommitted.is_empty()
                     && (self.uncommitted_bytes >= self.cfg.commit_bytes
@@ -443,7 +472,10 @@ impl Receiver {
                 self.maybe_finalize(&m);
             }
             RecvIoDone::Damaged { slots } => {
-                self.state = State::Transferring;
+                self.exclusive_io = false;
+                if matches!(self.state, State::Finalizing) {
+                    self.state = State::Transferring;
+                }
                 let mut chunks = Vec::new();
                 for s in slots {
                     if self.durable.get(s) {
@@ -451,6 +483,8 @@ impl Receiver {
                         self.slots_durable -= 1;
                         if let Some(l) = m.locate(s) {
                             self.bytes_done -= u64::from(l.len);
+                            self.bytes_verified =
+                                self.bytes_verified.saturating_sub(u64::from(l.len));
                         }
                     }
                     if let Some(c) = m.slot_chunk(s) {
@@ -465,6 +499,7 @@ impl Receiver {
                 }
             }
             RecvIoDone::Finalized => {
+                self.exclusive_io = false;
                 self.state = State::Done;
                 self.control.push_back(Transmit::control(
                     frame::encode_message(&Message::Done { root: m.root() }).unwrap_or_default(),
@@ -472,6 +507,7 @@ impl Receiver {
                 self.events.push_back(RecvEvent::Done(*m.summary()));
             }
             RecvIoDone::Failed { error } => {
+                self.exclusive_io = false;
                 self.busy = self.busy.saturating_sub(1);
                 self.committing = false;
                 self.fail(SessionError::Destination(error));
@@ -605,6 +641,7 @@ impl Receiver {
         {
             self.state = State::Finalizing;
             self.io.push_back(RecvIo::Finalize);
+            self.exclusive_io = true;
         }
     }
 

@@ -25,7 +25,7 @@ pub struct SenderConfig {
 impl Default for SenderConfig {
     fn default() -> Self {
         SenderConfig {
-            read_ahead_bytes: 32 << 20,
+            read_ahead_bytes: 8 << 20,
             max_reads: 16,
             max_rerequests: 10_000,
         }

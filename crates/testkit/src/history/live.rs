@@ -247,7 +247,7 @@ impl WriterState {
             let id = self.next_id;
             let number = self.stats.messages + 1;
             let photo_due =
-                self.cfg.media_every > 0 && number % u64::from(self.cfg.media_every) == 0;
+                self.cfg.media_every > 0 && number.is_multiple_of(u64::from(self.cfg.media_every));
             let (k, body, att) = if photo_due {
                 let rel =
                     write_live_photo(&self.dir, &mut self.rng, &mut self.buf, &mut self.stats)?;

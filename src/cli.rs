@@ -1,0 +1,153 @@
+//! Command-line flags: parsed here, validated into settings by each command.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ferry",
+    version,
+    about = "Move a chat history from an old device to a new one over your own network: resumable, verified, fast.",
+    after_help = "Exit codes: 0 ok, 1 internal error, 2 usage, 3 pairing failed, 4 peer unreachable, \
+                  5 interrupted (run the same command again to continue), 6 destination problem, \
+                  7 integrity failure, 8 source problem, 9 protocol/version mismatch."
+)]
+pub struct Cli {
+    /// More logging (-v info, -vv debug) on stderr.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve a history folder to a new device (run on the old device).
+    Send(SendFlags),
+    /// Receive a history into a folder (run on the new device); resumes automatically.
+    Receive(ReceiveFlags),
+    /// Pair with another device without transferring anything.
+    Pair(PairFlags),
+    /// List or forget paired devices.
+    Peers(PeersFlags),
+    /// Re-hash a received folder against its completion receipt.
+    Verify(VerifyFlags),
+    /// Diagnose discovery: interfaces, multicast, what to try.
+    Doctor(DoctorFlags),
+    /// Generate a sample history and migrate it between two local endpoints.
+    Demo(DemoFlags),
+}
+
+#[derive(Debug, Args)]
+pub struct SendFlags {
+    /// The history folder to send.
+    pub dir: PathBuf,
+    /// Use this pairing code instead of a random one (weaker: anyone who guesses it can pair).
+    #[arg(long)]
+    pub code: Option<String>,
+    /// Listen on this address (default: all interfaces, a random port).
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Do not announce on the local network (mDNS); use the ticket or address instead.
+    #[arg(long)]
+    pub no_mdns: bool,
+    /// The name the other device sees.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// One JSON event per line on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ReceiveFlags {
+    /// Where the history goes.
+    pub dest: PathBuf,
+    /// The pairing code shown on the old device.
+    #[arg(long)]
+    pub code: Option<String>,
+    /// Connect to this sender address (host:port) instead of searching the network.
+    #[arg(long, conflicts_with = "ticket")]
+    pub connect: Option<String>,
+    /// Connect and pair with the ticket shown on the old device (addresses, key and code).
+    #[arg(long)]
+    pub ticket: Option<String>,
+    /// Receive into a folder that already holds other files (ferry never deletes them).
+    #[arg(long)]
+    pub yes: bool,
+    /// One JSON event per line on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Give up reconnecting after this many seconds without a connection.
+    #[arg(long, default_value_t = 3600)]
+    pub give_up_after: u64,
+    /// The name the other device sees.
+    #[arg(long)]
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct PairFlags {
+    /// Pair with the device that shows this ticket.
+    #[arg(long)]
+    pub ticket: Option<String>,
+    /// Pair with the device at this address (with --code).
+    #[arg(long)]
+    pub connect: Option<String>,
+    /// The code shown on the other device (or, when waiting, the code to use).
+    #[arg(long)]
+    pub code: Option<String>,
+    /// Listen on this address when waiting for the other device.
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// The name the other device sees.
+    #[arg(long)]
+    pub name: Option<String>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PeersFlags {
+    /// Forget this device (its id, or its name).
+    #[arg(long)]
+    pub forget: Option<String>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyFlags {
+    /// A folder that received a history.
+    pub dir: PathBuf,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DoctorFlags {
+    #[arg(long)]
+    pub json: bool,
+    /// Skip the multicast self-test (it sends mDNS packets on your local network).
+    #[arg(long)]
+    pub no_multicast_test: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoFlags {
+    /// Size of the generated history (e.g. 64MiB, 2GiB).
+    #[arg(long, default_value = "64MiB")]
+    pub size: String,
+    /// Work in this folder (kept afterwards) instead of a temporary one.
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Seed of the generated history.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Do not interrupt the link midway.
+    #[arg(long)]
+    pub no_interrupt: bool,
+    #[arg(long)]
+    pub json: bool,
+}

@@ -1,0 +1,109 @@
+//! Pieces the commands share: state directories, identity, endpoint settings, address parsing.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::time::Duration;
+
+use ferry_transport::{Endpoint, EndpointConfig, FerryDirs, Identity, PairingCode, PeerStore};
+
+use crate::exit::{Exit, Failure};
+
+pub fn dirs() -> Result<FerryDirs, Failure> {
+    FerryDirs::from_env().map_err(|e| Failure::new(Exit::Usage, e.to_string()))
+}
+
+fn default_name() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "ferry device".into())
+}
+
+/// Binds this device's endpoint (identity and peers under `dirs`).
+pub fn endpoint(
+    dirs: &FerryDirs,
+    name: Option<&str>,
+    bind: Option<SocketAddr>,
+) -> Result<Endpoint, Failure> {
+    let mut identity = Identity::load_or_create(&dirs.config, &default_name()).map_err(|e| {
+        Failure::new(
+            Exit::Internal,
+            format!("cannot load this device's identity: {e}"),
+        )
+    })?;
+    if let Some(n) = name {
+        if n != identity.name() {
+            identity.set_name(n, Some(&dirs.config)).map_err(|e| {
+                Failure::new(Exit::Internal, format!("cannot save the device name: {e}"))
+            })?;
+        }
+    }
+    let peers = PeerStore::open(&dirs.config).map_err(|e| {
+        Failure::new(
+            Exit::Internal,
+            format!("cannot open the paired-devices list: {e}"),
+        )
+    })?;
+    let mut cfg = EndpointConfig {
+        // A lost link is noticed within seconds; the receiver then reconnects on its own.
+        keep_alive: Duration::from_secs(2),
+        idle_timeout: Duration::from_secs(20),
+        ..EndpointConfig::default()
+    };
+    if let Some(b) = bind {
+        cfg.bind = b;
+    }
+    Endpoint::bind(identity, peers, cfg).map_err(|e| {
+        Failure::new(
+            Exit::Unreachable,
+            format!("cannot open the network endpoint: {e}"),
+        )
+    })
+}
+
+pub fn parse_addr(s: &str) -> Result<Vec<SocketAddr>, Failure> {
+    let addrs: Vec<SocketAddr> = s
+        .to_socket_addrs()
+        .map_err(|e| {
+            Failure::new(
+                Exit::Usage,
+                format!("{s:?} is not a host:port address ({e})"),
+            )
+        })?
+        .collect();
+    if addrs.is_empty() {
+        return Err(Failure::new(
+            Exit::Usage,
+            format!("{s:?} resolves to no address"),
+        ));
+    }
+    Ok(addrs)
+}
+
+pub fn parse_code(s: &str) -> Result<PairingCode, Failure> {
+    s.parse::<PairingCode>().map_err(|e| {
+        Failure::new(
+            Exit::Usage,
+            format!("{s:?} is not a pairing code ({e}); it looks like 1234-5678"),
+        )
+    })
+}
+
+/// Asks for the pairing code on the terminal.
+pub fn prompt_code(sender: &str) -> Result<PairingCode, Failure> {
+    use std::io::{BufRead, IsTerminal, Write};
+    if !std::io::stdin().is_terminal() {
+        return Err(Failure::new(
+            Exit::Usage,
+            "a pairing code is needed: pass --code CODE or --ticket TICKET (as shown on the old device)",
+        ));
+    }
+    eprint!("Pairing code shown on {sender}: ");
+    let _ = std::io::stderr().flush();
+    let mut line = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .map_err(|e| Failure::new(Exit::Usage, format!("cannot read the code: {e}")))?;
+    parse_code(line.trim())
+}

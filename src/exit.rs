@@ -1,0 +1,115 @@
+//! Exit codes: part of the command contract (documented in the README).
+
+use std::fmt;
+
+use ferry_sync::driver::DriveError;
+use ferry_sync::proto::{CloseCode, FrameError, SessionError};
+use ferry_sync::store::StoreError;
+
+/// Why ferry stopped. The discriminant is the process exit code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exit {
+    Internal = 1,
+    Usage = 2,
+    Pairing = 3,
+    Unreachable = 4,
+    Interrupted = 5,
+    Destination = 6,
+    Integrity = 7,
+    Source = 8,
+    Protocol = 9,
+}
+
+impl Exit {
+    /// The `kind` of a JSON error event.
+    pub fn kind(self) -> &'static str {
+        match self {
+            Exit::Internal => "internal",
+            Exit::Usage => "usage",
+            Exit::Pairing => "pairing",
+            Exit::Unreachable => "unreachable",
+            Exit::Interrupted => "interrupted",
+            Exit::Destination => "destination",
+            Exit::Integrity => "integrity",
+            Exit::Source => "source",
+            Exit::Protocol => "protocol",
+        }
+    }
+}
+
+/// A failure to report: what happened and what the user can do, with its exit code.
+#[derive(Debug)]
+pub struct Failure {
+    pub exit: Exit,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(exit: Exit, message: impl Into<String>) -> Self {
+        Failure {
+            exit,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl From<StoreError> for Failure {
+    fn from(e: StoreError) -> Self {
+        let exit = match e {
+            StoreError::BadReceipt { .. } | StoreError::NoReceipt(_) => Exit::Integrity,
+            _ => Exit::Destination,
+        };
+        Failure::new(exit, e.to_string())
+    }
+}
+
+/// Maps a session error to an exit code and a message that says what to do.
+pub fn from_session(e: &SessionError) -> Failure {
+    let (exit, hint) = match e {
+        SessionError::PeerClosed { code, .. } => match code {
+            Some(CloseCode::SourceError) => (Exit::Source, ""),
+            Some(CloseCode::DestinationError) => (Exit::Destination, ""),
+            Some(CloseCode::IntegrityFailure) => (Exit::Integrity, ""),
+            Some(CloseCode::UnsupportedVersion) => {
+                (Exit::Protocol, " (update ferry on both devices)")
+            }
+            Some(CloseCode::ProtocolViolation | CloseCode::ManifestRejected) => {
+                (Exit::Protocol, "")
+            }
+            _ => (
+                Exit::Interrupted,
+                "; run the same command again to continue",
+            ),
+        },
+        SessionError::Frame(FrameError::UnsupportedVersion { .. }) => (Exit::Protocol, ""),
+        SessionError::Protocol(_) | SessionError::Frame(_) | SessionError::Manifest(_) => (
+            Exit::Protocol,
+            "; nothing invalid was written, and what was verified is kept",
+        ),
+        SessionError::Integrity(_) => (Exit::Integrity, ""),
+        SessionError::Source(_) => (Exit::Source, ""),
+        SessionError::Destination(_) => (
+            Exit::Destination,
+            "; fix it and run the same command again to continue",
+        ),
+        _ => (Exit::Internal, ""),
+    };
+    Failure::new(exit, format!("{e}{hint}"))
+}
+
+pub fn from_drive(e: &DriveError) -> Failure {
+    match e {
+        DriveError::Session(s) => from_session(s),
+        DriveError::LinkLost(why) => Failure::new(
+            Exit::Interrupted,
+            format!("the connection was lost ({why}); run the same command again to continue"),
+        ),
+        _ => Failure::new(Exit::Internal, e.to_string()),
+    }
+}

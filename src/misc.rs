@@ -1,0 +1,204 @@
+//! `ferry verify`, `ferry peers`, `ferry doctor`, `ferry pair`.
+
+use std::time::Duration;
+
+use ferry_sync::store::verify_dest;
+use ferry_transport::{doctor, AcceptError, DoctorConfig, MdnsConfig, PeerStore, Ticket};
+use serde_json::json;
+
+use crate::cli::{DoctorFlags, PairFlags, PeersFlags, VerifyFlags};
+use crate::common;
+use crate::exit::{Exit, Failure};
+use crate::output::{human_bytes, Reporter};
+
+pub async fn verify(f: VerifyFlags) -> Result<(), Failure> {
+    let rep = Reporter::new(f.json);
+    let dir = f.dir.clone();
+    let r = tokio::task::spawn_blocking(move || verify_dest(&dir))
+        .await
+        .map_err(|e| Failure::new(Exit::Internal, e.to_string()))??;
+    rep.event(
+        "verify",
+        json!({"root": r.root.to_hex(), "files": r.files, "bytes": r.bytes, "ok": r.mismatched.is_empty(), "mismatched": r.mismatched}),
+    );
+    if r.mismatched.is_empty() {
+        rep.say(&format!(
+            "ok: {} files, {} match the receipt (root {})",
+            r.files,
+            human_bytes(r.bytes),
+            r.root.to_hex()
+        ));
+        Ok(())
+    } else {
+        for p in r.mismatched.iter().take(50) {
+            rep.say(&format!("MISMATCH {p}"));
+        }
+        Err(Failure::new(
+            Exit::Integrity,
+            format!(
+                "{} of {} entries in {} do not match the receipt; receive again into the same folder to repair them",
+                r.mismatched.len(),
+                r.files,
+                f.dir.display()
+            ),
+        ))
+    }
+}
+
+pub async fn peers(f: PeersFlags) -> Result<(), Failure> {
+    let rep = Reporter::new(f.json);
+    let dirs = common::dirs()?;
+    let store = PeerStore::open(&dirs.config).map_err(|e| {
+        Failure::new(
+            Exit::Internal,
+            format!("cannot open the paired-devices list: {e}"),
+        )
+    })?;
+    if let Some(which) = f.forget {
+        let target = store.list().into_iter().find(|p| {
+            p.name == which || p.device_id.to_string() == which || p.device_id.short() == which
+        });
+        let Some(p) = target else {
+            return Err(Failure::new(
+                Exit::Usage,
+                format!("no paired device is called {which:?} (see `ferry peers`)"),
+            ));
+        };
+        store
+            .forget(&p.device_id)
+            .map_err(|e| Failure::new(Exit::Internal, e.to_string()))?;
+        rep.event(
+            "forgot",
+            json!({"device_id": p.device_id.to_string(), "name": p.name}),
+        );
+        rep.say(&format!("forgot {} ({})", p.name, p.device_id));
+        return Ok(());
+    }
+    let list = store.list();
+    for p in &list {
+        let addrs: Vec<String> = p.last_addrs.iter().map(|a| a.to_string()).collect();
+        rep.event("peer", json!({"device_id": p.device_id.to_string(), "name": p.name, "addrs": addrs, "paired_at": p.paired_at}));
+        if !rep.is_json() {
+            println!("{}\t{}\t{}", p.name, p.device_id, addrs.join(","));
+        }
+    }
+    if list.is_empty() {
+        rep.say("no paired devices");
+    }
+    Ok(())
+}
+
+pub async fn doctor_cmd(f: DoctorFlags) -> Result<(), Failure> {
+    let rep = Reporter::new(f.json);
+    let cfg = DoctorConfig {
+        mdns: (!f.no_multicast_test).then(MdnsConfig::default),
+        ..DoctorConfig::default()
+    };
+    let report = tokio::task::spawn_blocking(move || doctor(&cfg))
+        .await
+        .map_err(|e| Failure::new(Exit::Internal, e.to_string()))?;
+    for i in &report.interfaces {
+        let addrs: Vec<String> = i.addrs.iter().map(|a| a.to_string()).collect();
+        rep.event("interface", json!({"name": i.name, "addrs": addrs, "up": i.up, "loopback": i.loopback, "multicast": i.multicast}));
+        if !rep.is_json() {
+            println!(
+                "{:<12} {:<5} {:<9} multicast:{:<5} {}",
+                i.name,
+                if i.up { "up" } else { "down" },
+                if i.loopback { "loopback" } else { "" },
+                i.multicast.map_or("?".to_string(), |m| m.to_string()),
+                addrs.join(" ")
+            );
+        }
+    }
+    rep.event("mdns", json!({"self_test": format!("{:?}", report.mdns)}));
+    if !rep.is_json() {
+        println!("mDNS self-test: {:?}", report.mdns);
+    }
+    for a in &report.advice {
+        rep.event("advice", json!({"text": a}));
+        if !rep.is_json() {
+            println!("- {a}");
+        }
+    }
+    Ok(())
+}
+
+pub async fn pair(f: PairFlags) -> Result<(), Failure> {
+    let rep = Reporter::new(f.json);
+    let dirs = common::dirs()?;
+    let listen = f
+        .listen
+        .as_deref()
+        .map(common::parse_addr)
+        .transpose()?
+        .and_then(|v| v.first().copied());
+    let ep = common::endpoint(&dirs, f.name.as_deref(), listen)?;
+    let conn = if let Some(t) = &f.ticket {
+        let t: Ticket = t
+            .trim()
+            .parse()
+            .map_err(|e| Failure::new(Exit::Usage, format!("bad ticket: {e}")))?;
+        ep.connect_ticket(&t)
+            .await
+            .map_err(|e| Failure::new(Exit::Pairing, format!("pairing failed: {e}")))?
+    } else if let Some(addr) = &f.connect {
+        let addrs = common::parse_addr(addr)?;
+        let code = match &f.code {
+            Some(c) => common::parse_code(c)?,
+            None => common::prompt_code(addr)?,
+        };
+        ep.connect_with_code(&addrs, code)
+            .await
+            .map_err(|e| Failure::new(Exit::Pairing, format!("pairing failed: {e}")))?
+    } else {
+        let code = match &f.code {
+            Some(c) => {
+                let c = common::parse_code(c)?;
+                ep.set_pairing_code(c);
+                c
+            }
+            None => ep
+                .issue_pairing_code()
+                .map_err(|e| Failure::new(Exit::Internal, e.to_string()))?,
+        };
+        let ticket = ep
+            .ticket(code)
+            .map_err(|e| Failure::new(Exit::Internal, e.to_string()))?;
+        let addrs: Vec<String> = ticket.addrs.iter().map(|a| a.to_string()).collect();
+        rep.event(
+            "listening",
+            json!({"addrs": addrs, "code": code.to_string(), "ticket": ticket.to_string()}),
+        );
+        rep.say(&format!(
+            "pairing code: {code}\nticket: {ticket}\nlistening on {}",
+            addrs.join(", ")
+        ));
+        loop {
+            match ep.accept().await {
+                Ok(c) => break c,
+                Err(AcceptError::Pairing { addr, source }) => {
+                    return Err(Failure::new(Exit::Pairing, format!("pairing with {addr} failed: {source}; run `ferry pair` again for a new code")));
+                }
+                Err(AcceptError::EndpointClosed) => {
+                    return Err(Failure::new(Exit::Internal, "endpoint closed"))
+                }
+                Err(e) => tracing::info!("refused: {e}"),
+            }
+        }
+    };
+    let p = conn.peer().clone();
+    rep.event(
+        "paired",
+        json!({"peer": p.name, "device_id": p.device_id.to_string(), "addr": p.addr.to_string()}),
+    );
+    rep.say(&format!(
+        "paired with {} ({}); later migrations between these devices need no code",
+        p.name, p.device_id
+    ));
+    // Both sides pinned each other before `accept`/`connect` returned; let the peer see the close.
+    conn.close(0x100, b"paired");
+    let _ = tokio::time::timeout(Duration::from_millis(500), conn.closed()).await;
+    ep.close(0, b"done").await;
+    Ok(())
+}

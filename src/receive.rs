@@ -1,0 +1,383 @@
+//! `ferry receive`: find the sender, pair (or reconnect by pinned key), receive, and keep
+//! reconnecting after link loss until the migration is verified and committed.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_sync::proto::RecvEvent;
+use ferry_sync::store::{FsStore, StoreError};
+use ferry_transport::{
+    ConnectError, DeviceId, Discovery, Endpoint, FerryDirs, MdnsConfig, MdnsDiscovery, PairingCode,
+    PairingError, PeerConnection, Ticket,
+};
+use serde_json::json;
+
+use crate::exit::{self, Exit, Failure};
+use crate::output::{human_bytes, Reporter};
+use crate::{common, session};
+
+pub struct ReceiveSettings {
+    pub dest: PathBuf,
+    pub code: Option<PairingCode>,
+    pub connect: Option<Vec<SocketAddr>>,
+    pub ticket: Option<Ticket>,
+    pub yes: bool,
+    pub give_up: Duration,
+    pub name: Option<String>,
+    pub dirs: FerryDirs,
+    /// `ferry demo`: drop the link once when this fraction has arrived.
+    pub interrupt_at: Option<f64>,
+}
+
+#[derive(Debug, Default)]
+pub struct ReceiveSummary {
+    pub files: u64,
+    pub bytes: u64,
+    pub wire_bytes: u64,
+    pub resumed_bytes: u64,
+    pub interruptions: u32,
+    pub elapsed: Duration,
+    pub root: String,
+    pub sender: String,
+}
+
+const SENDER_FILE: &str = "sender";
+
+/// Refuses a non-empty destination that is not ferry's, unless `yes`.
+fn check_dest(dest: &Path, yes: bool) -> Result<(), Failure> {
+    let rd = match std::fs::read_dir(dest) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => {
+            return Err(Failure::new(
+                Exit::Destination,
+                format!("cannot read {}: {e}", dest.display()),
+            ))
+        }
+    };
+    let mut others = 0;
+    let mut ferry = false;
+    for ent in rd.flatten() {
+        if ent.file_name() == ".ferry" {
+            ferry = true;
+        } else {
+            others += 1;
+        }
+    }
+    if others > 0 && !ferry && !yes {
+        return Err(Failure::new(
+            Exit::Destination,
+            format!(
+                "{} is not empty and holds no ferry migration; choose an empty folder, or pass --yes to receive into it \
+                 (ferry never deletes files it did not bring, but replaces files at the same paths)",
+                dest.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn remembered_sender(dest: &Path) -> Option<DeviceId> {
+    let s = std::fs::read_to_string(dest.join(".ferry").join(SENDER_FILE)).ok()?;
+    s.lines().next()?.trim().parse().ok()
+}
+
+fn remember_sender(dest: &Path, id: &DeviceId) {
+    let _ = std::fs::write(dest.join(".ferry").join(SENDER_FILE), format!("{id}\n"));
+}
+
+fn connect_failure(e: ConnectError) -> Failure {
+    match e {
+        ConnectError::Pairing(PairingError::WrongCode) => Failure::new(
+            Exit::Pairing,
+            "pairing failed: the code was wrong (or someone tried to intercept the connection). \
+             The old device now shows a new code; run the command again with it",
+        ),
+        ConnectError::Pairing(p) => Failure::new(Exit::Pairing, format!("pairing failed: {p}")),
+        other => Failure::new(
+            Exit::Unreachable,
+            format!(
+                "cannot reach the sender: {other}. Check that `ferry send` is running on the old device, \
+                 that both are on the same network, or use its --ticket; `ferry doctor` helps"
+            ),
+        ),
+    }
+}
+
+async fn first_connection(
+    ep: &Endpoint,
+    s: &ReceiveSettings,
+    rep: &Reporter,
+) -> Result<(PeerConnection, Vec<SocketAddr>), Failure> {
+    let remembered = remembered_sender(&s.dest).filter(|id| ep.peers().contains(id));
+    if let Some(t) = &s.ticket {
+        let conn = if ep.peers().contains(&t.device_id) {
+            ep.connect_peer(t.device_id, &t.addrs).await
+        } else {
+            ep.connect_ticket(t).await
+        };
+        return conn.map(|c| (c, t.addrs.clone())).map_err(connect_failure);
+    }
+    if let Some(addrs) = &s.connect {
+        if let Some(code) = s.code {
+            return ep
+                .connect_with_code(addrs, code)
+                .await
+                .map(|c| (c, addrs.clone()))
+                .map_err(connect_failure);
+        }
+        let pinned = remembered.or_else(|| {
+            let peers = ep.peers().list();
+            (peers.len() == 1).then(|| peers[0].device_id)
+        });
+        if let Some(id) = pinned {
+            return ep
+                .connect_peer(id, addrs)
+                .await
+                .map(|c| (c, addrs.clone()))
+                .map_err(connect_failure);
+        }
+        let code = common::prompt_code(&addrs[0].to_string())?;
+        return ep
+            .connect_with_code(addrs, code)
+            .await
+            .map(|c| (c, addrs.clone()))
+            .map_err(connect_failure);
+    }
+    if let Some(id) = remembered {
+        rep.say("resuming the unfinished migration from the same sender");
+        return ep
+            .connect_peer(id, &[])
+            .await
+            .map(|c| (c, vec![]))
+            .map_err(connect_failure);
+    }
+    rep.say("looking for senders on the local network…");
+    let found = tokio::task::spawn_blocking(|| {
+        let d = MdnsDiscovery::new(&MdnsConfig::default())?;
+        d.browse(Duration::from_secs(4))
+    })
+    .await
+    .map_err(|e| Failure::new(Exit::Internal, e.to_string()))?
+    .map_err(|e| {
+        Failure::new(
+            Exit::Unreachable,
+            format!("local-network discovery failed ({e}); use --ticket or --connect"),
+        )
+    })?;
+    let sender = match found.as_slice() {
+        [] => {
+            return Err(Failure::new(
+                Exit::Unreachable,
+                "no sender found on this network (multicast may be blocked). Use the ticket shown by \
+                 `ferry send` (--ticket) or its address (--connect HOST:PORT); `ferry doctor` explains what is blocked",
+            ))
+        }
+        [one] => one.clone(),
+        many => {
+            let names: Vec<String> =
+                many.iter().map(|d| format!("{} at {:?}", d.name, d.addrs)).collect();
+            return Err(Failure::new(
+                Exit::Usage,
+                format!("several senders found: {}; choose one with --connect HOST:PORT", names.join("; ")),
+            ));
+        }
+    };
+    rep.say(&format!("found {} at {:?}", sender.name, sender.addrs));
+    let code = match s.code {
+        Some(c) => c,
+        None => common::prompt_code(&sender.name)?,
+    };
+    ep.connect_with_code(&sender.addrs, code)
+        .await
+        .map(|c| (c, sender.addrs.clone()))
+        .map_err(connect_failure)
+}
+
+/// Runs the receiver until the migration is complete.
+pub async fn run(s: ReceiveSettings, rep: &Reporter) -> Result<ReceiveSummary, Failure> {
+    let started = Instant::now();
+    check_dest(&s.dest, s.yes)?;
+    let store = Arc::new(FsStore::open(&s.dest).map_err(|e| match e {
+        StoreError::Locked(_) => Failure::new(
+            Exit::Destination,
+            format!(
+                "another ferry receive is already using {}",
+                s.dest.display()
+            ),
+        ),
+        other => Failure::from(other),
+    })?);
+    if FsStore::has_unfinished(&s.dest) {
+        rep.say("this folder holds an unfinished migration: continuing it");
+    }
+    let ep = common::endpoint(&s.dirs, s.name.as_deref(), None)?;
+    let (mut conn, mut addrs) = first_connection(&ep, &s, rep).await?;
+    let sender = conn.peer().clone();
+    remember_sender(&s.dest, &sender.device_id);
+    if !addrs.contains(&sender.addr) {
+        addrs.push(sender.addr);
+    }
+    rep.event("paired", json!({"peer": sender.name, "device_id": sender.device_id.to_string(), "addr": sender.addr.to_string(), "newly_paired": conn.newly_paired()}));
+    rep.say(&format!(
+        "{} {} ({})",
+        if conn.newly_paired() {
+            "paired with"
+        } else {
+            "connected to"
+        },
+        sender.name,
+        sender.device_id.short()
+    ));
+
+    let mut summary = ReceiveSummary {
+        sender: sender.name.clone(),
+        ..Default::default()
+    };
+    let wire = Arc::new(AtomicU64::new(0));
+    let interrupted = Arc::new(AtomicBool::new(false));
+    let resumed = Arc::new(AtomicU64::new(0));
+    loop {
+        let c2 = conn.clone();
+        let (wire2, int2, res2) = (
+            Arc::clone(&wire),
+            Arc::clone(&interrupted),
+            Arc::clone(&resumed),
+        );
+        let interrupt_at = s.interrupt_at;
+        let mut files_total = 0u64;
+        let mut on_event = |ev: &RecvEvent| match ev {
+            RecvEvent::Manifest(m) => {
+                files_total = m.files;
+                rep.event("manifest", json!({"files": m.files, "bytes": m.bytes, "chunks": m.unique_chunks, "root": m.root.to_hex()}));
+                rep.say(&format!(
+                    "manifest: {} files, {}",
+                    m.files,
+                    human_bytes(m.bytes)
+                ));
+            }
+            RecvEvent::Resumed {
+                bytes_have,
+                bytes_total,
+            } => {
+                res2.fetch_max(*bytes_have, Ordering::Relaxed);
+                rep.event(
+                    "resumed",
+                    json!({"bytes_have": bytes_have, "bytes_total": bytes_total}),
+                );
+                rep.say(&format!(
+                    "resuming: {} of {} already here and verified",
+                    human_bytes(*bytes_have),
+                    human_bytes(*bytes_total)
+                ));
+            }
+            RecvEvent::Wanted { .. } => {}
+            RecvEvent::Progress {
+                bytes_done,
+                bytes_total,
+                wire_bytes,
+            } => {
+                wire2.store(*wire_bytes, Ordering::Relaxed);
+                rep.progress(*bytes_done, *bytes_total, files_total);
+                if let Some(f) = interrupt_at {
+                    if *bytes_total > 0
+                        && *bytes_done as f64 >= f * *bytes_total as f64
+                        && !int2.swap(true, Ordering::Relaxed)
+                    {
+                        rep.say("demo: cutting the link now to show resume");
+                        c2.close(0x101, b"demo: simulated link drop");
+                    }
+                }
+            }
+            RecvEvent::Done(_) | RecvEvent::Failed(_) => {}
+        };
+        let wire_before = summary.wire_bytes;
+        let result = {
+            let fut = session::receive(&conn, Arc::clone(&store), &mut on_event);
+            tokio::pin!(fut);
+            tokio::select! {
+            r = &mut fut => r,
+            _ = tokio::signal::ctrl_c() => {
+                // Let the session commit what it verified, then stop.
+                conn.close(1, b"receiver stopped");
+                let _ = fut.await;
+                rep.finish_progress();
+                return Err(Failure::new(Exit::Interrupted, "stopped; everything verified so far is kept: run the same command to continue"));
+            }
+            }
+        };
+        summary.wire_bytes = wire_before + wire.swap(0, Ordering::Relaxed);
+        match result {
+            Ok(m) => {
+                rep.finish_progress();
+                // Give the sender a moment to read our Done and close.
+                let _ = tokio::time::timeout(Duration::from_secs(3), conn.closed()).await;
+                summary.files = m.files;
+                summary.bytes = m.bytes;
+                summary.root = m.root.to_hex();
+                summary.resumed_bytes = resumed.load(Ordering::Relaxed);
+                summary.elapsed = started.elapsed();
+                rep.event("done", json!({"root": summary.root, "files": m.files, "bytes": m.bytes, "wire_bytes": summary.wire_bytes, "elapsed_s": summary.elapsed.as_secs_f64()}));
+                rep.say(&format!(
+                    "done: {} files, {} verified and committed in {} ({:.1} s, {} received)",
+                    m.files,
+                    human_bytes(m.bytes),
+                    s.dest.display(),
+                    summary.elapsed.as_secs_f64(),
+                    human_bytes(summary.wire_bytes)
+                ));
+                ep.close(0, b"done").await;
+                return Ok(summary);
+            }
+            Err(e) if e.is_retryable() => {
+                summary.interruptions += 1;
+                rep.say(&format!("connection lost ({e}); reconnecting…"));
+                rep.event("interrupted", json!({"message": e.to_string()}));
+                conn = reconnect(&ep, sender.device_id, &addrs, s.give_up, rep).await?;
+            }
+            Err(e) => {
+                rep.finish_progress();
+                return Err(exit::from_drive(&e));
+            }
+        }
+    }
+}
+
+async fn reconnect(
+    ep: &Endpoint,
+    id: DeviceId,
+    addrs: &[SocketAddr],
+    give_up: Duration,
+    rep: &Reporter,
+) -> Result<PeerConnection, Failure> {
+    let start = Instant::now();
+    let mut delay = Duration::from_millis(200);
+    loop {
+        let attempt = tokio::select! {
+            r = ep.connect_peer(id, addrs) => r,
+            _ = tokio::signal::ctrl_c() => {
+                return Err(Failure::new(Exit::Interrupted, "stopped; everything verified so far is kept: run the same command to continue"));
+            }
+        };
+        match attempt {
+            Ok(c) => {
+                rep.say("reconnected");
+                return Ok(c);
+            }
+            Err(e) => {
+                tracing::info!("reconnect failed: {e}");
+                if start.elapsed() >= give_up {
+                    return Err(Failure::new(
+                        Exit::Interrupted,
+                        format!("the sender has been unreachable for {} s ({e}); everything verified so far is kept: run the same command to continue", give_up.as_secs()),
+                    ));
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(3));
+            }
+        }
+    }
+}

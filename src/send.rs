@@ -1,0 +1,260 @@
+//! `ferry send`: scan, listen, pair, serve sessions until the receiver confirms completion.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use ferry_sync::compress::CompressPolicy;
+use ferry_sync::scan::{scan, HashCache, ScanConfig, ScanError};
+use ferry_sync::source::Source;
+use ferry_transport::{
+    AcceptError, Advertisement, Discovery, FerryDirs, MdnsConfig, MdnsDiscovery, PairingCode,
+    PairingError, Ticket,
+};
+use serde_json::json;
+use tokio::sync::oneshot;
+
+use crate::exit::{self, Exit, Failure};
+use crate::output::{human_bytes, Reporter};
+use crate::{common, session};
+
+pub struct SendSettings {
+    pub dir: PathBuf,
+    pub code: Option<PairingCode>,
+    pub listen: Option<SocketAddr>,
+    pub mdns: bool,
+    pub name: Option<String>,
+    pub dirs: FerryDirs,
+}
+
+pub struct SendSummary {
+    pub wire_bytes: u64,
+    pub sessions: u32,
+    pub scan_secs: f64,
+}
+
+fn scan_failure(e: ScanError) -> Failure {
+    match e {
+        ScanError::Manifest(m) => {
+            Failure::new(Exit::Source, format!("cannot describe the folder: {m}"))
+        }
+        other => Failure::new(
+            Exit::Source,
+            format!("{other}; check the folder and its permissions"),
+        ),
+    }
+}
+
+/// Runs the sender until the migration is complete (or Ctrl-C).
+pub async fn run(
+    s: SendSettings,
+    rep: &Reporter,
+    listening: Option<oneshot::Sender<Ticket>>,
+) -> Result<SendSummary, Failure> {
+    let started = Instant::now();
+    let (dir, state) = (s.dir.clone(), s.dirs.state.clone());
+    let scanned = tokio::task::spawn_blocking(move || {
+        let cache_path = HashCache::path_for(&state, &dir);
+        let mut cache = HashCache::load(&cache_path);
+        let out = scan(&dir, Some(&mut cache), &ScanConfig::default())?;
+        if let Err(e) = cache.save(&cache_path) {
+            tracing::warn!("cannot save the hash cache {}: {e}", cache_path.display());
+        }
+        Ok::<_, ScanError>(out)
+    })
+    .await
+    .map_err(|e| Failure::new(Exit::Internal, e.to_string()))?
+    .map_err(scan_failure)?;
+    let scan_secs = started.elapsed().as_secs_f64();
+    for sk in scanned.skipped.iter().take(20) {
+        rep.say(&format!("skipped {}: {}", sk.path, sk.reason));
+        rep.event("skipped", json!({"path": sk.path, "reason": sk.reason}));
+    }
+    if scanned.skipped.len() > 20 {
+        rep.say(&format!(
+            "… and {} more skipped",
+            scanned.skipped.len() - 20
+        ));
+    }
+    let manifest = Arc::new(scanned.manifest);
+    let sum = *manifest.summary();
+    rep.say(&format!(
+        "{}: {} files, {} ({} to send after dedup), scanned in {:.1} s ({} hashed, {} files from cache)",
+        s.dir.display(),
+        sum.files,
+        human_bytes(sum.bytes),
+        human_bytes(sum.unique_bytes),
+        scan_secs,
+        human_bytes(scanned.hashed_bytes),
+        scanned.cached_files
+    ));
+    rep.event(
+        "manifest",
+        json!({"files": sum.files, "bytes": sum.bytes, "chunks": sum.unique_chunks, "root": sum.root.to_hex()}),
+    );
+    let source = Arc::new(Source::new(
+        &s.dir,
+        Arc::clone(&manifest),
+        CompressPolicy::default(),
+    ));
+
+    let ep = common::endpoint(&s.dirs, s.name.as_deref(), s.listen)?;
+    let mut code = match s.code {
+        Some(c) => {
+            rep.say(
+                "warning: a chosen pairing code is weaker than a random one; prefer the default",
+            );
+            ep.set_pairing_code(c);
+            c
+        }
+        None => ep
+            .issue_pairing_code()
+            .map_err(|e| Failure::new(Exit::Internal, e.to_string()))?,
+    };
+    let announce = |code: PairingCode| -> Result<Ticket, Failure> {
+        let ticket = ep.ticket(code).map_err(|e| {
+            Failure::new(
+                Exit::Unreachable,
+                format!("cannot list this device's addresses: {e}"),
+            )
+        })?;
+        let addrs: Vec<String> = ticket.addrs.iter().map(|a| a.to_string()).collect();
+        rep.event("listening", json!({"addrs": addrs, "code": code.to_string(), "ticket": ticket.to_string(), "device_id": ep.identity().device_id().to_string()}));
+        rep.say(&format!("pairing code: {code}"));
+        rep.say(&format!("listening on {}", addrs.join(", ")));
+        rep.say(&format!("ticket: {ticket}"));
+        if let Ok(qr) = ticket.to_qr_unicode() {
+            rep.say(&format!("\n{qr}"));
+        }
+        rep.say("on the new device run: ferry receive <FOLDER> (and type the code), or ferry receive <FOLDER> --ticket <TICKET>");
+        Ok(ticket)
+    };
+    let ticket = announce(code)?;
+    if let Some(tx) = listening {
+        let _ = tx.send(ticket.clone());
+    }
+    let _mdns = if s.mdns {
+        match MdnsDiscovery::new(&MdnsConfig::default()) {
+            Ok(d) => {
+                let port = ticket.addrs.first().map_or(0, |a| a.port());
+                let ad = Advertisement {
+                    name: ep.identity().name().to_string(),
+                    port,
+                    addrs: vec![],
+                };
+                if let Err(e) = d.advertise(&ad) {
+                    rep.say(&format!(
+                        "cannot announce on the local network ({e}); use the ticket"
+                    ));
+                }
+                Some(d)
+            }
+            Err(e) => {
+                rep.say(&format!(
+                    "local-network discovery unavailable ({e}); use the ticket or address"
+                ));
+                None
+            }
+        }
+    } else {
+        None
+    };
+
+    let mut wire_bytes = 0u64;
+    let mut sessions = 0u32;
+    loop {
+        let accepted = tokio::select! {
+            a = ep.accept() => a,
+            _ = tokio::signal::ctrl_c() => {
+                return Err(Failure::new(Exit::Interrupted, "stopped; run the same command to continue where it left off"));
+            }
+        };
+        match accepted {
+            Ok(conn) => {
+                let peer = conn.peer().clone();
+                rep.event("paired", json!({"peer": peer.name, "device_id": peer.device_id.to_string(), "addr": peer.addr.to_string(), "newly_paired": conn.newly_paired()}));
+                rep.say(&format!(
+                    "connected to {} ({}) at {}",
+                    peer.name,
+                    peer.device_id.short(),
+                    peer.addr
+                ));
+                sessions += 1;
+                let serving =
+                    session::serve(&conn, Arc::clone(&manifest), Arc::clone(&source), |_| {});
+                let (res, stats) = tokio::select! {
+                    r = serving => r,
+                    _ = tokio::signal::ctrl_c() => {
+                        conn.close(1, b"sender stopped");
+                        return Err(Failure::new(Exit::Interrupted, "stopped; run the same command to continue where it left off"));
+                    }
+                };
+                wire_bytes += stats.wire_bytes;
+                match res {
+                    Ok(()) => {
+                        conn.close(session::CLOSE_DONE, b"done");
+                        let elapsed = started.elapsed().as_secs_f64();
+                        rep.event("done", json!({"root": sum.root.to_hex(), "files": sum.files, "bytes": sum.bytes, "wire_bytes": wire_bytes, "elapsed_s": elapsed}));
+                        rep.say(&format!(
+                            "done: {} verified by {} ({} on the wire, {:.1} s)",
+                            human_bytes(sum.bytes),
+                            peer.name,
+                            human_bytes(wire_bytes),
+                            elapsed
+                        ));
+                        ep.close(0, b"done").await;
+                        return Ok(SendSummary {
+                            wire_bytes,
+                            sessions,
+                            scan_secs,
+                        });
+                    }
+                    Err(e) => {
+                        let f = exit::from_drive(&e);
+                        if f.exit == Exit::Source {
+                            conn.close(1, b"source error");
+                            return Err(f);
+                        }
+                        rep.say(&format!(
+                            "session ended: {e}; waiting for the receiver to reconnect"
+                        ));
+                        rep.event("interrupted", json!({"message": e.to_string()}));
+                    }
+                }
+            }
+            Err(AcceptError::EndpointClosed) => {
+                return Err(Failure::new(Exit::Internal, "the network endpoint closed"));
+            }
+            Err(AcceptError::Pairing {
+                addr,
+                source: PairingError::WrongCode,
+            }) => {
+                rep.say(&format!(
+                    "a device at {addr} tried a wrong pairing code; that code is now void"
+                ));
+                rep.event(
+                    "error",
+                    json!({"kind": "pairing", "message": format!("wrong code from {addr}")}),
+                );
+                if sessions == 0 {
+                    code = ep
+                        .issue_pairing_code()
+                        .map_err(|e| Failure::new(Exit::Internal, e.to_string()))?;
+                    rep.say("new pairing code issued:");
+                    announce(code)?;
+                }
+            }
+            Err(e) => {
+                tracing::info!("refused a connection: {e}");
+                if !ep.pairing_open() && sessions == 0 {
+                    // The code was used by a failed attempt: issue a fresh one so pairing can be retried.
+                    code = ep
+                        .issue_pairing_code()
+                        .map_err(|e| Failure::new(Exit::Internal, e.to_string()))?;
+                    announce(code)?;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,73 @@
+//! One migration session over an authenticated QUIC connection: the receiver opens the control
+//! stream, the sender opens the data streams.
+
+use std::sync::Arc;
+
+use ferry_sync::driver::{run_receiver, run_sender, DriveError, SendStats};
+use ferry_sync::manifest::ManifestSummary;
+use ferry_sync::proto::{Receiver, ReceiverConfig, RecvEvent, SendEvent, Sender, SenderConfig};
+use ferry_sync::source::Source;
+use ferry_sync::store::FsStore;
+use ferry_sync::Manifest;
+use ferry_transport::PeerConnection;
+use tokio::sync::mpsc;
+
+/// Data streams per session: enough to keep a fast link busy while one stream waits on loss.
+pub const DATA_LANES: usize = 4;
+/// QUIC application close code for "migration complete" (transport codes are below 0x100).
+pub const CLOSE_DONE: u32 = 0x100;
+
+fn lost(e: impl std::fmt::Display) -> DriveError {
+    DriveError::LinkLost(e.to_string())
+}
+
+/// Serves one session to a connected receiver.
+pub async fn serve(
+    conn: &PeerConnection,
+    manifest: Arc<Manifest>,
+    source: Arc<Source>,
+    on_event: impl FnMut(&SendEvent),
+) -> (Result<(), DriveError>, SendStats) {
+    let (ctl_send, ctl_recv) = match conn.accept_bi().await {
+        Ok(s) => s,
+        Err(e) => return (Err(lost(e)), SendStats::default()),
+    };
+    let mut lanes = Vec::with_capacity(DATA_LANES);
+    for _ in 0..DATA_LANES {
+        match conn.open_uni().await {
+            Ok(s) => lanes.push(s),
+            Err(e) => return (Err(lost(e)), SendStats::default()),
+        }
+    }
+    let sender = Sender::new(manifest, SenderConfig::default());
+    run_sender(sender, source, ctl_recv, ctl_send, lanes, on_event).await
+}
+
+/// Runs one receiving session on a connection to the sender.
+pub async fn receive(
+    conn: &PeerConnection,
+    store: Arc<FsStore>,
+    on_event: impl FnMut(&RecvEvent),
+) -> Result<ManifestSummary, DriveError> {
+    let (ctl_send, ctl_recv) = conn.open_bi().await.map_err(lost)?;
+    let (tx, rx) = mpsc::channel(DATA_LANES * 2);
+    let c = conn.clone();
+    let acceptor = tokio::spawn(async move {
+        while let Ok(s) = c.accept_uni().await {
+            if tx.send(s).await.is_err() {
+                break;
+            }
+        }
+    });
+    let r = run_receiver(
+        Receiver::new(ReceiverConfig::default()),
+        store,
+        ctl_recv,
+        ctl_send,
+        rx,
+        on_event,
+    )
+    .await;
+    acceptor.abort();
+    r
+}
