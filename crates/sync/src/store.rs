@@ -203,7 +203,7 @@ impl FsStore {
         ctx(dest, fs::create_dir_all(dest))?;
         let state = dest.join(STATE_DIR);
         let staging = state.join("staging");
-        ctx(&staging, fs::create_dir_all(&staging))?;
+        ctx(&state, fs::create_dir_all(&state))?;
         let lock_path = state.join("lock");
         let lock_file = ctx(
             &lock_path,
@@ -322,6 +322,7 @@ impl FsStore {
             let _ = fs::remove_file(self.state.join("receipt.json"));
         }
         let journal_path = self.state.join("journal");
+        ctx(&self.staging, fs::create_dir_all(&self.staging))?;
         let records = read_journal(&journal_path)?;
 
         let mut durable = Vec::new();
@@ -648,6 +649,9 @@ impl FsStore {
     pub fn finalize(&self) -> Result<Vec<u32>, StoreError> {
         let p = self.prepared()?;
         if p.complete {
+            // Nothing to move; clear what an interrupted earlier run may have left.
+            let _ = fs::remove_file(self.state.join("journal"));
+            let _ = fs::remove_dir_all(&self.staging);
             return Ok(Vec::new());
         }
         let m = &p.manifest;
