@@ -12,7 +12,6 @@ mod misc;
 mod output;
 mod receive;
 mod send;
-mod session;
 
 use std::process::ExitCode;
 use std::time::Duration;

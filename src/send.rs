@@ -15,9 +15,10 @@ use ferry_transport::{
 use serde_json::json;
 use tokio::sync::oneshot;
 
+use crate::common;
 use crate::exit::{self, Exit, Failure};
 use crate::output::{human_bytes, Reporter};
-use crate::{common, session};
+use ferry::session;
 
 pub struct SendSettings {
     pub dir: PathBuf,
