@@ -58,6 +58,10 @@ pub struct SendFlags {
     /// One JSON event per line on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Congestion controller for the data this device sends: bbr (default; holds up under
+    /// random loss) or cubic.
+    #[arg(long, default_value = "bbr", value_parser = ["bbr", "cubic"])]
+    pub congestion: String,
 }
 
 #[derive(Debug, Args)]

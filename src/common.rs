@@ -3,7 +3,9 @@
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::Duration;
 
-use ferry_transport::{Endpoint, EndpointConfig, FerryDirs, Identity, PairingCode, PeerStore};
+use ferry_transport::{
+    Congestion, Endpoint, EndpointConfig, FerryDirs, Identity, PairingCode, PeerStore,
+};
 
 use crate::exit::{Exit, Failure};
 
@@ -24,6 +26,16 @@ pub fn endpoint(
     dirs: &FerryDirs,
     name: Option<&str>,
     bind: Option<SocketAddr>,
+) -> Result<Endpoint, Failure> {
+    endpoint_with(dirs, name, bind, Congestion::default())
+}
+
+/// [`endpoint`] with a chosen congestion controller.
+pub fn endpoint_with(
+    dirs: &FerryDirs,
+    name: Option<&str>,
+    bind: Option<SocketAddr>,
+    congestion: Congestion,
 ) -> Result<Endpoint, Failure> {
     let mut identity = Identity::load_or_create(&dirs.config, &default_name()).map_err(|e| {
         Failure::new(
@@ -48,6 +60,7 @@ pub fn endpoint(
         // A lost link is noticed within seconds; the receiver then reconnects on its own.
         keep_alive: Duration::from_secs(2),
         idle_timeout: Duration::from_secs(20),
+        congestion,
         ..EndpointConfig::default()
     };
     if let Some(b) = bind {

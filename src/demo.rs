@@ -89,6 +89,7 @@ pub async fn run(f: DemoFlags) -> Result<(), Failure> {
         mdns: false,
         name: Some("old phone".into()),
         dirs: old_dirs,
+        congestion: ferry_transport::Congestion::default(),
     };
     let sender = tokio::spawn(async move {
         let rep = Reporter::demo_side("old phone", true);

@@ -86,6 +86,11 @@ async fn run(command: Command) -> Result<(), Failure> {
                     .transpose()?
                     .and_then(|v| v.first().copied()),
                 mdns: !f.no_mdns,
+                congestion: if f.congestion == "cubic" {
+                    ferry_transport::Congestion::Cubic
+                } else {
+                    ferry_transport::Congestion::Bbr
+                },
                 name: f.name,
                 dirs: common::dirs()?,
                 dir: f.dir,

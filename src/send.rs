@@ -9,8 +9,8 @@ use ferry_sync::compress::CompressPolicy;
 use ferry_sync::scan::{scan, HashCache, ScanConfig, ScanError};
 use ferry_sync::source::Source;
 use ferry_transport::{
-    AcceptError, Advertisement, Discovery, FerryDirs, MdnsConfig, MdnsDiscovery, PairingCode,
-    PairingError, Ticket,
+    AcceptError, Advertisement, Congestion, Discovery, FerryDirs, MdnsConfig, MdnsDiscovery,
+    PairingCode, PairingError, Ticket,
 };
 use serde_json::json;
 use tokio::sync::oneshot;
@@ -27,6 +27,7 @@ pub struct SendSettings {
     pub mdns: bool,
     pub name: Option<String>,
     pub dirs: FerryDirs,
+    pub congestion: Congestion,
 }
 
 pub struct SendSummary {
@@ -100,7 +101,7 @@ pub async fn run(
         CompressPolicy::default(),
     ));
 
-    let ep = common::endpoint(&s.dirs, s.name.as_deref(), s.listen)?;
+    let ep = common::endpoint_with(&s.dirs, s.name.as_deref(), s.listen, s.congestion)?;
     let mut code = match s.code {
         Some(c) => {
             rep.say(
