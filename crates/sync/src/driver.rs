@@ -105,7 +105,14 @@ enum Input {
     Closed(String),
 }
 
-fn spawn_control_reader<R>(r: R, tx: mpsc::Sender<Input>)
+/// Reads frames from `r` into `tx` until the stream ends or fails. A clean end of the stream
+/// is reported as `Closed(why)` when `eof` names a reason (the control stream), and silently
+/// otherwise (a data stream that finished).
+fn spawn_reader<R>(
+    r: R,
+    tx: mpsc::Sender<Input>,
+    eof: Option<&'static str>,
+) -> tokio::task::JoinHandle<()>
 where
     R: AsyncRead + Unpin + Send + 'static,
 {
@@ -114,28 +121,10 @@ where
         loop {
             let input = match reader.next().await {
                 Ok(Some(f)) => Input::Frame(f),
-                Ok(None) => Input::Closed("the peer closed the control stream".into()),
-                Err(ReadError::Frame(e)) => Input::FrameError(e),
-                Err(ReadError::Io(e)) => Input::Closed(e),
-            };
-            let last = !matches!(input, Input::Frame(_));
-            if tx.send(input).await.is_err() || last {
-                break;
-            }
-        }
-    });
-}
-
-fn spawn_data_reader<R>(r: R, tx: mpsc::Sender<Input>) -> tokio::task::JoinHandle<()>
-where
-    R: AsyncRead + Unpin + Send + 'static,
-{
-    tokio::spawn(async move {
-        let mut reader = FrameReader::new(r);
-        loop {
-            let input = match reader.next().await {
-                Ok(Some(f)) => Input::Frame(f),
-                Ok(None) => return,
+                Ok(None) => match eof {
+                    Some(why) => Input::Closed(why.into()),
+                    None => return,
+                },
                 Err(ReadError::Frame(e)) => Input::FrameError(e),
                 Err(ReadError::Io(e)) => Input::Closed(e),
             };
@@ -145,6 +134,14 @@ where
             }
         }
     })
+}
+
+/// Runs blocking disk work off the async threads; its result comes back on `tx`.
+fn spawn_io<T: Send + 'static>(tx: &mpsc::Sender<T>, work: impl FnOnce() -> T + Send + 'static) {
+    let tx = tx.clone();
+    tokio::task::spawn_blocking(move || {
+        let _ = tx.blocking_send(work());
+    });
 }
 
 /// Sender-side statistics of a finished session.
@@ -172,7 +169,11 @@ where
     DW: AsyncWrite + Unpin + Send + 'static,
 {
     let (in_tx, mut in_rx) = mpsc::channel::<Input>(16);
-    spawn_control_reader(control_read, in_tx);
+    spawn_reader(
+        control_read,
+        in_tx,
+        Some("the peer closed the control stream"),
+    );
 
     // Data writers share one bounded queue; each takes the next frame when it is free.
     let lanes = data.len().max(1);
@@ -230,11 +231,7 @@ where
         }
         while let Some(io) = sender.poll_io() {
             let src = Arc::clone(&source);
-            let tx = io_tx.clone();
-            tokio::task::spawn_blocking(move || {
-                let done = src.execute(io);
-                let _ = tx.blocking_send(done);
-            });
+            spawn_io(&io_tx, move || src.execute(io));
         }
         while let Some(ev) = sender.poll_event() {
             on_event(&ev);
@@ -317,7 +314,11 @@ where
     DR: AsyncRead + Unpin + Send + 'static,
 {
     let (in_tx, mut in_rx) = mpsc::channel::<Input>(16);
-    spawn_control_reader(control_read, in_tx);
+    spawn_reader(
+        control_read,
+        in_tx,
+        Some("the peer closed the control stream"),
+    );
     let (chunk_tx, mut chunk_rx) = mpsc::channel::<Input>(8);
     let mut readers = Vec::new();
     let mut incoming = data;
@@ -341,13 +342,9 @@ where
         }
         while let Some(io) = receiver.poll_io() {
             let st = Arc::clone(&store);
-            let tx = io_tx.clone();
             // Prepare, commit and finalize are ordered by the machine (one at a time); stores
             // and copies run side by side, bounded by the machine's pending-bytes limit.
-            tokio::task::spawn_blocking(move || {
-                let done = st.execute(io);
-                let _ = tx.blocking_send(done);
-            });
+            spawn_io(&io_tx, move || st.execute(io));
         }
         while let Some(ev) = receiver.poll_event() {
             on_event(&ev);
@@ -417,7 +414,7 @@ where
             },
             Some(done) = io_rx.recv() => receiver.handle_io_done(done),
             stream = incoming.recv(), if incoming_open && link_up => match stream {
-                Some(r) => readers.push(spawn_data_reader(r, chunk_tx.clone())),
+                Some(r) => readers.push(spawn_reader(r, chunk_tx.clone(), None)),
                 None => incoming_open = false,
             },
             _ = tokio::time::sleep_until(sleep_until) => receiver.handle_timeout(Instant::now()),
