@@ -330,6 +330,13 @@ where
     receiver.handle_timeout(Instant::now());
 
     loop {
+        // Deadlines are checked on every turn, not only when the sleep below wins the select:
+        // while chunks stream in, another branch is always ready and a freshly created sleep
+        // never fires, so group commits would wait for `commit_bytes` and a kill -9 could lose
+        // far more than `commit_interval` of verified data.
+        if receiver.poll_timeout().is_some_and(|d| d <= Instant::now()) {
+            receiver.handle_timeout(Instant::now());
+        }
         while let Some(t) = receiver.poll_transmit() {
             if link_up {
                 if let Err(e) = write_transmit(&mut control_write, &t).await {
