@@ -10,4 +10,4 @@ mod destination;
 mod edge_cases;
 mod migrate;
 mod pairing;
-// mod resume; (next commit)
+mod resume;

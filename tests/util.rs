@@ -30,7 +30,6 @@ pub fn tempdir(prefix: &str) -> tempfile::TempDir {
 }
 
 /// A port on 127.0.0.1 that was free a moment ago (UDP, as QUIC uses).
-#[allow(dead_code)] // used by resume.rs (next commit)
 pub fn free_udp_port() -> u16 {
     let s = UdpSocket::bind("127.0.0.1:0").expect("bind a UDP socket");
     s.local_addr().expect("local addr").port()
@@ -250,12 +249,18 @@ impl Ferry {
     /// Waits for the first event named `name` (skipping others); panics with context on timeout,
     /// on an `error` event, or when the process ends first.
     pub fn wait_event(&mut self, name: &str, timeout: Duration) -> Value {
+        self.wait_any(&[name], timeout)
+    }
+
+    /// Like [`Ferry::wait_event`], for the first event with any of `names`.
+    pub fn wait_any(&mut self, names: &[&str], timeout: Duration) -> Value {
+        let name = names.join("|");
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.next_event(left) {
-                Some(v) if v["event"] == name => return v,
-                Some(v) if v["event"] == "error" && name != "error" => {
+                Some(v) if names.iter().any(|n| v["event"] == *n) => return v,
+                Some(v) if v["event"] == "error" && !names.contains(&"error") => {
                     // A sender reports wrong codes as error events and keeps running.
                     if v["kind"] != "pairing" {
                         let ctx = self.context();
