@@ -6,7 +6,7 @@ use std::io::{Seek, SeekFrom, Write};
 use std::path::Path;
 use std::time::Instant;
 
-use ferry_testkit::{assert_trees_equal, tree_diff};
+use ferry_testkit::tree_diff;
 
 use crate::util::*;
 
@@ -89,12 +89,29 @@ fn sparse_file_over_4_gib_migrates() {
     let secs = t.elapsed().as_secs_f64();
     let got = m.dest.join("media/video 大.mp4");
     assert_eq!(fs::metadata(&got).unwrap().len(), BIG);
-    assert_eq!(hash_file(&got), hash_file(&big), "the big file differs");
-    assert_trees_equal(&src, &m.dest).unwrap();
-    eprintln!(
-        "4 GiB sparse file: migrated in {secs:.1} s, {} bytes on the wire",
-        u64_of(&m.recv_done, "wire_bytes")
+    // Compared by streaming hashes (the testkit's byte comparison is slow in a debug build).
+    let t = Instant::now();
+    assert_eq!(
+        files_under(&src),
+        files_under(&m.dest),
+        "different file sets"
     );
+    for f in files_under(&src) {
+        assert_eq!(
+            hash_file(&src.join(&f)),
+            hash_file(&m.dest.join(&f)),
+            "{} differs",
+            f.display()
+        );
+    }
+    let hash_s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
     let (code, err) = verify(&m.dest);
     assert_eq!(code, 0, "ferry verify failed: {err}");
+    eprintln!(
+        "4 GiB sparse file: migrated in {secs:.1} s with {} bytes on the wire; compared in {hash_s:.1} s; \
+         ferry verify {:.1} s",
+        u64_of(&m.recv_done, "wire_bytes"),
+        t.elapsed().as_secs_f64()
+    );
 }
