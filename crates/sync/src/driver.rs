@@ -353,6 +353,9 @@ where
             // and copies run side by side, bounded by the machine's pending-bytes limit.
             tokio::task::spawn_blocking(move || {
                 let done = st.execute(io);
+                // Release the store before reporting: once the machine has seen every
+                // completion and this function returns, no task holds it (or its lock) any more.
+                drop(st);
                 let _ = tx.blocking_send(done);
             });
         }
