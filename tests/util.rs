@@ -35,8 +35,10 @@ pub fn free_udp_port() -> u16 {
     s.local_addr().expect("local addr").port()
 }
 
-/// One generated history per (size, seed), shared read-only by the tests of this binary
-/// (ferry never writes into the source folder; hash caches live under each `FERRY_HOME`).
+/// One generated history per (size, seed), shared read-only by the tests (ferry never writes
+/// into the source folder; hash caches live under each `FERRY_HOME`). Kept under cargo's
+/// `CARGO_TARGET_TMPDIR` and reused by later runs of the same build, so nothing is left in the
+/// system temp dir and generation is paid once.
 pub fn shared_history(size_mib: u64, seed: u64) -> &'static Path {
     type Generated = Vec<(u64, u64, &'static Path)>;
     static CACHE: OnceLock<Mutex<Generated>> = OnceLock::new();
@@ -45,24 +47,34 @@ pub fn shared_history(size_mib: u64, seed: u64) -> &'static Path {
     if let Some((_, _, p)) = c.iter().find(|(s, sd, _)| *s == size_mib && *sd == seed) {
         return p;
     }
-    let dir = tempdir(&format!("history-{size_mib}m-{seed}"));
-    let src = dir.path().join("chat-history");
-    let spec = HistorySpec {
-        seed,
-        ..HistorySpec::with_size(size_mib * MIB)
-    };
-    let t = Instant::now();
-    let rep = generate(&src, &spec).expect("generate a history");
-    eprintln!(
-        "generated {} MiB history (seed {seed}): {} files, {} bytes in {:.1} s",
-        size_mib,
-        rep.files,
-        rep.bytes,
-        t.elapsed().as_secs_f64()
-    );
-    // Kept for the whole run (the OS temp dir is cleaned by the test harness' caller).
-    let root: &'static Path = Box::leak(dir.keep().into_boxed_path());
-    let src: &'static Path = Box::leak(root.join("chat-history").into_boxed_path());
+    let parent = Path::new(env!("CARGO_TARGET_TMPDIR")).join("ferry-histories");
+    let done = parent.join(format!("{size_mib}mib-seed{seed}"));
+    if !done.join("chat-history").is_dir() {
+        std::fs::create_dir_all(&parent).expect("create the history cache folder");
+        // Generated aside, then renamed into place: a half-written tree is never reused.
+        let tmp = tempfile::Builder::new()
+            .prefix(".partial-")
+            .tempdir_in(&parent)
+            .expect("temp dir");
+        let spec = HistorySpec {
+            seed,
+            ..HistorySpec::with_size(size_mib * MIB)
+        };
+        let t = Instant::now();
+        let rep = generate(&tmp.path().join("chat-history"), &spec).expect("generate a history");
+        eprintln!(
+            "generated a {size_mib} MiB history (seed {seed}): {} files, {} bytes in {:.1} s",
+            rep.files,
+            rep.bytes,
+            t.elapsed().as_secs_f64()
+        );
+        let tmp = tmp.keep();
+        if std::fs::rename(&tmp, &done).is_err() {
+            // Another test process finished the same history first.
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+    }
+    let src: &'static Path = Box::leak(done.join("chat-history").into_boxed_path());
     c.push((size_mib, seed, src));
     src
 }
