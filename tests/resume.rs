@@ -18,6 +18,10 @@ use crate::util::*;
 const IN_FLIGHT_ALLOWANCE: u64 = 24 * MIB;
 const ONE_COMMIT: u64 = 32 * MIB;
 
+/// A restarted peer is back in session well before QUIC's idle timeout (20 s): keep-alive 2 s,
+/// reconnect backoff at most 3 s.
+const RECONNECT_WITHIN: Duration = Duration::from_secs(10);
+
 fn journal_len(dest: &Path) -> u64 {
     std::fs::metadata(dest.join(".ferry").join("journal")).map_or(0, |m| m.len())
 }
@@ -92,6 +96,16 @@ fn receiver_killed_at_several_points_resumes_byte_identical() {
     let mut r = new.receive(&dest, &addr, Some(&code), &[]);
     for &at in &kill_points {
         let t = Instant::now();
+        if !killed_at.is_empty() {
+            // The sender drops the dead receiver's session for the new connection at once,
+            // instead of waiting for its idle timeout.
+            r.wait_event("manifest", LONG);
+            let took = t.elapsed();
+            assert!(
+                took < RECONNECT_WITHIN,
+                "the restarted receiver waited {took:?} to be served"
+            );
+        }
         let Some(ev) = wait_progress(&mut r, at, &dest) else {
             eprintln!("kill point {at}: the migration finished first");
             break;
@@ -231,9 +245,13 @@ fn sender_killed_at_several_points_receiver_reconnects_by_itself() {
         // unless it already had every byte and finished without it.
         if r.seen_named("done").is_empty() {
             s.wait_event("paired", Duration::from_secs(60));
-            eprintln!(
-                "receiver reconnected {:.2} s after the sender restarted",
-                t.elapsed().as_secs_f64() - scan_s
+            let took = t.elapsed().as_secs_f64() - scan_s;
+            eprintln!("receiver reconnected {took:.2} s after the sender restarted");
+            // The restarted sender resets the stale connection (stateless reset, same key and
+            // port): the receiver must not sit out its 20 s idle timeout.
+            assert!(
+                took < RECONNECT_WITHIN.as_secs_f64(),
+                "the receiver took {took:.1} s to find the restarted sender"
             );
             // Progress from here on is this session's (the receiver may still have been
             // writing what the killed sender had sent).
