@@ -317,7 +317,15 @@ pub async fn run(s: ReceiveSettings, rep: &Reporter) -> Result<ReceiveSummary, F
                     // Our Done may have gone to a sender that died as we finished; a restarted
                     // sender would then serve forever. A new session finds the receipt and
                     // tells it at once.
-                    confirm_again(&ep, sender.device_id, &addrs, &store, rep).await;
+                    let confirm = confirm_again(&ep, sender.device_id, &addrs, &store, rep);
+                    if !tokio::time::timeout(CONFIRM_WITHIN, confirm)
+                        .await
+                        .unwrap_or(false)
+                    {
+                        rep.say(
+                            "the sender did not confirm the end; everything here is verified: stop `ferry send` on the old device",
+                        );
+                    }
                 }
                 summary.files = m.files;
                 summary.bytes = m.bytes;
@@ -360,30 +368,32 @@ async fn sender_confirmed(conn: &PeerConnection) -> bool {
     }
 }
 
+/// How long the receiver tries to tell a sender that missed its Done (a sender that already
+/// exited cannot be told; the receiver must not hang on it).
+const CONFIRM_WITHIN: Duration = Duration::from_secs(15);
+
 /// Tells a sender that may have missed our Done (it was restarted as we finished) that the
 /// migration is complete: reconnect, run a session (the store finds its receipt), wait for the
-/// sender's close. Best effort: everything here is already verified and committed.
+/// sender's close. Best effort (bounded by the caller): everything here is already verified
+/// and committed.
 async fn confirm_again(
     ep: &Endpoint,
     id: DeviceId,
     addrs: &[SocketAddr],
     store: &Arc<FsStore>,
     rep: &Reporter,
-) {
-    for _ in 0..3 {
-        let Ok(conn) = reconnect(ep, id, addrs, Duration::from_secs(20), rep).await else {
-            break;
+) -> bool {
+    loop {
+        let Ok(conn) = reconnect(ep, id, addrs, CONFIRM_WITHIN, rep).await else {
+            return false;
         };
         let ok = session::receive(&conn, Arc::clone(store), |_| {})
             .await
             .is_ok();
         if ok && sender_confirmed(&conn).await {
-            return;
+            return true;
         }
     }
-    rep.say(
-        "the sender did not confirm the end; everything here is verified: stop `ferry send` on the old device",
-    );
 }
 
 async fn reconnect(
