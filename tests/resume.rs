@@ -115,7 +115,7 @@ fn receiver_killed_at_several_points_resumes_byte_identical() {
         resumed.push(had(&r));
         killed_at.push(done);
         eprintln!(
-            "attempt {}: resumed with {} bytes; killed after a commit at {done} of {total} bytes ({:.0}%), {:.1} s after start",
+            "attempt {}: resumed with {} bytes; killed right after a commit (last progress event {done} of {total} bytes, {:.0}%), {:.1} s after start",
             killed_at.len(),
             had(&r),
             100.0 * done as f64 / total as f64,
