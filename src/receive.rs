@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use ferry_sync::proto::RecvEvent;
 use ferry_sync::store::{FsStore, StoreError};
 use ferry_transport::{
-    ConnectError, DeviceId, Discovery, Endpoint, FerryDirs, MdnsConfig, MdnsDiscovery, PairingCode,
-    PairingError, PeerConnection, Ticket,
+    ConnectError, ConnectionError, DeviceId, Discovery, Endpoint, FerryDirs, MdnsConfig,
+    MdnsDiscovery, PairingCode, PairingError, PeerConnection, Ticket, VarInt,
 };
 use serde_json::json;
 
@@ -314,8 +314,20 @@ pub async fn run(s: ReceiveSettings, rep: &Reporter) -> Result<ReceiveSummary, F
         match result {
             Ok(m) => {
                 rep.finish_progress();
-                // Give the sender a moment to read our Done and close.
-                let _ = tokio::time::timeout(Duration::from_secs(3), conn.closed()).await;
+                if !sender_confirmed(&conn).await {
+                    // Our Done may have gone to a sender that died as we finished; a restarted
+                    // sender would then serve forever. A new session finds the receipt and
+                    // tells it at once.
+                    let confirm = confirm_again(&ep, sender.device_id, &addrs, &store, rep);
+                    if !tokio::time::timeout(CONFIRM_WITHIN, confirm)
+                        .await
+                        .unwrap_or(false)
+                    {
+                        rep.say(
+                            "the sender did not confirm the end; everything here is verified: stop `ferry send` on the old device",
+                        );
+                    }
+                }
                 summary.files = m.files;
                 summary.bytes = m.bytes;
                 summary.root = m.root.to_hex();
@@ -343,6 +355,44 @@ pub async fn run(s: ReceiveSettings, rep: &Reporter) -> Result<ReceiveSummary, F
                 rep.finish_progress();
                 return Err(exit::from_drive(&e));
             }
+        }
+    }
+}
+
+/// Waits (briefly) for the sender to close the connection saying it saw our Done.
+async fn sender_confirmed(conn: &PeerConnection) -> bool {
+    match tokio::time::timeout(Duration::from_secs(3), conn.closed()).await {
+        Ok(ConnectionError::ApplicationClosed(c)) => {
+            c.error_code == VarInt::from_u32(session::CLOSE_DONE)
+        }
+        _ => false,
+    }
+}
+
+/// How long the receiver tries to tell a sender that missed its Done (a sender that already
+/// exited cannot be told; the receiver must not hang on it).
+const CONFIRM_WITHIN: Duration = Duration::from_secs(15);
+
+/// Tells a sender that may have missed our Done (it was restarted as we finished) that the
+/// migration is complete: reconnect, run a session (the store finds its receipt), wait for the
+/// sender's close. Best effort (bounded by the caller): everything here is already verified
+/// and committed.
+async fn confirm_again(
+    ep: &Endpoint,
+    id: DeviceId,
+    addrs: &[SocketAddr],
+    store: &Arc<FsStore>,
+    rep: &Reporter,
+) -> bool {
+    loop {
+        let Ok(conn) = reconnect(ep, id, addrs, CONFIRM_WITHIN, rep).await else {
+            return false;
+        };
+        let ok = session::receive(&conn, Arc::clone(store), |_| {})
+            .await
+            .is_ok();
+        if ok && sender_confirmed(&conn).await {
+            return true;
         }
     }
 }

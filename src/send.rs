@@ -10,7 +10,7 @@ use ferry_sync::scan::{scan, HashCache, ScanConfig, ScanError};
 use ferry_sync::source::Source;
 use ferry_transport::{
     AcceptError, Advertisement, Congestion, Discovery, FerryDirs, MdnsConfig, MdnsDiscovery,
-    PairingCode, PairingError, Ticket,
+    PairingCode, PairingError, PeerConnection, Ticket,
 };
 use serde_json::json;
 use tokio::sync::oneshot;
@@ -93,7 +93,8 @@ pub async fn run(
     ));
     rep.event(
         "manifest",
-        json!({"files": sum.files, "bytes": sum.bytes, "chunks": sum.unique_chunks, "root": sum.root.to_hex()}),
+        json!({"files": sum.files, "bytes": sum.bytes, "chunks": sum.unique_chunks, "root": sum.root.to_hex(),
+            "hashed_bytes": scanned.hashed_bytes, "cached_files": scanned.cached_files, "scan_s": scan_secs}),
     );
     let source = Arc::new(Source::new(
         &s.dir,
@@ -165,12 +166,17 @@ pub async fn run(
 
     let mut wire_bytes = 0u64;
     let mut sessions = 0u32;
+    // A connection that arrived while a session was running and replaces it.
+    let mut next: Option<PeerConnection> = None;
     loop {
-        let accepted = tokio::select! {
-            a = ep.accept() => a,
-            _ = tokio::signal::ctrl_c() => {
-                return Err(Failure::new(Exit::Interrupted, "stopped; run the same command to continue where it left off"));
-            }
+        let accepted = match next.take() {
+            Some(c) => Ok(c),
+            None => tokio::select! {
+                a = ep.accept() => a,
+                _ = tokio::signal::ctrl_c() => {
+                    return Err(Failure::new(Exit::Interrupted, "stopped; run the same command to continue where it left off"));
+                }
+            },
         };
         match accepted {
             Ok(conn) => {
@@ -185,11 +191,28 @@ pub async fn run(
                 sessions += 1;
                 let serving =
                     session::serve(&conn, Arc::clone(&manifest), Arc::clone(&source), |_| {});
-                let (res, stats) = tokio::select! {
-                    r = serving => r,
-                    _ = tokio::signal::ctrl_c() => {
-                        conn.close(1, b"sender stopped");
-                        return Err(Failure::new(Exit::Interrupted, "stopped; run the same command to continue where it left off"));
+                tokio::pin!(serving);
+                // A receiver that was killed (or lost power) never closes its connection: this
+                // session would only notice at the idle timeout. The same receiver connecting
+                // again means the old connection is dead, so the new one replaces it at once.
+                let (res, stats) = loop {
+                    tokio::select! {
+                        r = &mut serving => break r,
+                        a = ep.accept(), if next.is_none() => match a {
+                            Ok(newer) if newer.peer().device_id == peer.device_id => {
+                                tracing::info!("{} reconnected: replacing its stale session", peer.name);
+                                conn.close(session::CLOSE_SUPERSEDED, b"replaced by a newer connection");
+                                next = Some(newer);
+                            }
+                            Ok(other) => {
+                                other.close(session::CLOSE_BUSY, b"busy with another device");
+                            }
+                            Err(e) => tracing::info!("refused a connection while serving: {e}"),
+                        },
+                        _ = tokio::signal::ctrl_c() => {
+                            conn.close(1, b"sender stopped");
+                            return Err(Failure::new(Exit::Interrupted, "stopped; run the same command to continue where it left off"));
+                        }
                     }
                 };
                 wire_bytes += stats.wire_bytes;

@@ -16,6 +16,10 @@ use tokio::sync::mpsc;
 pub const DATA_LANES: usize = 4;
 /// QUIC application close code for "migration complete" (transport codes are below 0x100).
 pub const CLOSE_DONE: u32 = 0x100;
+/// The sender dropped this connection because the same receiver connected again.
+pub const CLOSE_SUPERSEDED: u32 = 0x102;
+/// The sender is serving another device.
+pub const CLOSE_BUSY: u32 = 0x103;
 
 fn lost(e: impl std::fmt::Display) -> DriveError {
     DriveError::LinkLost(e.to_string())

@@ -1,1 +1,13 @@
-mod smoke;
+//! ferry's integration tests: one binary (`cargo test --test integration`) that drives the real
+//! `ferry` executable over loopback. Every device gets its own `FERRY_HOME`; senders never
+//! announce on mDNS (`--no-mdns`) and nothing here sends multicast.
+
+mod util;
+
+mod cli;
+mod damage;
+mod destination;
+mod edge_cases;
+mod migrate;
+mod pairing;
+mod resume;

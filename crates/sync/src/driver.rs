@@ -137,10 +137,15 @@ where
 }
 
 /// Runs blocking disk work off the async threads; its result comes back on `tx`.
+///
+/// `work` (and whatever it captured, such as the store and its lock) is dropped before the
+/// result is sent: once the machine has seen every completion and the session returns, no task
+/// holds the store any more.
 fn spawn_io<T: Send + 'static>(tx: &mpsc::Sender<T>, work: impl FnOnce() -> T + Send + 'static) {
     let tx = tx.clone();
     tokio::task::spawn_blocking(move || {
-        let _ = tx.blocking_send(work());
+        let done = work();
+        let _ = tx.blocking_send(done);
     });
 }
 
@@ -331,6 +336,13 @@ where
     receiver.handle_timeout(Instant::now());
 
     loop {
+        // Deadlines are checked on every turn, not only when the sleep below wins the select:
+        // while chunks stream in, another branch is always ready and a freshly created sleep
+        // never fires, so group commits would wait for `commit_bytes` and a kill -9 could lose
+        // far more than `commit_interval` of verified data.
+        if receiver.poll_timeout().is_some_and(|d| d <= Instant::now()) {
+            receiver.handle_timeout(Instant::now());
+        }
         while let Some(t) = receiver.poll_transmit() {
             if link_up {
                 if let Err(e) = write_transmit(&mut control_write, &t).await {

@@ -324,8 +324,25 @@ impl Endpoint {
             ctx.update(identity.private_key().secret_der());
             ring::hmac::Key::new(ring::hmac::HMAC_SHA256, ctx.finish().as_ref())
         };
+        // The connection IDs must be recognisable by a restarted endpoint too: quinn's default
+        // generator signs them with a random per-process key, and a packet whose connection ID
+        // fails that check is dropped *without* a stateless reset, so the reset above never
+        // happened and the receiver waited for its idle timeout. Key it from the device key.
+        let cid_key = {
+            let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+            ctx.update(b"ferry connection id key v1");
+            ctx.update(identity.private_key().secret_der());
+            let d = ctx.finish();
+            let mut k = [0u8; 8];
+            k.copy_from_slice(&d.as_ref()[..8]);
+            u64::from_le_bytes(k)
+        };
+        let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
+        endpoint_config.cid_generator(move || {
+            Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+        });
         let quinn = quinn::Endpoint::new(
-            quinn::EndpointConfig::new(Arc::new(reset_key)),
+            endpoint_config,
             Some(server),
             socket,
             Arc::new(quinn::TokioRuntime),

@@ -1,0 +1,92 @@
+//! `ferry demo` end to end, and usage errors (exit 2).
+
+use std::ffi::OsString;
+
+use crate::util::*;
+
+#[test]
+fn demo_migrates_and_verifies() {
+    let work = tempdir("demo");
+    let dir = work.path().join("demo");
+    let d = Device::new("demo");
+    let args: Vec<OsString> = vec![
+        "demo".into(),
+        "--size".into(),
+        "8MiB".into(),
+        "--dir".into(),
+        dir.clone().into(),
+        "--json".into(),
+    ];
+    let (code, f) = d.run("demo", args, LONG);
+    assert_eq!(code, 0, "demo failed:\n{}", f.stderr());
+    let ev = f.seen_named("demo")[0].clone();
+    assert_eq!(ev["verified"], true);
+    assert!(
+        ev["interruptions"].as_u64().unwrap_or(0) >= 1,
+        "the demo did not cut the link: {ev}"
+    );
+    let dest = dir.join("new-phone").join("chat-history");
+    ferry_testkit::assert_trees_equal(&dir.join("old-phone").join("chat-history"), &dest).unwrap();
+    let (code, err) = verify(&dest);
+    assert_eq!(code, 0, "ferry verify of the demo failed: {err}");
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let d = Device::new("usage");
+    let work = tempdir("usage");
+    let dest = work.path().join("dest");
+    let dest_s = dest.to_str().unwrap();
+    let cases: &[&[&str]] = &[
+        // Not a pairing code.
+        &[
+            "receive",
+            dest_s,
+            "--connect",
+            "127.0.0.1:9",
+            "--code",
+            "12-ab",
+        ],
+        &[
+            "receive",
+            dest_s,
+            "--connect",
+            "127.0.0.1:9",
+            "--code",
+            "123456789",
+        ],
+        &["send", dest_s, "--no-mdns", "--code", "hello"],
+        // --connect and --ticket together.
+        &[
+            "receive",
+            dest_s,
+            "--connect",
+            "127.0.0.1:9",
+            "--ticket",
+            "x",
+        ],
+        // Not an address; not a ticket; no such command; missing argument.
+        &[
+            "receive",
+            dest_s,
+            "--connect",
+            "no port here",
+            "--code",
+            "1234-5678",
+        ],
+        &["receive", dest_s, "--ticket", "not-a-ticket"],
+        &["teleport"],
+        &["receive"],
+        &["demo", "--size", "lots", "--dir", dest_s],
+    ];
+    for args in cases {
+        let (code, f) = d.run("usage", args.iter().copied(), LONG);
+        assert_eq!(
+            code,
+            2,
+            "ferry {args:?} exited {code}, not 2:\n{}",
+            f.stderr()
+        );
+        assert!(!dest.exists(), "ferry {args:?} created the destination");
+    }
+}

@@ -1,0 +1,286 @@
+//! kill -9 of either side at several points; the migration resumes and ends byte-identical,
+//! without re-sending much more than what was in flight.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use ferry_testkit::assert_trees_equal;
+use serde_json::Value;
+
+use crate::util::*;
+
+/// What one receiver interruption may cost on the wire beyond a clean run:
+/// - in flight when it dies: the QUIC connection receive window (16 MiB) plus the sender's
+///   read-ahead (8 MiB);
+/// - verified but not yet committed: the kill lands right after a group commit, but chunks
+///   verified while that commit was syncing belong to the next one, which is started every
+///   500 ms or 32 MiB (`ReceiverConfig::commit_bytes`), whichever comes first.
+const IN_FLIGHT_ALLOWANCE: u64 = 24 * MIB;
+const ONE_COMMIT: u64 = 32 * MIB;
+
+/// A restarted peer is back in session well before QUIC's idle timeout (20 s): keep-alive 2 s,
+/// reconnect backoff at most 3 s.
+const RECONNECT_WITHIN: Duration = Duration::from_secs(10);
+
+fn journal_len(dest: &Path) -> u64 {
+    std::fs::metadata(dest.join(".ferry").join("journal")).map_or(0, |m| m.len())
+}
+
+/// Follows progress until `bytes_done >= fraction * total`, then until the receiver's next
+/// group commit (its journal at `dest` grows), and returns that progress event, so the kill
+/// lands right after a commit: the test then knows what the receiver has claimed as durable.
+/// `None` if the migration finished first.
+fn wait_progress(r: &mut Ferry, fraction: f64, dest: &Path) -> Option<Value> {
+    let deadline = Instant::now() + LONG;
+    // Journal length when the fraction was reached, and the latest progress event.
+    let mut reached: Option<u64> = None;
+    let mut last: Option<Value> = None;
+    loop {
+        if let Some(len) = reached {
+            // The journal starts with a short header; a record is 76 bytes.
+            if journal_len(dest) > len.max(64) {
+                return last;
+            }
+        }
+        if Instant::now() >= deadline {
+            panic!(
+                "no progress to {fraction} with a commit in time:\n{}",
+                r.stderr()
+            );
+        }
+        let Some(ev) = r.next_event(Duration::from_millis(2)) else {
+            if !r.running() {
+                panic!("the receiver ended before {fraction}:\n{}", r.stderr());
+            }
+            continue;
+        };
+        match ev["event"].as_str() {
+            Some("progress") => {
+                let (done, total) = (u64_of(&ev, "bytes_done"), u64_of(&ev, "bytes_total"));
+                if done as f64 >= fraction * total as f64 && reached.is_none() {
+                    reached = Some(journal_len(dest));
+                }
+                last = Some(ev);
+            }
+            Some("done") => return None,
+            Some("error") => panic!("receiver error: {ev}\n{}", r.stderr()),
+            _ => {}
+        }
+    }
+}
+
+#[test]
+fn receiver_killed_at_several_points_resumes_byte_identical() {
+    let src = shared_history(160, 7);
+    // The reference: what a clean run puts on the wire.
+    let clean = migrate(src);
+    let clean_wire = u64_of(&clean.send_done, "wire_bytes");
+    let clean_root = clean.recv_done["root"].clone();
+    drop(clean);
+
+    let (old, new) = (Device::new("old"), Device::new("new"));
+    let work = tempdir("dest");
+    let dest = work.path().join("history");
+    let (mut s, addr, code) = start_sender(&old, src, "127.0.0.1:0");
+
+    // Each kill lands right after a group commit following the given fraction of progress;
+    // 1.0 = after the last commit, while finalize (verify, rename, receipt) runs.
+    let kill_points = [0.10, 0.40, 0.80, 1.0];
+    // Bytes the receiver reported at each kill, and what each attempt resumed with.
+    let (mut killed_at, mut resumed) = (Vec::new(), Vec::new());
+    let had = |r: &Ferry| {
+        r.seen_named("resumed")
+            .first()
+            .map_or(0, |e| u64_of(e, "bytes_have"))
+    };
+    let mut r = new.receive(&dest, &addr, Some(&code), &[]);
+    for &at in &kill_points {
+        let t = Instant::now();
+        if !killed_at.is_empty() {
+            // The sender drops the dead receiver's session for the new connection at once,
+            // instead of waiting for its idle timeout.
+            r.wait_event("manifest", LONG);
+            let took = t.elapsed();
+            assert!(
+                took < RECONNECT_WITHIN,
+                "the restarted receiver waited {took:?} to be served"
+            );
+        }
+        let Some(ev) = wait_progress(&mut r, at, &dest) else {
+            eprintln!("kill point {at}: the migration finished first");
+            break;
+        };
+        r.kill9();
+        let (done, total) = (u64_of(&ev, "bytes_done"), u64_of(&ev, "bytes_total"));
+        resumed.push(had(&r));
+        killed_at.push(done);
+        eprintln!(
+            "attempt {}: resumed with {} bytes; killed right after a commit (last progress event {done} of {total} bytes, {:.0}%), {:.1} s after start",
+            killed_at.len(),
+            had(&r),
+            100.0 * done as f64 / total as f64,
+            t.elapsed().as_secs_f64()
+        );
+        assert!(
+            s.running(),
+            "the sender stopped after a receiver was killed:\n{}",
+            s.stderr()
+        );
+        assert!(
+            at >= 1.0 || !dest.join(".ferry").join("receipt").exists(),
+            "a receipt exists before the migration completed"
+        );
+        // The same command again, without the code: reconnects by the pinned key.
+        r = new.receive(&dest, &addr, None, &[]);
+    }
+    let t = Instant::now();
+    let recv_done = match r.seen_named("done").first() {
+        Some(d) => (*d).clone(),
+        None => r.wait_event("done", LONG),
+    };
+    r.expect_exit(0, LONG);
+    resumed.push(had(&r));
+    let send_done = s.wait_event("done", LONG);
+    s.expect_exit(0, LONG);
+    eprintln!(
+        "last attempt: resumed with {} bytes, {:.1} s to done, {} wire bytes",
+        had(&r),
+        t.elapsed().as_secs_f64(),
+        recv_done["wire_bytes"]
+    );
+    assert_eq!(send_done["root"], recv_done["root"]);
+    assert_eq!(send_done["root"], clean_root);
+    assert_trees_equal(src, &dest).unwrap();
+    let (code, err) = verify(&dest);
+    assert_eq!(code, 0, "ferry verify failed: {err}");
+
+    let n = killed_at.len();
+    assert!(n >= 3, "only {n} kill points were reached");
+    // Each kill came right after a commit: the next attempt keeps more than the last one did.
+    for i in 0..n {
+        assert!(
+            resumed[i + 1] > resumed[i],
+            "attempt {} resumed with {} bytes, no more than attempt {} ({}): committed data was lost",
+            i + 2,
+            resumed[i + 1],
+            i + 1,
+            resumed[i]
+        );
+    }
+    let total_wire = u64_of(&send_done, "wire_bytes");
+    let extra = total_wire.saturating_sub(clean_wire);
+    let bound = clean_wire + n as u64 * (IN_FLIGHT_ALLOWANCE + ONE_COMMIT);
+    eprintln!(
+        "receiver kills: {n}; resumed with {resumed:?} bytes; wire bytes over all attempts {total_wire} \
+         vs clean {clean_wire}: +{:.1} MiB in all, {:.1} MiB per interruption (allowed {} MiB); bound {bound}",
+        extra as f64 / MIB as f64,
+        extra as f64 / n as f64 / MIB as f64,
+        (IN_FLIGHT_ALLOWANCE + ONE_COMMIT) / MIB
+    );
+    assert!(
+        total_wire <= bound,
+        "resuming re-sent too much: {total_wire} wire bytes over all attempts, clean run {clean_wire}, \
+         allowed {} MiB per interruption x {n}",
+        (IN_FLIGHT_ALLOWANCE + ONE_COMMIT) / MIB
+    );
+}
+
+#[test]
+fn sender_killed_at_several_points_receiver_reconnects_by_itself() {
+    let src = shared_history(160, 7);
+    let (old, new) = (Device::new("old"), Device::new("new"));
+    let work = tempdir("dest");
+    let dest = work.path().join("history");
+    // A fixed port, so the restarted sender is where the receiver remembers it.
+    let listen = format!("127.0.0.1:{}", free_udp_port());
+    let (mut s, addr, code) = start_sender(&old, src, &listen);
+    let first_manifest = s.seen_named("manifest")[0].clone();
+    let files = u64_of(&first_manifest, "files");
+    let mut r = new.receive(&dest, &addr, Some(&code), &["--give-up-after", "120"]);
+    let mut kills = 0u64;
+    for &at in &[0.15, 0.50, 0.85] {
+        let Some(ev) = wait_progress(&mut r, at, &dest) else {
+            eprintln!("kill point {at}: the migration finished first");
+            break;
+        };
+        s.kill9();
+        kills += 1;
+        eprintln!(
+            "sender killed at {} of {} bytes ({:.0}%)",
+            u64_of(&ev, "bytes_done"),
+            u64_of(&ev, "bytes_total"),
+            100.0 * u64_of(&ev, "bytes_done") as f64 / u64_of(&ev, "bytes_total") as f64
+        );
+        assert!(
+            r.running(),
+            "the receiver gave up when the sender died:\n{}",
+            r.stderr()
+        );
+        // Same command, same FERRY_HOME, same port: same identity, so the receiver's pinned
+        // key still matches, and the hash cache from the first scan is reused.
+        let t = Instant::now();
+        s = old.send(src, &listen, &[]);
+        let m = s.wait_event("manifest", LONG);
+        let scan_s = t.elapsed().as_secs_f64();
+        s.wait_event("listening", LONG);
+        eprintln!(
+            "restarted sender: manifest after {scan_s:.2} s, {} files from the hash cache, {} bytes hashed",
+            m["cached_files"], m["hashed_bytes"]
+        );
+        assert_eq!(
+            m["root"], first_manifest["root"],
+            "the restarted sender scanned another tree"
+        );
+        assert_eq!(
+            u64_of(&m, "cached_files"),
+            files,
+            "the restarted sender did not take every file from its hash cache: {m}"
+        );
+        assert_eq!(
+            u64_of(&m, "hashed_bytes"),
+            0,
+            "the restarted sender re-hashed: {m}"
+        );
+        // The receiver finds the new sender by itself (stateless reset, then reconnect)…
+        // unless it already had every byte and finished without it.
+        if r.seen_named("done").is_empty() {
+            s.wait_event("paired", Duration::from_secs(60));
+            let took = t.elapsed().as_secs_f64() - scan_s;
+            eprintln!("receiver reconnected {took:.2} s after the sender restarted");
+            // The restarted sender resets the stale connection (stateless reset, same key and
+            // port): the receiver must not sit out its 20 s idle timeout.
+            assert!(
+                took < RECONNECT_WITHIN.as_secs_f64(),
+                "the receiver took {took:.1} s to find the restarted sender"
+            );
+            // Progress from here on is this session's (the receiver may still have been
+            // writing what the killed sender had sent).
+            if r.wait_any(&["resumed", "done"], LONG)["event"] == "done" {
+                break;
+            }
+        }
+    }
+    let recv_done = match r.seen_named("done").first() {
+        Some(d) => (*d).clone(),
+        None => r.wait_event("done", LONG),
+    };
+    r.expect_exit(0, LONG);
+    let send_done = s.wait_event("done", LONG);
+    s.expect_exit(0, LONG);
+    assert!(kills >= 2, "only {kills} kill points were reached");
+    assert_eq!(send_done["root"], recv_done["root"]);
+    assert_eq!(recv_done["root"], first_manifest["root"]);
+    assert_trees_equal(src, &dest).unwrap();
+    let (code, err) = verify(&dest);
+    assert_eq!(code, 0, "ferry verify failed: {err}");
+    let interruptions = r.seen_named("interrupted").len();
+    let wire = u64_of(&recv_done, "wire_bytes");
+    let bytes = u64_of(&recv_done, "bytes");
+    eprintln!(
+        "sender kills: {kills}; receiver saw {interruptions} interruptions; received {wire} wire bytes in all for a {bytes}-byte history"
+    );
+    assert!(
+        wire <= bytes + kills * IN_FLIGHT_ALLOWANCE,
+        "the receiver took {wire} wire bytes for {bytes} bytes of history"
+    );
+}
