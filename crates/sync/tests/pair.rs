@@ -283,13 +283,20 @@ fn clean_run_and_dedup() {
     let dir = tempfile::tempdir().unwrap();
     let (src, dest) = (dir.path().join("src"), dir.path().join("dest"));
     make_history(&src);
+    // A forwarded video stored 50 times across chats.
+    let video = rand_bytes(99, 300_000);
+    for i in 0..50 {
+        fs::create_dir_all(src.join(format!("chat{i:02}"))).unwrap();
+        fs::write(src.join(format!("chat{i:02}/forwarded.mp4")), &video).unwrap();
+    }
     let mut h = Harness::new(&src, &dest);
     h.finish();
-    // The forwarded photo exists 3 times but crossed once.
-    let unique = h.manifest.summary().unique_bytes;
-    assert_eq!(h.total_sent, unique);
-    assert!(unique + 2 * 200_000 <= h.manifest.summary().bytes);
+    // Every unique chunk crossed exactly once: the 50 copies (and the 3 copies of the photo)
+    // cost one transfer each.
+    let s = *h.manifest.summary();
+    assert_eq!(h.total_sent, s.unique_bytes);
     assert_eq!(h.resent, 0);
+    assert!(s.unique_bytes + 49 * 300_000 + 2 * 200_000 <= s.bytes);
 }
 
 #[test]
