@@ -11,3 +11,4 @@ mod edge_cases;
 mod migrate;
 mod pairing;
 mod resume;
+mod space;

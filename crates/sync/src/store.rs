@@ -69,6 +69,12 @@ pub enum StoreError {
     BadReceipt { path: PathBuf, why: String },
     #[error("{0} has no ferry receipt: it does not hold a completed migration")]
     NoReceipt(PathBuf),
+    #[error("not enough space at {}: the rest of the history needs {} more, only {} is free; free up at least {} and run the same command again (what already arrived is kept)", path.display(), mib(*needed), mib(*available), mib(needed.saturating_sub(*available)))]
+    InsufficientSpace {
+        path: PathBuf,
+        needed: u64,
+        available: u64,
+    },
 }
 
 impl StoreError {
@@ -100,6 +106,10 @@ fn staging_key(path: &str) -> [u8; 16] {
     let mut k = [0u8; 16];
     k.copy_from_slice(&h.as_bytes()[..16]);
     k
+}
+
+fn mib(n: u64) -> String {
+    format!("{:.1} MiB", n as f64 / 1048576.0)
 }
 
 fn hex(b: &[u8]) -> String {
@@ -395,6 +405,31 @@ impl FsStore {
                     }
                     ctx(&self.staging, dst.sync_data())?;
                 }
+            }
+        }
+        // Free space, before anything is written: the files still to be staged, less what is
+        // already durable in staging, plus room for the journal and directories.
+        let durable_set: HashSet<u32> = durable.iter().copied().collect();
+        let mut needed: u64 = 16 << 20;
+        for (i, e) in manifest.entries().iter().enumerate() {
+            if !e.is_file() || homes[i] == Home::InPlace {
+                continue;
+            }
+            let have: u64 = (e.first_slot..e.first_slot + e.chunks())
+                .filter(|s| durable_set.contains(s))
+                .filter_map(|s| manifest.locate(s))
+                .map(|l| u64::from(l.len))
+                .sum();
+            needed += e.size.saturating_sub(have);
+        }
+        if let Ok(st) = rustix::fs::statvfs(&self.state) {
+            let available = st.f_bavail.saturating_mul(st.f_frsize);
+            if available < needed {
+                return Err(StoreError::InsufficientSpace {
+                    path: self.dest.clone(),
+                    needed,
+                    available,
+                });
             }
         }
         // Staging files of files no longer in the manifest are garbage.
