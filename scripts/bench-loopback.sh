@@ -3,8 +3,11 @@
 # throughput against b3sum and the in-memory protocol throughput. See BENCHMARKS.md.
 #
 #   scripts/bench-loopback.sh [--size 2GiB] [--small-files N] [--rounds 3] [--workdir DIR]
-#                             [--only LIST] [--tag NAME]
+#                             [--only LIST] [--tag NAME] [--baseline-bin DIR]
 #
+# --baseline-bin DIR: DIR holds an older build's `ferry` and `proto_bench`; every round then also
+# runs them next to the current build's (swapping which goes first each round) as tools ferry@base
+# and proto@base, for before/after.
 # --only takes a comma list of: tar,tarzstd,rsync,rsyncgcm,ferry,scan,b3sum,proto,protoraw
 # (default: all). Runs as root (it installs Debian packages when missing and starts a throwaway
 # sshd on 127.0.0.1:2222 with its own keys in a temporary folder). Only 127.0.0.1 is used.
@@ -23,6 +26,7 @@ ROUNDS=3
 WORK="$REPO/target/bench-work"
 ONLY="tar,tarzstd,rsync,rsyncgcm,ferry,scan,b3sum,proto,protoraw"
 TAG=loopback
+BASE=
 while [ $# -gt 0 ]; do
   case "$1" in
     --size) SIZE=$2; shift 2 ;;
@@ -31,7 +35,8 @@ while [ $# -gt 0 ]; do
     --workdir) WORK=$2; shift 2 ;;
     --only) ONLY=$2; shift 2 ;;
     --tag) TAG=$2; shift 2 ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    --baseline-bin) BASE=$(cd "$2" && pwd); shift 2 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -242,15 +247,15 @@ run_rsync() { # round cipher
     "$(rss_of "$TMP/r.time")" null "$(sync_secs)"
 }
 
-run_ferry() { # round
-  local round=$1 t0 t1 rp sp wire
+run_ferry() { # round [binary tool-name]
+  local round=$1 bin=${2:-$FERRY} tool=${3:-ferry} t0 t1 rp sp wire
   PORT=$((PORT + 1))
   fresh_dest
   rm -rf "$TMP/home-s" "$TMP/home-r"
   mkdir -p "$TMP/home-s" "$TMP/home-r"
   t0=$(now)
   FERRY_HOME="$TMP/home-s" /usr/bin/time -f "$TFMT" -o "$TMP/s.time" \
-    "$FERRY" send "$SRC" --listen "127.0.0.1:$PORT" --no-mdns --json --code 1234-5678 \
+    "$bin" send "$SRC" --listen "127.0.0.1:$PORT" --no-mdns --json --code 1234-5678 \
     >"$TMP/s.json" 2>"$TMP/s.err" &
   sp=$!
   PIDS+=("$sp")
@@ -263,7 +268,7 @@ run_ferry() { # round
     sleep 0.02
   done
   FERRY_HOME="$TMP/home-r" /usr/bin/time -f "$TFMT" -o "$TMP/r.time" \
-    "$FERRY" receive "$TMP/dest" --connect "127.0.0.1:$PORT" --code 1234-5678 --json \
+    "$bin" receive "$TMP/dest" --connect "127.0.0.1:$PORT" --code 1234-5678 --json \
     >"$TMP/r.json" 2>"$TMP/r.err" &
   rp=$!
   PIDS+=("$rp")
@@ -273,7 +278,7 @@ run_ferry() { # round
   forget "$sp"
   forget "$rp"
   wire=$(grep '"done"' "$TMP/s.json" | python3 -c 'import json,sys; print(json.loads(sys.stdin.readline())["wire_bytes"])')
-  record "$round" ferry "$(sub "$t1" "$t0")" "$(cpu_of "$TMP/s.time")" \
+  record "$round" "$tool" "$(sub "$t1" "$t0")" "$(cpu_of "$TMP/s.time")" \
     "$(cpu_of "$TMP/r.time")" "$(rss_of "$TMP/s.time")" "$(rss_of "$TMP/r.time")" "$wire" "$(sync_secs)"
 }
 
@@ -294,11 +299,11 @@ run_b3sum() { # round
     "$(rss_of "$TMP/s.time")" 0 null 0
 }
 
-run_proto() { # round extra-flag
-  local round=$1 flag=${2:-} tool=proto out
+run_proto() { # round [extra-flag [binary tool-name]]
+  local round=$1 flag=${2:-} bin=${3:-$BIN/examples/proto_bench} tool=${4:-proto} out
   [ -n "$flag" ] && tool=protoraw
   fresh_dest
-  out=$(/usr/bin/time -f "$TFMT" -o "$TMP/s.time" "$BIN/examples/proto_bench" "$SRC" "$TMP/dest" $flag)
+  out=$(/usr/bin/time -f "$TFMT" -o "$TMP/s.time" "$bin" "$SRC" "$TMP/dest" $flag)
   # Wall and CPU of the transfer alone (the example scans first and times the scan apart).
   record "$round" "$tool" \
     "$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["secs"])' "$out")" \
@@ -310,7 +315,7 @@ run_proto() { # round extra-flag
 {
   echo "machine: $(nproc) cpus, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), kernel $(uname -r)"
   echo "start: $(date -u +%FT%TZ) uptime:$(uptime)"
-  echo "source: $SRC ($FILES files, $BYTES bytes); rounds: $ROUNDS; only: $ONLY"
+  echo "source: $SRC ($FILES files, $BYTES bytes); rounds: $ROUNDS; only: $ONLY${BASE:+; baseline: $BASE}"
 } | tee "$RESULTS.txt" >&2
 
 for round in $(seq 0 "$ROUNDS"); do
@@ -319,10 +324,23 @@ for round in $(seq 0 "$ROUNDS"); do
   want tarzstd && run_tar "$round" 1
   want rsync && run_rsync "$round" ""
   want rsyncgcm && run_rsync "$round" aes128-gcm@openssh.com
-  want ferry && run_ferry "$round"
+  # With a baseline, the two builds swap places every round so neither always goes first.
+  if want ferry && [ -n "$BASE" ] && [ $((round % 2)) = 0 ]; then
+    run_ferry "$round" "$BASE/ferry" ferry@base
+    run_ferry "$round"
+  elif want ferry; then
+    run_ferry "$round"
+    [ -z "$BASE" ] || run_ferry "$round" "$BASE/ferry" ferry@base
+  fi
   want scan && run_scan "$round"
   want b3sum && run_b3sum "$round"
-  want proto && run_proto "$round"
+  if want proto && [ -n "$BASE" ] && [ $((round % 2)) = 0 ]; then
+    run_proto "$round" "" "$BASE/proto_bench" proto@base
+    run_proto "$round"
+  elif want proto; then
+    run_proto "$round"
+    [ -z "$BASE" ] || run_proto "$round" "" "$BASE/proto_bench" proto@base
+  fi
   want protoraw && run_proto "$round" --no-compress
 done
 echo "end: $(date -u +%FT%TZ) uptime:$(uptime)" | tee -a "$RESULTS.txt" >&2

@@ -14,14 +14,17 @@ import statistics
 import sys
 from collections import defaultdict
 
-ORDER = ["tar", "tarzstd", "rsync", "rsyncgcm", "ferry", "proto", "protoraw", "scan", "b3sum"]
+ORDER = ["tar", "tarzstd", "rsync", "rsyncgcm", "ferry", "ferry@base", "proto", "proto@base",
+         "protoraw", "scan", "b3sum"]
 NAMES = {
     "tar": "tar \\| nc",
     "tarzstd": "tar \\| zstd -1 \\| nc",
     "rsync": "rsync -a over ssh (default cipher)",
     "rsyncgcm": "rsync -a over ssh (aes128-gcm)",
     "ferry": "ferry send/receive (QUIC, scan included)",
+    "ferry@base": "ferry, baseline build",
     "proto": "ferry protocol in memory (no QUIC)",
+    "proto@base": "ferry protocol in memory, baseline build",
     "protoraw": "ferry protocol in memory, compression off",
     "scan": "ferry scan+hash (scan_bench)",
     "b3sum": "b3sum --num-threads 2",
@@ -78,6 +81,14 @@ def main(path):
     if "scan" in runs and "b3sum" in runs:
         r = ratio("scan", "b3sum")
         print(f"\nscan+hash vs b3sum (same files, warm cache): {fmt_ratio(r)} of b3sum's throughput")
+    for tool in ("ferry", "proto"):
+        base = tool + "@base"
+        if tool in runs and base in runs:
+            cpu = [(runs[base][k]["cpu_send_s"] + runs[base][k]["cpu_recv_s"])
+                   / (runs[tool][k]["cpu_send_s"] + runs[tool][k]["cpu_recv_s"])
+                   for k in runs[tool] if k in runs[base]]
+            print(f"{tool} vs its baseline build: throughput {fmt_ratio(ratio(tool, base))}, "
+                  f"baseline CPU / new CPU {med(cpu):.2f}× ({min(cpu):.2f}–{max(cpu):.2f})")
 
 
 if __name__ == "__main__":
