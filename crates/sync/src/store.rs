@@ -568,10 +568,12 @@ impl FsStore {
         if !existed {
             open.created = true;
         }
-        if open.files.len() >= MAX_OPEN_FILES {
-            // Dirty files must stay reachable for the next commit's fsync: keep them.
-            let dirty = open.dirty.clone();
-            open.files.retain(|k, _| dirty.contains(k));
+        // Dirty files must stay reachable for the next commit's fsync: only clean ones are
+        // closed, and only once MAX_OPEN_FILES of them piled up, so that a commit window of
+        // thousands of small files does not pay a pass over all of them per file opened.
+        let Open { files, dirty, .. } = &mut *open;
+        if files.len().saturating_sub(dirty.len()) >= MAX_OPEN_FILES {
+            files.retain(|k, _| dirty.contains(k));
         }
         open.files.insert(entry, Arc::clone(&f));
         Ok(f)
