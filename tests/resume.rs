@@ -14,7 +14,8 @@ use crate::util::*;
 ///   read-ahead (8 MiB);
 /// - verified but not yet committed: the kill lands right after a group commit, but chunks
 ///   verified while that commit was syncing belong to the next one, which is started every
-///   500 ms or 32 MiB (`ReceiverConfig::commit_bytes`), whichever comes first.
+///   500 ms or 16 MiB (`ReceiverConfig::commit_bytes`), whichever comes first; the allowance
+///   keeps twice that, for a commit that was still syncing when the next one filled up.
 const IN_FLIGHT_ALLOWANCE: u64 = 24 * MIB;
 const ONE_COMMIT: u64 = 32 * MIB;
 

@@ -34,9 +34,9 @@ impl Default for ReceiverConfig {
     fn default() -> Self {
         ReceiverConfig {
             limits: ManifestLimits::default(),
-            commit_bytes: 32 << 20,
+            commit_bytes: 16 << 20,
             commit_interval: Duration::from_millis(500),
-            max_pending_bytes: 96 << 20,
+            max_pending_bytes: 64 << 20,
             max_rejects_per_chunk: 3,
             stall_timeout: Duration::from_secs(60),
         }
