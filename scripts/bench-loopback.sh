@@ -104,7 +104,7 @@ if [ ! -f "$SRC.done" ]; then
   "$BIN/examples/gen_history" "$SRC" --size "$SIZE" --small-files "$SMALL" >&2
   touch "$SRC.done"
 fi
-BYTES=$(find "$SRC" -type f -printf '%s\n' | awk '{s+=$1} END {printf "%d", s}')
+BYTES=$(find "$SRC" -type f -printf '%s\n' | awk '{s+=$1} END {printf "%.0f", s}')
 FILES=$(find "$SRC" -type f | wc -l)
 echo "bench-loopback: source $SRC: $FILES files, $BYTES bytes" >&2
 
