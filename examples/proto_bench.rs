@@ -25,20 +25,7 @@ use ferry_sync::source::Source;
 use ferry_sync::store::FsStore;
 use tokio::sync::mpsc;
 
-/// User + system CPU seconds of this process so far (Linux, USER_HZ = 100).
-fn cpu_secs() -> f64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
-        return f64::NAN;
-    };
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let tick = |i: usize| {
-        f.get(i)
-            .and_then(|s| s.parse::<f64>().ok())
-            .unwrap_or(f64::NAN)
-    };
-    (tick(11) + tick(12)) / 100.0
-}
+use ferry_testkit::proc::cpu_secs;
 
 struct Args {
     src: PathBuf,

@@ -3,9 +3,11 @@
 //! - [`history`]: a realistic chat-history generator ([`generate`]), a [`LiveWriter`] that keeps
 //!   writing into it like the running app, and tree comparison ([`assert_trees_equal`]).
 //! - [`netns`]: network namespaces, bridges and veth links for LAN tests (root only).
+//! - [`proc`]: process CPU time for benchmarks.
 
 pub mod history;
 pub mod netns;
+pub mod proc;
 
 pub use history::{
     assert_trees_equal, generate, tree_diff, Difference, EntryKind, HistoryReport, HistorySpec,
