@@ -421,7 +421,7 @@ impl Receiver {
                 if self.uncommitted_since.is_none() {
                     self.uncommitted_since = self.now;
                 }
-                if self.uncommitted_bytes >= self.cfg.commit_bytes || self.all_stored(&m) {
+                if self.uncommitted_bytes >= self.cfg.commit_bytes || self.all_stored() {
                     self.flush_commit();
                 }
                 self.maybe_finalize(&m);
@@ -465,7 +465,7 @@ impl Receiver {
                 if !self.uncommitted.is_empty()
                     && (self.uncommitted_bytes >= self.cfg.commit_bytes
                         || matches!(self.state, State::Draining)
-                        || self.all_stored(&m))
+                        || self.all_stored())
                 {
                     self.flush_commit();
                 }
@@ -614,11 +614,9 @@ impl Receiver {
         }
     }
 
-    fn all_stored(&self, m: &Manifest) -> bool {
-        self.wanted_left == 0 && self.busy == 0 && self.copies.is_empty() && {
-            let _ = m;
-            true
-        }
+    /// Nothing is wanted, being written or waiting to be copied.
+    fn all_stored(&self) -> bool {
+        self.wanted_left == 0 && self.busy == 0 && self.copies.is_empty()
     }
 
     fn flush_commit(&mut self) {
@@ -635,7 +633,7 @@ impl Receiver {
     fn maybe_finalize(&mut self, m: &Manifest) {
         if matches!(self.state, State::Transferring)
             && self.slots_durable == u64::from(m.slot_count())
-            && self.all_stored(m)
+            && self.all_stored()
             && !self.committing
             && self.uncommitted.is_empty()
         {
