@@ -164,7 +164,8 @@ enum Home {
 
 struct Prepared {
     manifest: Arc<Manifest>,
-    homes: Vec<Home>,
+    /// Per entry; a file found damaged in place is moved back to staging (and fetched whole).
+    homes: Mutex<Vec<Home>>,
     /// DEST already holds exactly this manifest (receipt + unchanged metadata).
     complete: bool,
 }
@@ -277,10 +278,7 @@ impl FsStore {
             },
             RecvIo::Copy { chunk, from, to } => match self.copy_chunk(chunk, from, &to) {
                 Ok(Ok(())) => Ok(RecvIoDone::Stored { chunk, slots: to }),
-                Ok(Err(e)) => Ok(RecvIoDone::Corrupt {
-                    chunk,
-                    error: e.to_string(),
-                }),
+                Ok(Err(damaged)) => Ok(RecvIoDone::CopyFailed { chunk, damaged }),
                 Err(e) => Err(e),
             },
             RecvIo::Commit { slots } => self
@@ -318,7 +316,7 @@ impl FsStore {
         {
             *lock(&self.prepared) = Some(Arc::new(Prepared {
                 manifest: Arc::clone(manifest),
-                homes: vec![Home::InPlace; manifest.entries().len()],
+                homes: Mutex::new(vec![Home::InPlace; manifest.entries().len()]),
                 complete: true,
             }));
             return Ok((0..manifest.slot_count()).collect());
@@ -463,7 +461,7 @@ impl FsStore {
         *lock(&self.journal) = Some(BufWriter::with_capacity(64 * 1024, f));
         *lock(&self.prepared) = Some(Arc::new(Prepared {
             manifest: Arc::clone(manifest),
-            homes,
+            homes: Mutex::new(homes),
             complete: false,
         }));
         Ok(durable)
@@ -608,38 +606,56 @@ impl FsStore {
         Ok(Ok(()))
     }
 
-    /// Copies durable slot `from` to `to`, verifying it on the way.
+    /// Copies durable slot `from` to `to`, verifying it on the way. `Ok(Err(slots))` names the
+    /// durable slots found damaged (the source slot, or every slot of a file that was trusted in
+    /// place: that file is then staged and fetched whole).
     pub fn copy_chunk(
         &self,
         chunk: u32,
         from: u32,
         to: &[u32],
-    ) -> Result<Result<(), ChunkError>, StoreError> {
+    ) -> Result<Result<(), Vec<u32>>, StoreError> {
         let p = self.prepared()?;
         let u = *p.manifest.unique(chunk).ok_or(StoreError::NotPrepared)?;
         let loc = p.manifest.locate(from).ok_or(StoreError::NotPrepared)?;
         let e = p.manifest.entry(loc.entry).ok_or(StoreError::NotPrepared)?;
-        let src = match p.homes[loc.entry as usize] {
+        let home = lock(&p.homes)[loc.entry as usize];
+        let src = match home {
             Home::InPlace => self.dest.join(&e.path),
             Home::Staging => self.staging_path(&e.path),
         };
         let mut buf = vec![0u8; u.len as usize];
         let read = File::open(&src).and_then(|f| f.read_exact_at(&mut buf, loc.offset));
-        if let Err(e) = read {
-            return Ok(Err(ChunkError::Decompress {
-                expected: u.len,
-                why: format!("local copy unreadable: {e}"),
-            }));
-        }
-        let got = ChunkHash::of(&buf);
-        if got != u.hash {
-            return Ok(Err(ChunkError::HashMismatch {
-                expected: u.hash,
-                got,
-            }));
+        if read.is_err() || ChunkHash::of(&buf) != u.hash {
+            tracing::warn!(path = %src.display(), "a local copy source no longer matches; fetching it again");
+            return Ok(Err(self.damaged(&p, &[from])));
         }
         self.write_slots(&p, &buf, to)?;
         Ok(Ok(()))
+    }
+
+    /// The durable slots to fetch again when `slots` were found damaged: a file trusted in place
+    /// is moved back to staging and all its slots go, since staging holds none of its data.
+    fn damaged(&self, p: &Prepared, slots: &[u32]) -> Vec<u32> {
+        let mut homes = lock(&p.homes);
+        let mut out = Vec::new();
+        for &s in slots {
+            let Some(loc) = p.manifest.locate(s) else {
+                continue;
+            };
+            match homes.get_mut(loc.entry as usize) {
+                Some(h @ Home::InPlace) => {
+                    *h = Home::Staging;
+                    if let Some(e) = p.manifest.entry(loc.entry) {
+                        out.extend(e.first_slot..e.first_slot + e.chunks());
+                    }
+                }
+                _ => out.push(s),
+            }
+        }
+        out.sort_unstable();
+        out.dedup();
+        out
     }
 
     /// Makes `slots` durable: data first, then the journal.
@@ -696,12 +712,13 @@ impl FsStore {
         let mut ok_dirs: HashSet<PathBuf> = HashSet::new();
         let mut touched_dirs: HashSet<PathBuf> = HashSet::new();
         // Verify first (in parallel), so that damage is found before anything moves.
-        let bad = verify_files(m, |i| match p.homes[i] {
+        let homes = lock(&p.homes).clone();
+        let bad = verify_files(m, |i| match homes[i] {
             Home::InPlace => self.dest.join(&m.entries()[i].path),
             Home::Staging => self.staging_path(&m.entries()[i].path),
         });
         if !bad.is_empty() {
-            return Ok(bad);
+            return Ok(self.damaged(&p, &bad));
         }
         for (i, e) in m.entries().iter().enumerate() {
             let final_path = self.dest.join(&e.path);
@@ -715,7 +732,7 @@ impl FsStore {
                     touched_dirs.insert(parent);
                 }
                 EntryKind::File { .. } => {
-                    if p.homes[i] == Home::InPlace {
+                    if homes[i] == Home::InPlace {
                         set_meta(&final_path, e.mode, e.mtime)?;
                         continue;
                     }

@@ -118,6 +118,8 @@ struct Harness {
     clock: Instant,
     send_cfg: SenderConfig,
     recv_cfg: ReceiverConfig,
+    /// Flip a byte of this file just before the receiver's first local copy runs.
+    damage_before_copy: Option<PathBuf>,
 }
 
 fn to_frame(t: Transmit) -> Frame {
@@ -156,6 +158,7 @@ impl Harness {
                 max_pending_bytes: 512 << 10,
                 ..Default::default()
             },
+            damage_before_copy: None,
         }
     }
 
@@ -225,6 +228,12 @@ impl Harness {
                     };
                 }
                 ios += 1;
+                let copy = matches!(io, RecvIo::Copy { .. });
+                if let Some(p) = self.damage_before_copy.take_if(|_| copy) {
+                    let mut b = fs::read(&p).unwrap();
+                    b[0] ^= 0xff;
+                    fs::write(&p, b).unwrap();
+                }
                 let done = store.execute(io);
                 assert!(
                     !matches!(done, RecvIoDone::Failed { .. }),
@@ -460,4 +469,20 @@ fn corrupt_chunks_are_refused_and_fetched_again() {
     assert!(r.is_done());
     assert_eq!(rejected_events, 2);
     tree_eq(&src, &dest);
+}
+
+#[test]
+fn damaged_local_copy_source_is_fetched_from_the_sender() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dest) = (dir.path().join("src"), dir.path().join("dest"));
+    make_history(&src);
+    // DEST already holds one copy of the forwarded photo (an older migration); the history has
+    // two more copies of it, which the receiver copies locally — from a source that gets damaged
+    // between the check at prepare and the copy.
+    fs::create_dir_all(dest.join("media/ab")).unwrap();
+    fs::copy(src.join("media/ab/p1.jpg"), dest.join("media/ab/p1.jpg")).unwrap();
+    let mut h = Harness::new(&src, &dest);
+    h.damage_before_copy = Some(dest.join("media/ab/p1.jpg"));
+    h.finish();
+    assert!(h.damage_before_copy.is_none(), "no local copy happened");
 }

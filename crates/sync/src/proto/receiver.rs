@@ -57,7 +57,8 @@ pub enum RecvIo {
         payload: Bytes,
         slots: Vec<u32>,
     },
-    /// Read durable slot `from`, verify it, write it to `to`. Answer `Stored` or `Corrupt`.
+    /// Read durable slot `from`, verify it, write it to `to`. Answer `Stored`, or `CopyFailed`
+    /// when the source no longer holds the chunk (it is then fetched from the sender).
     Copy { chunk: u32, from: u32, to: Vec<u32> },
     /// Make `slots` durable: fsync their data, then append them to the journal and fsync it.
     Commit { slots: Vec<u32> },
@@ -83,9 +84,15 @@ pub enum RecvIoDone {
     Committed {
         slots: Vec<u32>,
     },
-    /// These durable slots turned out not to hold their chunk (disk damage); fetch them again.
+    /// Finalize found these durable slots not holding their chunk (disk damage); fetch them again.
     Damaged {
         slots: Vec<u32>,
+    },
+    /// A local copy's durable source no longer holds the chunk; `damaged` slots (the source, or
+    /// a whole file that was trusted in place) are fetched again.
+    CopyFailed {
+        chunk: u32,
+        damaged: Vec<u32>,
     },
     Finalized,
     /// The store failed; the session ends with a destination error.
@@ -471,32 +478,16 @@ impl Receiver {
                 }
                 self.maybe_finalize(&m);
             }
+            RecvIoDone::CopyFailed { chunk, damaged } => {
+                self.settle(&m, chunk);
+                self.on_damaged(&m, damaged);
+            }
             RecvIoDone::Damaged { slots } => {
                 self.exclusive_io = false;
                 if matches!(self.state, State::Finalizing) {
                     self.state = State::Transferring;
                 }
-                let mut chunks = Vec::new();
-                for s in slots {
-                    if self.durable.get(s) {
-                        self.durable.set(s, false);
-                        self.slots_durable -= 1;
-                        if let Some(l) = m.locate(s) {
-                            self.bytes_done -= u64::from(l.len);
-                            self.bytes_verified =
-                                self.bytes_verified.saturating_sub(u64::from(l.len));
-                        }
-                    }
-                    if let Some(c) = m.slot_chunk(s) {
-                        chunks.push(c);
-                    }
-                }
-                chunks.sort_unstable();
-                chunks.dedup();
-                for c in chunks {
-                    self.have.set(c, false);
-                    self.want_again(c, false);
-                }
+                self.on_damaged(&m, slots);
             }
             RecvIoDone::Finalized => {
                 self.exclusive_io = false;
@@ -516,6 +507,38 @@ impl Receiver {
                 self.uncommitted_bytes = 0;
                 self.busy = 0;
                 self.busy_bytes = 0;
+            }
+        }
+    }
+
+    fn on_damaged(&mut self, m: &Manifest, slots: Vec<u32>) {
+        if matches!(self.state, State::Draining | State::Done) {
+            return;
+        }
+        let mut chunks = Vec::new();
+        for s in slots {
+            if self.durable.get(s) {
+                self.durable.set(s, false);
+                self.slots_durable -= 1;
+                if let Some(l) = m.locate(s) {
+                    self.bytes_done -= u64::from(l.len);
+                    self.bytes_verified = self.bytes_verified.saturating_sub(u64::from(l.len));
+                }
+            }
+            if let Some(c) = m.slot_chunk(s) {
+                chunks.push(c);
+            }
+        }
+        chunks.sort_unstable();
+        chunks.dedup();
+        // Queued copies of these chunks would read a slot that no longer holds them: the chunk
+        // arrives from the sender instead and is written to every slot still missing it.
+        self.copies
+            .retain(|(c, _, _)| chunks.binary_search(c).is_err());
+        for c in chunks {
+            self.have.set(c, false);
+            if !self.wanted.get(c) {
+                self.want_again(c, false);
             }
         }
     }
