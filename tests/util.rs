@@ -150,7 +150,10 @@ pub struct Ferry {
     events: Receiver<Value>,
     /// Every event read so far, in order (including the ones `wait_event` skipped).
     pub seen: Vec<Value>,
-    stderr: Arc<Mutex<String>>,
+    stderr: Arc<Mutex<Vec<u8>>>,
+    /// The thread draining stderr; joined once the process has exited, so that `stderr()` never
+    /// misses the last lines.
+    stderr_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     status: Option<ExitStatus>,
     stdout_closed: bool,
 }
@@ -183,10 +186,11 @@ impl Ferry {
                 }
             }
         });
-        let stderr = Arc::new(Mutex::new(String::new()));
+        let stderr = Arc::new(Mutex::new(Vec::new()));
         let mut pipe = child.stderr.take().expect("stderr");
         let sink = Arc::clone(&stderr);
-        std::thread::spawn(move || {
+        // Raw bytes: a read may end inside a multi-byte character (paths in Chinese, emoji).
+        let stderr_thread = std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
             while let Ok(n) = pipe.read(&mut buf) {
                 if n == 0 {
@@ -194,7 +198,7 @@ impl Ferry {
                 }
                 sink.lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+                    .extend_from_slice(&buf[..n]);
             }
         });
         let label = format!(
@@ -210,16 +214,26 @@ impl Ferry {
             events,
             seen: Vec::new(),
             stderr,
+            stderr_thread: Mutex::new(Some(stderr_thread)),
             status: None,
             stdout_closed: false,
         }
     }
 
+    /// What the process wrote to stderr so far; all of it once the process has exited.
     pub fn stderr(&self) -> String {
-        self.stderr
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        if self.status.is_some() {
+            let handle = self
+                .stderr_thread
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            if let Some(h) = handle {
+                let _ = h.join();
+            }
+        }
+        let bytes = self.stderr.lock().unwrap_or_else(|p| p.into_inner());
+        String::from_utf8_lossy(&bytes).into_owned()
     }
 
     fn context(&mut self) -> String {
