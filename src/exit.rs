@@ -94,10 +94,8 @@ pub fn from_session(e: &SessionError) -> Failure {
         ),
         SessionError::Integrity(_) => (Exit::Integrity, ""),
         SessionError::Source(_) => (Exit::Source, ""),
-        SessionError::Destination(_) => (
-            Exit::Destination,
-            "; fix it and run the same command again to continue",
-        ),
+        // Store errors already say what to do.
+        SessionError::Destination(_) => (Exit::Destination, ""),
         _ => (Exit::Internal, ""),
     };
     Failure::new(exit, format!("{e}{hint}"))

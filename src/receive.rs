@@ -20,6 +20,10 @@ use crate::exit::{self, Exit, Failure};
 use crate::output::{human_bytes, Reporter};
 use ferry::session;
 
+/// Said when Ctrl-C stops this side.
+const STOPPED: &str =
+    "stopped; everything verified so far is kept: run the same command to continue";
+
 pub struct ReceiveSettings {
     pub dest: PathBuf,
     pub code: Option<PairingCode>,
@@ -306,7 +310,7 @@ pub async fn run(s: ReceiveSettings, rep: &Reporter) -> Result<ReceiveSummary, F
                 conn.close(1, b"receiver stopped");
                 let _ = fut.await;
                 rep.finish_progress();
-                return Err(Failure::new(Exit::Interrupted, "stopped; everything verified so far is kept: run the same command to continue"));
+                return Err(Failure::new(Exit::Interrupted, STOPPED));
             }
             }
         };
@@ -410,7 +414,7 @@ async fn reconnect(
         let attempt = tokio::select! {
             r = ep.connect_peer(id, addrs) => r,
             _ = tokio::signal::ctrl_c() => {
-                return Err(Failure::new(Exit::Interrupted, "stopped; everything verified so far is kept: run the same command to continue"));
+                return Err(Failure::new(Exit::Interrupted, STOPPED));
             }
         };
         match attempt {

@@ -20,6 +20,9 @@ use crate::exit::{self, Exit, Failure};
 use crate::output::{human_bytes, Reporter};
 use ferry::session;
 
+/// Said when Ctrl-C stops this side.
+const STOPPED: &str = "stopped; run the same command to continue where it left off";
+
 pub struct SendSettings {
     pub dir: PathBuf,
     pub code: Option<PairingCode>,
@@ -174,7 +177,7 @@ pub async fn run(
             None => tokio::select! {
                 a = ep.accept() => a,
                 _ = tokio::signal::ctrl_c() => {
-                    return Err(Failure::new(Exit::Interrupted, "stopped; run the same command to continue where it left off"));
+                    return Err(Failure::new(Exit::Interrupted, STOPPED));
                 }
             },
         };
@@ -211,7 +214,7 @@ pub async fn run(
                         },
                         _ = tokio::signal::ctrl_c() => {
                             conn.close(1, b"sender stopped");
-                            return Err(Failure::new(Exit::Interrupted, "stopped; run the same command to continue where it left off"));
+                            return Err(Failure::new(Exit::Interrupted, STOPPED));
                         }
                     }
                 };

@@ -55,9 +55,11 @@ const MAX_OPEN_FILES: usize = 128;
 pub enum StoreError {
     #[error("no space left on the destination while writing {path}: free some space and run the same command again")]
     NoSpace { path: PathBuf },
-    #[error("permission denied on {path}: check the destination's permissions")]
+    #[error("permission denied on {path}: fix the destination's permissions and run the same command again")]
     PermissionDenied { path: PathBuf },
-    #[error("{path}: {source}")]
+    #[error(
+        "{path}: {source}; fix it and run the same command again (what already arrived is kept)"
+    )]
     Io { path: PathBuf, source: io::Error },
     #[error("{path} is in the way: {why}")]
     Conflict { path: PathBuf, why: String },
