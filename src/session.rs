@@ -3,13 +3,14 @@
 
 use std::sync::Arc;
 
-use ferry_sync::driver::{run_receiver, run_sender, DriveError, SendStats};
+use bytes::Bytes;
+use ferry_sync::driver::{run_receiver, run_sender, DataSink, DriveError, SendStats};
 use ferry_sync::manifest::ManifestSummary;
 use ferry_sync::proto::{Receiver, ReceiverConfig, RecvEvent, SendEvent, Sender, SenderConfig};
 use ferry_sync::source::Source;
 use ferry_sync::store::FsStore;
 use ferry_sync::Manifest;
-use ferry_transport::PeerConnection;
+use ferry_transport::{PeerConnection, SendStream};
 use tokio::sync::mpsc;
 
 /// Data streams per session: enough to keep a fast link busy while one stream waits on loss.
@@ -20,6 +21,29 @@ pub const CLOSE_DONE: u32 = 0x100;
 pub const CLOSE_SUPERSEDED: u32 = 0x102;
 /// The sender is serving another device.
 pub const CLOSE_BUSY: u32 = 0x103;
+
+/// A QUIC data stream as a [`DataSink`]: quinn takes the frame's buffers as they are, so chunk
+/// payloads are not copied into the stream's send buffer.
+struct QuicLane(SendStream);
+
+impl DataSink for QuicLane {
+    async fn send_frame(&mut self, head: Bytes, body: Bytes) -> std::io::Result<()> {
+        let mut bufs = [head, body];
+        let bufs = if bufs[1].is_empty() {
+            &mut bufs[..1]
+        } else {
+            &mut bufs[..]
+        };
+        self.0
+            .write_all_chunks(bufs)
+            .await
+            .map_err(std::io::Error::other)
+    }
+
+    async fn finish(&mut self) {
+        let _ = self.0.finish();
+    }
+}
 
 fn lost(e: impl std::fmt::Display) -> DriveError {
     DriveError::LinkLost(e.to_string())
@@ -39,7 +63,7 @@ pub async fn serve(
     let mut lanes = Vec::with_capacity(DATA_LANES);
     for _ in 0..DATA_LANES {
         match conn.open_uni().await {
-            Ok(s) => lanes.push(s),
+            Ok(s) => lanes.push(QuicLane(s)),
             Err(e) => return (Err(lost(e)), SendStats::default()),
         }
     }
