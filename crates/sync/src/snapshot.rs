@@ -23,7 +23,7 @@
 //! `-journal` companions are left out of the manifest.
 //!
 //! # Reuse
-//! Each snapshot is recorded with the (size, mtime, ctime, inode) of the database and of its
+//! Each snapshot is recorded with the (size, mtime, inode) of the database and of its
 //! `-wal` and `-journal` as they were *before* the copy. When they are unchanged at the next
 //! scan the snapshot is reused untouched, so the hash cache serves it too and an unchanged
 //! database costs a few `stat`s. (A write after that stat only makes the snapshot newer than its
@@ -114,21 +114,41 @@ impl FileKey {
     }
 }
 
+/// A version of a database file or companion: (size, mtime, inode). Not the ctime: SQLite
+/// itself `fchown`s a `-wal` to the database's owner whenever it opens it as root, which
+/// changes the ctime without any write; SQLite's writes always move the mtime.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Version {
+    size: u64,
+    mtime: (i64, i64),
+    ino: u64,
+}
+
+impl Version {
+    fn of(k: FileKey) -> Self {
+        Version {
+            size: k.size,
+            mtime: k.mtime,
+            ino: k.ino,
+        }
+    }
+}
+
 /// The state of a database and its companions that a snapshot was taken from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct DbKey {
-    db: FileKey,
-    wal: Option<FileKey>,
-    journal: Option<FileKey>,
+    db: Version,
+    wal: Option<Version>,
+    journal: Option<Version>,
 }
 
 impl DbKey {
     fn stat(db: &Path) -> io::Result<Self> {
         let md = fs::symlink_metadata(db)?;
         Ok(DbKey {
-            db: FileKey::of(&md),
-            wal: FileKey::stat(&companion(db, "-wal")),
-            journal: FileKey::stat(&companion(db, "-journal")),
+            db: Version::of(FileKey::of(&md)),
+            wal: FileKey::stat(&companion(db, "-wal")).map(Version::of),
+            journal: FileKey::stat(&companion(db, "-journal")).map(Version::of),
         })
     }
 
