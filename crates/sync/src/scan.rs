@@ -63,7 +63,9 @@ pub const RACY_WINDOW: Duration = Duration::from_millis(20);
 /// Called after a file was read and before it is checked for changes, with the manifest path
 /// and the attempt number (0-based). It lets tests change a file at exactly that moment.
 #[derive(Clone)]
-pub struct ReadHook(Arc<dyn Fn(&str, u32) + Send + Sync>);
+pub struct ReadHook(Arc<ReadHookFn>);
+
+type ReadHookFn = dyn Fn(&str, u32) + Send + Sync;
 
 impl ReadHook {
     pub fn new(f: impl Fn(&str, u32) + Send + Sync + 'static) -> Self {
@@ -443,8 +445,8 @@ pub fn scan(
         let mut dbs = Vec::new();
         for (i, f) in files.iter_mut().enumerate() {
             let e = &entries[f.index];
-            let known_plain = cached(&e.path, f.key.size, mtime_of(&f.key), f.key.ino)
-                .is_some_and(|c| c.plain);
+            let known_plain =
+                cached(&e.path, f.key.size, mtime_of(&f.key), f.key.ino).is_some_and(|c| c.plain);
             // Anything shorter than one 512-byte page is not a database.
             if known_plain || f.key.size < 512 {
                 f.plain = true;
@@ -499,8 +501,32 @@ pub fn scan(
             }
             databases.push(Database { path, capture });
         }
+        databases.sort_by(|a: &Database, b: &Database| a.path.cmp(&b.path));
+        // Reading a database may have made SQLite create its -shm, which moves the mtime of
+        // the folder holding it: record the folder as it is now, so the next scan (and a
+        // restarted sender) describes the same tree.
+        let parents: std::collections::HashSet<&str> = databases
+            .iter()
+            .filter_map(|d| d.path.rsplit_once('/').map(|(dir, _)| dir))
+            .collect();
+        if !parents.is_empty() {
+            for e in entries
+                .iter_mut()
+                .filter(|e| e.kind == EntryKind::Dir && parents.contains(e.path.as_str()))
+            {
+                if let Ok(md) = fs::symlink_metadata(root.join(&e.path)) {
+                    e.mtime = Mtime {
+                        secs: md.mtime(),
+                        nanos: md.mtime_nsec().clamp(0, 999_999_999) as u32,
+                    };
+                }
+            }
+        }
         if let Err(e) = store.finish() {
-            tracing::warn!("cannot tidy the snapshot folder {}: {e}", snap_dir.display());
+            tracing::warn!(
+                "cannot tidy the snapshot folder {}: {e}",
+                snap_dir.display()
+            );
         }
     }
 
@@ -650,10 +676,12 @@ fn hash_files(files: &[PendingFile], cfg: &ScanConfig) -> Result<Vec<ReadResult>
     out.into_inner()
         .unwrap_or_else(|p| p.into_inner())
         .into_iter()
-        .map(|r| r.ok_or_else(|| ScanError::Io {
-            path: PathBuf::new(),
-            source: io::Error::other("a hashing thread stopped early"),
-        }))
+        .map(|r| {
+            r.ok_or_else(|| ScanError::Io {
+                path: PathBuf::new(),
+                source: io::Error::other("a hashing thread stopped early"),
+            })
+        })
         .collect()
 }
 

@@ -36,7 +36,10 @@ fn wal_only_db(path: &Path, rows: u32) -> Connection {
     for i in 0..rows {
         c.execute(
             "INSERT INTO messages(body) VALUES (?1)",
-            [format!("message {i} 你好 {}", "x".repeat((i % 300) as usize))],
+            [format!(
+                "message {i} 你好 {}",
+                "x".repeat((i % 300) as usize)
+            )],
         )
         .unwrap();
     }
@@ -45,7 +48,9 @@ fn wal_only_db(path: &Path, rows: u32) -> Connection {
 
 fn entry_hashes(out: &ScanOutput, path: &str) -> Vec<ChunkHash> {
     let m = &out.manifest;
-    m.wire_entry(m.find(path).expect("entry present")).unwrap().hashes
+    m.wire_entry(m.find(path).expect("entry present"))
+        .unwrap()
+        .hashes
 }
 
 /// The snapshot's bytes, as the receiver would write them, into a folder of their own.
@@ -53,7 +58,11 @@ fn deliver(out: &ScanOutput, path: &str, to: &Path) -> PathBuf {
     let snap = &out.sources[path];
     let data = fs::read(snap).unwrap();
     let e = &out.manifest.entries()[out.manifest.find(path).unwrap()];
-    assert_eq!(data.len() as u64, e.size, "the manifest describes the snapshot");
+    assert_eq!(
+        data.len() as u64,
+        e.size,
+        "the manifest describes the snapshot"
+    );
     let hashes: Vec<ChunkHash> = data
         .chunks(e.chunk_size() as usize)
         .map(ChunkHash::of)
@@ -93,7 +102,11 @@ fn wal_only_rows_are_captured_in_a_self_contained_snapshot() {
         .iter()
         .map(|e| e.path.as_str())
         .collect();
-    assert_eq!(paths, ["db", "db/msg.db", "note.txt"], "no -wal/-shm entries");
+    assert_eq!(
+        paths,
+        ["db", "db/msg.db", "note.txt"],
+        "no -wal/-shm entries"
+    );
     assert_eq!(
         out.databases[0].capture,
         Capture::Snapshot { reused: false }
@@ -103,14 +116,21 @@ fn wal_only_rows_are_captured_in_a_self_contained_snapshot() {
     // Delivered alone (no -wal), the snapshot is whole, in rollback mode, with every row.
     let got = deliver(&out, "db/msg.db", &dir.path().join("new"));
     let head = fs::read(&got).unwrap();
-    assert_eq!((head[18], head[19]), (1, 1), "journal_mode=DELETE in the header");
+    assert_eq!(
+        (head[18], head[19]),
+        (1, 1),
+        "journal_mode=DELETE in the header"
+    );
     integrity_check(&got).unwrap();
     assert_eq!(count(&got), 2000);
     assert!(!dir.path().join("new/received.db-wal").exists());
 
     // Unchanged: the snapshot and its hashes are reused, nothing is read again.
     let again = scan(&root, Some(&mut cache), &cfg).unwrap();
-    assert_eq!(again.databases[0].capture, Capture::Snapshot { reused: true });
+    assert_eq!(
+        again.databases[0].capture,
+        Capture::Snapshot { reused: true }
+    );
     assert_eq!(again.hashed_bytes, 0);
     assert_eq!(again.manifest.root(), out.manifest.root());
 
@@ -119,7 +139,10 @@ fn wal_only_rows_are_captured_in_a_self_contained_snapshot() {
         .execute("INSERT INTO messages(body) VALUES ('late')", [])
         .unwrap();
     let third = scan(&root, Some(&mut cache), &cfg).unwrap();
-    assert_eq!(third.databases[0].capture, Capture::Snapshot { reused: false });
+    assert_eq!(
+        third.databases[0].capture,
+        Capture::Snapshot { reused: false }
+    );
     assert_ne!(third.manifest.root(), out.manifest.root());
     let got = deliver(&third, "db/msg.db", &dir.path().join("newer"));
     integrity_check(&got).unwrap();
@@ -291,4 +314,35 @@ fn raw_file_changing_on_every_read_is_reported_and_left_out() {
     assert!(out.unstable[0].reason.contains("consistently"));
     assert!(out.manifest.find("voice.amr").is_none(), "left out");
     assert!(out.manifest.find("steady.bin").is_some());
+}
+
+#[test]
+fn two_senders_describe_the_same_history_with_the_same_root() {
+    // A generated history has un-checkpointed -wal files and no -shm: the first snapshot makes
+    // SQLite create the -shm (moving the folder's mtime); a second sender with its own state
+    // must still compute the same root (a restarted sender resumes against it).
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("history");
+    generate(
+        &root,
+        &HistorySpec {
+            seed: 9,
+            ..HistorySpec::with_size(2 << 20)
+        },
+    )
+    .unwrap();
+    let first = scan(
+        &root,
+        None,
+        &cfg_with_snapshots(&dir.path().join("a"), &root),
+    )
+    .unwrap();
+    let second = scan(
+        &root,
+        None,
+        &cfg_with_snapshots(&dir.path().join("b"), &root),
+    )
+    .unwrap();
+    assert!(first.databases.len() >= 2, "{:?}", first.databases);
+    assert_eq!(first.manifest.root(), second.manifest.root());
 }

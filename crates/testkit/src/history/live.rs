@@ -137,7 +137,11 @@ impl LiveWriter {
     /// Id of the last message whose transaction had committed by `t` (`first_message_id() - 1`
     /// if none had).
     pub fn committed_before(&self, t: Instant) -> u64 {
-        let log = self.counters.commits.lock().unwrap_or_else(|p| p.into_inner());
+        let log = self
+            .counters
+            .commits
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let n = log.partition_point(|c| c.at <= t);
         n.checked_sub(1)
             .map_or(self.first_id.saturating_sub(1), |i| log[i].last_id)

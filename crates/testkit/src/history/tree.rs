@@ -53,7 +53,10 @@ pub enum Difference {
         right: PathBuf,
     },
     /// Two SQLite databases differ in content, or the right one is damaged.
-    Database { path: PathBuf, problem: String },
+    Database {
+        path: PathBuf,
+        problem: String,
+    },
 }
 
 impl fmt::Display for Difference {
@@ -216,11 +219,13 @@ fn diff(left: &Path, right: &Path, histories: bool) -> anyhow::Result<Vec<Differ
             continue;
         }
         match le.kind {
-            EntryKind::File if le.len != re.len && !databases.contains(path) => diffs.push(Difference::Size {
-                path: path.clone(),
-                left: le.len,
-                right: re.len,
-            }),
+            EntryKind::File if le.len != re.len && !databases.contains(path) => {
+                diffs.push(Difference::Size {
+                    path: path.clone(),
+                    left: le.len,
+                    right: re.len,
+                })
+            }
             EntryKind::File if databases.contains(path) => {
                 if let Some(problem) = database_difference(&left.join(path), &right.join(path))? {
                     diffs.push(Difference::Database {
@@ -282,8 +287,8 @@ pub fn assert_histories_equal(left: &Path, right: &Path) -> anyhow::Result<()> {
 /// A digest of a database's content: schema, `user_version`, and every row of every table
 /// (by rowid, or by primary key for `WITHOUT ROWID` tables), with a row count per table.
 pub fn database_digest(path: &Path) -> anyhow::Result<Vec<(String, u64, u64)>> {
-    use std::hash::{Hash, Hasher};
     use rusqlite::types::ValueRef;
+    use std::hash::{Hash, Hasher};
     let conn = rusqlite::Connection::open_with_flags(
         path,
         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
@@ -308,7 +313,11 @@ pub fn database_digest(path: &Path) -> anyhow::Result<Vec<(String, u64, u64)>> {
             }
             n += 1;
         }
-        out.push((format!("schema (user_version {version})"), n, schema.finish()));
+        out.push((
+            format!("schema (user_version {version})"),
+            n,
+            schema.finish(),
+        ));
     }
     for t in tables {
         let quoted = t.replace('"', "\"\"");
