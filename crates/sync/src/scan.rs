@@ -87,6 +87,9 @@ pub struct ScanConfig {
     /// Where to keep consistent snapshots of SQLite databases (one folder per shared directory,
     /// see [`SnapshotStore::dir_for`]). `None` reads databases like any other file.
     pub snapshot_dir: Option<PathBuf>,
+    /// How long a snapshot waits for a database the app holds locked before the database is
+    /// read raw instead.
+    pub snapshot_busy_timeout: Duration,
     /// Reads of a file that keeps changing before it is reported as unstable (≥ 1).
     pub read_attempts: u32,
     /// Pause before re-read n (1-based): [`RACY_WINDOW`] + n × this.
@@ -96,11 +99,12 @@ pub struct ScanConfig {
 }
 
 impl Default for ScanConfig {
-    /// One thread per core, no snapshots, 3 attempts, 25 ms backoff.
+    /// One thread per core, no snapshots (2 s busy timeout), 3 attempts, 25 ms backoff.
     fn default() -> Self {
         ScanConfig {
             threads: 0,
             snapshot_dir: None,
+            snapshot_busy_timeout: crate::snapshot::DEFAULT_BUSY_TIMEOUT,
             read_attempts: 3,
             retry_backoff: Duration::from_millis(25),
             after_read: None,
@@ -434,6 +438,7 @@ pub fn scan(
             path: snap_dir.clone(),
             source: e,
         })?;
+        store.set_busy_timeout(cfg.snapshot_busy_timeout);
         // Files that could be companions, by path.
         let by_path: HashMap<String, usize> = files
             .iter()

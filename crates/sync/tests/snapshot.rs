@@ -346,3 +346,40 @@ fn two_senders_describe_the_same_history_with_the_same_root() {
     assert!(first.databases.len() >= 2, "{:?}", first.databases);
     assert_eq!(first.manifest.root(), second.manifest.root());
 }
+
+#[test]
+fn database_locked_by_the_app_is_sent_raw_after_the_busy_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("src");
+    fs::create_dir_all(&root).unwrap();
+    let db = root.join("locked.db");
+    // Rollback-journal mode with an exclusive lock held: the app writes and never lets go.
+    let app = Connection::open(&db).unwrap();
+    app.execute_batch(
+        "PRAGMA locking_mode=EXCLUSIVE;
+         CREATE TABLE t(x);
+         INSERT INTO t VALUES (1);",
+    )
+    .unwrap();
+    let cfg = ScanConfig {
+        snapshot_busy_timeout: Duration::from_millis(200),
+        ..cfg_with_snapshots(&dir.path().join("state"), &root)
+    };
+    let t = Instant::now();
+    let out = scan(&root, None, &cfg).unwrap();
+    assert!(t.elapsed() < Duration::from_secs(10));
+    assert!(
+        matches!(&out.databases[0].capture, Capture::Raw { reason } if reason.contains("lock")),
+        "{:?}",
+        out.databases
+    );
+    assert!(out.manifest.find("locked.db").is_some());
+    assert!(out.sources.is_empty());
+    drop(app);
+    // Released: the next scan snapshots it.
+    let out = scan(&root, None, &cfg).unwrap();
+    assert_eq!(
+        out.databases[0].capture,
+        Capture::Snapshot { reused: false }
+    );
+}
