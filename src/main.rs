@@ -95,7 +95,7 @@ async fn run(command: Command) -> Result<(), Failure> {
                 dirs: common::dirs()?,
                 dir: f.dir,
             };
-            send::run(settings, &rep, None).await.map(|_| ())
+            send::run(settings, &rep, None).await?.completeness()
         }
         Command::Receive(f) => {
             let rep = Reporter::new(f.json);

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use ferry_sync::compress::CompressPolicy;
-use ferry_sync::scan::{scan, HashCache, ScanConfig, ScanError};
+use ferry_sync::scan::{scan, Capture, HashCache, ScanConfig, ScanError};
+use ferry_sync::snapshot::SnapshotStore;
 use ferry_sync::source::Source;
 use ferry_transport::{
     AcceptError, Advertisement, Congestion, Discovery, FerryDirs, MdnsConfig, MdnsDiscovery,
@@ -37,6 +38,30 @@ pub struct SendSummary {
     pub wire_bytes: u64,
     pub sessions: u32,
     pub scan_secs: f64,
+    /// Files left out because they kept changing while read: the migration is incomplete.
+    pub unstable: Vec<String>,
+}
+
+impl SendSummary {
+    /// `Err` (exit code 10, incomplete) when files were left out; see the README.
+    pub fn completeness(&self) -> Result<(), Failure> {
+        if self.unstable.is_empty() {
+            return Ok(());
+        }
+        let shown: Vec<&str> = self.unstable.iter().take(10).map(String::as_str).collect();
+        let more = match self.unstable.len() {
+            n if n > 10 => format!(" and {} more", n - 10),
+            _ => String::new(),
+        };
+        Err(Failure::new(
+            Exit::Incomplete,
+            format!(
+                "the migration finished, but {} file(s) kept changing and could not be captured consistently, so they were not sent: {}{more}; run ferry send again when the app is idle to send them",
+                self.unstable.len(),
+                shown.join(", ")
+            ),
+        ))
+    }
 }
 
 fn scan_failure(e: ScanError) -> Failure {
@@ -62,7 +87,11 @@ pub async fn run(
     let scanned = tokio::task::spawn_blocking(move || {
         let cache_path = HashCache::path_for(&state, &dir);
         let mut cache = HashCache::load(&cache_path);
-        let out = scan(&dir, Some(&mut cache), &ScanConfig::default())?;
+        let cfg = ScanConfig {
+            snapshot_dir: Some(SnapshotStore::dir_for(&state, &dir)),
+            ..ScanConfig::default()
+        };
+        let out = scan(&dir, Some(&mut cache), &cfg)?;
         if let Err(e) = cache.save(&cache_path) {
             tracing::warn!("cannot save the hash cache {}: {e}", cache_path.display());
         }
@@ -82,6 +111,42 @@ pub async fn run(
             scanned.skipped.len() - 20
         ));
     }
+    let (mut snapshots, mut reused) = (0u64, 0u64);
+    for db in &scanned.databases {
+        match &db.capture {
+            Capture::Snapshot { reused: r } => {
+                snapshots += 1;
+                reused += u64::from(*r);
+            }
+            Capture::Raw { reason } => {
+                rep.say(&format!(
+                    "database {} cannot be read through SQLite ({reason}); sending it as a plain file, checked for changes while read",
+                    db.path
+                ));
+                rep.event(
+                    "database",
+                    json!({"path": db.path, "capture": "raw", "reason": reason}),
+                );
+            }
+        }
+    }
+    if snapshots > 0 {
+        rep.say(&format!(
+            "{snapshots} database(s) captured as consistent snapshots ({reused} unchanged since the last scan)"
+        ));
+    }
+    rep.event(
+        "databases",
+        json!({"snapshots": snapshots, "reused": reused, "raw": scanned.databases.len() as u64 - snapshots}),
+    );
+    for u in &scanned.unstable {
+        rep.say(&format!(
+            "could not be captured consistently, not sent: {} ({})",
+            u.path, u.reason
+        ));
+        rep.event("unstable", json!({"path": u.path, "reason": u.reason}));
+    }
+    let unstable: Vec<String> = scanned.unstable.iter().map(|u| u.path.clone()).collect();
     let manifest = Arc::new(scanned.manifest);
     let sum = *manifest.summary();
     rep.say(&format!(
@@ -99,11 +164,10 @@ pub async fn run(
         json!({"files": sum.files, "bytes": sum.bytes, "chunks": sum.unique_chunks, "root": sum.root.to_hex(),
             "hashed_bytes": scanned.hashed_bytes, "cached_files": scanned.cached_files, "scan_s": scan_secs}),
     );
-    let source = Arc::new(Source::new(
-        &s.dir,
-        Arc::clone(&manifest),
-        CompressPolicy::default(),
-    ));
+    let source = Arc::new(
+        Source::new(&s.dir, Arc::clone(&manifest), CompressPolicy::default())
+            .with_redirects(scanned.sources),
+    );
 
     let ep = common::endpoint_with(&s.dirs, s.name.as_deref(), s.listen, s.congestion)?;
     let mut code = match s.code {
@@ -223,9 +287,14 @@ pub async fn run(
                     Ok(()) => {
                         conn.close(session::CLOSE_DONE, b"done");
                         let elapsed = started.elapsed().as_secs_f64();
-                        rep.event("done", json!({"root": sum.root.to_hex(), "files": sum.files, "bytes": sum.bytes, "wire_bytes": wire_bytes, "elapsed_s": elapsed}));
+                        rep.event("done", json!({"root": sum.root.to_hex(), "files": sum.files, "bytes": sum.bytes, "wire_bytes": wire_bytes, "elapsed_s": elapsed, "complete": unstable.is_empty(), "unstable": unstable}));
                         rep.say(&format!(
-                            "done: {} verified by {} ({} on the wire, {:.1} s)",
+                            "{}: {} verified by {} ({} on the wire, {:.1} s)",
+                            if unstable.is_empty() {
+                                "done"
+                            } else {
+                                "done, but incomplete"
+                            },
                             human_bytes(sum.bytes),
                             peer.name,
                             human_bytes(wire_bytes),
@@ -236,6 +305,7 @@ pub async fn run(
                             wire_bytes,
                             sessions,
                             scan_secs,
+                            unstable,
                         });
                     }
                     Err(e) => {
