@@ -722,8 +722,10 @@ impl Receiver {
                     self.cfg.stall_timeout.as_secs()
                 ),
             }));
-        self.control
-            .push_back(close_frame(CloseCode::Timeout, &format!("stalled: {what} received")));
+        self.control.push_back(close_frame(
+            CloseCode::Timeout,
+            &format!("stalled: {what} received"),
+        ));
         self.state = State::Draining;
         self.copies.clear();
         self.flush_commit();
