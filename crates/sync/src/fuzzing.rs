@@ -340,7 +340,7 @@ pub fn sender(data: &[u8]) {
         }
         step += 1;
         // Alternate between a receiver that reads and one that does not.
-        let drain = step % 3 != 0;
+        let drain = !step.is_multiple_of(3);
         for _ in 0..10_000 {
             let mut moved = false;
             while s.has_control() || (drain && s.has_data()) {
