@@ -295,6 +295,13 @@ impl Receiver {
         }
     }
 
+    /// The transport saw the sender break the protocol (e.g. too many data streams).
+    pub fn handle_protocol_violation(&mut self, why: impl Into<String>) {
+        if !matches!(self.state, State::Done | State::Draining) {
+            self.fail(SessionError::Protocol(why.into()));
+        }
+    }
+
     /// The connection is gone: stop asking for data, finish and commit what arrived.
     pub fn handle_link_lost(&mut self) {
         if !matches!(self.state, State::Done | State::Draining) {
