@@ -293,8 +293,7 @@ fn read_chunk(
         .and_then(|(_, d)| d.get(offset as usize..offset as usize + len as usize));
     match data {
         Some(d) => {
-            let (encoding, payload) =
-                encode_chunk(Bytes::copy_from_slice(d), policy);
+            let (encoding, payload) = encode_chunk(Bytes::copy_from_slice(d), policy);
             SendIoDone::Read {
                 chunk,
                 encoding,

@@ -913,10 +913,15 @@ fn absurd_counts_stay_within_the_limits_without_allocating_for_them() {
         "{e:?}"
     );
 
-    // A valid manifest claiming 1 TiB (16 × 64 GiB of one repeated chunk): the store refuses
-    // it for space before allocating or writing anything of that size.
-    let entries: Vec<_> = (0..16)
-        .map(|i| big_entry(&format!("big{i:02}.bin")))
+    // A valid manifest claiming more than twice the free space (64 GiB files of one repeated
+    // chunk): the store refuses it for space before allocating or writing anything that size.
+    let free = {
+        let st = rustix::fs::statvfs(&w.top).unwrap();
+        st.f_bavail * st.f_frsize
+    };
+    let files = (2 * free).div_ceil(1 << 36).max(1);
+    let entries: Vec<_> = (0..files)
+        .map(|i| big_entry(&format!("big{i:04}.bin")))
         .collect();
     let summary = summary_of(&entries);
     let (e, peak) = peak_of(|| {
