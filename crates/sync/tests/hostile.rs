@@ -1526,3 +1526,59 @@ fn rustix_mkfifo(p: &Path) {
         .unwrap();
     assert!(st.success());
 }
+
+#[test]
+fn hostile_modes_are_tamed_setuid_dropped_owner_keeps_access() {
+    use std::os::unix::fs::PermissionsExt;
+    let w = World::new();
+    let mut entries = w.wire_entries();
+    for e in &mut entries {
+        e.mode = match (&e.kind, e.path.as_str()) {
+            (EntryKind::Dir, "media") => 0o000,
+            (EntryKind::Dir, _) => 0o1777,
+            (EntryKind::File { .. }, "db/msg.db") => 0o4755,
+            (EntryKind::File { .. }, "empty.txt") => 0o2000,
+            (EntryKind::File { .. }, _) => 0o000,
+            _ => e.mode,
+        };
+    }
+    let summary = summary_of(&entries);
+    let mut v = Victim::new(&w.dest, ReceiverConfig::default());
+    v.hello();
+    v.send_msg(&Message::Manifest(entries));
+    v.send_msg(&Message::ManifestEnd(summary));
+    for id in v.wanted() {
+        v.feed(&honest_chunk(&w, id));
+    }
+    assert!(v.r.is_done(), "{:?}", v.failure);
+    drop(v);
+    let mut checked = 0;
+    for e in w.manifest.entries() {
+        let md = fs::symlink_metadata(w.dest.join(&e.path)).unwrap();
+        if md.file_type().is_symlink() {
+            continue;
+        }
+        let mode = md.permissions().mode() & 0o7777;
+        assert_eq!(mode & 0o7000, 0, "{}: special bits kept ({mode:o})", e.path);
+        let need = if md.is_dir() { 0o700 } else { 0o400 };
+        assert_eq!(
+            mode & need,
+            need,
+            "{}: owner lost access ({mode:o})",
+            e.path
+        );
+        checked += 1;
+    }
+    assert!(checked > 5);
+    assert_eq!(
+        fs::metadata(w.dest.join("db/msg.db"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777,
+        0o755
+    );
+    w.assert_nothing_written_outside_dest();
+    // The honest sender migrates again into the same DEST (its modes, its root).
+    w.finish_honestly();
+}
