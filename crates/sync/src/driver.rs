@@ -334,6 +334,12 @@ where
     )
 }
 
+/// Most data streams a receiver reads in one session. Each reader may buffer one partial frame
+/// (up to [`MAX_FRAME_BODY`](crate::proto::frame::MAX_FRAME_BODY)) before the machine sees it,
+/// so the count bounds that memory (ferry's sessions use 4); a sender opening more is breaking
+/// the protocol.
+pub const MAX_DATA_STREAMS: usize = 16;
+
 /// Runs a receiver session to its end. `on_event` sees every event.
 ///
 /// On a lost link the receiver commits everything verified so far before returning, so the next
@@ -459,6 +465,11 @@ where
             },
             Some(done) = io_rx.recv() => receiver.handle_io_done(done),
             stream = incoming.recv(), if incoming_open && link_up => match stream {
+                Some(_) if readers.len() >= MAX_DATA_STREAMS => {
+                    receiver.handle_protocol_violation(format!(
+                        "the sender opened more than {MAX_DATA_STREAMS} data streams"
+                    ));
+                }
                 Some(r) => readers.push(spawn_reader(r, chunk_tx.clone(), None)),
                 None => incoming_open = false,
             },
