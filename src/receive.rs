@@ -352,7 +352,10 @@ pub async fn run(s: ReceiveSettings, rep: &Reporter) -> Result<ReceiveSummary, F
             Err(e) if e.is_retryable() => {
                 summary.interruptions += 1;
                 rep.say(&format!("connection lost ({e}); reconnecting…"));
-                rep.event("interrupted", json!({"message": e.to_string()}));
+                rep.event(
+                    "interrupted",
+                    json!({"message": e.to_string(), "wire_bytes": summary.wire_bytes}),
+                );
                 conn = reconnect(&ep, sender.device_id, &addrs, s.give_up, rep).await?;
             }
             Err(e) => {

@@ -317,7 +317,10 @@ pub async fn run(
                         rep.say(&format!(
                             "session ended: {e}; waiting for the receiver to reconnect"
                         ));
-                        rep.event("interrupted", json!({"message": e.to_string()}));
+                        rep.event(
+                            "interrupted",
+                            json!({"message": e.to_string(), "wire_bytes": wire_bytes}),
+                        );
                     }
                 }
             }

@@ -5,6 +5,7 @@
 mod util;
 
 mod cli;
+mod crashloop;
 mod damage;
 mod destination;
 mod edge_cases;

@@ -375,6 +375,11 @@ impl Ferry {
         }
     }
 
+    /// The process id (for signals other than SIGKILL).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Whether the process is still running.
     pub fn running(&mut self) -> bool {
         self.status.is_none() && matches!(self.child.try_wait(), Ok(None))
