@@ -263,6 +263,24 @@ fn last_wire(f: &Ferry, name: &str) -> u64 {
         .map_or(0, |e| u64_of(e, "wire_bytes"))
 }
 
+/// Follows `f`'s events until it has emitted `n` `interrupted` events; false if it finished
+/// (`done`) first.
+fn await_report(f: &mut Ferry, n: usize) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while f.seen_named("interrupted").len() < n {
+        if !f.seen_named("done").is_empty() {
+            return false;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no `interrupted` report from the survivor of a kill:\n{}",
+            f.stderr()
+        );
+        f.next_event(Duration::from_millis(5));
+    }
+    true
+}
+
 /// Wire bytes and wall time of a clean migration of `src`, measured once per history.
 fn clean_run(src: &'static Path) -> (u64, f64) {
     static CLEAN: OnceLock<Mutex<HashMap<&'static Path, (u64, f64)>>> = OnceLock::new();
@@ -311,13 +329,30 @@ fn crash_loop(scenario: &str, finalize: usize, victim: impl Fn(usize) -> Victim)
     let (mut killed_senders_wire, mut killed_receivers_wire) = (0u64, 0u64);
     let mut landed: Vec<(Victim, Phase)> = Vec::new();
     let mut n0: Option<usize> = None;
+    // A session cut by a kill is reported by the survivor when it notices (`interrupted`).
+    // Before the survivor is killed in turn, the test waits for that report, or the session
+    // would be counted by nobody. These are the numbers of `interrupted` events the survivor
+    // must have emitted first.
+    let (mut sender_owes, mut receiver_owes): (Option<usize>, Option<usize>) = (None, None);
     for (i, kill) in plan.iter().enumerate() {
-        let Some(ph) = wait_trigger(&mut r, kill.when, &dest, &mut n0) else {
+        let Some(mut ph) = wait_trigger(&mut r, kill.when, &dest, &mut n0) else {
             eprintln!("kill {}: the migration finished first", i + 1);
             break;
         };
+        let owed = match kill.victim {
+            Victim::Receiver => receiver_owes.take().map(|n| (&mut r, n)),
+            Victim::Sender => sender_owes.take().map(|n| (&mut s, n)),
+        };
+        if let Some((f, n)) = owed {
+            if !await_report(f, n) {
+                eprintln!("kill {}: the migration finished first", i + 1);
+                break;
+            }
+            ph = phase(&r, &dest, n0);
+        }
         match kill.victim {
             Victim::Receiver => {
+                sender_owes = Some(s.seen_named("interrupted").len() + 1);
                 r.kill9();
                 r.wait_exit(LONG);
                 killed_receivers_wire += last_wire(&r, "interrupted");
@@ -330,6 +365,7 @@ fn crash_loop(scenario: &str, finalize: usize, victim: impl Fn(usize) -> Victim)
                 n0 = None;
             }
             Victim::Sender => {
+                receiver_owes = Some(r.seen_named("interrupted").len() + 1);
                 s.kill9();
                 s.wait_exit(LONG);
                 killed_senders_wire += last_wire(&s, "interrupted");
@@ -430,11 +466,14 @@ fn crash_loop_sender_killed() {
 #[test]
 fn crash_loop_both_killed_in_turn() {
     let k = knobs().kills;
-    crash_loop("both", (k / 5).max(3), |i| {
-        if i % 2 == 0 {
-            Victim::Receiver
-        } else {
+    let finalize = (k / 5).max(3).min(k);
+    // Alternating while streaming; during finalize the receiver, and last the sender (the
+    // receiver then finishes alone and tells the restarted sender).
+    crash_loop("both", finalize, move |i| {
+        if i + 1 == k || (i < k - finalize && i % 2 == 1) {
             Victim::Sender
+        } else {
+            Victim::Receiver
         }
     });
 }

@@ -9,6 +9,7 @@ mod crashloop;
 mod damage;
 mod destination;
 mod edge_cases;
+mod faults;
 mod live;
 mod migrate;
 mod pairing;
