@@ -75,6 +75,16 @@ fn wait_committed(r: &mut Ferry, dest: &Path, fraction: f64) {
     }
 }
 
+/// Waits (following `r`'s events) until the receiver reports at least `fraction` of the bytes.
+fn wait_progress(r: &mut Ferry, fraction: f64) {
+    loop {
+        let ev = r.wait_event("progress", LONG);
+        if u64_of(&ev, "bytes_done") as f64 >= fraction * u64_of(&ev, "bytes_total") as f64 {
+            return;
+        }
+    }
+}
+
 /// Runs the same receive command again and checks that it resumes and completes: returns
 /// (bytes it already had, wire bytes it received).
 fn resume_to_done(new: &Device, dest: &Path, addr: &str, src: &Path) -> (u64, u64) {
@@ -454,10 +464,25 @@ impl Ext4Loop {
         assert!(st.success(), "ext4 shutdown failed");
     }
 
+    /// Unmounts and mounts again; retried until every file reads, since the kernel can hand
+    /// back the shut-down file system while the old loop device is still being released.
     fn remount(&self) {
-        let st = Command::new("umount").arg(&self.mnt).status().unwrap();
-        assert!(st.success(), "umount failed");
-        assert!(self.mount(), "mount again failed");
+        for attempt in 0..10 {
+            let st = Command::new("umount").arg(&self.mnt).status().unwrap();
+            assert!(st.success(), "umount failed");
+            std::thread::sleep(Duration::from_millis(200 * attempt));
+            assert!(self.mount(), "mount again failed");
+            let bad = files_under(&self.mnt).into_iter().find_map(|p| {
+                let p = self.mnt.join(p);
+                match std::fs::read(&p) {
+                    Err(e) if !p.is_symlink() => Some(format!("{}: {e}", p.display())),
+                    _ => None,
+                }
+            });
+            let Some(bad) = bad else { return };
+            eprintln!("the remounted file system still fails reads ({bad}); again");
+        }
+        panic!("the file system did not come back readable");
     }
 }
 
@@ -494,7 +519,11 @@ fn io_error_on_destination_write_stops_with_exit_6_then_resumes_after_the_disk_r
     let (mut s, addr, code) = start_sender(&old, src, "127.0.0.1:0");
     let mut r = new.receive(&dest, &addr, Some(&code), &[]);
     wait_committed(&mut r, &dest, 0.3);
+    // Held while the disk goes away, so that the error lands mid-stream and not after the
+    // (fast) rest of the transfer.
+    signal(r.pid(), "STOP");
     disk.shutdown();
+    signal(r.pid(), "CONT");
     r.expect_exit(6, LONG);
     let (kind, msg) = error_event(&r);
     assert_eq!(kind, "destination");
@@ -512,6 +541,7 @@ fn io_error_on_destination_write_stops_with_exit_6_then_resumes_after_the_disk_r
     let total = u64_of(&r.seen_named("manifest")[0], "bytes");
     eprintln!("EIO on the destination: resumed with {have} of {total} bytes, {wire} wire bytes");
     assert!(have > 0, "committed data did not survive");
+    assert!(have < total, "the error did not land mid-stream");
     assert!(wire <= total - have);
 }
 
@@ -540,8 +570,14 @@ fn io_error_on_source_read_stops_with_exit_8_then_resumes() {
     let listen = format!("127.0.0.1:{}", free_udp_port());
     let (mut s, addr, code) = start_sender(&old, &src, &listen);
     let mut r = new.receive(&dest, &addr, Some(&code), &["--give-up-after", "60"]);
-    wait_committed(&mut r, &dest, 0.3);
+    // Hold the sender early (it reads ahead of what the receiver reports by the link's window
+    // and its read-ahead, 32 MiB in all), let the receiver commit what it has (its 500 ms
+    // timer), then take the disk away.
+    wait_progress(&mut r, 0.2);
+    signal(s.pid(), "STOP");
+    std::thread::sleep(Duration::from_millis(800));
     disk.shutdown();
+    signal(s.pid(), "CONT");
     s.expect_exit(8, LONG);
     let (kind, msg) = error_event(&s);
     assert_eq!(kind, "source");
@@ -558,6 +594,8 @@ fn io_error_on_source_read_stops_with_exit_8_then_resumes() {
     let (have, wire) = resume_to_done(&new, &dest, &addr, hist);
     s.wait_event("done", LONG);
     s.expect_exit(0, LONG);
-    eprintln!("EIO on the source: resumed with {have} bytes, {wire} wire bytes");
-    assert!(have > 0);
+    let total = u64_of(&r.seen_named("manifest")[0], "bytes");
+    eprintln!("EIO on the source: resumed with {have} of {total} bytes, {wire} wire bytes");
+    assert!(have > 0 && have < total, "{have} of {total}");
+    assert!(wire <= total - have);
 }
