@@ -446,8 +446,10 @@ fn crash_loop(scenario: &str, finalize: usize, victim: impl Fn(usize) -> Victim)
         extra as f64 / n / MIB as f64,
         bound as f64 / MIB as f64,
     );
+    // A kill's delay can carry the migration past the next kill's moment (and once the
+    // receiver has every byte it no longer needs the sender): most, not all, must land.
     assert!(
-        landed.len() + 1 >= plan.len(),
+        landed.len() * 4 >= plan.len() * 3,
         "only {} of {} kills landed before the migration finished",
         landed.len(),
         plan.len()
