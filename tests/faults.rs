@@ -61,11 +61,13 @@ fn wait_committed(r: &mut Ferry, dest: &Path, fraction: f64) {
             }
         }
         match r.next_event(Duration::from_millis(2)) {
-            Some(ev) if ev["event"] == "progress" && reached.is_none() => {
-                if u64_of(&ev, "bytes_done") as f64 >= fraction * u64_of(&ev, "bytes_total") as f64
-                {
-                    reached = Some(journal_len(dest));
-                }
+            Some(ev)
+                if ev["event"] == "progress"
+                    && reached.is_none()
+                    && u64_of(&ev, "bytes_done") as f64
+                        >= fraction * u64_of(&ev, "bytes_total") as f64 =>
+            {
+                reached = Some(journal_len(dest));
             }
             Some(ev) if ev["event"] == "done" || ev["event"] == "error" => {
                 panic!("the receiver ended before {fraction}: {ev}")
@@ -154,7 +156,7 @@ fn no_space_mid_chunk_stops_with_exit_6_then_resumes() {
     let (have, wire) = resume_to_done(&new, &dest, &addr, src);
     s.wait_event("done", LONG);
     s.expect_exit(0, LONG);
-    let total = u64_of(&r.seen_named("manifest")[0], "bytes");
+    let total = u64_of(r.seen_named("manifest")[0], "bytes");
     eprintln!(
         "ENOSPC mid-chunk: {present} final paths before; resumed with {have} of {total} bytes, then {wire} wire bytes"
     );
@@ -242,7 +244,7 @@ fn no_space_mid_finalize_leaves_final_paths_whole_then_resumes_without_resending
     let (have, wire) = resume_to_done(&new, &dest, &addr, &src);
     s.wait_event("done", LONG);
     s.expect_exit(0, LONG);
-    let total = u64_of(&r.seen_named("manifest")[0], "bytes");
+    let total = u64_of(r.seen_named("manifest")[0], "bytes");
     eprintln!(
         "ENOSPC mid-finalize: {present} of {files} final paths whole; resumed with {have} of {total} bytes, {wire} wire bytes"
     );
@@ -542,7 +544,7 @@ fn io_error_on_destination_write_stops_with_exit_6_then_resumes_after_the_disk_r
     let (have, wire) = resume_to_done(&new, &dest, &addr, src);
     s.wait_event("done", LONG);
     s.expect_exit(0, LONG);
-    let total = u64_of(&r.seen_named("manifest")[0], "bytes");
+    let total = u64_of(r.seen_named("manifest")[0], "bytes");
     eprintln!("EIO on the destination: resumed with {have} of {total} bytes, {wire} wire bytes");
     assert!(have > 0, "committed data did not survive");
     assert!(have < total, "the error did not land mid-stream");
@@ -598,7 +600,7 @@ fn io_error_on_source_read_stops_with_exit_8_then_resumes() {
     let (have, wire) = resume_to_done(&new, &dest, &addr, hist);
     s.wait_event("done", LONG);
     s.expect_exit(0, LONG);
-    let total = u64_of(&r.seen_named("manifest")[0], "bytes");
+    let total = u64_of(r.seen_named("manifest")[0], "bytes");
     eprintln!("EIO on the source: resumed with {have} of {total} bytes, {wire} wire bytes");
     assert!(have > 0 && have < total, "{have} of {total}");
     assert!(wire <= total - have);
