@@ -470,12 +470,26 @@ impl Ext4Loop {
         assert!(st.success(), "ext4 shutdown failed");
     }
 
-    /// Unmounts and mounts again; retried until every file reads, since the kernel can hand
-    /// back the shut-down file system while the old loop device is still being released.
+    /// Whether a loop device still holds the image.
+    fn attached(&self) -> bool {
+        Command::new("losetup")
+            .arg("-j")
+            .arg(&self.img)
+            .output()
+            .is_ok_and(|o| !o.stdout.is_empty())
+    }
+
+    /// Unmounts and mounts again. The old loop device is released asynchronously, and a mount
+    /// made before that would get the shut-down file system back: wait for the release, and
+    /// retry until every file reads.
     fn remount(&self) {
         for attempt in 0..10 {
             let st = Command::new("umount").arg(&self.mnt).status().unwrap();
             assert!(st.success(), "umount failed");
+            let until = Instant::now() + Duration::from_secs(20);
+            while self.attached() && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(50));
+            }
             std::thread::sleep(Duration::from_millis(200 * attempt));
             assert!(self.mount(), "mount again failed");
             let bad = files_under(&self.mnt).into_iter().find_map(|p| {
