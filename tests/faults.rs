@@ -383,8 +383,13 @@ fn unreadable_source_file_stops_the_migration_naming_it() {
     let victim_abs = src.join(&victim);
     let name = victim.file_name().unwrap().to_string_lossy().into_owned();
 
-    // 1. Unreadable when the sender starts: it stops before pairing, naming the file.
+    // 1. Unreadable when the sender starts: it stops before pairing, naming every such file.
+    let second: PathBuf = files_under(&src)
+        .into_iter()
+        .find(|p| p.extension().is_some_and(|e| e == "jpg"))
+        .unwrap();
     chmod(&victim_abs, 0o000);
+    chmod(&src.join(&second), 0o000);
     let mut s = send_as_nobody(&home, &src, "127.0.0.1:0");
     s.expect_exit(8, LONG);
     let (kind, msg) = error_event(&s);
@@ -393,8 +398,16 @@ fn unreadable_source_file_stops_the_migration_naming_it() {
         msg.contains(&name),
         "the message does not name {name}: {msg}"
     );
+    let second_name = second.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(
+        msg.contains(&second_name),
+        "the message does not name {second_name}: {msg}"
+    );
+    assert!(msg.contains("2 files"), "{msg}");
     assert!(msg.contains("ermission denied"), "{msg}");
+    assert!(s.seen_named("listening").is_empty(), "it paired anyway");
     eprintln!("at scan: {msg}");
+    chmod(&src.join(&second), 0o644);
 
     // 2. Unreadable once the sender is serving (it opens files as it reads them): both sides
     //    stop with exit 8 naming it; the receiver keeps what it committed.
