@@ -223,6 +223,10 @@ fn wait_trigger(r: &mut Ferry, when: When, dest: &Path, n0: &mut Option<usize>) 
                             fired = Some(Instant::now() + delay);
                         }
                     }
+                    // Past that point already, with no more progress to come: now.
+                    if fired.is_none() && n0.is_some() {
+                        fired = Some(Instant::now() + delay);
+                    }
                 }
                 fired.is_some_and(|t| Instant::now() >= t)
             }
