@@ -19,7 +19,7 @@ use std::path::Path;
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use ferry_testkit::assert_trees_equal;
+use ferry_testkit::assert_histories_equal;
 use serde_json::Value;
 
 use crate::util::*;
@@ -423,7 +423,7 @@ fn crash_loop(scenario: &str, finalize: usize, victim: impl Fn(usize) -> Victim)
     s.expect_exit(0, LONG);
     let wall = t0.elapsed().as_secs_f64();
     assert_eq!(send_done["root"], recv_done["root"]);
-    assert_trees_equal(src, &dest).unwrap();
+    assert_histories_equal(src, &dest).unwrap();
     let (vcode, err) = verify(&dest);
     assert_eq!(vcode, 0, "ferry verify failed: {err}");
 

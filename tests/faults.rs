@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use ferry_testkit::{assert_trees_equal, generate, HistorySpec};
+use ferry_testkit::{assert_histories_equal, generate, HistorySpec};
 
 use crate::util::*;
 
@@ -93,7 +93,7 @@ fn resume_to_done(new: &Device, dest: &Path, addr: &str, src: &Path) -> (u64, u6
     let mut r = new.receive(dest, addr, None, &[]);
     let done = r.wait_event("done", LONG);
     r.expect_exit(0, LONG);
-    assert_trees_equal(src, dest).unwrap();
+    assert_histories_equal(src, dest).unwrap();
     let (code, err) = verify(dest);
     assert_eq!(code, 0, "ferry verify failed: {err}");
     // No `resumed` event when nothing was kept.

@@ -609,33 +609,20 @@ pub fn balloon(path: &Path, bytes: u64) -> u64 {
     done
 }
 
-/// Every file under `dest` (outside `.ferry`) is byte-identical to the same path under `src`:
-/// a final path is either absent or whole. Returns how many are present.
+/// Every final path under `dest` (outside `.ferry`) is either absent or equal to the same path
+/// under `src` (databases by content, see `history_diff`): nothing partial or corrupt. Returns
+/// how many files are present.
 pub fn final_paths_whole(src: &Path, dest: &Path) -> usize {
-    let files = files_under(dest);
-    for rel in &files {
-        let (a, b) = (src.join(rel), dest.join(rel));
-        let meta = std::fs::symlink_metadata(&b).unwrap();
-        if meta.file_type().is_symlink() {
-            assert_eq!(
-                std::fs::read_link(&a).ok(),
-                std::fs::read_link(&b).ok(),
-                "{} is not the source's symlink",
-                rel.display()
-            );
-            continue;
-        }
-        assert!(
-            a.is_file(),
-            "{} is at a final path but not in the source",
-            rel.display()
-        );
-        assert_eq!(
-            hash_file(&a),
-            hash_file(&b),
-            "{} at its final path differs from the source (partial or corrupt)",
-            rel.display()
-        );
-    }
-    files.len()
+    use ferry_testkit::Difference;
+    let diffs = ferry_testkit::history_diff(src, dest).expect("compare the trees");
+    let bad: Vec<String> = diffs
+        .iter()
+        .filter(|d| !matches!(d, Difference::OnlyInLeft(_)))
+        .map(|d| d.to_string())
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "partial or corrupt files at final paths: {bad:?}"
+    );
+    files_under(dest).len()
 }
