@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ferry_sync::compress::CompressPolicy;
 use ferry_sync::scan::{scan, Capture, HashCache, ScanConfig, ScanError};
@@ -63,6 +63,9 @@ impl SendSummary {
         ))
     }
 }
+
+/// How long a sender that cannot read its folder waits for the receiver to take the news.
+const SOURCE_ERROR_LINGER: Duration = Duration::from_secs(3);
 
 fn scan_failure(e: ScanError) -> Failure {
     match e {
@@ -311,13 +314,21 @@ pub async fn run(
                     Err(e) => {
                         let f = exit::from_drive(&e);
                         if f.exit == Exit::Source {
+                            // The session queued a Close frame naming the file; closing the
+                            // connection at once would discard it, and the receiver would take
+                            // the stop for a lost link and wait for us. It closes when it has
+                            // read the frame.
+                            let _ = tokio::time::timeout(SOURCE_ERROR_LINGER, conn.closed()).await;
                             conn.close(1, b"source error");
                             return Err(f);
                         }
                         rep.say(&format!(
                             "session ended: {e}; waiting for the receiver to reconnect"
                         ));
-                        rep.event("interrupted", json!({"message": e.to_string()}));
+                        rep.event(
+                            "interrupted",
+                            json!({"message": e.to_string(), "wire_bytes": wire_bytes}),
+                        );
                     }
                 }
             }

@@ -327,6 +327,9 @@ where
         for w in writers {
             w.abort();
         }
+        // A close frame written above must leave the buffer before the caller drops the
+        // connection.
+        let _ = control_write.flush().await;
     }
     (
         result.unwrap_or(Err(DriveError::LinkLost("session ended".into()))),

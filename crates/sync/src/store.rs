@@ -57,6 +57,8 @@ pub enum StoreError {
     NoSpace { path: PathBuf },
     #[error("permission denied on {path}: fix the destination's permissions and run the same command again")]
     PermissionDenied { path: PathBuf },
+    #[error("{path} is on a read-only file system: make it writable (remount it read-write, or choose another destination) and run the same command again (what already arrived is kept)")]
+    ReadOnly { path: PathBuf },
     #[error(
         "{path}: {source}; fix it and run the same command again (what already arrived is kept)"
     )]
@@ -85,11 +87,12 @@ impl StoreError {
             io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded => StoreError::NoSpace {
                 path: path.to_path_buf(),
             },
-            io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem => {
-                StoreError::PermissionDenied {
-                    path: path.to_path_buf(),
-                }
-            }
+            io::ErrorKind::PermissionDenied => StoreError::PermissionDenied {
+                path: path.to_path_buf(),
+            },
+            io::ErrorKind::ReadOnlyFilesystem => StoreError::ReadOnly {
+                path: path.to_path_buf(),
+            },
             _ => StoreError::Io {
                 path: path.to_path_buf(),
                 source,
