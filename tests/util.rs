@@ -164,8 +164,21 @@ impl Ferry {
         I: IntoIterator<Item = S>,
         S: Into<OsString>,
     {
+        Self::spawn_in(label, home, None, args)
+    }
+
+    /// Like [`Ferry::spawn`], inside network namespace `netns` (`ip netns exec`) if given.
+    pub fn spawn_in<I, S>(label: &str, home: &Path, netns: Option<&str>, args: I) -> Ferry
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString>,
+    {
         let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        let mut cmd = match netns {
+            Some(ns) => ferry_testkit::netns::Lab::command(ns, env!("CARGO_BIN_EXE_ferry")),
+            None => Command::new(env!("CARGO_BIN_EXE_ferry")),
+        };
+        let mut child = cmd
             .args(&args)
             .env("FERRY_HOME", home)
             .env_remove("FERRY_LOG")

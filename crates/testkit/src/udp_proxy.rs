@@ -12,8 +12,11 @@
 //! dropped and counted (like a router's full queue). The proxy runs on its own thread with its
 //! own single-threaded tokio runtime, so sync tests can use it; dropping [`UdpProxy`] stops it.
 //!
-//! Jitter alone reorders packets (each gets its own random delay); `reorder` adds, with that
-//! probability, one extra `delay` to a packet so it arrives behind later ones.
+//! Jitter keeps the order of datagrams by default (a datagram never leaves before one that came
+//! in earlier, as on a real queue); with [`ImpairConfig::jitter_reorders`] each datagram gets
+//! its own delay and a burst is shuffled within the jitter window (what `netem` jitter does).
+//! `reorder` holds a datagram back by one extra `delay`, with that probability, so it arrives
+//! behind later ones.
 
 use std::collections::BinaryHeap;
 use std::io;
@@ -39,6 +42,9 @@ pub struct ImpairConfig {
     pub loss: f64,
     /// Probability that a datagram is held back by one extra `delay` (reordering).
     pub reorder: f64,
+    /// Whether jitter may reorder datagrams (each delayed independently); by default a
+    /// datagram's delivery time is at least that of the datagram before it.
+    pub jitter_reorders: bool,
     /// Datagrams held per direction; more are dropped.
     pub queue_packets: usize,
     /// Seed of the random choices (loss, jitter, reordering).
@@ -52,6 +58,7 @@ impl Default for ImpairConfig {
             jitter: Duration::from_millis(5),
             loss: 0.0,
             reorder: 0.0,
+            jitter_reorders: false,
             queue_packets: 4096,
             seed: 1,
         }
@@ -188,6 +195,8 @@ struct Lane {
     next_seq: u64,
     /// Highest sequence delivered so far (to count overtakes).
     delivered_max: Option<u64>,
+    /// Delivery time of the last datagram queued in order (for order-keeping jitter).
+    last_at: Option<Instant>,
 }
 
 impl Lane {
@@ -196,6 +205,7 @@ impl Lane {
             heap: BinaryHeap::new(),
             next_seq: 0,
             delivered_max: None,
+            last_at: None,
         }
     }
 
@@ -242,14 +252,18 @@ fn admit(
     } else {
         base
     };
+    let mut at = Instant::now() + Duration::from_secs_f64(d);
     if cfg.reorder > 0.0 && rng.random::<f64>() < cfg.reorder {
-        d += base.max(0.001);
+        at += Duration::from_secs_f64(base.max(0.001));
         st.reordered.fetch_add(1, Ordering::Relaxed);
+    } else if !cfg.jitter_reorders {
+        at = at.max(lane.last_at.unwrap_or(at));
+        lane.last_at = Some(at);
     }
     let seq = lane.next_seq;
     lane.next_seq += 1;
     lane.heap.push(Held {
-        at: Instant::now() + Duration::from_secs_f64(d),
+        at,
         seq,
         data: data.to_vec(),
     });
