@@ -14,8 +14,8 @@
 //!
 //! Link conditions, per host (all removed with the namespaces):
 //! - [`Lab::set_rate`]: `tc tbf` on both ends of the host's veth (its upload and its download);
-//! - [`Lab::set_loss`]: random loss of incoming UDP with `iptables -m statistic` (set it on both
-//!   hosts for loss in both directions);
+//! - [`Lab::set_loss`]: random loss of incoming packets with `iptables -m statistic` (set it on
+//!   both hosts for loss in both directions);
 //! - [`Lab::blackout`] / [`Lab::link_down`]: every packet to and from the host dropped
 //!   (firewall rules; like Wi-Fi out of range), or its bridge port down (carrier lost); both
 //!   return a guard that restores the link on drop;
@@ -155,7 +155,10 @@ impl Lab {
         let h = self.host_ns(i)?;
         let bits = parse_rate(rate)?;
         let burst = ((bits / 8 / 100).max(64 * 1024)).to_string();
-        for (ns, dev) in [(h.ns.as_str(), "eth0"), (self.hub.as_str(), &*format!("vh{i}"))] {
+        for (ns, dev) in [
+            (h.ns.as_str(), "eth0"),
+            (self.hub.as_str(), &*format!("vh{i}")),
+        ] {
             ip_tool(
                 "tc",
                 &[
@@ -167,8 +170,9 @@ impl Lab {
         Ok(())
     }
 
-    /// Drops incoming UDP at host `i` with probability `p` (0 removes the loss). Independent
-    /// per packet (`iptables -m statistic --mode random`, in a chain of its own).
+    /// Drops packets arriving at host `i` with probability `p` (0 removes the loss), TCP and
+    /// UDP alike, so a TCP baseline sees the same link. Independent per packet (`iptables -m
+    /// statistic --mode random`, in a chain of its own).
     pub fn set_loss(&self, i: usize, p: f64) -> io::Result<()> {
         let h = self.host_ns(i)?;
         if !(0.0..=1.0).contains(&p) {
@@ -181,8 +185,17 @@ impl Lab {
             Self::run_in(
                 &h.ns,
                 &[
-                    "iptables", "-A", LOSS_CHAIN, "-p", "udp", "-m", "statistic", "--mode",
-                    "random", "--probability", &p, "-j", "DROP",
+                    "iptables",
+                    "-A",
+                    LOSS_CHAIN,
+                    "-m",
+                    "statistic",
+                    "--mode",
+                    "random",
+                    "--probability",
+                    &p,
+                    "-j",
+                    "DROP",
                 ],
             )?;
         }
@@ -221,10 +234,31 @@ impl Lab {
         // Keep the new address when the old (primary) one goes away.
         Self::run_in(
             &h.ns,
-            &["sysctl", "-q", "-w", "net.ipv4.conf.eth0.promote_secondaries=1"],
+            &[
+                "sysctl",
+                "-q",
+                "-w",
+                "net.ipv4.conf.eth0.promote_secondaries=1",
+            ],
         )?;
-        ip(&["-n", &h.ns, "addr", "add", &format!("{new}/24"), "dev", "eth0"])?;
-        ip(&["-n", &h.ns, "addr", "del", &format!("{}/24", h.addr), "dev", "eth0"])?;
+        ip(&[
+            "-n",
+            &h.ns,
+            "addr",
+            "add",
+            &format!("{new}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        ip(&[
+            "-n",
+            &h.ns,
+            "addr",
+            "del",
+            &format!("{}/24", h.addr),
+            "dev",
+            "eth0",
+        ])?;
         if let Some(host) = self.hosts.get_mut(i) {
             host.addr = new;
         }
@@ -362,6 +396,116 @@ impl Drop for Lab {
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .status();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whether a TCP connection from host `from` to `addr:port` succeeds within a second.
+    fn reach(from: &str, addr: Ipv4Addr, port: u16) -> bool {
+        Lab::command(from, "nc")
+            .args(["-z", "-w", "1", &addr.to_string(), &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    /// A TCP listener inside `ns` (accepts repeatedly), killed on drop.
+    struct Listener(std::process::Child);
+    impl Drop for Listener {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    #[test]
+    fn link_conditions_apply_and_everything_is_removed() {
+        if let Some(reason) = skip_reason() {
+            println!("SKIP link_conditions_apply_and_everything_is_removed: {reason}");
+            return;
+        }
+        for tool in ["iptables", "tc", "nc"] {
+            if !have(tool) {
+                println!("SKIP link_conditions_apply_and_everything_is_removed: no {tool}");
+                return;
+            }
+        }
+        let mut lab = Lab::new(3).unwrap();
+        let names: Vec<String> = lab.created.clone();
+        let (a, b) = (lab.hosts[0].ns.clone(), lab.hosts[1].clone());
+        let start_listener = |addr: Ipv4Addr| {
+            let l = Listener(
+                Lab::command(&b.ns, "nc")
+                    .args(["-l", "-k", &addr.to_string(), "9000"])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap(),
+            );
+            let t = std::time::Instant::now();
+            while !reach(&a, addr, 9000) {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                assert!(
+                    t.elapsed() < std::time::Duration::from_secs(5),
+                    "listener never came up"
+                );
+            }
+            l
+        };
+        let l = start_listener(b.addr);
+        lab.set_rate(1, "10mbit").unwrap();
+        let qdisc = Lab::run_in(&b.ns, &["tc", "qdisc", "show", "dev", "eth0"]).unwrap();
+        assert!(String::from_utf8_lossy(&qdisc.stdout).contains("tbf"));
+        assert!(parse_rate("bogus").is_err());
+
+        lab.set_loss(1, 1.0).unwrap();
+        assert!(
+            !reach(&a, b.addr, 9000),
+            "100% loss let a connection through"
+        );
+        lab.set_loss(1, 0.0).unwrap();
+        assert!(reach(&a, b.addr, 9000));
+        assert!(lab.set_loss(1, 2.0).is_err());
+
+        let cut = lab.blackout(1).unwrap();
+        assert!(!reach(&a, b.addr, 9000), "reachable during a blackout");
+        cut.end().unwrap();
+        assert!(reach(&a, b.addr, 9000), "not reachable after the blackout");
+
+        {
+            let _down = lab.link_down(1).unwrap();
+            assert!(!reach(&a, b.addr, 9000), "reachable with the link down");
+        }
+        assert!(
+            reach(&a, b.addr, 9000),
+            "not reachable after the link came back"
+        );
+
+        let new = Ipv4Addr::new(10, 77, 1, 102);
+        lab.move_addr(1, new).unwrap();
+        drop(l);
+        let _l = start_listener(new);
+        assert_eq!(lab.hosts[1].addr, new);
+        assert!(!reach(&a, b.addr, 9000), "the old address still answers");
+        // The bystander still reaches the moved host.
+        assert!(reach(&lab.hosts[2].ns.clone(), new, 9000));
+        drop(_l);
+
+        drop(lab);
+        let list = Command::new("ip").args(["netns", "list"]).output().unwrap();
+        let list = String::from_utf8_lossy(&list.stdout);
+        for n in names {
+            assert!(
+                !list
+                    .lines()
+                    .any(|l| l.split_whitespace().next() == Some(&n)),
+                "{n} left behind"
+            );
         }
     }
 }

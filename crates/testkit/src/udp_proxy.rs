@@ -95,7 +95,9 @@ impl UdpProxy {
     /// Listens on `listen` (port 0 picks one) and forwards to `upstream`.
     pub fn start(listen: SocketAddr, upstream: SocketAddr, cfg: ImpairConfig) -> io::Result<Self> {
         if !(0.0..=1.0).contains(&cfg.loss) || !(0.0..=1.0).contains(&cfg.reorder) {
-            return Err(io::Error::other("loss and reorder are probabilities (0..=1)"));
+            return Err(io::Error::other(
+                "loss and reorder are probabilities (0..=1)",
+            ));
         }
         if cfg.queue_packets == 0 {
             return Err(io::Error::other("queue_packets must be at least 1"));
@@ -230,13 +232,7 @@ impl Lane {
 }
 
 /// Decides a datagram's fate and queues it.
-fn admit(
-    lane: &mut Lane,
-    data: &[u8],
-    cfg: &ImpairConfig,
-    rng: &mut ChaCha8Rng,
-    st: &ProxyStats,
-) {
+fn admit(lane: &mut Lane, data: &[u8], cfg: &ImpairConfig, rng: &mut ChaCha8Rng, st: &ProxyStats) {
     if cfg.loss > 0.0 && rng.random::<f64>() < cfg.loss {
         st.dropped_loss.fetch_add(1, Ordering::Relaxed);
         return;
@@ -349,7 +345,8 @@ mod tests {
         };
         let proxy = UdpProxy::start("127.0.0.1:0".parse().unwrap(), echo_addr, cfg).unwrap();
         let c = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        c.set_read_timeout(Some(Duration::from_millis(400))).unwrap();
+        c.set_read_timeout(Some(Duration::from_millis(400)))
+            .unwrap();
         let t = std::time::Instant::now();
         c.send_to(&0u32.to_be_bytes(), proxy.local_addr()).unwrap();
         let mut b = [0u8; 64];
@@ -363,13 +360,17 @@ mod tests {
             c.send_to(&i.to_be_bytes(), proxy.local_addr()).unwrap();
         }
         let rtt = rtt.expect("a round trip through the proxy");
-        assert!(rtt >= Duration::from_millis(30), "round trip {rtt:?} < 2 × (20 − 5) ms");
+        assert!(
+            rtt >= Duration::from_millis(30),
+            "round trip {rtt:?} < 2 × (20 − 5) ms"
+        );
 
         // A stream (paced, so no socket buffer overflows): some are lost, the rest arrive,
         // some out of order.
         let n = 400u32;
         for i in 0..n {
-            c.send_to(&(1000 + i).to_be_bytes(), proxy.local_addr()).unwrap();
+            c.send_to(&(1000 + i).to_be_bytes(), proxy.local_addr())
+                .unwrap();
             std::thread::sleep(Duration::from_micros(500));
         }
         let mut got = Vec::new();
@@ -404,9 +405,12 @@ mod tests {
             queue_packets: 10,
             ..ImpairConfig::default()
         };
-        let proxy =
-            UdpProxy::start("127.0.0.1:0".parse().unwrap(), sink.local_addr().unwrap(), cfg)
-                .unwrap();
+        let proxy = UdpProxy::start(
+            "127.0.0.1:0".parse().unwrap(),
+            sink.local_addr().unwrap(),
+            cfg,
+        )
+        .unwrap();
         let c = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         for i in 0..50u32 {
             c.send_to(&i.to_be_bytes(), proxy.local_addr()).unwrap();
@@ -419,7 +423,10 @@ mod tests {
             n += 1;
         }
         assert_eq!(n, 10, "the queue holds 10");
-        assert!(t.elapsed() >= Duration::from_millis(250), "delivered before the delay");
+        assert!(
+            t.elapsed() >= Duration::from_millis(250),
+            "delivered before the delay"
+        );
         assert_eq!(stat(&proxy.stats().dropped_queue), 40);
     }
 
