@@ -11,9 +11,9 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use ferry_testkit::assert_trees_equal;
 use ferry_testkit::netns::{self, Lab};
 use ferry_testkit::udp_proxy::{ImpairConfig, UdpProxy};
-use ferry_testkit::assert_trees_equal;
 use serde_json::Value;
 
 use crate::util::*;
@@ -179,7 +179,11 @@ fn lan_receiver_moves_to_a_new_address_mid_transfer() {
         s - moved_at,
         wire as i64 - clean_wire as i64
     );
-    assert!(s - clean_s < 20.0, "{:.1} s lost to an address change", s - clean_s);
+    assert!(
+        s - clean_s < 20.0,
+        "{:.1} s lost to an address change",
+        s - clean_s
+    );
 }
 
 #[test]
@@ -197,12 +201,8 @@ fn lan_delayed_jittered_reordering_link_completes_byte_equal() {
         loss: 0.002,
         ..ImpairConfig::default()
     };
-    let proxy = UdpProxy::start(
-        "127.0.0.1:0".parse().unwrap(),
-        addr.parse().unwrap(),
-        cfg,
-    )
-    .expect("start the proxy");
+    let proxy = UdpProxy::start("127.0.0.1:0".parse().unwrap(), addr.parse().unwrap(), cfg)
+        .expect("start the proxy");
     let t = Instant::now();
     let via = proxy.local_addr().to_string();
     let mut r = new.receive(&dest, &via, Some(&code), &[]);
