@@ -243,7 +243,7 @@ fn admit(lane: &mut Lane, data: &[u8], cfg: &ImpairConfig, rng: &mut ChaCha8Rng,
     }
     let base = cfg.delay.as_secs_f64();
     let j = cfg.jitter.as_secs_f64();
-    let mut d = if j > 0.0 {
+    let d = if j > 0.0 {
         (base + rng.random_range(-j..=j)).max(0.0)
     } else {
         base
