@@ -5,7 +5,7 @@
 #   scripts/bench-link.sh [--rates "100mbit 1gbit"] [--losses "0 0.01"] [--rounds 3]
 #                         [--seconds 10] [--tag link]
 #
-# Per rate and loss, every round runs, back to back on the same link:
+# Per rate, every round runs, for each loss in turn, back to back on the same link:
 #   ferry on incompressible data (4 random files), ferry on text-heavy data (chat-export-like
 #   text, zstd-compressible), tar | nc on the same two data sets.
 # Data size per rate: what the link moves in --seconds (at most 512 MiB). Loss is random,
@@ -50,11 +50,12 @@ for rate in $RATES; do
   TEXT="$WORK/link-text-${mb}MiB"
   make_random_src "$RAND" "$mb"
   make_text_src "$TEXT" "$mb"
-  for loss in $LOSSES; do
-    lan_link "$rate" "$loss"
-    echo "link $rate, loss $loss each way, $mb MiB per data set — $(uptime)" >&2
-    # Round 0 warms the page cache and the link; not recorded.
-    for round in $(seq 0 "$ROUNDS"); do
+  echo "link $rate, $mb MiB per data set — $(uptime)" >&2
+  # Round 0 warms the page cache and the link; not recorded. Losses alternate within a round, so
+  # a 0% / 1% comparison is not confounded by the machine's load drifting between sub-batches.
+  for round in $(seq 0 "$ROUNDS"); do
+    for loss in $LOSSES; do
+      lan_link "$rate" "$loss"
       for tool in ferry tar; do
         for data in random text; do
           src=$RAND
