@@ -18,10 +18,10 @@ use serde_json::Value;
 
 use crate::util::*;
 
-/// The link rate in the namespace tests: slow enough that a 48 MiB history takes a few seconds,
-/// so there is a "mid-transfer" to interrupt.
+/// The link rate in the namespace tests: slow enough that the history takes a few seconds,
+/// so there is a "mid-transfer" to interrupt (32 MiB: ≈ 3 s).
 const RATE: &str = "100mbit";
-const HISTORY_MIB: u64 = 48;
+const HISTORY_MIB: u64 = 32;
 
 fn lab_or_skip(test: &str) -> Option<Lab> {
     if let Some(reason) = netns::skip_reason() {
