@@ -3,8 +3,9 @@
 
 - rate-vs-link.png: goodput against link rate (bench-link.sh): ferry on incompressible and on
   text-heavy data, tar | nc on the same, at 0% and 1% loss; the dashed line is the link rate.
-- rate-vs-size.png: throughput against history size (bench-sizes.sh, loopback): ferry, tar | nc,
-  rsync over ssh; and the peak RSS of each end of ferry.
+- rate-vs-size.png: throughput against history size (loopback; bench-sizes.sh and
+  bench-loopback.sh batches tagged quiet-*/rss-*): ferry, tar | nc, rsync over ssh; and the peak
+  RSS of each end of ferry.
 
 Points are medians over rounds; bars span min–max. Uses matplotlib, installed on first use into
 a virtual environment under target/bench-tools/plot-venv (PyPI), so the system Python is left
@@ -104,7 +105,12 @@ def plot_sizes(rows, out):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sizes = [r for r in rows if r["_file"].startswith("sizes-") and "tool" in r]
+    # bench-sizes.sh results, plus bench-loopback.sh batches of large-file histories run with
+    # tar, rsync and ferry (tags quiet-* and rss-*): different batches, so each point is labelled
+    # by size only; BENCHMARKS.md says which batch each came from.
+    sizes = [r for r in rows
+             if r["_file"].startswith(("sizes-", "quiet-", "rss-"))
+             and r.get("tool") in ("tar", "rsync", "ferry")]
     if not sizes:
         print("bench-plot: no bench-sizes results; skipping rate-vs-size.png")
         return
