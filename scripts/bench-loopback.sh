@@ -3,8 +3,10 @@
 # throughput against b3sum and the in-memory protocol throughput. See BENCHMARKS.md.
 #
 #   scripts/bench-loopback.sh [--size 2GiB] [--small-files N] [--rounds 3] [--workdir DIR]
-#                             [--only LIST] [--tag NAME] [--baseline-bin DIR]
+#                             [--only LIST] [--tag NAME] [--baseline-bin DIR] [--warmup 1]
 #
+# --warmup 0 skips the unmeasured warm-up round (for sources larger than the page cache, where
+# it would only double the time).
 # --baseline-bin DIR: DIR holds an older build's `ferry` and `proto_bench`; every round then also
 # runs them next to the current build's (swapping which goes first each round) as tools ferry@base
 # and proto@base, for before/after.
@@ -27,6 +29,7 @@ WORK="$REPO/target/bench-work"
 ONLY="tar,tarzstd,rsync,rsyncgcm,ferry,scan,b3sum,proto,protoraw"
 TAG=loopback
 BASE=
+WARMUP=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --size) SIZE=$2; shift 2 ;;
@@ -36,7 +39,8 @@ while [ $# -gt 0 ]; do
     --only) ONLY=$2; shift 2 ;;
     --tag) TAG=$2; shift 2 ;;
     --baseline-bin) BASE=$(cd "$2" && pwd); shift 2 ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    --warmup) WARMUP=$2; shift 2 ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -318,7 +322,7 @@ run_proto() { # round [extra-flag [binary tool-name]]
   echo "source: $SRC ($FILES files, $BYTES bytes); rounds: $ROUNDS; only: $ONLY${BASE:+; baseline: $BASE}"
 } | tee "$RESULTS.txt" >&2
 
-for round in $(seq 0 "$ROUNDS"); do
+for round in $(seq "$([ "$WARMUP" = 0 ] && echo 1 || echo 0)" "$ROUNDS"); do
   echo "round $round$([ "$round" = 0 ] && echo ' (warm-up, not recorded)') — $(uptime)" >&2
   want tar && run_tar "$round" 0
   want tarzstd && run_tar "$round" 1

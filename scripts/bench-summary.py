@@ -54,8 +54,8 @@ def main(path):
         return "–" if r is None else f"{r[0]:.2f}× ({r[1]:.2f}–{r[2]:.2f})"
 
     print("| tool | rounds | wall s median (min–max) | MB/s | vs tar\\|nc | vs rsync | CPU s/GB (send+recv) "
-          "| peak RSS send / recv MiB | wire/bytes | sync after s | load1 |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| peak RSS send / recv MiB | wire/bytes | sync after s | load1 | files/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for tool in ORDER:
         if tool not in runs:
             continue
@@ -76,7 +76,8 @@ def main(path):
             f"| {fmt_ratio(ratio(tool, 'tar')) if transfer else '–'} "
             f"| {fmt_ratio(ratio(tool, 'rsync')) if transfer else '–'} "
             f"| {med(cpu):.2f} | {rss} | {wire} "
-            f"| {med([r['sync_s'] for r in rs]):.2f} | {min(loads):.2f}–{max(loads):.2f} |"
+            f"| {med([r['sync_s'] for r in rs]):.2f} | {min(loads):.2f}–{max(loads):.2f} "
+            f"| {rs[0]['files'] / med(walls):.0f} |"
         )
     if "scan" in runs and "b3sum" in runs:
         r = ratio("scan", "b3sum")

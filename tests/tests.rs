@@ -11,6 +11,7 @@ mod destination;
 mod edge_cases;
 mod faults;
 mod hostile_quic;
+mod lan;
 mod live;
 mod migrate;
 mod pairing;

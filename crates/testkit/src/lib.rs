@@ -4,10 +4,12 @@
 //!   writing into it like the running app, and tree comparison ([`assert_trees_equal`]).
 //! - [`netns`]: network namespaces, bridges and veth links for LAN tests (root only).
 //! - [`proc`]: process CPU time for benchmarks.
+//! - [`udp_proxy`]: a user-space UDP proxy that delays, jitters, reorders and drops datagrams.
 
 pub mod history;
 pub mod netns;
 pub mod proc;
+pub mod udp_proxy;
 
 pub use history::{
     assert_histories_equal, assert_trees_equal, database_digest, generate, history_diff,

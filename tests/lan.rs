@@ -1,0 +1,240 @@
+//! The real binary over impaired links: a blackout mid-transfer, the receiver moving to a new
+//! address mid-transfer (both in network namespaces the test creates; root only, skipped with a
+//! reason otherwise), and a delayed, jittered, reordering link through the user-space UDP proxy
+//! (loopback, runs everywhere).
+//!
+//! Each test prints what an interruption cost (seconds beyond the outage, bytes re-sent) for
+//! BENCHMARKS.md; the assertions are about outcomes (completes by itself, trees equal) with
+//! generous time bounds, since the machine is shared.
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use ferry_testkit::assert_trees_equal;
+use ferry_testkit::netns::{self, Lab};
+use ferry_testkit::udp_proxy::{ImpairConfig, UdpProxy};
+use serde_json::Value;
+
+use crate::util::*;
+
+/// The link rate in the namespace tests: slow enough that the history takes a few seconds,
+/// so there is a "mid-transfer" to interrupt (32 MiB: ≈ 3 s).
+const RATE: &str = "100mbit";
+const HISTORY_MIB: u64 = 32;
+
+fn lab_or_skip(test: &str) -> Option<Lab> {
+    if let Some(reason) = netns::skip_reason() {
+        println!("SKIP {test}: {reason}");
+        return None;
+    }
+    for tool in ["iptables", "tc"] {
+        if !netns::have(tool) {
+            println!("SKIP {test}: {tool} not installed (scripts/install-test-deps.sh)");
+            return None;
+        }
+    }
+    let lab = match Lab::new(2) {
+        Ok(l) => l,
+        Err(e) => {
+            println!("SKIP {test}: cannot create namespaces: {e}");
+            return None;
+        }
+    };
+    for i in 0..2 {
+        if let Err(e) = lab.set_rate(i, RATE) {
+            println!("SKIP {test}: cannot shape the link: {e}");
+            return None;
+        }
+    }
+    Some(lab)
+}
+
+/// One migration between host 0 (sender) and host 1 (receiver) of `lab`.
+struct Run {
+    send: Ferry,
+    recv: Ferry,
+    dest: std::path::PathBuf,
+    _work: tempfile::TempDir,
+    _devices: (Device, Device),
+    started: Instant,
+}
+
+fn start(lab: &Lab, src: &Path) -> Run {
+    let (old, new) = (Device::new("old"), Device::new("new"));
+    let work = tempdir("lan-dest");
+    let dest = work.path().join("history");
+    let listen = format!("{}:0", lab.hosts[0].addr);
+    let args: Vec<std::ffi::OsString> = vec![
+        "send".into(),
+        src.into(),
+        "--listen".into(),
+        listen.into(),
+        "--no-mdns".into(),
+        "--json".into(),
+    ];
+    let mut send = Ferry::spawn_with(
+        "send",
+        old.home.path(),
+        &["ip", "netns", "exec", &lab.hosts[0].ns],
+        args,
+    );
+    let ev = send.wait_event("listening", LONG);
+    let (addr, code) = listening(&ev);
+    let args: Vec<std::ffi::OsString> = vec![
+        "receive".into(),
+        dest.clone().into(),
+        "--connect".into(),
+        addr.into(),
+        "--code".into(),
+        code.into(),
+        "--json".into(),
+    ];
+    let started = Instant::now();
+    let recv = Ferry::spawn_with(
+        "receive",
+        new.home.path(),
+        &["ip", "netns", "exec", &lab.hosts[1].ns],
+        args,
+    );
+    Run {
+        send,
+        recv,
+        dest,
+        _work: work,
+        _devices: (old, new),
+        started,
+    }
+}
+
+/// Follows the receiver's progress until `fraction` of the bytes are done.
+fn wait_fraction(r: &mut Ferry, fraction: f64) {
+    loop {
+        let ev = r.wait_any(&["progress", "done"], LONG);
+        assert_eq!(ev["event"], "progress", "finished before {fraction}: {ev}");
+        if u64_of(&ev, "bytes_done") as f64 >= fraction * u64_of(&ev, "bytes_total") as f64 {
+            return;
+        }
+    }
+}
+
+/// Waits for both ends to finish; returns (receiver's elapsed seconds, sender's wire bytes).
+fn finish(run: &mut Run, src: &Path) -> (f64, u64) {
+    let done: Value = run.recv.wait_event("done", LONG);
+    let elapsed = run.started.elapsed().as_secs_f64();
+    run.recv.expect_exit(0, LONG);
+    let send_done = run.send.wait_event("done", LONG);
+    run.send.expect_exit(0, LONG);
+    assert_eq!(send_done["root"], done["root"]);
+    assert_trees_equal(src, &run.dest).unwrap();
+    (elapsed, u64_of(&send_done, "wire_bytes"))
+}
+
+fn clean_run(lab: &Lab, src: &Path) -> (f64, u64) {
+    let mut run = start(lab, src);
+    finish(&mut run, src)
+}
+
+#[test]
+fn lan_blackout_mid_transfer_resumes_by_itself() {
+    let Some(lab) = lab_or_skip("lan_blackout_mid_transfer_resumes_by_itself") else {
+        return;
+    };
+    let src = shared_history(HISTORY_MIB, 11);
+    let (clean_s, clean_wire) = clean_run(&lab, src);
+
+    let outage = Duration::from_secs(3);
+    let mut run = start(&lab, src);
+    wait_fraction(&mut run.recv, 0.3);
+    let cut = lab.blackout(1).expect("blackout");
+    std::thread::sleep(outage);
+    cut.end().expect("restore the link");
+    let (s, wire) = finish(&mut run, src);
+    let lost = s - clean_s - outage.as_secs_f64();
+    println!(
+        "LAN blackout {:.0} s at 30%: {s:.2} s vs {clean_s:.2} s clean = {lost:.2} s lost beyond the outage; wire {wire} vs {clean_wire} bytes ({} re-sent)",
+        outage.as_secs_f64(),
+        wire as i64 - clean_wire as i64
+    );
+    let said: Vec<String> = run
+        .recv
+        .stderr()
+        .lines()
+        .filter(|l| l.contains("connect") || l.contains("lost"))
+        .map(str::to_string)
+        .collect();
+    println!("LAN blackout: the receiver said {said:?}");
+    // Resumed by itself: well before the receiver's give-up (the default is minutes); the
+    // bound is loose because the machine is shared.
+    assert!(lost < 20.0, "{lost:.1} s lost beyond a 3 s outage");
+}
+
+#[test]
+fn lan_receiver_moves_to_a_new_address_mid_transfer() {
+    let Some(mut lab) = lab_or_skip("lan_receiver_moves_to_a_new_address_mid_transfer") else {
+        return;
+    };
+    let src = shared_history(HISTORY_MIB, 11);
+    let (clean_s, clean_wire) = clean_run(&lab, src);
+
+    let mut run = start(&lab, src);
+    wait_fraction(&mut run.recv, 0.3);
+    let moved_at = run.started.elapsed().as_secs_f64();
+    lab.move_addr(1, Ipv4Addr::new(10, 77, 1, 102))
+        .expect("move the receiver");
+    let (s, wire) = finish(&mut run, src);
+    println!(
+        "LAN receiver address change at 30%: {s:.2} s vs {clean_s:.2} s clean ({:.2} s lost), finished {:.2} s after the move; wire {wire} vs {clean_wire} bytes ({} re-sent)",
+        s - clean_s,
+        s - moved_at,
+        wire as i64 - clean_wire as i64
+    );
+    assert!(
+        s - clean_s < 20.0,
+        "{:.1} s lost to an address change",
+        s - clean_s
+    );
+}
+
+#[test]
+fn lan_delayed_jittered_reordering_link_completes_byte_equal() {
+    // Loopback through the proxy: no namespaces needed.
+    let src = shared_history(16, 12);
+    let (old, new) = (Device::new("old"), Device::new("new"));
+    let work = tempdir("proxy-dest");
+    let dest = work.path().join("history");
+    let (mut s, addr, code) = start_sender(&old, src, "127.0.0.1:0");
+    let cfg = ImpairConfig {
+        delay: Duration::from_millis(20),
+        jitter: Duration::from_millis(5),
+        reorder: 0.02,
+        loss: 0.002,
+        ..ImpairConfig::default()
+    };
+    let proxy = UdpProxy::start("127.0.0.1:0".parse().unwrap(), addr.parse().unwrap(), cfg)
+        .expect("start the proxy");
+    let t = Instant::now();
+    let via = proxy.local_addr().to_string();
+    let mut r = new.receive(&dest, &via, Some(&code), &[]);
+    let done = r.wait_event("done", LONG);
+    r.expect_exit(0, LONG);
+    let sd = s.wait_event("done", LONG);
+    s.expect_exit(0, LONG);
+    assert_eq!(sd["root"], done["root"]);
+    assert_trees_equal(src, &dest).unwrap();
+    let st = proxy.stats();
+    let n = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    println!(
+        "LAN proxy 20±5 ms, 2% reordered, 0.2% lost: {:.2} s for {} bytes; datagrams up {} down {}, overtakes {}, lost {}, queue drops {}",
+        t.elapsed().as_secs_f64(),
+        u64_of(&done, "bytes"),
+        n(&st.up_forwarded),
+        n(&st.down_forwarded),
+        n(&st.overtakes),
+        n(&st.dropped_loss),
+        n(&st.dropped_queue)
+    );
+    // The impairments really happened.
+    assert!(n(&st.overtakes) > 0, "no datagram was reordered");
+    assert!(n(&st.dropped_loss) > 0, "no datagram was dropped");
+}
