@@ -753,7 +753,13 @@ impl Receiver {
     /// When `handle_timeout` should next be called.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let commit = self.uncommitted_since.map(|t| t + self.cfg.commit_interval);
+        // While a commit is being written the next one cannot start: no commit deadline until
+        // it is done (an overdue deadline here made the driver wake in a busy loop for the
+        // whole length of every group commit).
+        let commit = match self.committing {
+            true => None,
+            false => self.uncommitted_since.map(|t| t + self.cfg.commit_interval),
+        };
         let stall = match self.state {
             State::Transferring if self.wanted_left > 0 => {
                 self.last_chunk_at.map(|t| t + self.cfg.stall_timeout)
