@@ -128,6 +128,15 @@ async fn first_connection(
     }
     if let Some(addrs) = &s.connect {
         if let Some(code) = s.code {
+            // Re-running the same command after an interruption: the code was used up by the
+            // first pairing, but DEST remembers the (pinned) sender — reconnect by its key and
+            // use the code only if that device is not the one listening there.
+            if let Some(id) = remembered {
+                if let Ok(c) = ep.connect_peer(id, addrs).await {
+                    rep.say("resuming the unfinished migration from the same sender (already paired; the code is not needed)");
+                    return Ok((c, addrs.clone()));
+                }
+            }
             return ep
                 .connect_with_code(addrs, code)
                 .await

@@ -11,7 +11,7 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use ferry_testkit::assert_trees_equal;
+use ferry_testkit::assert_histories_equal;
 use ferry_testkit::netns::{self, Lab};
 use ferry_testkit::udp_proxy::{ImpairConfig, UdpProxy};
 use serde_json::Value;
@@ -126,7 +126,7 @@ fn finish(run: &mut Run, src: &Path) -> (f64, u64) {
     let send_done = run.send.wait_event("done", LONG);
     run.send.expect_exit(0, LONG);
     assert_eq!(send_done["root"], done["root"]);
-    assert_trees_equal(src, &run.dest).unwrap();
+    assert_histories_equal(src, &run.dest).unwrap();
     (elapsed, u64_of(&send_done, "wire_bytes"))
 }
 
@@ -221,7 +221,7 @@ fn lan_delayed_jittered_reordering_link_completes_byte_equal() {
     let sd = s.wait_event("done", LONG);
     s.expect_exit(0, LONG);
     assert_eq!(sd["root"], done["root"]);
-    assert_trees_equal(src, &dest).unwrap();
+    assert_histories_equal(src, &dest).unwrap();
     let st = proxy.stats();
     let n = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
     println!(

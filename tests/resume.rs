@@ -131,8 +131,10 @@ fn receiver_killed_at_several_points_resumes_byte_identical() {
             at >= 1.0 || !dest.join(".ferry").join("receipt").exists(),
             "a receipt exists before the migration completed"
         );
-        // The same command again, without the code: reconnects by the pinned key.
-        r = new.receive(&dest, &addr, None, &[]);
+        // The same command again (every other time literally, with the used-up code; otherwise
+        // without it): either way it reconnects by the pinned key.
+        let again = (killed_at.len() % 2 == 1).then_some(code.as_str());
+        r = new.receive(&dest, &addr, again, &[]);
     }
     let t = Instant::now();
     let recv_done = match r.seen_named("done").first() {
