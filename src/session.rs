@@ -1,11 +1,17 @@
-//! One migration session over an authenticated QUIC connection: the receiver opens the control
-//! stream, the sender opens the data streams.
+//! One migration session (one round) over an authenticated QUIC connection: the receiver opens
+//! the control stream, the sender opens the data streams. Catch-up rounds run one after the
+//! other on the same connection, each on new streams.
 
 use std::sync::Arc;
 
-use ferry_sync::driver::{run_receiver, run_sender, DriveError, SendStats};
-use ferry_sync::manifest::ManifestSummary;
-use ferry_sync::proto::{Receiver, ReceiverConfig, RecvEvent, SendEvent, Sender, SenderConfig};
+use ferry_sync::driver::{
+    run_receiver, run_sender_round, DriveError, RecvEnd, SendEnd, SendStats, Verdict,
+};
+use ferry_sync::proto::frame::{encode_hello, encode_message, Hello, Message, Role};
+use ferry_sync::proto::{
+    CloseCode, Receiver, ReceiverConfig, RecvEvent, SendEvent, Sender, SenderConfig,
+    PROTOCOL_VERSION,
+};
 use ferry_sync::source::Source;
 use ferry_sync::store::FsStore;
 use ferry_sync::Manifest;
@@ -20,18 +26,25 @@ pub const CLOSE_DONE: u32 = 0x100;
 pub const CLOSE_SUPERSEDED: u32 = 0x102;
 /// The sender is serving another device.
 pub const CLOSE_BUSY: u32 = 0x103;
+/// The receiver stopped (Ctrl-C) holding a complete, verified round: nothing is unfinished.
+pub const CLOSE_RECEIVER_STOPPED: u32 = 0x104;
 
 fn lost(e: impl std::fmt::Display) -> DriveError {
     DriveError::LinkLost(e.to_string())
 }
 
-/// Serves one session to a connected receiver.
-pub async fn serve(
+/// Serves one round to a connected receiver; `decide` is awaited once the receiver verified it.
+pub async fn serve_round<T, F, Fut>(
     conn: &PeerConnection,
     manifest: Arc<Manifest>,
     source: Arc<Source>,
     on_event: impl FnMut(&SendEvent),
-) -> (Result<(), DriveError>, SendStats) {
+    decide: F,
+) -> (Result<SendEnd<T>, DriveError>, SendStats)
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Verdict<T>>,
+{
     let (ctl_send, ctl_recv) = match conn.accept_bi().await {
         Ok(s) => s,
         Err(e) => return (Err(lost(e)), SendStats::default()),
@@ -44,7 +57,31 @@ pub async fn serve(
         }
     }
     let sender = Sender::new(manifest, SenderConfig::default());
-    run_sender(sender, source, ctl_recv, ctl_send, lanes, on_event).await
+    run_sender_round(sender, source, ctl_recv, ctl_send, lanes, on_event, decide).await
+}
+
+/// Answers the receiver's next control stream with a hello and `Close{code, reason}`: the
+/// migration ends with a reason the receiver can show (and an exit code it can map).
+pub async fn refuse(conn: &PeerConnection, code: CloseCode, reason: &str) {
+    let Ok(Ok((mut send, _recv))) =
+        tokio::time::timeout(std::time::Duration::from_secs(5), conn.accept_bi()).await
+    else {
+        return;
+    };
+    let hello = encode_hello(&Hello {
+        version: PROTOCOL_VERSION,
+        role: Role::Sender,
+    });
+    let reason: String = reason.chars().take(1000).collect();
+    let close = encode_message(&Message::Close {
+        code: code as u16,
+        reason,
+    })
+    .unwrap_or_default();
+    let _ = send.write_all(&hello).await;
+    let _ = send.write_all(&close).await;
+    let _ = send.finish();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), send.stopped()).await;
 }
 
 /// Runs one receiving session on a connection to the sender.
@@ -52,7 +89,7 @@ pub async fn receive(
     conn: &PeerConnection,
     store: Arc<FsStore>,
     on_event: impl FnMut(&RecvEvent),
-) -> Result<ManifestSummary, DriveError> {
+) -> Result<RecvEnd, DriveError> {
     let (ctl_send, ctl_recv) = conn.open_bi().await.map_err(lost)?;
     let (tx, rx) = mpsc::channel(DATA_LANES * 2);
     let c = conn.clone();
