@@ -315,7 +315,10 @@ pub async fn run(s: ReceiveSettings, rep: &Reporter) -> Result<ReceiveSummary, F
                     }
                 }
             }
-            RecvEvent::Done(_) => verified2.store(true, Ordering::SeqCst),
+            RecvEvent::Done(m) => {
+                verified2.store(true, Ordering::SeqCst);
+                rep.event("verified", json!({"round": round_no, "root": m.root.to_hex(), "files": m.files, "bytes": m.bytes}));
+            }
             RecvEvent::Restarted => rep.say(
                 "a file changed on the old device while it was being sent: continuing with its new state (what arrived is kept)",
             ),
