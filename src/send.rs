@@ -4,7 +4,7 @@
 //! free); while the folder changed, it serves catch-up rounds that send only what changed, up to
 //! `--max-rounds`, or forever with `--follow`. A file that changes under a read cuts the round
 //! short (the receiver keeps what it verified) and is rescanned; one that does so
-//! [`MAX_RESTARTS_PER_FILE`] times is reported by name (exit 8).
+//! [`MAX_RESTARTS_PER_FILE`] times in a row is reported by name (exit 8).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use ferry_sync::compress::CompressPolicy;
 use ferry_sync::driver::{SendEnd, Verdict};
 use ferry_sync::manifest::ManifestDiff;
-use ferry_sync::proto::CloseCode;
+use ferry_sync::proto::{CloseCode, SendEvent};
 use ferry_sync::scan::{scan, HashCache, ScanConfig, ScanError, ScanOutput};
 use ferry_sync::source::Source;
 use ferry_sync::Manifest;
@@ -67,9 +67,10 @@ impl Default for RoundSettings {
     }
 }
 
-/// A file that cuts this many rounds short (changing under the read) is reported by name.
-pub const MAX_RESTARTS_PER_FILE: u32 = 3;
-/// Most rounds cut short in one migration, whatever the files.
+/// A file that cuts this many rounds short in a row (changing under the read, with no round
+/// verified in between) is reported by name.
+pub const MAX_RESTARTS_PER_FILE: u32 = 4;
+/// Most rounds cut short in a row, whatever the files.
 pub const MAX_RESTARTS: u32 = 20;
 
 pub struct SendSummary {
@@ -379,7 +380,14 @@ pub async fn run(
                 &conn,
                 Arc::clone(&manifest),
                 Arc::clone(&source),
-                |_| {},
+                |ev| {
+                    if let SendEvent::Done { root } = ev {
+                        rep.event(
+                            "verified",
+                            json!({"round": round_no, "root": root.to_hex()}),
+                        );
+                    }
+                },
                 move || decide(sc, current, round_no, rs, stop_d, aw, lim, rep),
             );
             tokio::pin!(serving);
@@ -467,6 +475,8 @@ pub async fn run(
                 }
                 Ok(SendEnd::Next(out)) => {
                     rounds_done += 1;
+                    restarts.clear();
+                    restarts_total = 0;
                     let diff = manifest.diff(&out.manifest, 0);
                     manifest = Arc::new(out.manifest);
                     source = Arc::new(Source::new(
