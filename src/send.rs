@@ -97,6 +97,23 @@ impl Scanner {
         }
     }
 
+    /// Rescans a folder that is changing: a file that vanished between listing and reading
+    /// fails one scan, not the migration (bounded retries).
+    async fn rescan(&self) -> Result<ScanOutput, Failure> {
+        let mut tries = 0;
+        loop {
+            match self.scan().await {
+                Ok(out) => return Ok(out),
+                Err(f) if tries < 3 && f.exit == Exit::Source => {
+                    tries += 1;
+                    tracing::info!("rescan failed ({}); retrying", f.message);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(f) => return Err(f),
+            }
+        }
+    }
+
     async fn scan(&self) -> Result<ScanOutput, Failure> {
         let (dir, path, cache) = (
             self.dir.clone(),
@@ -148,7 +165,7 @@ async fn decide(
         if *stop.borrow_and_update() {
             break Verdict::Final;
         }
-        match scanner.scan().await {
+        match scanner.rescan().await {
             Ok(out) if out.manifest.root() != current.root() => {
                 if !s.follow && rounds_done >= s.max_rounds {
                     let diff = current.diff(&out.manifest, 20);
@@ -173,7 +190,11 @@ async fn decide(
             _ = stopped(&mut stop) => break Verdict::Final,
         }
     };
-    awaiting.store(false, Ordering::SeqCst);
+    // A final verdict leaves `awaiting` set: the round ends cleanly, and Ctrl-C meanwhile must
+    // not turn that into an interruption. Another round is work in flight again.
+    if matches!(v, Verdict::Next(_)) {
+        awaiting.store(false, Ordering::SeqCst);
+    }
     v
 }
 
@@ -373,6 +394,7 @@ pub async fn run(
         // Rounds on this connection, each on new streams.
         loop {
             sessions += 1;
+            awaiting.store(false, Ordering::SeqCst);
             let (current, round_no, stop_d) =
                 (Arc::clone(&manifest), rounds_done + 1, stop_rx.clone());
             let (sc, aw, lim, rs) = (&scanner, &awaiting, &limited, &s.rounds);
@@ -455,7 +477,7 @@ pub async fn run(
                 Ok(SendEnd::Final) => {
                     rounds_done += 1;
                     conn.close(session::CLOSE_DONE, b"done");
-                    let how = if stopping {
+                    let how = if stopping || *stop_rx.borrow() {
                         "stopped"
                     } else if limited.lock().unwrap_or_else(|p| p.into_inner()).is_some() {
                         "round-limit"
@@ -508,7 +530,7 @@ pub async fn run(
                     rep.say(&format!(
                         "{path} changed while it was being sent: rescanning and continuing (the new device keeps what it verified)"
                     ));
-                    let out = scanner.scan().await?;
+                    let out = scanner.rescan().await?;
                     manifest = Arc::new(out.manifest);
                     source = Arc::new(Source::new(
                         &s.dir,
