@@ -357,3 +357,78 @@ fn follow_keeps_the_pair_in_sync_until_interrupted() {
     let (code, err) = verify(&dest);
     assert_eq!(code, 0, "{err}");
 }
+
+/// The figure for issue 5: catch-up bytes versus the history's size after N messages.
+/// Ignored by default (about a minute); run with
+/// `cargo test --test integration live::figure_catch_up_bytes -- --ignored --nocapture`
+/// (FERRY_FIGURE_MIB, FERRY_FIGURE_MESSAGES override 64 MiB and 1000).
+#[test]
+#[ignore]
+fn figure_catch_up_bytes_after_messages() {
+    let mib: u64 = std::env::var("FERRY_FIGURE_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(64);
+    let messages: u64 = std::env::var("FERRY_FIGURE_MESSAGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    let mut rows = Vec::new();
+    for seed in 1..=3u64 {
+        let work = tempdir("figure");
+        let (src, dest) = (work.path().join("src"), work.path().join("dest"));
+        let spec = HistorySpec {
+            seed,
+            ..HistorySpec::with_size(mib * MIB)
+        };
+        generate(&src, &spec).unwrap();
+        let (old, new) = (Device::new("old"), Device::new("new"));
+        let mut s = old.send(&src, "127.0.0.1:0", &["--follow", "--poll-interval", "0.5"]);
+        let (addr, code) = listening(&s.wait_event("listening", LONG));
+        let mut r = new.receive(&dest, &addr, Some(&code), &[]);
+        wait_synced(&mut r, &src, &dest);
+        let w = LiveWriter::start(
+            &src,
+            LiveConfig {
+                seed: 100 + seed,
+                messages_per_sec: 5000.0,
+                max_batch: 50,
+                media_every: 0,
+            },
+        )
+        .unwrap();
+        while w.messages_committed() < messages {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let stats = w.stop().unwrap();
+        wait_synced(&mut r, &src, &dest);
+        loop {
+            let ev = s.wait_event("verified", LONG);
+            if r.seen_named("verified").last().map(|v| &v["root"]) == Some(&ev["root"]) {
+                break;
+            }
+        }
+        s.interrupt();
+        s.expect_exit(0, LONG);
+        r.expect_exit(0, LONG);
+        let done = r.seen_named("done")[0].clone();
+        assert_history_equal(&src, &dest);
+        let load = fs::read_to_string("/proc/loadavg").unwrap_or_default();
+        rows.push((
+            u64_of(&done, "catchup_wire_bytes"),
+            u64_of(&done, "bytes"),
+            u64_of(&done, "rounds"),
+            stats.messages,
+            load.split_whitespace().next().unwrap_or("?").to_string(),
+        ));
+    }
+    for (c, b, rounds, m, load) in &rows {
+        eprintln!(
+            "FIGURE {mib} MiB history, {m} messages: catch-up {c} bytes of {b} ({:.3} %), {rounds} rounds, load {load}",
+            *c as f64 * 100.0 / *b as f64
+        );
+    }
+    let mut c: Vec<u64> = rows.iter().map(|r| r.0).collect();
+    c.sort_unstable();
+    eprintln!("FIGURE median catch-up bytes: {}", c[1]);
+}
