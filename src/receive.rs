@@ -264,7 +264,8 @@ pub async fn run(s: ReceiveSettings, rep: &Reporter) -> Result<ReceiveSummary, F
         );
         let interrupt_at = s.interrupt_at;
         let mut files_total = 0u64;
-        let mut on_event = |ev: &RecvEvent| match ev {
+        let mut on_event = |ev: &RecvEvent| {
+            match ev {
             RecvEvent::Manifest(m) => {
                 files_total = m.files;
                 rep.event("manifest", json!({"files": m.files, "bytes": m.bytes, "chunks": m.unique_chunks, "root": m.root.to_hex()}));
@@ -323,6 +324,7 @@ pub async fn run(s: ReceiveSettings, rep: &Reporter) -> Result<ReceiveSummary, F
                 "a file changed on the old device while it was being sent: continuing with its new state (what arrived is kept)",
             ),
             RecvEvent::Failed(_) => {}
+        }
         };
         let wire_before = summary.wire_bytes;
         let result = {
@@ -382,7 +384,10 @@ pub async fn run(s: ReceiveSettings, rep: &Reporter) -> Result<ReceiveSummary, F
                     }
                     RecvEnd::Restarted => {
                         rep.finish_progress();
-                        rep.event("round", json!({"round": summary.rounds + 1, "reason": "source-changed"}));
+                        rep.event(
+                            "round",
+                            json!({"round": summary.rounds + 1, "reason": "source-changed"}),
+                        );
                         continue;
                     }
                     RecvEnd::Final(m) => Ok((m, true)),

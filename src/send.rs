@@ -442,7 +442,6 @@ pub async fn run(
                     }
                 }
             };
-            drop(serving);
             wire_bytes += stats.wire_bytes;
             if rounds_done > 0 {
                 catchup_wire_bytes += stats.wire_bytes;

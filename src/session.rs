@@ -33,6 +33,30 @@ fn lost(e: impl std::fmt::Display) -> DriveError {
     DriveError::LinkLost(e.to_string())
 }
 
+/// Serves a single-round session: the receiver's copy of `manifest` is final.
+pub async fn serve(
+    conn: &PeerConnection,
+    manifest: Arc<Manifest>,
+    source: Arc<Source>,
+    on_event: impl FnMut(&SendEvent),
+) -> (Result<(), DriveError>, SendStats) {
+    let (r, stats) = serve_round(conn, manifest, source, on_event, || async {
+        Verdict::<()>::Final
+    })
+    .await;
+    (
+        r.and_then(|end| match end {
+            SendEnd::Final | SendEnd::Next(()) => Ok(()),
+            SendEnd::SourceChanged { path } => Err(DriveError::Session(
+                ferry_sync::proto::SessionError::Source(format!(
+                    "{path} changed while it was being sent"
+                )),
+            )),
+        }),
+        stats,
+    )
+}
+
 /// Serves one round to a connected receiver; `decide` is awaited once the receiver verified it.
 pub async fn serve_round<T, F, Fut>(
     conn: &PeerConnection,

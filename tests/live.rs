@@ -77,7 +77,9 @@ fn assert_history_equal(src: &Path, dest: &Path) {
         .into_iter()
         .filter(|d| match d {
             Difference::OnlyInRight(_) => true,
-            Difference::OnlyInLeft(p) => !is_database_file(p) || p.to_string_lossy().ends_with(".db"),
+            Difference::OnlyInLeft(p) => {
+                !is_database_file(p) || p.to_string_lossy().ends_with(".db")
+            }
             d => !is_database_file(diff_path(d)),
         })
         .collect();

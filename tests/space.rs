@@ -116,11 +116,7 @@ fn catch_up_rounds_check_space_for_what_they_still_need() {
     let src = work.path().join("src");
     std::fs::create_dir_all(src.join("media")).unwrap();
     for i in 0..4u64 {
-        std::fs::write(
-            src.join(format!("media/{i}.bin")),
-            noise(i + 1, 4 << 20),
-        )
-        .unwrap();
+        std::fs::write(src.join(format!("media/{i}.bin")), noise(i + 1, 4 << 20)).unwrap();
     }
     let Some(fs) = Tmpfs::mount(&work.path().join("mnt"), "40m") else {
         eprintln!("skipped: mounting tmpfs failed (no privilege in this container?)");

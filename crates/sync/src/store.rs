@@ -894,7 +894,10 @@ impl FsStore {
         let mut touched: HashSet<PathBuf> = HashSet::new();
         // Deepest first, so that directories are emptied before they are removed.
         for e in prev.entries().iter().rev() {
-            if now.get(e.path.as_str()).is_some_and(|k| same_kind(k, &e.kind)) {
+            if now
+                .get(e.path.as_str())
+                .is_some_and(|k| same_kind(k, &e.kind))
+            {
                 continue;
             }
             if !self.parents_are_dirs(&e.path) {

@@ -134,33 +134,38 @@ async fn catch_up_round_sends_only_changed_chunks_and_removes_only_what_ferry_br
         .map(|e| e.path.clone())
         .unwrap();
     let dropped2 = dropped.clone();
-    let r1 = round(&src, Arc::clone(&m1), Arc::clone(&store), move || async move {
-        let w = LiveWriter::start(
-            &src2,
-            LiveConfig {
-                messages_per_sec: 20_000.0,
-                max_batch: 100,
-                media_every: 0,
-                ..LiveConfig::default()
-            },
-        )
-        .unwrap();
-        while w.messages_committed() < MESSAGES {
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
-        let stats = w.stop().unwrap();
-        assert!(stats.messages >= MESSAGES);
-        for i in 0..NEW_FILES {
-            fs::write(
-                src2.join(format!("media/new_{i}.jpg")),
-                rand_bytes(i as u64 + 9, 20_000),
+    let r1 = round(
+        &src,
+        Arc::clone(&m1),
+        Arc::clone(&store),
+        move || async move {
+            let w = LiveWriter::start(
+                &src2,
+                LiveConfig {
+                    messages_per_sec: 20_000.0,
+                    max_batch: 100,
+                    media_every: 0,
+                    ..LiveConfig::default()
+                },
             )
             .unwrap();
-        }
-        fs::remove_file(src2.join(&dropped2)).unwrap();
-        fs::write(dest2.join("my-notes.txt"), "not ferry's").unwrap();
-        Verdict::Next(scan_of(&src2))
-    })
+            while w.messages_committed() < MESSAGES {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            let stats = w.stop().unwrap();
+            assert!(stats.messages >= MESSAGES);
+            for i in 0..NEW_FILES {
+                fs::write(
+                    src2.join(format!("media/new_{i}.jpg")),
+                    rand_bytes(i as u64 + 9, 20_000),
+                )
+                .unwrap();
+            }
+            fs::remove_file(src2.join(&dropped2)).unwrap();
+            fs::write(dest2.join("my-notes.txt"), "not ferry's").unwrap();
+            Verdict::Next(scan_of(&src2))
+        },
+    )
     .await;
     let m2 = match r1.send {
         Ok(SendEnd::Next(m)) => m,
