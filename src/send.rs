@@ -122,9 +122,13 @@ impl Scanner {
         );
         tokio::task::spawn_blocking(move || {
             let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
+            let before = cache.len();
             let out = scan(&dir, Some(&mut cache), &ScanConfig::default())?;
-            if let Err(e) = cache.save(&path) {
-                tracing::warn!("cannot save the hash cache {}: {e}", path.display());
+            // Rescans of an unchanged folder (every poll with --follow) leave the file alone.
+            if before == 0 || out.hashed_bytes > 0 || cache.len() != before {
+                if let Err(e) = cache.save(&path) {
+                    tracing::warn!("cannot save the hash cache {}: {e}", path.display());
+                }
             }
             Ok::<_, ScanError>(out)
         })
@@ -165,7 +169,11 @@ async fn decide(
         if *stop.borrow_and_update() {
             break Verdict::Final;
         }
-        match scanner.rescan().await {
+        let scan_started = Instant::now();
+        let scanned = scanner.rescan().await;
+        // A huge folder is not rescanned back to back: at most a fifth of the time.
+        let pause = s.poll_interval.max(scan_started.elapsed() * 4);
+        match scanned {
             Ok(out) if out.manifest.root() != current.root() => {
                 if !s.follow && rounds_done >= s.max_rounds {
                     let diff = current.diff(&out.manifest, 20);
@@ -186,7 +194,7 @@ async fn decide(
             break Verdict::Final;
         }
         tokio::select! {
-            _ = tokio::time::sleep(s.poll_interval) => {}
+            _ = tokio::time::sleep(pause) => {}
             _ = stopped(&mut stop) => break Verdict::Final,
         }
     };
