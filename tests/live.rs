@@ -434,3 +434,35 @@ fn figure_catch_up_bytes_after_messages() {
     c.sort_unstable();
     eprintln!("FIGURE median catch-up bytes: {}", c[1]);
 }
+
+#[test]
+fn follow_ends_cleanly_when_the_receiver_is_interrupted() {
+    let work = tempdir("follow-r");
+    let (src, dest) = (work.path().join("src"), work.path().join("dest"));
+    fs::create_dir_all(src.join("media")).unwrap();
+    for i in 0..4u64 {
+        fs::write(
+            src.join(format!("media/{i}.jpg")),
+            rand_bytes(i + 1, 100_000),
+        )
+        .unwrap();
+    }
+    let (old, new) = (Device::new("old"), Device::new("new"));
+    let mut s = old.send(&src, "127.0.0.1:0", &["--follow", "--poll-interval", "0.2"]);
+    let (addr, code) = listening(&s.wait_event("listening", LONG));
+    let mut r = new.receive(&dest, &addr, Some(&code), &[]);
+    wait_synced(&mut r, &src, &dest);
+    s.wait_event("verified", LONG);
+    // Ctrl-C on the new device while it follows: it holds a verified round, so both end well.
+    r.interrupt();
+    r.expect_exit(0, LONG);
+    s.expect_exit(0, LONG);
+    let recv_done = r.seen_named("done")[0].clone();
+    let send_done = s.seen_named("done")[0].clone();
+    assert_eq!(recv_done["end"], "stopped", "{recv_done}");
+    assert_eq!(send_done["end"], "receiver-stopped", "{send_done}");
+    assert_eq!(send_done["root"], recv_done["root"]);
+    assert_trees_equal(&src, &dest).unwrap();
+    let (code, err) = verify(&dest);
+    assert_eq!(code, 0, "{err}");
+}

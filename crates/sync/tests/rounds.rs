@@ -309,3 +309,65 @@ async fn file_changed_under_the_read_restarts_the_round_and_keeps_verified_chunk
     assert!(r2.sent_wire + have <= m2.summary().bytes + (256 << 10));
     assert_trees_equal(&src, &dest).unwrap();
 }
+
+/// A receiver that dies after a catch-up round began (its store prepared for the new manifest,
+/// so the old receipt became `receipt.prev`) finishes the round after a restart: files in place
+/// are reused, and what the previous round brought and the source dropped is still removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catch_up_round_survives_a_receiver_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dest) = (dir.path().join("src"), dir.path().join("dest"));
+    fs::create_dir_all(src.join("media/old")).unwrap();
+    for i in 0..6u64 {
+        fs::write(
+            src.join(format!("media/old/{i}.jpg")),
+            rand_bytes(i + 1, 200_000),
+        )
+        .unwrap();
+    }
+    fs::write(src.join("msg.db"), rand_bytes(42, 1 << 20)).unwrap();
+    let m1 = scan_of(&src);
+    {
+        let store = Arc::new(FsStore::open(&dest).unwrap());
+        let r1 = round(&src, Arc::clone(&m1), store, || async {
+            Verdict::<()>::Final
+        })
+        .await;
+        assert!(matches!(r1.recv, Ok(RecvEnd::Final(_))), "{:?}", r1.recv);
+    }
+    // The source changes: a folder goes, the database grows, a file arrives.
+    fs::remove_dir_all(src.join("media/old")).unwrap();
+    let mut db = fs::read(src.join("msg.db")).unwrap();
+    db.extend(rand_bytes(43, 300_000));
+    fs::write(src.join("msg.db"), &db).unwrap();
+    fs::write(src.join("media/new.jpg"), rand_bytes(44, 50_000)).unwrap();
+    let m2 = scan_of(&src);
+    {
+        // The receiver starts round 2 and dies right after preparing (kill -9).
+        let store = FsStore::open(&dest).unwrap();
+        store.prepare(&m2).unwrap();
+        assert!(dest.join(".ferry/receipt.prev").exists());
+        assert!(!dest.join(".ferry/receipt").exists());
+    }
+    let store = Arc::new(FsStore::open(&dest).unwrap());
+    let r2 = round(&src, Arc::clone(&m2), store, || async {
+        Verdict::<()>::Final
+    })
+    .await;
+    assert!(matches!(r2.recv, Ok(RecvEnd::Final(_))), "{:?}", r2.recv);
+    // Only the new bytes crossed: the grown database lent its old megabyte.
+    let changed = changed_chunk_bytes(&m1, &m2);
+    assert!(
+        r2.sent_wire <= changed + changed / 100 + 4096,
+        "sent {}, changed chunks {changed}",
+        r2.sent_wire
+    );
+    assert!(r2.sent_wire < 600_000, "sent {}", r2.sent_wire);
+    assert!(
+        !dest.join("media/old").exists(),
+        "the dropped folder stayed"
+    );
+    assert!(!dest.join(".ferry/receipt.prev").exists());
+    assert_trees_equal(&src, &dest).unwrap();
+    assert_eq!(verify_dest(&dest).unwrap().root, m2.root());
+}
