@@ -371,3 +371,57 @@ async fn catch_up_round_survives_a_receiver_restart() {
     assert_trees_equal(&src, &dest).unwrap();
     assert_eq!(verify_dest(&dest).unwrap().root, m2.root());
 }
+
+/// The verdict on the wire: a version-2 receiver's `Done` waits for the application (then
+/// `NextRound` or `Close{Done}`); a version-1 receiver gets `Close{Done}` at once, as before.
+#[test]
+fn sender_verdict_depends_on_the_receivers_version() {
+    use ferry_sync::proto::frame::{decode_frame, Frame, Hello, Message, Role};
+    use ferry_sync::proto::{CloseCode, SendEvent};
+
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join("a.txt"), "hello").unwrap();
+    let m = scan_of(dir.path());
+    let messages = |s: &mut Sender| -> Vec<Message> {
+        let mut out = Vec::new();
+        while let Some(t) = s.poll_transmit() {
+            let mut b = bytes::BytesMut::from(&t.head[..]);
+            b.extend_from_slice(&t.body);
+            while let Some(f) = decode_frame(&mut b).unwrap() {
+                if let Frame::Message(msg) = f {
+                    out.push(msg);
+                }
+            }
+        }
+        out
+    };
+    for version in [1u16, 2] {
+        let mut s = Sender::new(Arc::clone(&m), SenderConfig::default());
+        s.handle_frame(Frame::Hello(Hello {
+            version,
+            role: Role::Receiver,
+        }));
+        messages(&mut s);
+        s.handle_frame(Frame::Message(Message::WantEnd {
+            chunks: 0,
+            bytes: 0,
+        }));
+        s.handle_frame(Frame::Message(Message::Done { root: m.root() }));
+        let events: Vec<SendEvent> = std::iter::from_fn(|| s.poll_event()).collect();
+        assert!(events.contains(&SendEvent::Done { root: m.root() }));
+        let sent = messages(&mut s);
+        if version == 1 {
+            assert!(s.is_closed());
+            assert!(matches!(
+                sent.as_slice(),
+                [Message::Close { code, .. }] if *code == CloseCode::Done as u16
+            ));
+        } else {
+            assert!(s.is_awaiting_verdict() && !s.is_closed());
+            assert!(sent.is_empty(), "{sent:?}");
+            s.next_round();
+            assert!(s.is_closed());
+            assert_eq!(messages(&mut s), vec![Message::NextRound]);
+        }
+    }
+}
