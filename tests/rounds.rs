@@ -362,7 +362,7 @@ fn follow_keeps_the_pair_in_sync_until_interrupted() {
 
 /// The figure for issue 5: catch-up bytes versus the history's size after N messages.
 /// Ignored by default (about a minute); run with
-/// `cargo test --test integration live::figure_catch_up_bytes -- --ignored --nocapture`
+/// `cargo test --test integration rounds::figure_catch_up_bytes -- --ignored --nocapture`
 /// (FERRY_FIGURE_MIB, FERRY_FIGURE_MESSAGES override 64 MiB and 1000).
 #[test]
 #[ignore]
