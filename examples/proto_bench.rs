@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context as _};
 use ferry_sync::compress::CompressPolicy;
-use ferry_sync::driver::{run_receiver, run_sender};
+use ferry_sync::driver::{run_receiver, run_sender, Copying};
 use ferry_sync::proto::{Receiver, ReceiverConfig, RecvEvent, Sender, SenderConfig};
 use ferry_sync::scan::{scan, ScanConfig};
 use ferry_sync::source::Source;
@@ -78,7 +78,7 @@ async fn run() -> anyhow::Result<()> {
     let mut writers = Vec::new();
     for _ in 0..a.lanes {
         let (w, r) = tokio::io::duplex(1 << 20);
-        writers.push(w);
+        writers.push(Copying(w));
         tx.send(r).await.context("lane")?;
     }
     drop(tx);

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use ferry_sync::store::verify_dest;
-use ferry_testkit::{assert_trees_equal, generate, HistorySpec};
+use ferry_testkit::{assert_histories_equal, generate, HistorySpec};
 use ferry_transport::FerryDirs;
 use serde_json::json;
 
@@ -138,7 +138,7 @@ pub async fn run(f: DemoFlags) -> Result<(), Failure> {
             ),
         ));
     }
-    assert_trees_equal(&src, &dest).map_err(|e| {
+    assert_histories_equal(&src, &dest).map_err(|e| {
         Failure::new(
             Exit::Integrity,
             format!("the copy differs from the original: {e:#}"),

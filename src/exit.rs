@@ -18,6 +18,8 @@ pub enum Exit {
     Integrity = 7,
     Source = 8,
     Protocol = 9,
+    /// The migration finished, but some files kept changing and were not sent.
+    Incomplete = 10,
 }
 
 impl Exit {
@@ -33,6 +35,7 @@ impl Exit {
             Exit::Integrity => "integrity",
             Exit::Source => "source",
             Exit::Protocol => "protocol",
+            Exit::Incomplete => "incomplete",
         }
     }
 }

@@ -100,7 +100,7 @@ async fn run(command: Command) -> Result<(), Failure> {
                     poll_interval: common::parse_interval(f.poll_interval)?,
                 },
             };
-            send::run(settings, &rep, None).await.map(|_| ())
+            send::run(settings, &rep, None).await?.completeness()
         }
         Command::Receive(f) => {
             let rep = Reporter::new(f.json);

@@ -17,7 +17,8 @@ use ferry_sync::compress::CompressPolicy;
 use ferry_sync::driver::{SendEnd, Verdict};
 use ferry_sync::manifest::ManifestDiff;
 use ferry_sync::proto::{CloseCode, SendEvent};
-use ferry_sync::scan::{scan, HashCache, ScanConfig, ScanError, ScanOutput};
+use ferry_sync::scan::{scan, Capture, HashCache, ScanConfig, ScanError, ScanOutput};
+use ferry_sync::snapshot::SnapshotStore;
 use ferry_sync::source::Source;
 use ferry_sync::Manifest;
 use ferry_transport::{
@@ -77,12 +78,37 @@ pub struct SendSummary {
     pub wire_bytes: u64,
     pub sessions: u32,
     pub scan_secs: f64,
+    /// Files left out because they kept changing while read: the migration is incomplete.
+    pub unstable: Vec<String>,
+}
+
+impl SendSummary {
+    /// `Err` (exit code 10, incomplete) when files were left out; see the README.
+    pub fn completeness(&self) -> Result<(), Failure> {
+        if self.unstable.is_empty() {
+            return Ok(());
+        }
+        let shown: Vec<&str> = self.unstable.iter().take(10).map(String::as_str).collect();
+        let more = match self.unstable.len() {
+            n if n > 10 => format!(" and {} more", n - 10),
+            _ => String::new(),
+        };
+        Err(Failure::new(
+            Exit::Incomplete,
+            format!(
+                "the migration finished, but {} file(s) kept changing and could not be captured consistently, so they were not sent: {}{more}; run ferry send again when the app is idle to send them",
+                self.unstable.len(),
+                shown.join(", ")
+            ),
+        ))
+    }
 }
 
 /// Scans the folder with a hash cache kept across rescans.
 struct Scanner {
     dir: PathBuf,
     cache_path: PathBuf,
+    snapshot_dir: PathBuf,
     cache: Arc<Mutex<HashCache>>,
 }
 
@@ -93,6 +119,7 @@ impl Scanner {
         Scanner {
             dir: dir.to_path_buf(),
             cache_path,
+            snapshot_dir: SnapshotStore::dir_for(state, dir),
             cache: Arc::new(Mutex::new(cache)),
         }
     }
@@ -120,10 +147,16 @@ impl Scanner {
             self.cache_path.clone(),
             Arc::clone(&self.cache),
         );
+        // Databases are captured as consistent snapshots (kept between rescans: an unchanged
+        // database is not copied again).
+        let cfg = ScanConfig {
+            snapshot_dir: Some(self.snapshot_dir.clone()),
+            ..ScanConfig::default()
+        };
         tokio::task::spawn_blocking(move || {
             let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
             let before = cache.len();
-            let out = scan(&dir, Some(&mut cache), &ScanConfig::default())?;
+            let out = scan(&dir, Some(&mut cache), &cfg)?;
             // Rescans of an unchanged folder (every poll with --follow) leave the file alone.
             if before == 0 || out.hashed_bytes > 0 || cache.len() != before {
                 if let Err(e) = cache.save(&path) {
@@ -136,6 +169,24 @@ impl Scanner {
         .map_err(|e| Failure::new(Exit::Internal, e.to_string()))?
         .map_err(scan_failure)
     }
+}
+
+/// The manifest, source and unstable files of a rescan, for the next round.
+fn adopt(dir: &Path, out: ScanOutput, rep: &Reporter) -> (Arc<Manifest>, Arc<Source>, Vec<String>) {
+    for u in &out.unstable {
+        rep.say(&format!(
+            "could not be captured consistently, not sent: {} ({})",
+            u.path, u.reason
+        ));
+        rep.event("unstable", json!({"path": u.path, "reason": u.reason}));
+    }
+    let unstable = out.unstable.iter().map(|u| u.path.clone()).collect();
+    let manifest = Arc::new(out.manifest);
+    let source = Arc::new(
+        Source::new(dir, Arc::clone(&manifest), CompressPolicy::default())
+            .with_redirects(out.sources),
+    );
+    (manifest, source, unstable)
 }
 
 /// Resolves once `stop` says so (Ctrl-C); never if its sender is gone.
@@ -238,6 +289,42 @@ pub async fn run(
             scanned.skipped.len() - 20
         ));
     }
+    let (mut snapshots, mut reused) = (0u64, 0u64);
+    for db in &scanned.databases {
+        match &db.capture {
+            Capture::Snapshot { reused: r } => {
+                snapshots += 1;
+                reused += u64::from(*r);
+            }
+            Capture::Raw { reason } => {
+                rep.say(&format!(
+                    "database {} cannot be read through SQLite ({reason}); sending it as a plain file, checked for changes while read",
+                    db.path
+                ));
+                rep.event(
+                    "database",
+                    json!({"path": db.path, "capture": "raw", "reason": reason}),
+                );
+            }
+        }
+    }
+    if snapshots > 0 {
+        rep.say(&format!(
+            "{snapshots} database(s) captured as consistent snapshots ({reused} unchanged since the last scan)"
+        ));
+    }
+    rep.event(
+        "databases",
+        json!({"snapshots": snapshots, "reused": reused, "raw": scanned.databases.len() as u64 - snapshots}),
+    );
+    for u in &scanned.unstable {
+        rep.say(&format!(
+            "could not be captured consistently, not sent: {} ({})",
+            u.path, u.reason
+        ));
+        rep.event("unstable", json!({"path": u.path, "reason": u.reason}));
+    }
+    let mut unstable: Vec<String> = scanned.unstable.iter().map(|u| u.path.clone()).collect();
     let mut manifest = Arc::new(scanned.manifest);
     let first = Arc::clone(&manifest);
     let sum = *manifest.summary();
@@ -256,11 +343,10 @@ pub async fn run(
         json!({"files": sum.files, "bytes": sum.bytes, "chunks": sum.unique_chunks, "root": sum.root.to_hex(),
             "hashed_bytes": scanned.hashed_bytes, "cached_files": scanned.cached_files, "scan_s": scan_secs}),
     );
-    let mut source = Arc::new(Source::new(
-        &s.dir,
-        Arc::clone(&manifest),
-        CompressPolicy::default(),
-    ));
+    let mut source = Arc::new(
+        Source::new(&s.dir, Arc::clone(&manifest), CompressPolicy::default())
+            .with_redirects(scanned.sources),
+    );
 
     let ep = common::endpoint_with(&s.dirs, s.name.as_deref(), s.listen, s.congestion)?;
     let mut code = match s.code {
@@ -460,9 +546,15 @@ pub async fn run(
                 let fin = last.summary();
                 let diff = first.diff(&last, 0);
                 rep.event("done", json!({"root": fin.root.to_hex(), "files": fin.files, "bytes": fin.bytes, "wire_bytes": wire_bytes, "elapsed_s": elapsed,
-                    "rounds": rounds, "catchup_wire_bytes": catchup, "files_added": diff.added, "files_changed": diff.changed, "files_removed": diff.removed, "end": how}));
+                    "rounds": rounds, "catchup_wire_bytes": catchup, "files_added": diff.added, "files_changed": diff.changed, "files_removed": diff.removed, "end": how,
+                    "complete": unstable.is_empty(), "unstable": unstable}));
                 rep.say(&format!(
-                    "done: {} verified by {} ({} on the wire, {:.1} s)",
+                    "{}: {} verified by {} ({} on the wire, {:.1} s)",
+                    if unstable.is_empty() {
+                        "done"
+                    } else {
+                        "done, but incomplete"
+                    },
                     human_bytes(fin.bytes),
                     peer.name,
                     human_bytes(wire_bytes),
@@ -478,6 +570,7 @@ pub async fn run(
                     wire_bytes,
                     sessions,
                     scan_secs,
+                    unstable: unstable.clone(),
                 }
             };
             match res {
@@ -507,12 +600,7 @@ pub async fn run(
                     restarts.clear();
                     restarts_total = 0;
                     let diff = manifest.diff(&out.manifest, 0);
-                    manifest = Arc::new(out.manifest);
-                    source = Arc::new(Source::new(
-                        &s.dir,
-                        Arc::clone(&manifest),
-                        CompressPolicy::default(),
-                    ));
+                    (manifest, source, unstable) = adopt(&s.dir, out, rep);
                     let m = manifest.summary();
                     rep.event("round", json!({"round": rounds_done + 1, "reason": "changed", "files": m.files, "bytes": m.bytes, "root": m.root.to_hex(),
                         "files_added": diff.added, "files_changed": diff.changed, "files_removed": diff.removed}));
@@ -538,12 +626,7 @@ pub async fn run(
                         "{path} changed while it was being sent: rescanning and continuing (the new device keeps what it verified)"
                     ));
                     let out = scanner.rescan().await?;
-                    manifest = Arc::new(out.manifest);
-                    source = Arc::new(Source::new(
-                        &s.dir,
-                        Arc::clone(&manifest),
-                        CompressPolicy::default(),
-                    ));
+                    (manifest, source, unstable) = adopt(&s.dir, out, rep);
                     let m = manifest.summary();
                     rep.event("round", json!({"round": rounds_done + 1, "reason": "source-changed", "path": path, "files": m.files, "bytes": m.bytes, "root": m.root.to_hex()}));
                 }

@@ -4,8 +4,9 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use ferry_sync::driver::{
-    run_receiver, run_sender_round, DriveError, RecvEnd, SendEnd, SendStats, Verdict,
+    run_receiver, run_sender_round, DataSink, DriveError, RecvEnd, SendEnd, SendStats, Verdict,
 };
 use ferry_sync::proto::frame::{encode_hello, encode_message, Hello, Message, Role};
 use ferry_sync::proto::{
@@ -15,7 +16,7 @@ use ferry_sync::proto::{
 use ferry_sync::source::Source;
 use ferry_sync::store::FsStore;
 use ferry_sync::Manifest;
-use ferry_transport::PeerConnection;
+use ferry_transport::{PeerConnection, SendStream};
 use tokio::sync::mpsc;
 
 /// Data streams per session: enough to keep a fast link busy while one stream waits on loss.
@@ -28,6 +29,29 @@ pub const CLOSE_SUPERSEDED: u32 = 0x102;
 pub const CLOSE_BUSY: u32 = 0x103;
 /// The receiver stopped (Ctrl-C) holding a complete, verified round: nothing is unfinished.
 pub const CLOSE_RECEIVER_STOPPED: u32 = 0x104;
+
+/// A QUIC data stream as a [`DataSink`]: quinn takes the frame's buffers as they are, so chunk
+/// payloads are not copied into the stream's send buffer.
+struct QuicLane(SendStream);
+
+impl DataSink for QuicLane {
+    async fn send_frame(&mut self, head: Bytes, body: Bytes) -> std::io::Result<()> {
+        let mut bufs = [head, body];
+        let bufs = if bufs[1].is_empty() {
+            &mut bufs[..1]
+        } else {
+            &mut bufs[..]
+        };
+        self.0
+            .write_all_chunks(bufs)
+            .await
+            .map_err(std::io::Error::other)
+    }
+
+    async fn finish(&mut self) {
+        let _ = self.0.finish();
+    }
+}
 
 fn lost(e: impl std::fmt::Display) -> DriveError {
     DriveError::LinkLost(e.to_string())
@@ -76,7 +100,7 @@ where
     let mut lanes = Vec::with_capacity(DATA_LANES);
     for _ in 0..DATA_LANES {
         match conn.open_uni().await {
-            Ok(s) => lanes.push(s),
+            Ok(s) => lanes.push(QuicLane(s)),
             Err(e) => return (Err(lost(e)), SendStats::default()),
         }
     }

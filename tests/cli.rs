@@ -26,7 +26,8 @@ fn demo_migrates_and_verifies() {
         "the demo did not cut the link: {ev}"
     );
     let dest = dir.join("new-phone").join("chat-history");
-    ferry_testkit::assert_trees_equal(&dir.join("old-phone").join("chat-history"), &dest).unwrap();
+    ferry_testkit::assert_histories_equal(&dir.join("old-phone").join("chat-history"), &dest)
+        .unwrap();
     let (code, err) = verify(&dest);
     assert_eq!(code, 0, "ferry verify of the demo failed: {err}");
 }

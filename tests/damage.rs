@@ -18,6 +18,8 @@ fn verify_detects_flipped_byte_and_deleted_file() {
         .collect();
     files.sort();
     let (len, victim) = files.last().cloned().unwrap();
+    // What was received (a database arrives as its snapshot, not the source's bytes).
+    let original = fs::read(m.dest.join(&victim)).unwrap();
     {
         let mut f = OpenOptions::new()
             .read(true)
@@ -60,7 +62,7 @@ fn verify_detects_flipped_byte_and_deleted_file() {
     );
 
     // Put it back; then delete another (non-empty) file.
-    fs::copy(src.join(&victim), m.dest.join(&victim)).unwrap();
+    fs::write(m.dest.join(&victim), &original).unwrap();
     assert_eq!(
         verify(&m.dest).0,
         0,

@@ -3,7 +3,7 @@
 
 use std::fs;
 
-use ferry_testkit::tree_diff;
+use ferry_testkit::history_diff;
 
 use crate::util::*;
 
@@ -43,7 +43,7 @@ fn foreign_non_empty_destination_is_refused_then_accepted_with_yes() {
     r.expect_exit(0, LONG);
     s.expect_exit(0, LONG);
     // Exactly the history plus the unrelated files, which are unchanged.
-    let diffs = tree_diff(src, &dest).unwrap();
+    let diffs = history_diff(src, &dest).unwrap();
     let extra: Vec<String> = diffs.iter().map(|d| d.to_string()).collect();
     assert_eq!(
         extra,

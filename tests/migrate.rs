@@ -1,6 +1,6 @@
 //! A generated chat history migrates byte for byte, and `ferry verify` agrees.
 
-use ferry_testkit::assert_trees_equal;
+use ferry_testkit::assert_histories_equal;
 
 use crate::util::*;
 
@@ -8,7 +8,7 @@ use crate::util::*;
 fn generated_history_migrates_and_verifies() {
     let src = shared_history(48, 7);
     let m = migrate(src);
-    assert_trees_equal(src, &m.dest).unwrap();
+    assert_histories_equal(src, &m.dest).unwrap();
     let (code, err) = verify(&m.dest);
     assert_eq!(code, 0, "ferry verify failed: {err}");
     // Same counts on both sides, and the receiver saw real payload.

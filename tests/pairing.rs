@@ -1,7 +1,7 @@
 //! A wrong pairing code: the receiver fails with exit 3 and writes nothing; the sender keeps
 //! running with a fresh code that then works.
 
-use ferry_testkit::assert_trees_equal;
+use ferry_testkit::assert_histories_equal;
 
 use crate::util::*;
 
@@ -61,5 +61,5 @@ fn wrong_code_exits_3_commits_nothing_and_sender_issues_a_new_code() {
     r.expect_exit(0, LONG);
     assert_eq!(s.wait_event("done", LONG)["root"], done["root"]);
     s.expect_exit(0, LONG);
-    assert_trees_equal(src, &dest).unwrap();
+    assert_histories_equal(src, &dest).unwrap();
 }

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use ferry_testkit::assert_trees_equal;
+use ferry_testkit::assert_histories_equal;
 use serde_json::Value;
 
 use crate::util::*;
@@ -151,7 +151,7 @@ fn receiver_killed_at_several_points_resumes_byte_identical() {
     );
     assert_eq!(send_done["root"], recv_done["root"]);
     assert_eq!(send_done["root"], clean_root);
-    assert_trees_equal(src, &dest).unwrap();
+    assert_histories_equal(src, &dest).unwrap();
     let (code, err) = verify(&dest);
     assert_eq!(code, 0, "ferry verify failed: {err}");
 
@@ -271,7 +271,7 @@ fn sender_killed_at_several_points_receiver_reconnects_by_itself() {
     assert!(kills >= 2, "only {kills} kill points were reached");
     assert_eq!(send_done["root"], recv_done["root"]);
     assert_eq!(recv_done["root"], first_manifest["root"]);
-    assert_trees_equal(src, &dest).unwrap();
+    assert_histories_equal(src, &dest).unwrap();
     let (code, err) = verify(&dest);
     assert_eq!(code, 0, "ferry verify failed: {err}");
     let interruptions = r.seen_named("interrupted").len();

@@ -396,6 +396,7 @@ fn figure_catch_up_bytes_after_messages() {
                 messages_per_sec: 5000.0,
                 max_batch: 50,
                 media_every: 0,
+                ..LiveConfig::default()
             },
         )
         .unwrap();

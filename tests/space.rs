@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use ferry_testkit::assert_trees_equal;
+use ferry_testkit::{assert_histories_equal, assert_trees_equal};
 
 use crate::util::*;
 
@@ -79,7 +79,7 @@ fn too_small_destination_is_refused_then_finishes_with_room() {
     r.wait_event("done", LONG);
     r.expect_exit(0, LONG);
     s.expect_exit(0, LONG);
-    assert_trees_equal(src, &dest).unwrap();
+    assert_histories_equal(src, &dest).unwrap();
 }
 
 fn is_root() -> bool {

@@ -8,6 +8,7 @@ mod cli;
 mod damage;
 mod destination;
 mod edge_cases;
+mod live;
 mod migrate;
 mod pairing;
 mod resume;

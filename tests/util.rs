@@ -36,7 +36,9 @@ pub fn free_udp_port() -> u16 {
 }
 
 /// One generated history per (size, seed), shared read-only by the tests (ferry never writes
-/// into the source folder; hash caches live under each `FERRY_HOME`). Kept under cargo's
+/// into the source folder, except that SQLite may create a database's `-shm` index when ferry
+/// snapshots it, which the history comparisons ignore; hash caches and snapshots live under
+/// each `FERRY_HOME`). Kept under cargo's
 /// `CARGO_TARGET_TMPDIR` and reused by later runs of the same build, so nothing is left in the
 /// system temp dir and generation is paid once.
 pub fn shared_history(size_mib: u64, seed: u64) -> &'static Path {

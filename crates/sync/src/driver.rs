@@ -6,10 +6,11 @@
 //! control stream and the matching data receive streams. Data frames go out on whichever stream
 //! is free, so a slow stream does not hold the others back.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, Mutex};
 
@@ -98,6 +99,38 @@ async fn write_transmit<W: AsyncWrite + Unpin>(w: &mut W, t: &Transmit) -> std::
         w.write_all(&t.body).await?;
     }
     Ok(())
+}
+
+/// A data lane: where the sender's chunk frames go.
+///
+/// [`Copying`] adapts any [`AsyncWrite`]; a transport that can take ownership of buffers (QUIC's
+/// `write_all_chunks`) implements this directly and saves a copy of every payload byte.
+pub trait DataSink: Send + 'static {
+    /// Sends one frame: `head`, then `body`.
+    fn send_frame(
+        &mut self,
+        head: Bytes,
+        body: Bytes,
+    ) -> impl Future<Output = std::io::Result<()>> + Send;
+    /// Ends the lane cleanly after its last frame.
+    fn finish(&mut self) -> impl Future<Output = ()> + Send;
+}
+
+/// A [`DataSink`] over any byte stream (copies each frame into the stream).
+pub struct Copying<W>(pub W);
+
+impl<W: AsyncWrite + Unpin + Send + 'static> DataSink for Copying<W> {
+    async fn send_frame(&mut self, head: Bytes, body: Bytes) -> std::io::Result<()> {
+        self.0.write_all(&head).await?;
+        if !body.is_empty() {
+            self.0.write_all(&body).await?;
+        }
+        Ok(())
+    }
+
+    async fn finish(&mut self) {
+        let _ = self.0.shutdown().await;
+    }
 }
 
 enum Input {
@@ -194,7 +227,7 @@ pub async fn run_sender<CR, CW, DW>(
 where
     CR: AsyncRead + Unpin + Send + 'static,
     CW: AsyncWrite + Unpin + Send + 'static,
-    DW: AsyncWrite + Unpin + Send + 'static,
+    DW: DataSink,
 {
     let (r, stats) = run_sender_round(
         sender,
@@ -231,7 +264,7 @@ pub async fn run_sender_round<CR, CW, DW, T, F, Fut>(
 where
     CR: AsyncRead + Unpin + Send + 'static,
     CW: AsyncWrite + Unpin + Send + 'static,
-    DW: AsyncWrite + Unpin + Send + 'static,
+    DW: DataSink,
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = Verdict<T>>,
 {
@@ -256,12 +289,12 @@ where
             loop {
                 let next = rx.lock().await.recv().await;
                 let Some(t) = next else { break };
-                if let Err(e) = write_transmit(&mut w, &t).await {
+                if let Err(e) = w.send_frame(t.head, t.body).await {
                     let _ = err.send(e.to_string()).await;
                     return;
                 }
             }
-            let _ = w.shutdown().await;
+            w.finish().await;
         }));
     }
     drop(werr_tx);

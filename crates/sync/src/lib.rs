@@ -11,7 +11,8 @@
 //! - [`proto`]: the wire format (frames, versioned hello, close codes) and the two protocol state
 //!   machines, [`proto::Sender`] and [`proto::Receiver`]. They are sans-IO: no sockets, no clock,
 //!   no filesystem; inputs are `handle_*`, outputs `poll_*`.
-//! - [`scan`]: walking and hashing a history directory, with a persistent [`scan::HashCache`].
+//! - [`scan`]: walking and hashing a history directory, with a persistent [`scan::HashCache`];
+//!   [`snapshot`] copies live SQLite databases consistently through SQLite for it.
 //! - [`store`]: the crash-safe receiver store (staging, journal, finalize, receipt, verify).
 //! - [`compress`]: the per-chunk zstd policy and the bounded decoder.
 //! - [`driver`]: runs the machines over async byte streams (e.g. QUIC streams).
@@ -23,6 +24,7 @@ pub mod manifest;
 pub mod path;
 pub mod proto;
 pub mod scan;
+pub mod snapshot;
 pub mod source;
 pub mod store;
 

@@ -345,6 +345,21 @@ impl Manifest {
         })
     }
 
+    /// File entries in the order a receiver fetches them: databases first (by name, see
+    /// [`looks_like_database`]), then the other files smallest first, ties by path. The new
+    /// device thus holds a usable history early and large media arrive last. A pure function
+    /// of the entries; it does not touch chunk ids or the root hash.
+    pub fn transfer_order(&self) -> Vec<u32> {
+        let mut order: Vec<u32> = (0..self.entries.len() as u32)
+            .filter(|&i| self.entries[i as usize].chunks() > 0)
+            .collect();
+        order.sort_by_key(|&i| {
+            let e = &self.entries[i as usize];
+            (!looks_like_database(&e.path), e.size, i)
+        });
+        order
+    }
+
     /// Index of the entry with this exact path.
     pub fn find(&self, path: &str) -> Option<usize> {
         self.entries
@@ -395,6 +410,19 @@ impl Manifest {
         }
         d
     }
+}
+
+/// Whether a path names a database by the usual chat-app file extensions (`.db`, `.sqlite`,
+/// `.sqlite3`, `.db3`, any case). The receiver only sees names, so this decides fetch order
+/// only; correctness never depends on it.
+pub fn looks_like_database(path: &str) -> bool {
+    let name = path.rsplit('/').next().unwrap_or(path);
+    let Some((_, ext)) = name.rsplit_once('.') else {
+        return false;
+    };
+    ["db", "sqlite", "sqlite3", "db3"]
+        .iter()
+        .any(|d| ext.eq_ignore_ascii_case(d))
 }
 
 /// Iterator over the slots of one unique chunk.
@@ -815,5 +843,38 @@ mod tests {
             b.finish(&said),
             Err(ManifestError::RootMismatch { .. })
         ));
+    }
+
+    #[test]
+    fn transfer_order_puts_databases_then_small_files_first() {
+        let m = Manifest::from_wire_entries(vec![
+            dir("db"),
+            dir("media"),
+            file("a_note.txt", &[1u8; 5000]),
+            file("db/msg_1.db", &[2u8; 900_000]),
+            file("db/contact.SQLITE", &[3u8; 300_000]),
+            file("empty", b""),
+            file("media/movie.mp4", &[4u8; 2_000_000]),
+            file("media/thumb.jpg", &[5u8; 20_000]),
+        ])
+        .unwrap();
+        let names: Vec<&str> = m
+            .transfer_order()
+            .into_iter()
+            .map(|i| m.entry(i).unwrap().path.as_str())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "db/contact.SQLITE",
+                "db/msg_1.db",
+                "a_note.txt",
+                "media/thumb.jpg",
+                "media/movie.mp4"
+            ]
+        );
+        assert!(looks_like_database("x/y.db3"));
+        assert!(!looks_like_database("x/y.db-wal"));
+        assert!(!looks_like_database("db"));
     }
 }

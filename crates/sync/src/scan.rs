@@ -6,6 +6,19 @@
 //! are skipped with a reason too. Files are hashed chunk by chunk on several threads; a
 //! [`HashCache`] keyed by (path, size, mtime, inode) lets a restarted sender skip re-hashing
 //! files that did not change.
+//!
+//! # Live files
+//! The app may write while the scan reads. With [`ScanConfig::snapshot_dir`] set, SQLite
+//! databases are recognised by their header and captured consistently through SQLite (see
+//! [`crate::snapshot`]); the manifest describes the snapshot under the database's path, their
+//! `-wal`/`-shm`/`-journal` companions are left out, and [`ScanOutput::sources`] says which file
+//! to read for such an entry. Every other file is read with change detection: it is `stat`ed
+//! before and after hashing (size, mtime and ctime to the nanosecond, inode), and a file
+//! modified within [`RACY_WINDOW`] before its read began counts as changed too (file times come
+//! from a clock that ticks every few milliseconds, so a write in the same tick would otherwise
+//! go unseen). A changed file is read again, up to [`ScanConfig::read_attempts`] times with a
+//! growing pause; one that keeps changing is left out of the manifest and reported by name in
+//! [`ScanOutput::unstable`], never sent torn.
 
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -13,7 +26,8 @@ use std::io::{self, Read};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
@@ -21,6 +35,7 @@ use crate::manifest::{
     chunk_count, chunk_shift_for, ChunkHash, EntryKind, ManifestError, Mtime, WireEntry,
 };
 use crate::path::{symlink_stays_inside, STATE_DIR};
+use crate::snapshot::{has_sqlite_header, FileKey, SnapshotStore, COMPANIONS};
 use crate::Manifest;
 
 /// A scan failure.
@@ -42,11 +57,75 @@ pub struct Skipped {
     pub reason: String,
 }
 
+/// A file modified less than this before its read began is read again (see the module docs).
+pub const RACY_WINDOW: Duration = Duration::from_millis(20);
+
+/// Called after a file was read and before it is checked for changes, with the manifest path
+/// and the attempt number (0-based). It lets tests change a file at exactly that moment.
+#[derive(Clone)]
+pub struct ReadHook(Arc<ReadHookFn>);
+
+type ReadHookFn = dyn Fn(&str, u32) + Send + Sync;
+
+impl ReadHook {
+    pub fn new(f: impl Fn(&str, u32) + Send + Sync + 'static) -> Self {
+        ReadHook(Arc::new(f))
+    }
+}
+
+impl std::fmt::Debug for ReadHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ReadHook")
+    }
+}
+
 /// Scan tuning.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ScanConfig {
     /// Hashing threads (0 = one per core).
     pub threads: usize,
+    /// Where to keep consistent snapshots of SQLite databases (one folder per shared directory,
+    /// see [`SnapshotStore::dir_for`]). `None` reads databases like any other file.
+    pub snapshot_dir: Option<PathBuf>,
+    /// How long a snapshot waits for a database the app holds locked before the database is
+    /// read raw instead.
+    pub snapshot_busy_timeout: Duration,
+    /// Reads of a file that keeps changing before it is reported as unstable (≥ 1).
+    pub read_attempts: u32,
+    /// Pause before re-read n (1-based): [`RACY_WINDOW`] + n × this.
+    pub retry_backoff: Duration,
+    /// See [`ReadHook`].
+    pub after_read: Option<ReadHook>,
+}
+
+impl Default for ScanConfig {
+    /// One thread per core, no snapshots (2 s busy timeout), 3 attempts, 25 ms backoff.
+    fn default() -> Self {
+        ScanConfig {
+            threads: 0,
+            snapshot_dir: None,
+            snapshot_busy_timeout: crate::snapshot::DEFAULT_BUSY_TIMEOUT,
+            read_attempts: 3,
+            retry_backoff: Duration::from_millis(25),
+            after_read: None,
+        }
+    }
+}
+
+/// How a SQLite database was captured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Capture {
+    /// Through SQLite, consistently; `reused` when the previous snapshot was still current.
+    Snapshot { reused: bool },
+    /// SQLite could not read it; it was read raw (with change detection) instead.
+    Raw { reason: String },
+}
+
+/// A SQLite database the scan found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Database {
+    pub path: String,
+    pub capture: Capture,
 }
 
 /// The result of a scan.
@@ -54,6 +133,13 @@ pub struct ScanConfig {
 pub struct ScanOutput {
     pub manifest: Manifest,
     pub skipped: Vec<Skipped>,
+    /// Files that changed on every read attempt: left out of the manifest, so the migration
+    /// is not complete without them.
+    pub unstable: Vec<Skipped>,
+    /// SQLite databases found (only when snapshots are enabled), sorted by path.
+    pub databases: Vec<Database>,
+    /// Entries whose bytes must be read from another file than `root/path` (the snapshots).
+    pub sources: HashMap<String, PathBuf>,
     /// Bytes read and hashed (not served by the cache).
     pub hashed_bytes: u64,
     /// Files served by the cache.
@@ -67,6 +153,8 @@ struct CacheEntry {
     ino: u64,
     chunk_shift: u8,
     hashes: Vec<ChunkHash>,
+    /// The file's header was checked: it is not a SQLite database.
+    plain: bool,
 }
 
 /// Chunk hashes of files already scanned, keyed by path and checked against (size, mtime, inode).
@@ -75,7 +163,7 @@ pub struct HashCache {
     map: HashMap<String, CacheEntry>,
 }
 
-const CACHE_MAGIC: &[u8; 8] = b"FRRYHC01";
+const CACHE_MAGIC: &[u8; 8] = b"FRRYHC02";
 /// A cache file larger than this is ignored (it would only be a waste of memory).
 const MAX_CACHE_FILE: u64 = 2 << 30;
 
@@ -134,11 +222,48 @@ impl HashCache {
     }
 }
 
-struct PendingFile {
+/// A regular file found by the walk.
+struct FileWork {
+    /// Index of its entry.
     index: usize,
+    /// The live file.
     abs: PathBuf,
-    size: u64,
-    chunk_shift: u8,
+    /// What to hash: the live file, or its snapshot.
+    read: PathBuf,
+    /// The walk's stat of the live file.
+    key: FileKey,
+    /// The header was checked (now or by an earlier scan): not a database.
+    plain: bool,
+    /// `read` is a snapshot ferry wrote (no racy-mtime rule: ferry itself just wrote it).
+    snapshot: bool,
+    /// Left out of the manifest (companion of a snapshot, unstable, vanished).
+    dropped: bool,
+    /// (size, mtime, inode) of `read` as hashed, for the cache.
+    cache_key: Option<(u64, Mtime, u64)>,
+}
+
+struct PendingFile {
+    work: usize,
+    path: String,
+    read: PathBuf,
+    racy_check: bool,
+}
+
+/// What reading a file gave.
+enum ReadResult {
+    Stable {
+        md: fs::Metadata,
+        hashes: Vec<ChunkHash>,
+    },
+    Unstable,
+    Vanished,
+}
+
+fn mtime_of(k: &FileKey) -> Mtime {
+    Mtime {
+        secs: k.mtime.0,
+        nanos: k.mtime.1.clamp(0, 999_999_999) as u32,
+    }
 }
 
 /// Scans `root` into a manifest, using and refreshing `cache` when given.
@@ -155,12 +280,10 @@ pub fn scan(
         return Err(ScanError::NotADirectory(root.to_path_buf()));
     }
     let mut entries: Vec<WireEntry> = Vec::new();
-    let mut keys: Vec<(u64, Mtime)> = Vec::new(); // (ino, mtime) per entry for the cache
     let mut skipped = Vec::new();
-    let mut pending: Vec<PendingFile> = Vec::new();
+    let mut files: Vec<FileWork> = Vec::new();
     let mut cached_files = 0u64;
     let mut cache = cache;
-    let mut fresh: HashMap<String, CacheEntry> = HashMap::new();
 
     // Depth-first walk with an explicit stack; names sorted for determinism.
     let mut stack: Vec<(PathBuf, String)> = vec![(root.to_path_buf(), String::new())];
@@ -207,10 +330,22 @@ pub fn scan(
                 continue;
             }
             let abs = ent.path();
-            let md = fs::symlink_metadata(&abs).map_err(|e| ScanError::Io {
-                path: abs.clone(),
-                source: e,
-            })?;
+            let md = match fs::symlink_metadata(&abs) {
+                Ok(md) => md,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    skipped.push(Skipped {
+                        path,
+                        reason: "it disappeared during the scan".into(),
+                    });
+                    continue;
+                }
+                Err(e) => {
+                    return Err(ScanError::Io {
+                        path: abs,
+                        source: e,
+                    })
+                }
+            };
             let mtime = Mtime {
                 secs: md.mtime(),
                 nanos: md.mtime_nsec().clamp(0, 999_999_999) as u32,
@@ -226,7 +361,6 @@ pub fn scan(
                     mtime,
                     hashes: vec![],
                 });
-                keys.push((md.ino(), mtime));
                 stack.push((abs, path));
             } else if ft.is_symlink() {
                 let target = fs::read_link(&abs).map_err(|e| ScanError::Io {
@@ -245,7 +379,6 @@ pub fn scan(
                             mtime,
                             hashes: vec![],
                         });
-                        keys.push((md.ino(), mtime));
                     }
                     _ => skipped.push(Skipped {
                         path,
@@ -257,38 +390,26 @@ pub fn scan(
                 }
             } else if ft.is_file() {
                 let size = md.len();
-                let chunk_shift = chunk_shift_for(size);
-                let hit = cache.as_ref().and_then(|c| c.map.get(&path)).filter(|c| {
-                    c.size == size
-                        && c.mtime == mtime
-                        && c.ino == md.ino()
-                        && c.chunk_shift == chunk_shift
-                        && c.hashes.len() as u64 == chunk_count(size, chunk_shift)
+                files.push(FileWork {
+                    index: entries.len(),
+                    read: abs.clone(),
+                    abs,
+                    key: FileKey::of(&md),
+                    plain: false,
+                    snapshot: false,
+                    dropped: false,
+                    cache_key: None,
                 });
-                let hashes = match hit {
-                    Some(c) => {
-                        cached_files += 1;
-                        c.hashes.clone()
-                    }
-                    None => {
-                        pending.push(PendingFile {
-                            index: entries.len(),
-                            abs,
-                            size,
-                            chunk_shift,
-                        });
-                        Vec::new()
-                    }
-                };
                 entries.push(WireEntry {
                     path,
-                    kind: EntryKind::File { chunk_shift },
+                    kind: EntryKind::File {
+                        chunk_shift: chunk_shift_for(size),
+                    },
                     size,
                     mode,
                     mtime,
-                    hashes,
+                    hashes: Vec::new(),
                 });
-                keys.push((md.ino(), mtime));
             } else {
                 skipped.push(Skipped {
                     path,
@@ -298,21 +419,205 @@ pub fn scan(
         }
     }
 
-    let hashed_bytes = pending.iter().map(|p| p.size).sum();
-    let results = hash_files(&pending, cfg.threads)?;
-    for (p, hashes) in pending.iter().zip(results) {
-        entries[p.index].hashes = hashes;
+    let cached = |path: &str, size: u64, mtime: Mtime, ino: u64| -> Option<&CacheEntry> {
+        let shift = chunk_shift_for(size);
+        cache.as_ref().and_then(|c| c.map.get(path)).filter(|c| {
+            c.size == size
+                && c.mtime == mtime
+                && c.ino == ino
+                && c.chunk_shift == shift
+                && c.hashes.len() as u64 == chunk_count(size, shift)
+        })
+    };
+
+    // SQLite databases: snapshot them, and leave their companions out.
+    let mut databases = Vec::new();
+    let mut sources = HashMap::new();
+    if let Some(snap_dir) = &cfg.snapshot_dir {
+        let mut store = SnapshotStore::open(snap_dir).map_err(|e| ScanError::Io {
+            path: snap_dir.clone(),
+            source: e,
+        })?;
+        store.set_busy_timeout(cfg.snapshot_busy_timeout);
+        // Files that could be companions, by path.
+        let by_path: HashMap<String, usize> = files
+            .iter()
+            .enumerate()
+            .map(|(i, f)| (&entries[f.index].path, i))
+            .filter(|(p, _)| COMPANIONS.iter().any(|c| p.ends_with(c)))
+            .map(|(p, i)| (p.clone(), i))
+            .collect();
+        let mut dbs = Vec::new();
+        for (i, f) in files.iter_mut().enumerate() {
+            let e = &entries[f.index];
+            let known_plain =
+                cached(&e.path, f.key.size, mtime_of(&f.key), f.key.ino).is_some_and(|c| c.plain);
+            // Anything shorter than one 512-byte page is not a database.
+            if known_plain || f.key.size < 512 {
+                f.plain = true;
+                continue;
+            }
+            match has_sqlite_header(&f.abs) {
+                Ok(true) => dbs.push(i),
+                Ok(false) => f.plain = true,
+                // Vanished or unreadable: the read below reports it.
+                Err(_) => {}
+            }
+        }
+        let mut companions = Vec::new();
+        for i in dbs {
+            if files[i].dropped {
+                continue; // a "-wal" with a database header: already a companion
+            }
+            let path = entries[files[i].index].path.clone();
+            let capture = match store.capture(&path, &files[i].abs) {
+                Ok(c) => {
+                    let snap_md = fs::symlink_metadata(&c.file).map_err(|e| ScanError::Io {
+                        path: c.file.clone(),
+                        source: e,
+                    })?;
+                    let f = &mut files[i];
+                    f.read = c.file.clone();
+                    f.key = FileKey::of(&snap_md);
+                    f.snapshot = true;
+                    let e = &mut entries[f.index];
+                    e.size = snap_md.len();
+                    e.kind = EntryKind::File {
+                        chunk_shift: chunk_shift_for(e.size),
+                    };
+                    e.mtime = Mtime {
+                        secs: c.source_mtime.0,
+                        nanos: c.source_mtime.1.clamp(0, 999_999_999) as u32,
+                    };
+                    sources.insert(path.clone(), c.file);
+                    for suffix in COMPANIONS {
+                        if let Some(&j) = by_path.get(&format!("{path}{suffix}")) {
+                            companions.push(j);
+                        }
+                    }
+                    Capture::Snapshot { reused: c.reused }
+                }
+                Err(e) => Capture::Raw {
+                    reason: e.to_string(),
+                },
+            };
+            for j in companions.drain(..) {
+                files[j].dropped = true;
+            }
+            databases.push(Database { path, capture });
+        }
+        databases.sort_by(|a: &Database, b: &Database| a.path.cmp(&b.path));
+        // Reading a database may have made SQLite create its -shm, which moves the mtime of
+        // the folder holding it: record the folder as it is now, so the next scan (and a
+        // restarted sender) describes the same tree.
+        let parents: std::collections::HashSet<&str> = databases
+            .iter()
+            .filter_map(|d| d.path.rsplit_once('/').map(|(dir, _)| dir))
+            .collect();
+        if !parents.is_empty() {
+            for e in entries
+                .iter_mut()
+                .filter(|e| e.kind == EntryKind::Dir && parents.contains(e.path.as_str()))
+            {
+                if let Ok(md) = fs::symlink_metadata(root.join(&e.path)) {
+                    e.mtime = Mtime {
+                        secs: md.mtime(),
+                        nanos: md.mtime_nsec().clamp(0, 999_999_999) as u32,
+                    };
+                }
+            }
+        }
+        if let Err(e) = store.finish() {
+            tracing::warn!(
+                "cannot tidy the snapshot folder {}: {e}",
+                snap_dir.display()
+            );
+        }
     }
-    for (e, (ino, mtime)) in entries.iter().zip(&keys) {
-        if let EntryKind::File { chunk_shift } = e.kind {
+
+    // The cache, then hashing with change detection.
+    let mut pending: Vec<PendingFile> = Vec::new();
+    for (i, f) in files.iter_mut().enumerate() {
+        if f.dropped {
+            continue;
+        }
+        let e = &mut entries[f.index];
+        let mtime = mtime_of(&f.key);
+        match cached(&e.path, f.key.size, mtime, f.key.ino) {
+            Some(c) => {
+                cached_files += 1;
+                e.hashes = c.hashes.clone();
+                f.cache_key = Some((f.key.size, mtime, f.key.ino));
+            }
+            None => pending.push(PendingFile {
+                work: i,
+                path: e.path.clone(),
+                read: f.read.clone(),
+                racy_check: !f.snapshot,
+            }),
+        }
+    }
+    let results = hash_files(&pending, cfg)?;
+    let mut hashed_bytes = 0;
+    let mut unstable = Vec::new();
+    for (p, r) in pending.iter().zip(results) {
+        let f = &mut files[p.work];
+        let e = &mut entries[f.index];
+        match r {
+            ReadResult::Stable { md, hashes } => {
+                hashed_bytes += md.len();
+                let key = FileKey::of(&md);
+                let mtime = mtime_of(&key);
+                f.cache_key = Some((md.len(), mtime, key.ino));
+                e.size = md.len();
+                e.kind = EntryKind::File {
+                    chunk_shift: chunk_shift_for(e.size),
+                };
+                e.hashes = hashes;
+                if !f.snapshot {
+                    e.mtime = mtime;
+                    e.mode = md.permissions().mode() & 0o7777;
+                }
+            }
+            ReadResult::Unstable => {
+                f.dropped = true;
+                unstable.push(Skipped {
+                    path: p.path.clone(),
+                    reason: format!(
+                        "it changed during each of {} reads; it could not be captured consistently",
+                        cfg.read_attempts.max(1)
+                    ),
+                });
+            }
+            ReadResult::Vanished => {
+                f.dropped = true;
+                skipped.push(Skipped {
+                    path: p.path.clone(),
+                    reason: "it disappeared during the scan".into(),
+                });
+            }
+        }
+    }
+
+    let mut fresh: HashMap<String, CacheEntry> = HashMap::new();
+    let mut keep = vec![true; entries.len()];
+    for f in &files {
+        let e = &entries[f.index];
+        if f.dropped {
+            keep[f.index] = false;
+            continue;
+        }
+        if let (Some((size, mtime, ino)), EntryKind::File { chunk_shift }) = (f.cache_key, &e.kind)
+        {
             fresh.insert(
                 e.path.clone(),
                 CacheEntry {
-                    size: e.size,
-                    mtime: *mtime,
-                    ino: *ino,
-                    chunk_shift,
+                    size,
+                    mtime,
+                    ino,
+                    chunk_shift: *chunk_shift,
                     hashes: e.hashes.clone(),
+                    plain: f.plain,
                 },
             );
         }
@@ -320,24 +625,33 @@ pub fn scan(
     if let Some(c) = cache.as_mut() {
         c.map = fresh;
     }
+    let entries: Vec<WireEntry> = entries
+        .into_iter()
+        .zip(keep)
+        .filter_map(|(e, k)| k.then_some(e))
+        .collect();
     let manifest = Manifest::from_wire_entries(entries)?;
     Ok(ScanOutput {
         manifest,
         skipped,
+        unstable,
+        databases,
+        sources,
         hashed_bytes,
         cached_files,
     })
 }
 
-fn hash_files(files: &[PendingFile], threads: usize) -> Result<Vec<Vec<ChunkHash>>, ScanError> {
-    let threads = if threads == 0 {
+fn hash_files(files: &[PendingFile], cfg: &ScanConfig) -> Result<Vec<ReadResult>, ScanError> {
+    let threads = if cfg.threads == 0 {
         std::thread::available_parallelism().map_or(2, |n| n.get())
     } else {
-        threads
+        cfg.threads
     }
     .clamp(1, 16);
     let next = AtomicUsize::new(0);
-    let out: Mutex<Vec<Option<Vec<ChunkHash>>>> = Mutex::new(vec![None; files.len()]);
+    let out: Mutex<Vec<Option<ReadResult>>> =
+        Mutex::new(std::iter::repeat_with(|| None).take(files.len()).collect());
     let err: Mutex<Option<ScanError>> = Mutex::new(None);
     std::thread::scope(|s| {
         for _ in 0..threads.min(files.len().max(1)) {
@@ -346,11 +660,11 @@ fn hash_files(files: &[PendingFile], threads: usize) -> Result<Vec<Vec<ChunkHash
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(f) = files.get(i) else { break };
-                    match hash_file(f, &mut buf) {
-                        Ok(h) => out.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(h),
+                    match read_stable(f, cfg, &mut buf) {
+                        Ok(r) => out.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(r),
                         Err(e) => {
                             *err.lock().unwrap_or_else(|p| p.into_inner()) = Some(ScanError::Io {
-                                path: f.abs.clone(),
+                                path: f.read.clone(),
                                 source: e,
                             });
                             next.store(files.len(), Ordering::Relaxed);
@@ -364,38 +678,79 @@ fn hash_files(files: &[PendingFile], threads: usize) -> Result<Vec<Vec<ChunkHash
     if let Some(e) = err.into_inner().unwrap_or_else(|p| p.into_inner()) {
         return Err(e);
     }
-    Ok(out
-        .into_inner()
+    out.into_inner()
         .unwrap_or_else(|p| p.into_inner())
         .into_iter()
-        .map(Option::unwrap_or_default)
-        .collect())
+        .map(|r| {
+            r.ok_or_else(|| ScanError::Io {
+                path: PathBuf::new(),
+                source: io::Error::other("a hashing thread stopped early"),
+            })
+        })
+        .collect()
 }
 
-fn hash_file(f: &PendingFile, buf: &mut Vec<u8>) -> io::Result<Vec<ChunkHash>> {
-    let csize = 1usize << f.chunk_shift;
+/// Hashes a file until two `stat`s around the read agree, or the attempts run out.
+fn read_stable(f: &PendingFile, cfg: &ScanConfig, buf: &mut Vec<u8>) -> io::Result<ReadResult> {
+    let attempts = cfg.read_attempts.max(1);
+    for attempt in 0..attempts {
+        if attempt > 0 {
+            std::thread::sleep(RACY_WINDOW + cfg.retry_backoff * attempt);
+        }
+        let started = SystemTime::now();
+        let file = match File::open(&f.read) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(ReadResult::Vanished),
+            Err(e) => return Err(e),
+        };
+        let before = file.metadata()?;
+        let hashes = hash_file(file, before.len(), buf)?;
+        if let Some(hook) = &cfg.after_read {
+            (hook.0)(&f.path, attempt);
+        }
+        let after = match fs::symlink_metadata(&f.read) {
+            Ok(md) => md,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        let Some(hashes) = hashes else { continue };
+        if !after.file_type().is_file() || FileKey::of(&before) != FileKey::of(&after) {
+            continue;
+        }
+        if f.racy_check {
+            let modified = after.modified()?;
+            if modified + RACY_WINDOW >= started {
+                continue;
+            }
+        }
+        return Ok(ReadResult::Stable { md: after, hashes });
+    }
+    Ok(ReadResult::Unstable)
+}
+
+/// The chunk hashes of the first `size` bytes of `file`, or `None` if it is shorter.
+fn hash_file(mut file: File, size: u64, buf: &mut Vec<u8>) -> io::Result<Option<Vec<ChunkHash>>> {
+    let shift = chunk_shift_for(size);
+    let csize = 1usize << shift;
     // Read several chunks per call for small chunk sizes.
     let per_read = csize.max(1 << 22);
     buf.resize(per_read, 0);
-    let mut file = File::open(&f.abs)?;
-    let n = chunk_count(f.size, f.chunk_shift) as usize;
+    let n = chunk_count(size, shift) as usize;
     let mut hashes = Vec::with_capacity(n);
-    let mut left = f.size;
+    let mut left = size;
     while left > 0 {
         let want = (left as usize).min(per_read);
-        file.read_exact(&mut buf[..want]).map_err(|e| {
-            if e.kind() == io::ErrorKind::UnexpectedEof {
-                io::Error::other("the file shrank while it was being scanned")
-            } else {
-                e
-            }
-        })?;
+        match file.read_exact(&mut buf[..want]) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) => return Err(e),
+        }
         for piece in buf[..want].chunks(csize) {
             hashes.push(ChunkHash::of(piece));
         }
         left -= want as u64;
     }
-    Ok(hashes)
+    Ok(Some(hashes))
 }
 
 #[cfg(test)]

@@ -21,6 +21,8 @@ pub struct Source {
     root: PathBuf,
     manifest: Arc<Manifest>,
     policy: CompressPolicy,
+    /// Entries read from another file than `root/path` (database snapshots).
+    redirects: HashMap<String, PathBuf>,
     open: Mutex<HashMap<u32, Arc<File>>>,
 }
 
@@ -30,8 +32,16 @@ impl Source {
             root: root.to_path_buf(),
             manifest,
             policy,
+            redirects: HashMap::new(),
             open: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Reads the entries named in `redirects` from the given files instead (the scan's
+    /// [`crate::scan::ScanOutput::sources`]: snapshots of live databases).
+    pub fn with_redirects(mut self, redirects: HashMap<String, PathBuf>) -> Self {
+        self.redirects = redirects;
+        self
     }
 
     pub fn manifest(&self) -> &Arc<Manifest> {
@@ -52,7 +62,12 @@ impl Source {
             OpenOptions::new()
                 .read(true)
                 .custom_flags(libc::O_NOFOLLOW)
-                .open(self.root.join(&e.path))?,
+                .open(
+                    self.redirects
+                        .get(&e.path)
+                        .cloned()
+                        .unwrap_or_else(|| self.root.join(&e.path)),
+                )?,
         );
         if open.len() >= MAX_OPEN_FILES {
             open.clear();

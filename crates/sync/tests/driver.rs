@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use ferry_sync::compress::CompressPolicy;
-use ferry_sync::driver::{run_receiver, run_sender, DriveError, RecvEnd};
+use ferry_sync::driver::{run_receiver, run_sender, Copying, DriveError, RecvEnd};
 use ferry_sync::proto::{Receiver, ReceiverConfig, RecvEvent, Sender, SenderConfig};
 use ferry_sync::scan::{scan, ScanConfig};
 use ferry_sync::source::Source;
@@ -106,10 +106,10 @@ async fn session_with(
     let mut writers = Vec::new();
     for _ in 0..lanes {
         let (a, b) = tokio::io::duplex(1 << 20);
-        writers.push(Dying {
+        writers.push(Copying(Dying {
             inner: a,
             budget: die_after.map(|d| d / lanes),
-        });
+        }));
         tx.send(b).await.unwrap();
     }
     drop(tx);

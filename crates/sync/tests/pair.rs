@@ -113,6 +113,8 @@ struct Harness {
     manifest: Arc<Manifest>,
     source: Arc<Source>,
     sent: HashSet<u32>,
+    /// Chunk ids in the order they were first sent.
+    first_sent: Vec<u32>,
     total_sent: u64,
     resent: u64,
     clock: Instant,
@@ -145,6 +147,7 @@ impl Harness {
             manifest,
             source,
             sent: HashSet::new(),
+            first_sent: Vec::new(),
             total_sent: 0,
             resent: 0,
             clock: Instant::now(),
@@ -191,6 +194,8 @@ impl Harness {
                     self.total_sent += u64::from(*raw_len);
                     if !self.sent.insert(*id) {
                         self.resent += u64::from(*raw_len);
+                    } else {
+                        self.first_sent.push(*id);
                     }
                 }
                 s2r.push_back(f);
@@ -485,4 +490,36 @@ fn damaged_local_copy_source_is_fetched_from_the_sender() {
     h.damage_before_copy = Some(dest.join("media/ab/p1.jpg"));
     h.finish();
     assert!(h.damage_before_copy.is_none(), "no local copy happened");
+}
+
+#[test]
+fn databases_then_small_files_are_sent_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dest) = (dir.path().join("src"), dir.path().join("dest"));
+    for (path, len, seed) in [
+        ("a/movie.mp4", 3_000_000, 1),
+        ("b/msg_0.db", 1_000_000, 2),
+        ("c/note.txt", 10_000, 3),
+        ("d/photo.jpg", 400_000, 4),
+    ] {
+        let p = src.join(path);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(p, rand_bytes(seed, len)).unwrap();
+    }
+    let mut h = Harness::new(&src, &dest);
+    h.finish();
+    let m = Arc::clone(&h.manifest);
+    let mut files: Vec<&str> = Vec::new();
+    for &id in &h.first_sent {
+        let slot = m.unique(id).unwrap().first_slot;
+        let e = m.entry(m.locate(slot).unwrap().entry).unwrap();
+        if files.last() != Some(&e.path.as_str()) {
+            files.push(&e.path);
+        }
+    }
+    assert_eq!(
+        files,
+        ["b/msg_0.db", "c/note.txt", "d/photo.jpg", "a/movie.mp4"],
+        "each file whole, in the transfer order"
+    );
 }

@@ -10,7 +10,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use ferry_sync::compress::CompressPolicy;
-use ferry_sync::driver::{run_receiver, run_sender_round, DriveError, RecvEnd, SendEnd, Verdict};
+use ferry_sync::driver::{
+    run_receiver, run_sender_round, Copying, DriveError, RecvEnd, SendEnd, Verdict,
+};
 use ferry_sync::manifest::Manifest;
 use ferry_sync::proto::{Receiver, ReceiverConfig, RecvEvent, Sender, SenderConfig};
 use ferry_sync::scan::{scan, ScanConfig};
@@ -52,7 +54,7 @@ where
     let mut writers = Vec::new();
     for _ in 0..LANES {
         let (a, b) = tokio::io::duplex(1 << 20);
-        writers.push(a);
+        writers.push(Copying(a));
         tx.send(b).await.unwrap();
     }
     drop(tx);

@@ -44,8 +44,11 @@ use rand::{Rng, RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rusqlite::{params, Connection};
 
-pub use live::{LiveConfig, LiveStats, LiveWriter};
-pub use tree::{assert_trees_equal, tree_diff, Difference, EntryKind};
+pub use live::{Commit, LiveConfig, LiveStats, LiveWriter};
+pub use tree::{
+    assert_histories_equal, assert_trees_equal, database_digest, history_diff, integrity_check,
+    is_sqlite, tree_diff, Difference, EntryKind,
+};
 
 use media::BlobKind;
 use text::Lang;

@@ -10,6 +10,7 @@ pub mod netns;
 pub mod proc;
 
 pub use history::{
-    assert_trees_equal, generate, tree_diff, Difference, EntryKind, HistoryReport, HistorySpec,
-    LiveConfig, LiveStats, LiveWriter,
+    assert_histories_equal, assert_trees_equal, database_digest, generate, history_diff,
+    integrity_check, is_sqlite, tree_diff, Commit, Difference, EntryKind, HistoryReport,
+    HistorySpec, LiveConfig, LiveStats, LiveWriter,
 };

@@ -627,8 +627,20 @@ impl Receiver {
         }
         let mut ranges: Vec<ChunkRange> = Vec::new();
         let (mut want_chunks, mut want_bytes) = (0u64, 0u64);
-        for (id, u) in m.unique_chunks().iter().enumerate() {
-            let id = id as u32;
+        // Chunks in the manifest's transfer order (databases, then small files first), each
+        // unique chunk once; the sender serves the ranges in the order they are asked for.
+        let mut seen = BitSet::new(m.unique_chunks().len());
+        let ids = m.transfer_order().into_iter().flat_map(|i| {
+            let e = m.entry(i);
+            let (first, n) = e.map_or((0, 0), |e| (e.first_slot, e.chunks()));
+            (first..first + n).filter_map(|s| m.slot_chunk(s))
+        });
+        for id in ids {
+            if seen.get(id) {
+                continue;
+            }
+            seen.set(id, true);
+            let Some(u) = m.unique(id) else { continue };
             let mut from = None;
             let mut missing = Vec::new();
             for s in m.slots_of(id) {

@@ -3,13 +3,17 @@
 //! One background thread owns a SQLite connection to the newest message database
 //! (`db/msg_N.db`, WAL mode). It commits messages at the configured rate, one transaction per
 //! batch, and every `media_every` messages writes a new photo under `media/` and references it.
-//! Counters are published after each commit. `stop()` (or dropping the handle) signals the
-//! thread through a channel and joins it; nothing is global.
+//! Counters are published after each commit, and every commit is logged with the instant it
+//! returned, so a test can ask which messages were surely committed before a moment
+//! ([`LiveWriter::committed_before`]). With `wal_autocheckpoint: 0` the writer never
+//! checkpoints: everything it commits stays in the `-wal` only, as with an app that holds its
+//! database open. `stop()` (or dropping the handle) signals the thread through a channel and
+//! joins it; nothing is global.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -33,16 +37,21 @@ pub struct LiveConfig {
     pub max_batch: u32,
     /// Every this many messages, one is a photo with a new media file; 0 for never.
     pub media_every: u32,
+    /// SQLite's `wal_autocheckpoint` in pages; 0 never checkpoints, so every commit stays in
+    /// the `-wal` (SQLite's default is 1000).
+    pub wal_autocheckpoint: u32,
 }
 
 impl Default for LiveConfig {
-    /// 50 messages/s, up to 16 per transaction, a new photo every 20 messages.
+    /// 50 messages/s, up to 16 per transaction, a new photo every 20 messages, SQLite's
+    /// default checkpoints.
     fn default() -> Self {
         LiveConfig {
             seed: 7,
             messages_per_sec: 50.0,
             max_batch: 16,
             media_every: 20,
+            wal_autocheckpoint: 1000,
         }
     }
 }
@@ -62,10 +71,20 @@ pub struct LiveStats {
     pub media_bytes: u64,
 }
 
+/// One committed transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Commit {
+    /// When `COMMIT` returned (the transaction was durable by then).
+    pub at: Instant,
+    /// Id of the last message of the transaction (ids are consecutive).
+    pub last_id: u64,
+}
+
 #[derive(Default)]
 struct Counters {
     messages: AtomicU64,
     last_id: AtomicU64,
+    commits: Mutex<Vec<Commit>>,
 }
 
 /// Handle to a running live writer; see the module docs.
@@ -74,6 +93,7 @@ pub struct LiveWriter {
     thread: Option<JoinHandle<anyhow::Result<LiveStats>>>,
     counters: Arc<Counters>,
     database: PathBuf,
+    first_id: u64,
 }
 
 impl LiveWriter {
@@ -90,7 +110,9 @@ impl LiveWriter {
         if !mode.eq_ignore_ascii_case("wal") {
             bail!("{}: journal_mode is {mode}", database.display());
         }
+        conn.pragma_update(None, "wal_autocheckpoint", cfg.wal_autocheckpoint)?;
         let state = WriterState::load(dir, conn, cfg)?;
+        let first_id = state.next_id as u64;
         let counters = Arc::new(Counters::default());
         let (tx, rx) = mpsc::sync_channel(1);
         let c = Arc::clone(&counters);
@@ -103,7 +125,35 @@ impl LiveWriter {
             thread: Some(thread),
             counters,
             database,
+            first_id,
         })
+    }
+
+    /// Id of the first message this writer commits (ids are consecutive from here).
+    pub fn first_message_id(&self) -> u64 {
+        self.first_id
+    }
+
+    /// Id of the last message whose transaction had committed by `t` (`first_message_id() - 1`
+    /// if none had).
+    pub fn committed_before(&self, t: Instant) -> u64 {
+        let log = self
+            .counters
+            .commits
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let n = log.partition_point(|c| c.at <= t);
+        n.checked_sub(1)
+            .map_or(self.first_id.saturating_sub(1), |i| log[i].last_id)
+    }
+
+    /// Every transaction committed so far, in order.
+    pub fn commits(&self) -> Vec<Commit> {
+        self.counters
+            .commits
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Messages committed so far.
@@ -216,6 +266,14 @@ impl WriterState {
                 .min(u64::from(self.cfg.max_batch.max(1)));
             if pending > 0 {
                 self.commit_batch(pending)?;
+                counters
+                    .commits
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(Commit {
+                        at: Instant::now(),
+                        last_id: self.stats.last_message_id,
+                    });
                 counters
                     .messages
                     .store(self.stats.messages, Ordering::Release);

@@ -359,3 +359,105 @@ fn large_histories_split_into_several_message_databases() {
     }
     assert_eq!(total, report.messages);
 }
+
+#[test]
+fn live_writer_without_checkpoints_keeps_commits_in_the_wal_and_logs_them() {
+    let (dir, _) = gen(&HistorySpec::with_size(MIB));
+    let writer = LiveWriter::start(
+        dir.path(),
+        LiveConfig {
+            messages_per_sec: 500.0,
+            media_every: 0,
+            wal_autocheckpoint: 0,
+            ..LiveConfig::default()
+        },
+    )
+    .expect("start");
+    let db = writer.database().to_path_buf();
+    let start = std::time::Instant::now();
+    assert_eq!(
+        writer.committed_before(start),
+        writer.first_message_id() - 1
+    );
+    while writer.messages_committed() < 300 {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let main_len = fs::metadata(&db).expect("db").len();
+    let wal = {
+        let mut s = db.as_os_str().to_os_string();
+        s.push("-wal");
+        PathBuf::from(s)
+    };
+    // 300 messages, and still no checkpoint: the main file has not grown, the -wal has.
+    let wal_len = fs::metadata(&wal).expect("-wal").len();
+    assert!(wal_len > 100_000, "{wal_len}");
+    let commits = writer.commits();
+    let mid = commits[commits.len() / 2];
+    assert_eq!(writer.committed_before(mid.at), mid.last_id);
+    let now = std::time::Instant::now();
+    let upto = writer.committed_before(now);
+    assert!(upto >= writer.first_message_id() + 299 - 1);
+    assert!(commits
+        .windows(2)
+        .all(|w| w[0].at <= w[1].at && w[0].last_id < w[1].last_id));
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(fs::metadata(&db).expect("db").len(), main_len);
+    writer.stop().expect("stop");
+}
+
+#[test]
+fn history_diff_compares_databases_by_content() {
+    let (a, _) = gen(&HistorySpec::with_size(MIB));
+    let b = tempfile::tempdir().expect("tempdir");
+    let st = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", a.path().display()))
+        .arg(b.path())
+        .status()
+        .expect("cp");
+    assert!(st.success());
+    // Replace each database by a rebuilt copy (other bytes, same content, no -wal).
+    let mut dbs = Vec::new();
+    for e in fs::read_dir(b.path().join("db")).expect("db") {
+        let p = e.expect("entry").path();
+        if is_sqlite(&p) {
+            dbs.push(p);
+        }
+    }
+    assert!(!dbs.is_empty());
+    for p in &dbs {
+        let tmp = p.with_extension("rebuilt");
+        Connection::open(p)
+            .expect("open")
+            .execute("VACUUM INTO ?1", [tmp.to_str().expect("utf-8")])
+            .expect("vacuum into");
+        for s in ["-wal", "-shm"] {
+            let mut c = p.as_os_str().to_os_string();
+            c.push(s);
+            let _ = fs::remove_file(PathBuf::from(c));
+        }
+        fs::rename(&tmp, p).expect("rename");
+    }
+    assert!(!tree_diff(a.path(), b.path()).expect("diff").is_empty());
+    assert_eq!(history_diff(a.path(), b.path()).expect("diff"), vec![]);
+    // One changed row is a difference.
+    let c = Connection::open(&dbs[0]).expect("open");
+    let table: String = c
+        .query_row(
+            "SELECT name FROM sqlite_master WHERE type='table' ORDER BY name LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .expect("a table");
+    c.execute(
+        &format!("DELETE FROM \"{table}\" WHERE rowid = (SELECT max(rowid) FROM \"{table}\")"),
+        [],
+    )
+    .expect("delete");
+    drop(c);
+    let diffs = history_diff(a.path(), b.path()).expect("diff");
+    assert!(
+        matches!(diffs.as_slice(), [Difference::Database { .. }]),
+        "{diffs:?}"
+    );
+}
