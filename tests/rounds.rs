@@ -256,9 +256,11 @@ fn file_that_never_stops_changing_is_reported_by_name() {
     let r_code = r.wait_code(LONG);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     churner.join().unwrap();
-    // Either every round is cut short by it (exit 8, named on both sides), or a round now and
-    // then catches it between writes and the round limit ends the migration with the verified
-    // state of the last round, naming it as still changing. Never a loop, never silence.
+    // The scan's change detection leaves it out (exit 10, incomplete, named); or, when a scan
+    // catches it between writes, every round is cut short by it (exit 8, named on both sides);
+    // or a round now and then catches it and the round limit ends the migration with the
+    // verified state of the last round, naming it as still changing. Never a loop, never
+    // silence.
     match s_code {
         8 => {
             assert!(
@@ -285,6 +287,18 @@ fn file_that_never_stops_changing_is_reported_by_name() {
             assert_eq!(r_code, 0, "receiver: {}", r.stderr());
             let (code, err) = verify(&dest);
             assert_eq!(code, 0, "{err}");
+        }
+        // Caught by the scan's own change detection: left out, the migration incomplete.
+        10 => {
+            assert!(
+                s.seen_named("unstable")
+                    .iter()
+                    .any(|e| e["path"] == "churning.db"),
+                "sender exited 10 without naming the file: {:?}",
+                s.seen
+            );
+            assert!(!dest.join("churning.db").exists());
+            assert_eq!(r_code, 0, "receiver: {}", r.stderr());
         }
         other => panic!("sender exited {other}: {}", s.stderr()),
     }
