@@ -74,6 +74,19 @@ impl From<StoreError> for Failure {
 
 /// Maps a session error to an exit code and a message that says what to do.
 pub fn from_session(e: &SessionError) -> Failure {
+    if let SessionError::PeerClosed {
+        code: Some(CloseCode::SourceError),
+        reason,
+    } = e
+    {
+        // The sender names the file it cannot read; what arrived here stays verified.
+        return Failure::new(
+            Exit::Source,
+            format!(
+                "the sender stopped: {reason}; fix that on the old device, then run `ferry send` there and this command again (what arrived is kept)"
+            ),
+        );
+    }
     let (exit, hint) = match e {
         SessionError::PeerClosed { code, .. } => match code {
             Some(CloseCode::SourceError) => (Exit::Source, ""),

@@ -67,7 +67,8 @@ impl Reporter {
     }
 
     /// Progress in bytes; throttled for JSON, drawn as a bar on a terminal.
-    pub fn progress(&self, done: u64, total: u64, files_total: u64) {
+    /// `wire` is the chunk payload received so far by this process (for `--json`).
+    pub fn progress(&self, done: u64, total: u64, files_total: u64, wire: u64) {
         if self.json {
             let mut last = self.last_progress.lock().unwrap_or_else(|p| p.into_inner());
             let now = Instant::now();
@@ -78,7 +79,7 @@ impl Reporter {
             drop(last);
             self.event(
                 "progress",
-                json!({"bytes_done": done, "bytes_total": total}),
+                json!({"bytes_done": done, "bytes_total": total, "wire_bytes": wire}),
             );
             return;
         }

@@ -264,6 +264,7 @@ pub async fn run(s: ReceiveSettings, rep: &Reporter) -> Result<ReceiveSummary, F
         );
         let interrupt_at = s.interrupt_at;
         let mut files_total = 0u64;
+        let wire_before = summary.wire_bytes;
         let mut on_event = |ev: &RecvEvent| {
             match ev {
             RecvEvent::Manifest(m) => {
@@ -305,7 +306,12 @@ pub async fn run(s: ReceiveSettings, rep: &Reporter) -> Result<ReceiveSummary, F
                 wire_bytes,
             } => {
                 wire2.store(*wire_bytes, Ordering::Relaxed);
-                rep.progress(*bytes_done, *bytes_total, files_total);
+                rep.progress(
+                    *bytes_done,
+                    *bytes_total,
+                    files_total,
+                    wire_before + *wire_bytes,
+                );
                 if let Some(f) = interrupt_at {
                     if *bytes_total > 0
                         && *bytes_done as f64 >= f * *bytes_total as f64
@@ -326,7 +332,6 @@ pub async fn run(s: ReceiveSettings, rep: &Reporter) -> Result<ReceiveSummary, F
             RecvEvent::Failed(_) => {}
         }
         };
-        let wire_before = summary.wire_bytes;
         let result = {
             let fut = session::receive(&conn, Arc::clone(&store), &mut on_event);
             tokio::pin!(fut);
@@ -431,7 +436,10 @@ pub async fn run(s: ReceiveSettings, rep: &Reporter) -> Result<ReceiveSummary, F
             Err(e) if e.is_retryable() => {
                 summary.interruptions += 1;
                 rep.say(&format!("connection lost ({e}); reconnecting…"));
-                rep.event("interrupted", json!({"message": e.to_string()}));
+                rep.event(
+                    "interrupted",
+                    json!({"message": e.to_string(), "wire_bytes": summary.wire_bytes}),
+                );
                 conn = reconnect(&ep, sender.device_id, &addrs, s.give_up, rep).await?;
             }
             Err(e) => {

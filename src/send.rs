@@ -257,6 +257,9 @@ async fn decide(
     v
 }
 
+/// How long a sender that cannot read its folder waits for the receiver to take the news.
+const SOURCE_ERROR_LINGER: Duration = Duration::from_secs(3);
+
 fn scan_failure(e: ScanError) -> Failure {
     match e {
         ScanError::Manifest(m) => {
@@ -619,6 +622,7 @@ pub async fn run(
                              Close the app that writes it and run the same commands again (what arrived is kept)"
                         );
                         session::refuse(&conn, CloseCode::SourceError, &msg).await;
+                        let _ = tokio::time::timeout(SOURCE_ERROR_LINGER, conn.closed()).await;
                         conn.close(1, b"source error");
                         return Err(Failure::new(Exit::Source, msg));
                     }
@@ -643,13 +647,21 @@ pub async fn run(
                     }
                     let f = exit::from_drive(&e);
                     if f.exit == Exit::Source {
+                        // The session queued a Close frame naming the file; closing the
+                        // connection at once would discard it, and the receiver would take
+                        // the stop for a lost link and wait for us. It closes when it has
+                        // read the frame.
+                        let _ = tokio::time::timeout(SOURCE_ERROR_LINGER, conn.closed()).await;
                         conn.close(1, b"source error");
                         return Err(f);
                     }
                     rep.say(&format!(
                         "session ended: {e}; waiting for the receiver to reconnect"
                     ));
-                    rep.event("interrupted", json!({"message": e.to_string()}));
+                    rep.event(
+                        "interrupted",
+                        json!({"message": e.to_string(), "wire_bytes": wire_bytes}),
+                    );
                     break;
                 }
             }

@@ -1,51 +1,9 @@
 //! A destination too small for the history is refused before much is written, with a clear
 //! message and exit 6; once there is room, the same command finishes. Root only (tmpfs).
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
 use ferry_testkit::{assert_histories_equal, assert_trees_equal};
 
 use crate::util::*;
-
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(at: &Path, size: &str) -> Option<Tmpfs> {
-        std::fs::create_dir_all(at).ok()?;
-        let ok = Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={size}"),
-                "ferry-test",
-                &at.to_string_lossy(),
-            ])
-            .status()
-            .ok()?
-            .success();
-        ok.then(|| Tmpfs(at.to_path_buf()))
-    }
-
-    fn resize(&self, size: &str) {
-        let st = Command::new("mount")
-            .args([
-                "-o",
-                &format!("remount,size={size}"),
-                &self.0.to_string_lossy(),
-            ])
-            .status()
-            .unwrap();
-        assert!(st.success(), "remount failed");
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
 
 #[test]
 fn too_small_destination_is_refused_then_finishes_with_room() {
@@ -80,13 +38,6 @@ fn too_small_destination_is_refused_then_finishes_with_room() {
     r.expect_exit(0, LONG);
     s.expect_exit(0, LONG);
     assert_histories_equal(src, &dest).unwrap();
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| o.stdout == b"0\n")
 }
 
 /// Random (incompressible) bytes, so that tmpfs usage is what the test expects.

@@ -5,9 +5,12 @@
 mod util;
 
 mod cli;
+mod crashloop;
 mod damage;
 mod destination;
 mod edge_cases;
+mod faults;
+mod hostile_quic;
 mod live;
 mod migrate;
 mod pairing;

@@ -166,8 +166,26 @@ impl Ferry {
         I: IntoIterator<Item = S>,
         S: Into<OsString>,
     {
+        Ferry::spawn_with(label, home, &[], args)
+    }
+
+    /// Like [`Ferry::spawn`], with the binary started through `wrapper` (e.g. `setpriv` and its
+    /// flags, to run it as another user).
+    pub fn spawn_with<I, S>(label: &str, home: &Path, wrapper: &[&str], args: I) -> Ferry
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString>,
+    {
         let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        let mut cmd = match wrapper.split_first() {
+            Some((prog, rest)) => {
+                let mut c = Command::new(prog);
+                c.args(rest).arg(env!("CARGO_BIN_EXE_ferry"));
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_ferry")),
+        };
+        let mut child = cmd
             .args(&args)
             .env("FERRY_HOME", home)
             .env_remove("FERRY_LOG")
@@ -385,6 +403,11 @@ impl Ferry {
         }
     }
 
+    /// The process id (for signals other than SIGKILL).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Whether the process is still running.
     pub fn running(&mut self) -> bool {
         self.status.is_none() && matches!(self.child.try_wait(), Ok(None))
@@ -519,4 +542,97 @@ pub fn verify(dir: &Path) -> (i32, String) {
     let args: Vec<OsString> = vec!["verify".into(), dir.into()];
     let (code, f) = d.run("verify", args, LONG);
     (code, f.stderr())
+}
+
+pub fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout == b"0\n")
+}
+
+/// Sends `sig` (a name such as "STOP" or "CONT") to `pid`.
+pub fn signal(pid: u32, sig: &str) {
+    let st = Command::new("kill")
+        .args(["-s", sig, &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(st.success(), "kill -s {sig} {pid} failed");
+}
+
+/// A size-limited tmpfs mounted for one test; unmounted (lazily) on drop. Root only.
+pub struct Tmpfs(pub PathBuf);
+
+impl Tmpfs {
+    pub fn mount(at: &Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(at).ok()?;
+        let ok = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size}"),
+                "ferry-test",
+                &at.to_string_lossy(),
+            ])
+            .status()
+            .ok()?
+            .success();
+        ok.then(|| Tmpfs(at.to_path_buf()))
+    }
+
+    /// `mount -o remount,<opts>`, e.g. `size=64m` or `ro`.
+    pub fn remount(&self, opts: &str) {
+        let st = Command::new("mount")
+            .args(["-o", &format!("remount,{opts}"), &self.0.to_string_lossy()])
+            .status()
+            .unwrap();
+        assert!(st.success(), "remount {opts} failed");
+    }
+
+    pub fn resize(&self, size: &str) {
+        self.remount(&format!("size={size}"));
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Writes zeros to `path` until it holds `bytes` or the file system is full; returns the size
+/// reached.
+pub fn balloon(path: &Path, bytes: u64) -> u64 {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).expect("create the balloon");
+    let block = vec![0u8; MIB as usize];
+    let mut done = 0u64;
+    while done < bytes {
+        let n = (bytes - done).min(MIB) as usize;
+        match f.write(&block[..n]) {
+            Ok(0) | Err(_) => break,
+            Ok(w) => done += w as u64,
+        }
+    }
+    let _ = f.sync_all();
+    done
+}
+
+/// Every final path under `dest` (outside `.ferry`) is either absent or equal to the same path
+/// under `src` (databases by content, see `history_diff`): nothing partial or corrupt. Returns
+/// how many files are present.
+pub fn final_paths_whole(src: &Path, dest: &Path) -> usize {
+    use ferry_testkit::Difference;
+    let diffs = ferry_testkit::history_diff(src, dest).expect("compare the trees");
+    let bad: Vec<String> = diffs
+        .iter()
+        .filter(|d| !matches!(d, Difference::OnlyInLeft(_)))
+        .map(|d| d.to_string())
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "partial or corrupt files at final paths: {bad:?}"
+    );
+    files_under(dest).len()
 }

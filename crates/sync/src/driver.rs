@@ -444,6 +444,9 @@ where
         for w in writers {
             w.abort();
         }
+        // A close frame written above must leave the buffer before the caller drops the
+        // connection.
+        let _ = control_write.flush().await;
     }
     (
         result.unwrap_or(Err(DriveError::LinkLost("session ended".into()))),
@@ -480,6 +483,12 @@ impl RecvEnd {
         matches!(self, RecvEnd::Next(_) | RecvEnd::Restarted)
     }
 }
+
+/// Most data streams a receiver reads in one session. Each reader may buffer one partial frame
+/// (up to [`MAX_FRAME_BODY`](crate::proto::frame::MAX_FRAME_BODY)) before the machine sees it,
+/// so the count bounds that memory (ferry's sessions use 4); a sender opening more is breaking
+/// the protocol.
+pub const MAX_DATA_STREAMS: usize = 16;
 
 /// Runs a receiver session (one round) to its end. `on_event` sees every event.
 ///
@@ -631,6 +640,11 @@ where
             },
             Some(done) = io_rx.recv() => receiver.handle_io_done(done),
             stream = incoming.recv(), if incoming_open && link_up => match stream {
+                Some(_) if readers.len() >= MAX_DATA_STREAMS => {
+                    receiver.handle_protocol_violation(format!(
+                        "the sender opened more than {MAX_DATA_STREAMS} data streams"
+                    ));
+                }
                 Some(r) => readers.push(spawn_reader(r, chunk_tx.clone(), None)),
                 None => incoming_open = false,
             },

@@ -20,6 +20,8 @@
 
 pub mod compress;
 pub mod driver;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod manifest;
 pub mod path;
 pub mod proto;

@@ -93,8 +93,10 @@ pub fn check_relative_path(path: &str) -> Result<(), PathProblem> {
     Ok(())
 }
 
-/// Whether a symlink at `link_path` pointing at `target` stays inside the root, judged lexically
-/// (the target is relative and its `..` components never climb above the root).
+/// Whether a symlink at `link_path` pointing at `target` stays inside the root, judged lexically:
+/// the target is relative, its `..` components come before any name and never climb above the
+/// root. (A `..` after a name would be resolved from wherever that name leads, which may be
+/// another symlink, so it cannot be judged from the text.)
 pub fn symlink_stays_inside(link_path: &str, target: &str) -> bool {
     if target.is_empty()
         || target.starts_with('/')
@@ -105,16 +107,27 @@ pub fn symlink_stays_inside(link_path: &str, target: &str) -> bool {
     }
     // Depth of the directory holding the link.
     let mut depth: i64 = link_path.split('/').count() as i64 - 1;
+    let mut descended = false;
     for part in target.split('/') {
         match part {
             "" | "." => {}
             ".." => {
+                // `..` after a name is resolved by the kernel from wherever that name leads, not
+                // lexically: with "d/s" -> "..", the target "d/s/.." is the destination's
+                // parent. Climbing is only judged sound before the first name, where every
+                // component is a real directory holding the link.
+                if descended {
+                    return false;
+                }
                 depth -= 1;
                 if depth < 0 {
                     return false;
                 }
             }
-            _ => depth += 1,
+            _ => {
+                descended = true;
+                depth += 1;
+            }
         }
     }
     true
@@ -184,5 +197,10 @@ mod tests {
         assert!(!symlink_stays_inside("link", "/etc/passwd"));
         assert!(!symlink_stays_inside("link", ".."));
         assert!(symlink_stays_inside("a/b/link", "../../c/./d"));
+        // Lexically inside, but resolved through another symlink it escapes: with "d/s" -> ".."
+        // (allowed: it names the root), "d/s/.." is the root's parent.
+        assert!(symlink_stays_inside("d/s", ".."));
+        assert!(!symlink_stays_inside("t", "d/s/.."));
+        assert!(!symlink_stays_inside("a/t", "../d/s/../x"));
     }
 }

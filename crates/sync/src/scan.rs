@@ -44,10 +44,36 @@ use crate::Manifest;
 pub enum ScanError {
     #[error("cannot read {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
+    /// Files that could not be read while hashing (every one, not only the first: the person
+    /// fixes them all at once).
+    #[error("cannot read {}: {}", count_files(.0.len()), list_unreadable(.0))]
+    Unreadable(Vec<(PathBuf, io::Error)>),
     #[error("{0} is not a directory")]
     NotADirectory(PathBuf),
     #[error(transparent)]
     Manifest(#[from] ManifestError),
+}
+
+fn count_files(n: usize) -> String {
+    if n == 1 {
+        "1 file".into()
+    } else {
+        format!("{n} files")
+    }
+}
+
+/// At most ten of them, then how many more.
+fn list_unreadable(files: &[(PathBuf, io::Error)]) -> String {
+    const SHOWN: usize = 10;
+    let mut s: Vec<String> = files
+        .iter()
+        .take(SHOWN)
+        .map(|(p, e)| format!("{} ({e})", p.display()))
+        .collect();
+    if files.len() > SHOWN {
+        s.push(format!("and {} more", files.len() - SHOWN));
+    }
+    s.join(", ")
 }
 
 /// Something the scan left out, and why.
@@ -652,7 +678,10 @@ fn hash_files(files: &[PendingFile], cfg: &ScanConfig) -> Result<Vec<ReadResult>
     let next = AtomicUsize::new(0);
     let out: Mutex<Vec<Option<ReadResult>>> =
         Mutex::new(std::iter::repeat_with(|| None).take(files.len()).collect());
-    let err: Mutex<Option<ScanError>> = Mutex::new(None);
+    // Read errors are collected (bounded) and hashing goes on, so that one run names every
+    // unreadable file; anything else unexpected stops at once.
+    const MAX_UNREADABLE: usize = 1000;
+    let unreadable: Mutex<Vec<(PathBuf, io::Error)>> = Mutex::new(Vec::new());
     std::thread::scope(|s| {
         for _ in 0..threads.min(files.len().max(1)) {
             s.spawn(|| {
@@ -663,20 +692,22 @@ fn hash_files(files: &[PendingFile], cfg: &ScanConfig) -> Result<Vec<ReadResult>
                     match read_stable(f, cfg, &mut buf) {
                         Ok(r) => out.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(r),
                         Err(e) => {
-                            *err.lock().unwrap_or_else(|p| p.into_inner()) = Some(ScanError::Io {
-                                path: f.read.clone(),
-                                source: e,
-                            });
-                            next.store(files.len(), Ordering::Relaxed);
-                            break;
+                            let mut u = unreadable.lock().unwrap_or_else(|p| p.into_inner());
+                            u.push((f.read.clone(), e));
+                            if u.len() >= MAX_UNREADABLE {
+                                next.store(files.len(), Ordering::Relaxed);
+                                break;
+                            }
                         }
                     }
                 }
             });
         }
     });
-    if let Some(e) = err.into_inner().unwrap_or_else(|p| p.into_inner()) {
-        return Err(e);
+    let mut unreadable = unreadable.into_inner().unwrap_or_else(|p| p.into_inner());
+    if !unreadable.is_empty() {
+        unreadable.sort_by(|a, b| a.0.cmp(&b.0));
+        return Err(ScanError::Unreadable(unreadable));
     }
     out.into_inner()
         .unwrap_or_else(|p| p.into_inner())

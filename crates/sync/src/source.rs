@@ -15,6 +15,54 @@ use crate::Manifest;
 
 const MAX_OPEN_FILES: usize = 64;
 
+/// Opens `rel` (a manifest path) below `root` for reading without following any symlink, at the
+/// leaf or in any parent directory: the scan recorded real directories and a regular file here,
+/// and a symlink swapped in since (say `media` -> `/home/user`) must not lead the read outside
+/// the shared directory. Each component is opened relative to its parent's descriptor with
+/// `O_NOFOLLOW`, so a swap between the checks cannot redirect the walk either. A FIFO or device
+/// put in place of the file is refused instead of blocking or streaming.
+pub fn open_beneath(root: &Path, rel: &str) -> std::io::Result<File> {
+    use rustix::fs::{openat, Mode, OFlags};
+    let mut dir: std::os::fd::OwnedFd = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY)
+        .open(root)?
+        .into();
+    let mut parts = rel.split('/').peekable();
+    while let Some(part) = parts.next() {
+        if part.is_empty() || part == "." || part == ".." {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("unsafe path {rel:?}"),
+            ));
+        }
+        let last = parts.peek().is_none();
+        let flags = OFlags::RDONLY
+            | OFlags::NOFOLLOW
+            | OFlags::CLOEXEC
+            | if last {
+                OFlags::NONBLOCK
+            } else {
+                OFlags::DIRECTORY
+            };
+        let fd = openat(&dir, part, flags, Mode::empty()).map_err(std::io::Error::from)?;
+        if last {
+            let f = File::from(fd);
+            if !f.metadata()?.is_file() {
+                return Err(std::io::Error::other(
+                    "not a regular file any more (replaced since the scan)",
+                ));
+            }
+            return Ok(f);
+        }
+        dir = fd;
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::InvalidInput,
+        "empty path",
+    ))
+}
+
 /// Reads chunks of the files a manifest describes, below `root` only.
 #[derive(Debug)]
 pub struct Source {
@@ -57,18 +105,16 @@ impl Source {
             .manifest
             .entry(entry)
             .ok_or_else(|| std::io::Error::other("entry outside the manifest"))?;
-        // Never follow a symlink at the leaf: the scan recorded a regular file here.
-        let f = Arc::new(
-            OpenOptions::new()
+        // The sender's own database snapshot (outside the shared folder, in ferry's state dir)
+        // opens directly, without following a symlink at the leaf; every shared file opens
+        // component by component beneath the root, never through a symlink.
+        let f = Arc::new(match self.redirects.get(&e.path) {
+            Some(snap) => OpenOptions::new()
                 .read(true)
                 .custom_flags(libc::O_NOFOLLOW)
-                .open(
-                    self.redirects
-                        .get(&e.path)
-                        .cloned()
-                        .unwrap_or_else(|| self.root.join(&e.path)),
-                )?,
-        );
+                .open(snap)?,
+            None => open_beneath(&self.root, &e.path)?,
+        });
         if open.len() >= MAX_OPEN_FILES {
             open.clear();
         }

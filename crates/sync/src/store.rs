@@ -21,7 +21,7 @@
 //!    compacted journal replaces the old one (write, fsync, rename, fsync dir) *before* any new
 //!    write, so a slot the journal claims is never overwritten with other content.
 //! 5. **Finalize**: every file is re-read from disk and checked against the manifest, its mode
-//!    and mtime set, `fsync`ed and renamed into place; the parent directories are `fsync`ed; then
+//!    (without setuid/setgid/sticky, owner access kept) and mtime set, `fsync`ed and renamed into place; the parent directories are `fsync`ed; then
 //!    the receipt is written (tmp, fsync, rename, fsync). Only then are journal and staging
 //!    removed. A final path only ever receives a complete, verified file.
 //!
@@ -66,6 +66,8 @@ pub enum StoreError {
     NoSpace { path: PathBuf },
     #[error("permission denied on {path}: fix the destination's permissions and run the same command again")]
     PermissionDenied { path: PathBuf },
+    #[error("{path} is on a read-only file system: make it writable (remount it read-write, or choose another destination) and run the same command again (what already arrived is kept)")]
+    ReadOnly { path: PathBuf },
     #[error(
         "{path}: {source}; fix it and run the same command again (what already arrived is kept)"
     )]
@@ -94,11 +96,12 @@ impl StoreError {
             io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded => StoreError::NoSpace {
                 path: path.to_path_buf(),
             },
-            io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem => {
-                StoreError::PermissionDenied {
-                    path: path.to_path_buf(),
-                }
-            }
+            io::ErrorKind::PermissionDenied => StoreError::PermissionDenied {
+                path: path.to_path_buf(),
+            },
+            io::ErrorKind::ReadOnlyFilesystem => StoreError::ReadOnly {
+                path: path.to_path_buf(),
+            },
             _ => StoreError::Io {
                 path: path.to_path_buf(),
                 source,
@@ -1069,8 +1072,15 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Applies a manifest entry's mode and mtime. The mode comes from the peer: setuid, setgid and
+/// sticky bits are dropped (a chat history has no use for them, and a setuid file planted by a
+/// hostile sender on a device restored as root would be a privilege escalation), and the owner
+/// keeps read access to files and full access to directories, so ferry can verify, resume and
+/// migrate again into the same destination whatever the sender said.
 fn set_meta(path: &Path, mode: u32, mtime: Mtime) -> Result<(), StoreError> {
-    let perm = fs::Permissions::from_mode(mode & 0o7777);
+    let is_dir = fs::symlink_metadata(path).is_ok_and(|m| m.is_dir());
+    let mode = (mode & 0o777) | if is_dir { 0o700 } else { 0o400 };
+    let perm = fs::Permissions::from_mode(mode);
     ctx(path, fs::set_permissions(path, perm))?;
     let t = if mtime.secs >= 0 {
         SystemTime::UNIX_EPOCH + Duration::new(mtime.secs as u64, mtime.nanos.min(999_999_999))

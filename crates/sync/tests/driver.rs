@@ -185,3 +185,61 @@ async fn link_dies_then_resumes_with_the_same_store() {
     }
     ferry_testkit::assert_trees_equal(&src, &dest).unwrap();
 }
+
+/// Every data stream may hold a partial frame of up to 4 MiB in the driver before the machine
+/// sees it: a sender opening hundreds of streams (QUIC allows 256) could make the receiver
+/// buffer a GiB. Past `MAX_DATA_STREAMS` the session ends with a protocol violation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_data_streams_end_the_session() {
+    use ferry_sync::driver::MAX_DATA_STREAMS;
+    use ferry_sync::proto::frame::{encode_hello, Hello, Role, MAX_FRAME_BODY, PROTOCOL_VERSION};
+    use ferry_sync::proto::SessionError;
+    use tokio::io::AsyncWriteExt;
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(FsStore::open(&dir.path().join("dest")).unwrap());
+    let (recv_ctl, mut send_ctl) = tokio::io::duplex(1 << 16);
+    let (recv_ctl_r, recv_ctl_w) = tokio::io::split(recv_ctl);
+    send_ctl
+        .write_all(&encode_hello(&Hello {
+            version: PROTOCOL_VERSION,
+            role: Role::Sender,
+        }))
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::channel(4);
+    let attacker = tokio::spawn(async move {
+        let mut kept = Vec::new();
+        for _ in 0..=MAX_DATA_STREAMS {
+            let (theirs, mut ours) = tokio::io::duplex(1 << 16);
+            // A frame header announcing a maximal frame, then part of it.
+            let _ = ours.write_all(&(MAX_FRAME_BODY as u32).to_le_bytes()).await;
+            let _ = ours.write_all(&[2u8; 1000]).await;
+            kept.push(ours);
+            if tx.send(theirs).await.is_err() {
+                break;
+            }
+        }
+        (kept, send_ctl)
+    });
+    let r = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        run_receiver(
+            Receiver::new(ReceiverConfig::default()),
+            store,
+            recv_ctl_r,
+            recv_ctl_w,
+            rx,
+            |_| {},
+        ),
+    )
+    .await
+    .unwrap();
+    match r {
+        Err(DriveError::Session(SessionError::Protocol(m))) => {
+            assert!(m.contains("data streams"), "{m}")
+        }
+        other => panic!("expected a protocol violation, got {other:?}"),
+    }
+    drop(attacker);
+}

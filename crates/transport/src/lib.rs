@@ -31,6 +31,8 @@ pub mod dirs;
 pub mod discovery;
 pub mod doctor;
 pub mod endpoint;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod identity;
 pub mod pairing;
 pub mod peers;

@@ -175,6 +175,64 @@ mod tests {
         assert!(qr.lines().count() > 10);
     }
 
+    /// The `ticket` fuzz harness on stable: the seeds, the committed corpus and regressions
+    /// (`fuzz/`), and mutations of the seeds (one character replaced, cut, doubled).
+    #[test]
+    fn fuzz_harness_on_seeds_corpus_and_mutations() {
+        let mut inputs = crate::fuzzing::seed_corpus();
+        assert!(!inputs.is_empty());
+        let fuzz = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz");
+        for kind in ["corpus", "regressions"] {
+            if let Ok(rd) = std::fs::read_dir(fuzz.join(kind).join("ticket")) {
+                for e in rd.flatten() {
+                    inputs.push(std::fs::read(e.path()).unwrap());
+                }
+            }
+        }
+        let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567a=1 \xff";
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = |n: usize| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % n as u64) as usize
+        };
+        for seed in inputs {
+            crate::fuzzing::ticket(&seed);
+            for _ in 0..300 {
+                let mut m = seed.clone();
+                if m.is_empty() {
+                    break;
+                }
+                match next(3) {
+                    0 => {
+                        let i = next(m.len());
+                        m[i] = alphabet[next(alphabet.len())];
+                    }
+                    1 => m.truncate(next(m.len())),
+                    _ => {
+                        let i = next(m.len());
+                        let piece = m[i..].to_vec();
+                        m.extend_from_slice(&piece);
+                    }
+                }
+                crate::fuzzing::ticket(&m);
+            }
+        }
+    }
+
+    /// Writes the ticket seeds to `fuzz/corpus/ticket/seed-<n>`:
+    /// `cargo test -p ferry-transport --lib -- --ignored write_ticket_seed_corpus`.
+    #[test]
+    #[ignore]
+    fn write_ticket_seed_corpus() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/ticket");
+        std::fs::create_dir_all(&dir).unwrap();
+        for (i, s) in crate::fuzzing::seed_corpus().into_iter().enumerate() {
+            std::fs::write(dir.join(format!("seed-{i}")), s).unwrap();
+        }
+    }
+
     #[test]
     fn garbage_is_rejected_without_panic() {
         let s = sample().to_string();

@@ -27,6 +27,8 @@ pub struct ReceiverConfig {
     /// A chunk failing verification this many times ends the session.
     pub max_rejects_per_chunk: u32,
     /// With chunks wanted, no chunk for this long ends the session (so the driver reconnects).
+    /// The same limit applies to the hello and the manifest: a sender that goes silent before
+    /// the manifest is complete cannot hold the receiver forever.
     pub stall_timeout: Duration,
 }
 
@@ -193,6 +195,8 @@ pub struct Receiver {
     bytes_done: u64,
     now: Option<Instant>,
     last_chunk_at: Option<Instant>,
+    /// When the last frame arrived (the hello and manifest phases' stall clock).
+    last_frame_at: Option<Instant>,
     wanted_left: u64,
     wire_bytes: u64,
     /// Prepare or Finalize outstanding (they must finish before the store is used again).
@@ -243,6 +247,7 @@ impl Receiver {
             bytes_done: 0,
             now: None,
             last_chunk_at: None,
+            last_frame_at: None,
             wanted_left: 0,
             wire_bytes: 0,
             exclusive_io: false,
@@ -311,6 +316,9 @@ impl Receiver {
             }
             return;
         }
+        if self.now.is_some() {
+            self.last_frame_at = self.now;
+        }
         if let Err(e) = self.on_frame(frame) {
             self.fail(e);
         }
@@ -320,6 +328,13 @@ impl Receiver {
     pub fn handle_frame_error(&mut self, e: frame::FrameError) {
         if !matches!(self.state, State::Done | State::Draining) {
             self.fail(e.into());
+        }
+    }
+
+    /// The transport saw the sender break the protocol (e.g. too many data streams).
+    pub fn handle_protocol_violation(&mut self, why: impl Into<String>) {
+        if !matches!(self.state, State::Done | State::Draining) {
+            self.fail(SessionError::Protocol(why.into()));
         }
     }
 
@@ -746,27 +761,44 @@ impl Receiver {
                 self.flush_commit();
             }
         }
-        if matches!(self.state, State::Transferring) && self.wanted_left > 0 {
-            match self.last_chunk_at {
-                None => self.last_chunk_at = Some(now),
+        if matches!(self.state, State::AwaitHello | State::Manifest(_)) {
+            match self.last_frame_at {
+                None => self.last_frame_at = Some(now),
                 Some(t) if now >= t + self.cfg.stall_timeout => {
-                    self.events
-                        .push_back(RecvEvent::Failed(SessionError::PeerClosed {
-                            code: Some(CloseCode::Timeout),
-                            reason: format!(
-                                "no data from the sender for {} s",
-                                self.cfg.stall_timeout.as_secs()
-                            ),
-                        }));
-                    self.control
-                        .push_back(close_frame(CloseCode::Timeout, "no data received"));
-                    self.state = State::Draining;
-                    self.copies.clear();
-                    self.flush_commit();
+                    self.stalled(if matches!(self.state, State::AwaitHello) {
+                        "no hello"
+                    } else {
+                        "no manifest data"
+                    });
                 }
                 Some(_) => {}
             }
         }
+        if matches!(self.state, State::Transferring) && self.wanted_left > 0 {
+            match self.last_chunk_at {
+                None => self.last_chunk_at = Some(now),
+                Some(t) if now >= t + self.cfg.stall_timeout => self.stalled("no data"),
+                Some(_) => {}
+            }
+        }
+    }
+
+    fn stalled(&mut self, what: &str) {
+        self.events
+            .push_back(RecvEvent::Failed(SessionError::PeerClosed {
+                code: Some(CloseCode::Timeout),
+                reason: format!(
+                    "{what} from the sender for {} s",
+                    self.cfg.stall_timeout.as_secs()
+                ),
+            }));
+        self.control.push_back(close_frame(
+            CloseCode::Timeout,
+            &format!("stalled: {what} received"),
+        ));
+        self.state = State::Draining;
+        self.copies.clear();
+        self.flush_commit();
     }
 
     /// When `handle_timeout` should next be called.
@@ -776,6 +808,9 @@ impl Receiver {
         let stall = match self.state {
             State::Transferring if self.wanted_left > 0 => {
                 self.last_chunk_at.map(|t| t + self.cfg.stall_timeout)
+            }
+            State::AwaitHello | State::Manifest(_) => {
+                self.last_frame_at.map(|t| t + self.cfg.stall_timeout)
             }
             _ => None,
         };
