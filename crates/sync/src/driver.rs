@@ -137,6 +137,8 @@ enum Input {
     Frame(Frame),
     FrameError(FrameError),
     Closed(String),
+    /// The control stream ended cleanly (the peer finished its side).
+    End(String),
 }
 
 /// Reads frames from `r` into `tx` until the stream ends or fails. A clean end of the stream
@@ -156,7 +158,7 @@ where
             let input = match reader.next().await {
                 Ok(Some(f)) => Input::Frame(f),
                 Ok(None) => match eof {
-                    Some(why) => Input::Closed(why.into()),
+                    Some(why) => Input::End(why.into()),
                     None => return,
                 },
                 Err(ReadError::Frame(e)) => Input::FrameError(e),
@@ -192,6 +194,9 @@ pub struct SendStats {
     pub raw_bytes: u64,
     pub chunks: u64,
 }
+
+/// How long a sender waits for the receiver to end its side after the final verdict.
+const FINAL_ACK_WITHIN: Duration = Duration::from_secs(5);
 
 /// What the sender application decides once the receiver finished a round.
 #[derive(Debug)]
@@ -375,7 +380,7 @@ where
                             sender.handle_frame_error(e);
                             break None;
                         }
-                        Some(Input::Closed(why)) => {
+                        Some(Input::Closed(why) | Input::End(why)) => {
                             result.get_or_insert(Err(DriveError::LinkLost(why)));
                             break None;
                         }
@@ -413,7 +418,7 @@ where
             input = in_rx.recv() => match input {
                 Some(Input::Frame(f)) => sender.handle_frame(f),
                 Some(Input::FrameError(e)) => sender.handle_frame_error(e),
-                Some(Input::Closed(why)) => {
+                Some(Input::Closed(why) | Input::End(why)) => {
                     result.get_or_insert(Err(DriveError::LinkLost(why)));
                     break;
                 }
@@ -440,6 +445,28 @@ where
             let _ = w.await;
         }
         let _ = control_write.shutdown().await;
+        // A version-2 receiver ends its side of the control stream once it has read the final
+        // verdict. A receiver that died after its Done (killed while the sender rescanned)
+        // never does: the migration is then not confirmed, and the caller keeps serving so
+        // that the restarted receiver can hear it.
+        if matches!(result, Some(Ok(SendEnd::Final))) && sender.peer_supports_rounds() {
+            let ended = tokio::time::timeout(FINAL_ACK_WITHIN, async {
+                loop {
+                    match in_rx.recv().await {
+                        Some(Input::Frame(_)) => {}
+                        Some(Input::End(_)) => return true,
+                        _ => return false,
+                    }
+                }
+            })
+            .await
+            .unwrap_or(false);
+            if !ended {
+                result = Some(Err(DriveError::LinkLost(
+                    "the receiver did not confirm the final round".into(),
+                )));
+            }
+        }
     } else {
         for w in writers {
             w.abort();
@@ -617,7 +644,7 @@ where
             input = in_rx.recv(), if link_up => match input {
                 Some(Input::Frame(f)) => receiver.handle_frame(f),
                 Some(Input::FrameError(e)) => receiver.handle_frame_error(e),
-                Some(Input::Closed(why)) => {
+                Some(Input::Closed(why) | Input::End(why)) => {
                     link_up = false;
                     result.get_or_insert(Err(DriveError::LinkLost(why)));
                     receiver.handle_link_lost();
@@ -631,7 +658,7 @@ where
             input = chunk_rx.recv(), if accept => match input {
                 Some(Input::Frame(f)) => receiver.handle_frame(f),
                 Some(Input::FrameError(e)) => receiver.handle_frame_error(e),
-                Some(Input::Closed(why)) => {
+                Some(Input::Closed(why) | Input::End(why)) => {
                     link_up = false;
                     result.get_or_insert(Err(DriveError::LinkLost(why)));
                     receiver.handle_link_lost();
