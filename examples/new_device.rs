@@ -45,7 +45,12 @@ async fn main() -> anyhow::Result<()> {
         })
         .await;
         match result {
-            Ok(summary) => {
+            // The sender announced another round (its folder changed): same connection.
+            Ok(end) if end.more_rounds() => {}
+            Ok(end) => {
+                let Some(summary) = end.summary() else {
+                    bail!("the round ended without a verified tree");
+                };
                 eprintln!();
                 let report = verify_dest(dest.as_ref())?;
                 println!(

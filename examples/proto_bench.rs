@@ -110,7 +110,10 @@ async fn run() -> anyhow::Result<()> {
     let secs = t1.elapsed().as_secs_f64();
     let cpu = cpu_secs() - cpu0;
     sent.context("sender")?;
-    let summary = received.context("receiver")?;
+    let summary = *received
+        .context("receiver")?
+        .summary()
+        .context("the receiver did not complete the round")?;
     println!(
         "{{\"bench\":\"proto\",\"lanes\":{},\"compress\":{},\"files\":{},\"bytes\":{},\"wire_bytes\":{},\"scan_s\":{scan_secs:.3},\"secs\":{secs:.3},\"mb_s\":{:.1},\"cpu_s\":{cpu:.2},\"wanted_s\":{wanted_at:.3},\"durable_s\":{durable_at:.3}}}",
         a.lanes,

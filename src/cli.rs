@@ -62,6 +62,17 @@ pub struct SendFlags {
     /// random loss) or cubic.
     #[arg(long, default_value = "bbr", value_parser = ["bbr", "cubic"])]
     pub congestion: String,
+    /// After the receiver verified a round, rescan; while the folder keeps changing, send what
+    /// changed in catch-up rounds, at most this many rounds in all (including the first).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_rounds: u32,
+    /// Keep the pair in sync until stopped (Ctrl-C): after each round, watch the folder and send
+    /// every change in a new round. No round limit.
+    #[arg(long)]
+    pub follow: bool,
+    /// With --follow: seconds between rescans of an unchanged folder.
+    #[arg(long, default_value_t = 2.0)]
+    pub poll_interval: f64,
 }
 
 #[derive(Debug, Args)]

@@ -120,3 +120,14 @@ pub fn prompt_code(sender: &str) -> Result<PairingCode, Failure> {
         .map_err(|e| Failure::new(Exit::Usage, format!("cannot read the code: {e}")))?;
     parse_code(line.trim())
 }
+
+/// A polling interval in seconds (0.05 s to one day).
+pub fn parse_interval(secs: f64) -> Result<Duration, Failure> {
+    if !(0.05..=86_400.0).contains(&secs) {
+        return Err(Failure::new(
+            Exit::Usage,
+            format!("--poll-interval {secs}: give seconds between 0.05 and 86400"),
+        ));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}

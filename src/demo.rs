@@ -90,6 +90,7 @@ pub async fn run(f: DemoFlags) -> Result<(), Failure> {
         name: Some("old phone".into()),
         dirs: old_dirs,
         congestion: ferry_transport::Congestion::default(),
+        rounds: send::RoundSettings::default(),
     };
     let sender = tokio::spawn(async move {
         let rep = Reporter::demo_side("old phone", true);

@@ -94,6 +94,11 @@ async fn run(command: Command) -> Result<(), Failure> {
                 name: f.name,
                 dirs: common::dirs()?,
                 dir: f.dir,
+                rounds: send::RoundSettings {
+                    max_rounds: f.max_rounds,
+                    follow: f.follow,
+                    poll_interval: common::parse_interval(f.poll_interval)?,
+                },
             };
             send::run(settings, &rep, None).await?.completeness()
         }

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ferry_sync::driver::RecvEnd;
 use ferry_sync::proto::RecvEvent;
 use ferry_sync::store::{FsStore, StoreError};
 use ferry_transport::{
@@ -47,6 +48,10 @@ pub struct ReceiveSummary {
     pub elapsed: Duration,
     pub root: String,
     pub sender: String,
+    /// Rounds verified (1 without catch-up).
+    pub rounds: u32,
+    /// Chunk payload received after the first verified round.
+    pub catchup_wire_bytes: u64,
 }
 
 const SENDER_FILE: &str = "sender";
@@ -254,8 +259,13 @@ pub async fn run(s: ReceiveSettings, rep: &Reporter) -> Result<ReceiveSummary, F
     let wire = Arc::new(AtomicU64::new(0));
     let interrupted = Arc::new(AtomicBool::new(false));
     let resumed = Arc::new(AtomicU64::new(0));
+    // The tree of the first verified round (its receipt), to say what changed since.
+    let mut first: Option<ferry_sync::Manifest> = None;
     loop {
         let c2 = conn.clone();
+        let round_no = summary.rounds + 1;
+        let verified = Arc::new(AtomicBool::new(false));
+        let verified2 = Arc::clone(&verified);
         let (wire2, int2, res2) = (
             Arc::clone(&wire),
             Arc::clone(&interrupted),
@@ -264,7 +274,8 @@ pub async fn run(s: ReceiveSettings, rep: &Reporter) -> Result<ReceiveSummary, F
         let interrupt_at = s.interrupt_at;
         let mut files_total = 0u64;
         let wire_before = summary.wire_bytes;
-        let mut on_event = |ev: &RecvEvent| match ev {
+        let mut on_event = |ev: &RecvEvent| {
+            match ev {
             RecvEvent::Manifest(m) => {
                 files_total = m.files;
                 rep.event("manifest", json!({"files": m.files, "bytes": m.bytes, "chunks": m.unique_chunks, "root": m.root.to_hex()}));
@@ -278,16 +289,24 @@ pub async fn run(s: ReceiveSettings, rep: &Reporter) -> Result<ReceiveSummary, F
                 bytes_have,
                 bytes_total,
             } => {
-                res2.fetch_max(*bytes_have, Ordering::Relaxed);
                 rep.event(
                     "resumed",
-                    json!({"bytes_have": bytes_have, "bytes_total": bytes_total}),
+                    json!({"bytes_have": bytes_have, "bytes_total": bytes_total, "round": round_no}),
                 );
-                rep.say(&format!(
-                    "resuming: {} of {} already here and verified",
-                    human_bytes(*bytes_have),
-                    human_bytes(*bytes_total)
-                ));
+                if round_no == 1 {
+                    res2.fetch_max(*bytes_have, Ordering::Relaxed);
+                    rep.say(&format!(
+                        "resuming: {} of {} already here and verified",
+                        human_bytes(*bytes_have),
+                        human_bytes(*bytes_total)
+                    ));
+                } else {
+                    rep.say(&format!(
+                        "catch-up round {round_no}: {} of {} already here",
+                        human_bytes(*bytes_have),
+                        human_bytes(*bytes_total)
+                    ));
+                }
             }
             RecvEvent::Wanted { .. } => {}
             RecvEvent::Progress {
@@ -312,7 +331,15 @@ pub async fn run(s: ReceiveSettings, rep: &Reporter) -> Result<ReceiveSummary, F
                     }
                 }
             }
-            RecvEvent::Done(_) | RecvEvent::Failed(_) => {}
+            RecvEvent::Done(m) => {
+                verified2.store(true, Ordering::SeqCst);
+                rep.event("verified", json!({"round": round_no, "root": m.root.to_hex(), "files": m.files, "bytes": m.bytes}));
+            }
+            RecvEvent::Restarted => rep.say(
+                "a file changed on the old device while it was being sent: continuing with its new state (what arrived is kept)",
+            ),
+            RecvEvent::Failed(_) => {}
+        }
         };
         let result = {
             let fut = session::receive(&conn, Arc::clone(&store), &mut on_event);
@@ -320,6 +347,23 @@ pub async fn run(s: ReceiveSettings, rep: &Reporter) -> Result<ReceiveSummary, F
             tokio::select! {
             r = &mut fut => r,
             _ = tokio::signal::ctrl_c() => {
+                if verified.load(Ordering::SeqCst) {
+                    // This round is verified and committed: stopping now (following, or
+                    // waiting for the sender's verdict) leaves a complete tree.
+                    conn.close(session::CLOSE_RECEIVER_STOPPED, b"receiver stopped");
+                    let _ = fut.await;
+                    rep.finish_progress();
+                    summary.wire_bytes = wire_before + wire.swap(0, Ordering::Relaxed);
+                    if summary.rounds > 0 {
+                        summary.catchup_wire_bytes += summary.wire_bytes - wire_before;
+                    }
+                    summary.rounds += 1;
+                    let m = ferry_sync::store::receipt_summary(&s.dest).map_err(Failure::from)?;
+                    rep.say("stopped; the last round is verified and complete here");
+                    finish_summary(&mut summary, &s.dest, first.as_ref(), m.files, m.bytes, m.root.to_hex(), started, &resumed, rep, "stopped");
+                    ep.close(0, b"done").await;
+                    return Ok(summary);
+                }
                 // Let the session commit what it verified, then stop.
                 conn.close(1, b"receiver stopped");
                 let _ = fut.await;
@@ -329,10 +373,47 @@ pub async fn run(s: ReceiveSettings, rep: &Reporter) -> Result<ReceiveSummary, F
             }
         };
         summary.wire_bytes = wire_before + wire.swap(0, Ordering::Relaxed);
+        if summary.rounds > 0 {
+            summary.catchup_wire_bytes += summary.wire_bytes - wire_before;
+        }
+        let result = match result {
+            Ok(end) => {
+                if end.summary().is_some() {
+                    summary.rounds += 1;
+                    if first.is_none() {
+                        first = ferry_sync::store::read_receipt(&s.dest).ok();
+                    }
+                }
+                match end {
+                    RecvEnd::Next(m) => {
+                        rep.finish_progress();
+                        rep.event("round", json!({"round": summary.rounds + 1, "reason": "changed", "verified_root": m.root.to_hex()}));
+                        rep.say(&format!(
+                            "round {} verified ({} files); the old device has changes: catch-up round {}",
+                            summary.rounds,
+                            m.files,
+                            summary.rounds + 1
+                        ));
+                        continue;
+                    }
+                    RecvEnd::Restarted => {
+                        rep.finish_progress();
+                        rep.event(
+                            "round",
+                            json!({"round": summary.rounds + 1, "reason": "source-changed"}),
+                        );
+                        continue;
+                    }
+                    RecvEnd::Final(m) => Ok((m, true)),
+                    RecvEnd::Unconfirmed(m) => Ok((m, false)),
+                }
+            }
+            Err(e) => Err(e),
+        };
         match result {
-            Ok(m) => {
+            Ok((m, confirmed)) => {
                 rep.finish_progress();
-                if !sender_confirmed(&conn).await {
+                if !confirmed && !sender_confirmed(&conn).await {
                     // Our Done may have gone to a sender that died as we finished; a restarted
                     // sender would then serve forever. A new session finds the receipt and
                     // tells it at once.
@@ -346,20 +427,18 @@ pub async fn run(s: ReceiveSettings, rep: &Reporter) -> Result<ReceiveSummary, F
                         );
                     }
                 }
-                summary.files = m.files;
-                summary.bytes = m.bytes;
-                summary.root = m.root.to_hex();
-                summary.resumed_bytes = resumed.load(Ordering::Relaxed);
-                summary.elapsed = started.elapsed();
-                rep.event("done", json!({"root": summary.root, "files": m.files, "bytes": m.bytes, "wire_bytes": summary.wire_bytes, "elapsed_s": summary.elapsed.as_secs_f64()}));
-                rep.say(&format!(
-                    "done: {} files, {} verified and committed in {} ({:.1} s, {} received)",
+                finish_summary(
+                    &mut summary,
+                    &s.dest,
+                    first.as_ref(),
                     m.files,
-                    human_bytes(m.bytes),
-                    s.dest.display(),
-                    summary.elapsed.as_secs_f64(),
-                    human_bytes(summary.wire_bytes)
-                ));
+                    m.bytes,
+                    m.root.to_hex(),
+                    started,
+                    &resumed,
+                    rep,
+                    "complete",
+                );
                 ep.close(0, b"done").await;
                 return Ok(summary);
             }
@@ -377,6 +456,51 @@ pub async fn run(s: ReceiveSettings, rep: &Reporter) -> Result<ReceiveSummary, F
                 return Err(exit::from_drive(&e));
             }
         }
+    }
+}
+
+/// Fills in the summary of a finished migration and reports it (human line and `done` event).
+#[allow(clippy::too_many_arguments)]
+fn finish_summary(
+    summary: &mut ReceiveSummary,
+    dest: &Path,
+    first: Option<&ferry_sync::Manifest>,
+    files: u64,
+    bytes: u64,
+    root: String,
+    started: Instant,
+    resumed: &AtomicU64,
+    rep: &Reporter,
+    end: &str,
+) {
+    summary.files = files;
+    summary.bytes = bytes;
+    summary.root = root;
+    summary.resumed_bytes = resumed.load(Ordering::Relaxed);
+    summary.elapsed = started.elapsed();
+    let diff = match (first, ferry_sync::store::read_receipt(dest)) {
+        (Some(f), Ok(last)) => f.diff(&last, 0),
+        _ => Default::default(),
+    };
+    rep.event("done", json!({"root": summary.root, "files": files, "bytes": bytes, "wire_bytes": summary.wire_bytes, "elapsed_s": summary.elapsed.as_secs_f64(),
+        "rounds": summary.rounds, "catchup_wire_bytes": summary.catchup_wire_bytes, "files_added": diff.added, "files_changed": diff.changed, "files_removed": diff.removed, "end": end}));
+    rep.say(&format!(
+        "done: {} files, {} verified and committed in {} ({:.1} s, {} received)",
+        files,
+        human_bytes(bytes),
+        dest.display(),
+        summary.elapsed.as_secs_f64(),
+        human_bytes(summary.wire_bytes)
+    ));
+    if summary.rounds > 1 {
+        rep.say(&format!(
+            "{} rounds: during the migration {} files were added, {} changed and {} removed on the old device; catch-up rounds brought {}",
+            summary.rounds,
+            diff.added,
+            diff.changed,
+            diff.removed,
+            human_bytes(summary.catchup_wire_bytes)
+        ));
     }
 }
 

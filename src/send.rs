@@ -1,20 +1,32 @@
 //! `ferry send`: scan, listen, pair, serve sessions until the receiver confirms completion.
+//!
+//! After the receiver verified a round the sender rescans (the hash cache makes unchanged files
+//! free); while the folder changed, it serves catch-up rounds that send only what changed, up to
+//! `--max-rounds`, or forever with `--follow`. A file that changes under a read cuts the round
+//! short (the receiver keeps what it verified) and is rescanned; one that does so
+//! [`MAX_RESTARTS_PER_FILE`] times in a row is reported by name (exit 8).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ferry_sync::compress::CompressPolicy;
-use ferry_sync::scan::{scan, Capture, HashCache, ScanConfig, ScanError};
+use ferry_sync::driver::{SendEnd, Verdict};
+use ferry_sync::manifest::ManifestDiff;
+use ferry_sync::proto::{CloseCode, SendEvent};
+use ferry_sync::scan::{scan, Capture, HashCache, ScanConfig, ScanError, ScanOutput};
 use ferry_sync::snapshot::SnapshotStore;
 use ferry_sync::source::Source;
+use ferry_sync::Manifest;
 use ferry_transport::{
     AcceptError, Advertisement, Congestion, Discovery, FerryDirs, MdnsConfig, MdnsDiscovery,
     PairingCode, PairingError, PeerConnection, Ticket,
 };
 use serde_json::json;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 use crate::common;
 use crate::exit::{self, Exit, Failure};
@@ -32,7 +44,35 @@ pub struct SendSettings {
     pub name: Option<String>,
     pub dirs: FerryDirs,
     pub congestion: Congestion,
+    pub rounds: RoundSettings,
 }
+
+/// How catch-up rounds run.
+#[derive(Clone, Debug)]
+pub struct RoundSettings {
+    /// Most rounds the receiver verifies (the first included) while the folder keeps changing.
+    pub max_rounds: u32,
+    /// Keep serving changes until stopped.
+    pub follow: bool,
+    /// With `follow`: time between rescans of an unchanged folder.
+    pub poll_interval: Duration,
+}
+
+impl Default for RoundSettings {
+    fn default() -> Self {
+        RoundSettings {
+            max_rounds: 5,
+            follow: false,
+            poll_interval: Duration::from_secs(2),
+        }
+    }
+}
+
+/// A file that cuts this many rounds short in a row (changing under the read, with no round
+/// verified in between) is reported by name.
+pub const MAX_RESTARTS_PER_FILE: u32 = 4;
+/// Most rounds cut short in a row, whatever the files.
+pub const MAX_RESTARTS: u32 = 20;
 
 pub struct SendSummary {
     pub wire_bytes: u64,
@@ -64,6 +104,159 @@ impl SendSummary {
     }
 }
 
+/// Scans the folder with a hash cache kept across rescans.
+struct Scanner {
+    dir: PathBuf,
+    cache_path: PathBuf,
+    snapshot_dir: PathBuf,
+    cache: Arc<Mutex<HashCache>>,
+}
+
+impl Scanner {
+    fn new(dir: &Path, state: &Path) -> Self {
+        let cache_path = HashCache::path_for(state, dir);
+        let cache = HashCache::load(&cache_path);
+        Scanner {
+            dir: dir.to_path_buf(),
+            cache_path,
+            snapshot_dir: SnapshotStore::dir_for(state, dir),
+            cache: Arc::new(Mutex::new(cache)),
+        }
+    }
+
+    /// Rescans a folder that is changing: a file that vanished between listing and reading
+    /// fails one scan, not the migration (bounded retries).
+    async fn rescan(&self) -> Result<ScanOutput, Failure> {
+        let mut tries = 0;
+        loop {
+            match self.scan().await {
+                Ok(out) => return Ok(out),
+                Err(f) if tries < 3 && f.exit == Exit::Source => {
+                    tries += 1;
+                    tracing::info!("rescan failed ({}); retrying", f.message);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(f) => return Err(f),
+            }
+        }
+    }
+
+    async fn scan(&self) -> Result<ScanOutput, Failure> {
+        let (dir, path, cache) = (
+            self.dir.clone(),
+            self.cache_path.clone(),
+            Arc::clone(&self.cache),
+        );
+        // Databases are captured as consistent snapshots (kept between rescans: an unchanged
+        // database is not copied again).
+        let cfg = ScanConfig {
+            snapshot_dir: Some(self.snapshot_dir.clone()),
+            ..ScanConfig::default()
+        };
+        tokio::task::spawn_blocking(move || {
+            let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
+            let before = cache.len();
+            let out = scan(&dir, Some(&mut cache), &cfg)?;
+            // Rescans of an unchanged folder (every poll with --follow) leave the file alone.
+            if before == 0 || out.hashed_bytes > 0 || cache.len() != before {
+                if let Err(e) = cache.save(&path) {
+                    tracing::warn!("cannot save the hash cache {}: {e}", path.display());
+                }
+            }
+            Ok::<_, ScanError>(out)
+        })
+        .await
+        .map_err(|e| Failure::new(Exit::Internal, e.to_string()))?
+        .map_err(scan_failure)
+    }
+}
+
+/// The manifest, source and unstable files of a rescan, for the next round.
+fn adopt(dir: &Path, out: ScanOutput, rep: &Reporter) -> (Arc<Manifest>, Arc<Source>, Vec<String>) {
+    for u in &out.unstable {
+        rep.say(&format!(
+            "could not be captured consistently, not sent: {} ({})",
+            u.path, u.reason
+        ));
+        rep.event("unstable", json!({"path": u.path, "reason": u.reason}));
+    }
+    let unstable = out.unstable.iter().map(|u| u.path.clone()).collect();
+    let manifest = Arc::new(out.manifest);
+    let source = Arc::new(
+        Source::new(dir, Arc::clone(&manifest), CompressPolicy::default())
+            .with_redirects(out.sources),
+    );
+    (manifest, source, unstable)
+}
+
+/// Resolves once `stop` says so (Ctrl-C); never if its sender is gone.
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    loop {
+        if *stop.borrow_and_update() {
+            return;
+        }
+        if stop.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// The end of a round the receiver verified: rescan; with `follow`, wait for a change.
+/// `Next` when the folder changed and another round may run; otherwise `Final` (and `limited`
+/// says what still changed when the round limit stopped the migration).
+#[allow(clippy::too_many_arguments)]
+async fn decide(
+    scanner: &Scanner,
+    current: Arc<Manifest>,
+    rounds_done: u32,
+    s: &RoundSettings,
+    mut stop: watch::Receiver<bool>,
+    awaiting: &AtomicBool,
+    limited: &Mutex<Option<ManifestDiff>>,
+    rep: &Reporter,
+) -> Verdict<ScanOutput> {
+    awaiting.store(true, Ordering::SeqCst);
+    let v = loop {
+        if *stop.borrow_and_update() {
+            break Verdict::Final;
+        }
+        let scan_started = Instant::now();
+        let scanned = scanner.rescan().await;
+        // A huge folder is not rescanned back to back: at most a fifth of the time.
+        let pause = s.poll_interval.max(scan_started.elapsed() * 4);
+        match scanned {
+            Ok(out) if out.manifest.root() != current.root() => {
+                if !s.follow && rounds_done >= s.max_rounds {
+                    let diff = current.diff(&out.manifest, 20);
+                    *limited.lock().unwrap_or_else(|p| p.into_inner()) = Some(diff);
+                    break Verdict::Final;
+                }
+                break Verdict::Next(out);
+            }
+            Ok(_) => {}
+            Err(f) => {
+                rep.say(&format!("rescan failed: {}", f.message));
+                if !s.follow {
+                    break Verdict::Final;
+                }
+            }
+        }
+        if !s.follow {
+            break Verdict::Final;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = stopped(&mut stop) => break Verdict::Final,
+        }
+    };
+    // A final verdict leaves `awaiting` set: the round ends cleanly, and Ctrl-C meanwhile must
+    // not turn that into an interruption. Another round is work in flight again.
+    if matches!(v, Verdict::Next(_)) {
+        awaiting.store(false, Ordering::SeqCst);
+    }
+    v
+}
+
 /// How long a sender that cannot read its folder waits for the receiver to take the news.
 const SOURCE_ERROR_LINGER: Duration = Duration::from_secs(3);
 
@@ -86,23 +279,8 @@ pub async fn run(
     listening: Option<oneshot::Sender<Ticket>>,
 ) -> Result<SendSummary, Failure> {
     let started = Instant::now();
-    let (dir, state) = (s.dir.clone(), s.dirs.state.clone());
-    let scanned = tokio::task::spawn_blocking(move || {
-        let cache_path = HashCache::path_for(&state, &dir);
-        let mut cache = HashCache::load(&cache_path);
-        let cfg = ScanConfig {
-            snapshot_dir: Some(SnapshotStore::dir_for(&state, &dir)),
-            ..ScanConfig::default()
-        };
-        let out = scan(&dir, Some(&mut cache), &cfg)?;
-        if let Err(e) = cache.save(&cache_path) {
-            tracing::warn!("cannot save the hash cache {}: {e}", cache_path.display());
-        }
-        Ok::<_, ScanError>(out)
-    })
-    .await
-    .map_err(|e| Failure::new(Exit::Internal, e.to_string()))?
-    .map_err(scan_failure)?;
+    let scanner = Scanner::new(&s.dir, &s.dirs.state);
+    let scanned = scanner.scan().await?;
     let scan_secs = started.elapsed().as_secs_f64();
     for sk in scanned.skipped.iter().take(20) {
         rep.say(&format!("skipped {}: {}", sk.path, sk.reason));
@@ -149,8 +327,9 @@ pub async fn run(
         ));
         rep.event("unstable", json!({"path": u.path, "reason": u.reason}));
     }
-    let unstable: Vec<String> = scanned.unstable.iter().map(|u| u.path.clone()).collect();
-    let manifest = Arc::new(scanned.manifest);
+    let mut unstable: Vec<String> = scanned.unstable.iter().map(|u| u.path.clone()).collect();
+    let mut manifest = Arc::new(scanned.manifest);
+    let first = Arc::clone(&manifest);
     let sum = *manifest.summary();
     rep.say(&format!(
         "{}: {} files, {} ({} to send after dedup), scanned in {:.1} s ({} hashed, {} files from cache)",
@@ -167,7 +346,7 @@ pub async fn run(
         json!({"files": sum.files, "bytes": sum.bytes, "chunks": sum.unique_chunks, "root": sum.root.to_hex(),
             "hashed_bytes": scanned.hashed_bytes, "cached_files": scanned.cached_files, "scan_s": scan_secs}),
     );
-    let source = Arc::new(
+    let mut source = Arc::new(
         Source::new(&s.dir, Arc::clone(&manifest), CompressPolicy::default())
             .with_redirects(scanned.sources),
     );
@@ -234,104 +413,38 @@ pub async fn run(
         None
     };
 
+    // Ctrl-C, seen by every wait below. While a finished round awaits its verdict it ends the
+    // migration cleanly (the receiver holds a verified round); otherwise it interrupts.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            let _ = stop_tx.send(true);
+        }
+    });
+    let awaiting = AtomicBool::new(false);
+    let limited: Mutex<Option<ManifestDiff>> = Mutex::new(None);
+
     let mut wire_bytes = 0u64;
+    let mut catchup_wire_bytes = 0u64;
     let mut sessions = 0u32;
+    let mut rounds_done = 0u32;
+    let mut restarts: HashMap<String, u32> = HashMap::new();
+    let mut restarts_total = 0u32;
     // A connection that arrived while a session was running and replaces it.
     let mut next: Option<PeerConnection> = None;
+    let mut stop = stop_rx.clone();
     loop {
         let accepted = match next.take() {
             Some(c) => Ok(c),
             None => tokio::select! {
                 a = ep.accept() => a,
-                _ = tokio::signal::ctrl_c() => {
+                _ = stopped(&mut stop) => {
                     return Err(Failure::new(Exit::Interrupted, STOPPED));
                 }
             },
         };
-        match accepted {
-            Ok(conn) => {
-                let peer = conn.peer().clone();
-                rep.event("paired", json!({"peer": peer.name, "device_id": peer.device_id.to_string(), "addr": peer.addr.to_string(), "newly_paired": conn.newly_paired()}));
-                rep.say(&format!(
-                    "connected to {} ({}) at {}",
-                    peer.name,
-                    peer.device_id.short(),
-                    peer.addr
-                ));
-                sessions += 1;
-                let serving =
-                    session::serve(&conn, Arc::clone(&manifest), Arc::clone(&source), |_| {});
-                tokio::pin!(serving);
-                // A receiver that was killed (or lost power) never closes its connection: this
-                // session would only notice at the idle timeout. The same receiver connecting
-                // again means the old connection is dead, so the new one replaces it at once.
-                let (res, stats) = loop {
-                    tokio::select! {
-                        r = &mut serving => break r,
-                        a = ep.accept(), if next.is_none() => match a {
-                            Ok(newer) if newer.peer().device_id == peer.device_id => {
-                                tracing::info!("{} reconnected: replacing its stale session", peer.name);
-                                conn.close(session::CLOSE_SUPERSEDED, b"replaced by a newer connection");
-                                next = Some(newer);
-                            }
-                            Ok(other) => {
-                                other.close(session::CLOSE_BUSY, b"busy with another device");
-                            }
-                            Err(e) => tracing::info!("refused a connection while serving: {e}"),
-                        },
-                        _ = tokio::signal::ctrl_c() => {
-                            conn.close(1, b"sender stopped");
-                            return Err(Failure::new(Exit::Interrupted, STOPPED));
-                        }
-                    }
-                };
-                wire_bytes += stats.wire_bytes;
-                match res {
-                    Ok(()) => {
-                        conn.close(session::CLOSE_DONE, b"done");
-                        let elapsed = started.elapsed().as_secs_f64();
-                        rep.event("done", json!({"root": sum.root.to_hex(), "files": sum.files, "bytes": sum.bytes, "wire_bytes": wire_bytes, "elapsed_s": elapsed, "complete": unstable.is_empty(), "unstable": unstable}));
-                        rep.say(&format!(
-                            "{}: {} verified by {} ({} on the wire, {:.1} s)",
-                            if unstable.is_empty() {
-                                "done"
-                            } else {
-                                "done, but incomplete"
-                            },
-                            human_bytes(sum.bytes),
-                            peer.name,
-                            human_bytes(wire_bytes),
-                            elapsed
-                        ));
-                        ep.close(0, b"done").await;
-                        return Ok(SendSummary {
-                            wire_bytes,
-                            sessions,
-                            scan_secs,
-                            unstable,
-                        });
-                    }
-                    Err(e) => {
-                        let f = exit::from_drive(&e);
-                        if f.exit == Exit::Source {
-                            // The session queued a Close frame naming the file; closing the
-                            // connection at once would discard it, and the receiver would take
-                            // the stop for a lost link and wait for us. It closes when it has
-                            // read the frame.
-                            let _ = tokio::time::timeout(SOURCE_ERROR_LINGER, conn.closed()).await;
-                            conn.close(1, b"source error");
-                            return Err(f);
-                        }
-                        rep.say(&format!(
-                            "session ended: {e}; waiting for the receiver to reconnect"
-                        ));
-                        rep.event(
-                            "interrupted",
-                            json!({"message": e.to_string(), "wire_bytes": wire_bytes}),
-                        );
-                    }
-                }
-            }
+        let conn = match accepted {
+            Ok(conn) => conn,
             Err(AcceptError::EndpointClosed) => {
                 return Err(Failure::new(Exit::Internal, "the network endpoint closed"));
             }
@@ -353,6 +466,7 @@ pub async fn run(
                     rep.say("new pairing code issued:");
                     announce(code)?;
                 }
+                continue;
             }
             Err(e) => {
                 tracing::info!("refused a connection: {e}");
@@ -363,7 +477,204 @@ pub async fn run(
                         .map_err(|e| Failure::new(Exit::Internal, e.to_string()))?;
                     announce(code)?;
                 }
+                continue;
+            }
+        };
+        let peer = conn.peer().clone();
+        rep.event("paired", json!({"peer": peer.name, "device_id": peer.device_id.to_string(), "addr": peer.addr.to_string(), "newly_paired": conn.newly_paired()}));
+        rep.say(&format!(
+            "connected to {} ({}) at {}",
+            peer.name,
+            peer.device_id.short(),
+            peer.addr
+        ));
+        // Rounds on this connection, each on new streams.
+        loop {
+            sessions += 1;
+            awaiting.store(false, Ordering::SeqCst);
+            let (current, round_no, stop_d) =
+                (Arc::clone(&manifest), rounds_done + 1, stop_rx.clone());
+            let (sc, aw, lim, rs) = (&scanner, &awaiting, &limited, &s.rounds);
+            let serving = session::serve_round(
+                &conn,
+                Arc::clone(&manifest),
+                Arc::clone(&source),
+                |ev| {
+                    if let SendEvent::Done { root } = ev {
+                        rep.event(
+                            "verified",
+                            json!({"round": round_no, "root": root.to_hex()}),
+                        );
+                    }
+                },
+                move || decide(sc, current, round_no, rs, stop_d, aw, lim, rep),
+            );
+            tokio::pin!(serving);
+            let mut stopping = false;
+            // A receiver that was killed (or lost power) never closes its connection: this
+            // session would only notice at the idle timeout. The same receiver connecting
+            // again means the old connection is dead, so the new one replaces it at once.
+            let (res, stats) = loop {
+                tokio::select! {
+                    r = &mut serving => break r,
+                    a = ep.accept(), if next.is_none() => match a {
+                        Ok(newer) if newer.peer().device_id == peer.device_id => {
+                            tracing::info!("{} reconnected: replacing its stale session", peer.name);
+                            conn.close(session::CLOSE_SUPERSEDED, b"replaced by a newer connection");
+                            next = Some(newer);
+                        }
+                        Ok(other) => {
+                            other.close(session::CLOSE_BUSY, b"busy with another device");
+                        }
+                        Err(e) => tracing::info!("refused a connection while serving: {e}"),
+                    },
+                    _ = stopped(&mut stop), if !stopping => {
+                        if awaiting.load(Ordering::SeqCst) {
+                            // The receiver holds a verified round: the verdict ends it cleanly.
+                            stopping = true;
+                        } else {
+                            conn.close(1, b"sender stopped");
+                            return Err(Failure::new(Exit::Interrupted, STOPPED));
+                        }
+                    }
+                }
+            };
+            wire_bytes += stats.wire_bytes;
+            if rounds_done > 0 {
+                catchup_wire_bytes += stats.wire_bytes;
+            }
+            let finish = |rounds: u32, catchup: u64, how: &str| -> SendSummary {
+                let elapsed = started.elapsed().as_secs_f64();
+                let last = Arc::clone(&manifest);
+                let fin = last.summary();
+                let diff = first.diff(&last, 0);
+                rep.event("done", json!({"root": fin.root.to_hex(), "files": fin.files, "bytes": fin.bytes, "wire_bytes": wire_bytes, "elapsed_s": elapsed,
+                    "rounds": rounds, "catchup_wire_bytes": catchup, "files_added": diff.added, "files_changed": diff.changed, "files_removed": diff.removed, "end": how,
+                    "complete": unstable.is_empty(), "unstable": unstable}));
+                rep.say(&format!(
+                    "{}: {} verified by {} ({} on the wire, {:.1} s)",
+                    if unstable.is_empty() {
+                        "done"
+                    } else {
+                        "done, but incomplete"
+                    },
+                    human_bytes(fin.bytes),
+                    peer.name,
+                    human_bytes(wire_bytes),
+                    elapsed
+                ));
+                if rounds > 1 || diff.added + diff.changed + diff.removed > 0 {
+                    rep.say(&format!(
+                        "{rounds} rounds: during the migration {} files were added, {} changed and {} removed; catch-up rounds sent {}",
+                        diff.added, diff.changed, diff.removed, human_bytes(catchup)
+                    ));
+                }
+                SendSummary {
+                    wire_bytes,
+                    sessions,
+                    scan_secs,
+                    unstable: unstable.clone(),
+                }
+            };
+            match res {
+                Ok(SendEnd::Final) => {
+                    rounds_done += 1;
+                    conn.close(session::CLOSE_DONE, b"done");
+                    let how = if stopping || *stop_rx.borrow() {
+                        "stopped"
+                    } else if limited.lock().unwrap_or_else(|p| p.into_inner()).is_some() {
+                        "round-limit"
+                    } else {
+                        "quiescent"
+                    };
+                    if let Some(d) = limited.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                        rep.say(&format!(
+                            "the folder was still changing after {rounds_done} rounds (--max-rounds); the new device holds the verified state of the last round. Still changing: {}",
+                            d.paths.join(", ")
+                        ));
+                        rep.event("still_changing", json!({"rounds": rounds_done, "added": d.added, "changed": d.changed, "removed": d.removed, "paths": d.paths}));
+                    }
+                    let summary = finish(rounds_done, catchup_wire_bytes, how);
+                    ep.close(0, b"done").await;
+                    return Ok(summary);
+                }
+                Ok(SendEnd::Next(out)) => {
+                    rounds_done += 1;
+                    restarts.clear();
+                    restarts_total = 0;
+                    let diff = manifest.diff(&out.manifest, 0);
+                    (manifest, source, unstable) = adopt(&s.dir, out, rep);
+                    let m = manifest.summary();
+                    rep.event("round", json!({"round": rounds_done + 1, "reason": "changed", "files": m.files, "bytes": m.bytes, "root": m.root.to_hex(),
+                        "files_added": diff.added, "files_changed": diff.changed, "files_removed": diff.removed}));
+                    rep.say(&format!(
+                        "round {} verified; the folder changed meanwhile ({} added, {} changed, {} removed): catch-up round {}",
+                        rounds_done, diff.added, diff.changed, diff.removed, rounds_done + 1
+                    ));
+                }
+                Ok(SendEnd::SourceChanged { path }) => {
+                    restarts_total += 1;
+                    let n = restarts.entry(path.clone()).or_insert(0);
+                    *n += 1;
+                    if *n >= MAX_RESTARTS_PER_FILE || restarts_total >= MAX_RESTARTS {
+                        let msg = format!(
+                            "{path} kept changing while it was being sent ({n} times); it could not be captured consistently. \
+                             Close the app that writes it and run the same commands again (what arrived is kept)"
+                        );
+                        session::refuse(&conn, CloseCode::SourceError, &msg).await;
+                        let _ = tokio::time::timeout(SOURCE_ERROR_LINGER, conn.closed()).await;
+                        conn.close(1, b"source error");
+                        return Err(Failure::new(Exit::Source, msg));
+                    }
+                    rep.say(&format!(
+                        "{path} changed while it was being sent: rescanning and continuing (the new device keeps what it verified)"
+                    ));
+                    let out = scanner.rescan().await?;
+                    (manifest, source, unstable) = adopt(&s.dir, out, rep);
+                    let m = manifest.summary();
+                    rep.event("round", json!({"round": rounds_done + 1, "reason": "source-changed", "path": path, "files": m.files, "bytes": m.bytes, "root": m.root.to_hex()}));
+                }
+                Err(e) => {
+                    // Was this round verified (the decision was pending when it ended)?
+                    let verified = awaiting.swap(false, Ordering::SeqCst);
+                    if receiver_stopped(&conn).await {
+                        // The receiver stopped following, holding a verified round.
+                        rep.say("the receiver stopped; it holds the last verified round");
+                        let rounds = rounds_done + u32::from(verified);
+                        let summary = finish(rounds, catchup_wire_bytes, "receiver-stopped");
+                        ep.close(0, b"done").await;
+                        return Ok(summary);
+                    }
+                    let f = exit::from_drive(&e);
+                    if f.exit == Exit::Source {
+                        // The session queued a Close frame naming the file; closing the
+                        // connection at once would discard it, and the receiver would take
+                        // the stop for a lost link and wait for us. It closes when it has
+                        // read the frame.
+                        let _ = tokio::time::timeout(SOURCE_ERROR_LINGER, conn.closed()).await;
+                        conn.close(1, b"source error");
+                        return Err(f);
+                    }
+                    rep.say(&format!(
+                        "session ended: {e}; waiting for the receiver to reconnect"
+                    ));
+                    rep.event(
+                        "interrupted",
+                        json!({"message": e.to_string(), "wire_bytes": wire_bytes}),
+                    );
+                    break;
+                }
             }
         }
+    }
+}
+
+/// Whether the receiver closed the connection saying it stopped with a verified round.
+async fn receiver_stopped(conn: &PeerConnection) -> bool {
+    match tokio::time::timeout(Duration::from_millis(500), conn.closed()).await {
+        Ok(ferry_transport::ConnectionError::ApplicationClosed(c)) => {
+            c.error_code == ferry_transport::VarInt::from_u32(session::CLOSE_RECEIVER_STOPPED)
+        }
+        _ => false,
     }
 }

@@ -1,12 +1,18 @@
-//! One migration session over an authenticated QUIC connection: the receiver opens the control
-//! stream, the sender opens the data streams.
+//! One migration session (one round) over an authenticated QUIC connection: the receiver opens
+//! the control stream, the sender opens the data streams. Catch-up rounds run one after the
+//! other on the same connection, each on new streams.
 
 use std::sync::Arc;
 
 use bytes::Bytes;
-use ferry_sync::driver::{run_receiver, run_sender, DataSink, DriveError, SendStats};
-use ferry_sync::manifest::ManifestSummary;
-use ferry_sync::proto::{Receiver, ReceiverConfig, RecvEvent, SendEvent, Sender, SenderConfig};
+use ferry_sync::driver::{
+    run_receiver, run_sender_round, DataSink, DriveError, RecvEnd, SendEnd, SendStats, Verdict,
+};
+use ferry_sync::proto::frame::{encode_hello, encode_message, Hello, Message, Role};
+use ferry_sync::proto::{
+    CloseCode, Receiver, ReceiverConfig, RecvEvent, SendEvent, Sender, SenderConfig,
+    PROTOCOL_VERSION,
+};
 use ferry_sync::source::Source;
 use ferry_sync::store::FsStore;
 use ferry_sync::Manifest;
@@ -21,6 +27,8 @@ pub const CLOSE_DONE: u32 = 0x100;
 pub const CLOSE_SUPERSEDED: u32 = 0x102;
 /// The sender is serving another device.
 pub const CLOSE_BUSY: u32 = 0x103;
+/// The receiver stopped (Ctrl-C) holding a complete, verified round: nothing is unfinished.
+pub const CLOSE_RECEIVER_STOPPED: u32 = 0x104;
 
 /// A QUIC data stream as a [`DataSink`]: quinn takes the frame's buffers as they are, so chunk
 /// payloads are not copied into the stream's send buffer.
@@ -49,13 +57,42 @@ fn lost(e: impl std::fmt::Display) -> DriveError {
     DriveError::LinkLost(e.to_string())
 }
 
-/// Serves one session to a connected receiver.
+/// Serves a single-round session: the receiver's copy of `manifest` is final.
 pub async fn serve(
     conn: &PeerConnection,
     manifest: Arc<Manifest>,
     source: Arc<Source>,
     on_event: impl FnMut(&SendEvent),
 ) -> (Result<(), DriveError>, SendStats) {
+    let (r, stats) = serve_round(conn, manifest, source, on_event, || async {
+        Verdict::<()>::Final
+    })
+    .await;
+    (
+        r.and_then(|end| match end {
+            SendEnd::Final | SendEnd::Next(()) => Ok(()),
+            SendEnd::SourceChanged { path } => Err(DriveError::Session(
+                ferry_sync::proto::SessionError::Source(format!(
+                    "{path} changed while it was being sent"
+                )),
+            )),
+        }),
+        stats,
+    )
+}
+
+/// Serves one round to a connected receiver; `decide` is awaited once the receiver verified it.
+pub async fn serve_round<T, F, Fut>(
+    conn: &PeerConnection,
+    manifest: Arc<Manifest>,
+    source: Arc<Source>,
+    on_event: impl FnMut(&SendEvent),
+    decide: F,
+) -> (Result<SendEnd<T>, DriveError>, SendStats)
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Verdict<T>>,
+{
     let (ctl_send, ctl_recv) = match conn.accept_bi().await {
         Ok(s) => s,
         Err(e) => return (Err(lost(e)), SendStats::default()),
@@ -68,7 +105,31 @@ pub async fn serve(
         }
     }
     let sender = Sender::new(manifest, SenderConfig::default());
-    run_sender(sender, source, ctl_recv, ctl_send, lanes, on_event).await
+    run_sender_round(sender, source, ctl_recv, ctl_send, lanes, on_event, decide).await
+}
+
+/// Answers the receiver's next control stream with a hello and `Close{code, reason}`: the
+/// migration ends with a reason the receiver can show (and an exit code it can map).
+pub async fn refuse(conn: &PeerConnection, code: CloseCode, reason: &str) {
+    let Ok(Ok((mut send, _recv))) =
+        tokio::time::timeout(std::time::Duration::from_secs(5), conn.accept_bi()).await
+    else {
+        return;
+    };
+    let hello = encode_hello(&Hello {
+        version: PROTOCOL_VERSION,
+        role: Role::Sender,
+    });
+    let reason: String = reason.chars().take(1000).collect();
+    let close = encode_message(&Message::Close {
+        code: code as u16,
+        reason,
+    })
+    .unwrap_or_default();
+    let _ = send.write_all(&hello).await;
+    let _ = send.write_all(&close).await;
+    let _ = send.finish();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), send.stopped()).await;
 }
 
 /// Runs one receiving session on a connection to the sender.
@@ -76,7 +137,7 @@ pub async fn receive(
     conn: &PeerConnection,
     store: Arc<FsStore>,
     on_event: impl FnMut(&RecvEvent),
-) -> Result<ManifestSummary, DriveError> {
+) -> Result<RecvEnd, DriveError> {
     let (ctl_send, ctl_recv) = conn.open_bi().await.map_err(lost)?;
     let (tx, rx) = mpsc::channel(DATA_LANES * 2);
     let c = conn.clone();

@@ -228,6 +228,7 @@ async fn hostile_sender_over_quic_then_honest_sender_completes() {
         .await
         .unwrap()
         .unwrap();
+    let done = done.summary().copied().expect("a completed round");
     assert_eq!(done.root, manifest.root());
     tokio::time::timeout(T, server)
         .await

@@ -120,7 +120,8 @@ fn a_file_that_keeps_changing_is_named_and_the_sender_exits_incomplete() {
     fs::write(src.join("media/photo.jpg"), vec![9u8; 300_000]).unwrap();
     let growing = src.join("media/recording.tmp");
     fs::write(&growing, vec![1u8; 100_000]).unwrap();
-    // Appends every millisecond until the sender is done scanning.
+    // Appends every millisecond for the whole migration (with catch-up rounds, a file that
+    // settles after the first scan would simply arrive in the next round).
     let stop = Arc::new(AtomicBool::new(false));
     let writer = {
         let (stop, path) = (Arc::clone(&stop), growing.clone());
@@ -135,8 +136,6 @@ fn a_file_that_keeps_changing_is_named_and_the_sender_exits_incomplete() {
     let (old, new) = (Device::new("old"), Device::new("new"));
     let dest = work.path().join("dest");
     let (mut s, addr, code) = start_sender(&old, &src, "127.0.0.1:0");
-    stop.store(true, Ordering::Relaxed);
-    writer.join().unwrap();
     let unstable = s
         .seen_named("unstable")
         .into_iter()
@@ -151,6 +150,8 @@ fn a_file_that_keeps_changing_is_named_and_the_sender_exits_incomplete() {
     assert_eq!(done["complete"], false);
     assert_eq!(done["unstable"][0], "media/recording.tmp");
     s.expect_exit(10, LONG);
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
     assert!(
         s.stderr().contains("media/recording.tmp"),
         "stderr does not name the file: {}",

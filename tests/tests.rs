@@ -16,4 +16,5 @@ mod live;
 mod migrate;
 mod pairing;
 mod resume;
+mod rounds;
 mod space;

@@ -385,6 +385,16 @@ impl Ferry {
         }
     }
 
+    /// SIGINT (what Ctrl-C sends).
+    pub fn interrupt(&self) {
+        let pid = self.child.id().to_string();
+        let ok = Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "cannot send SIGINT to {}", self.label);
+    }
+
     /// SIGKILL (what `Child::kill` sends on Unix), then reap.
     pub fn kill9(&mut self) {
         if self.status.is_none() {

@@ -17,7 +17,8 @@ use tokio::sync::{mpsc, Mutex};
 use crate::manifest::ManifestSummary;
 use crate::proto::frame::{decode_frame, Frame, FrameError};
 use crate::proto::{
-    Lane, Receiver, RecvEvent, RecvIoDone, SendEvent, SendIoDone, Sender, SessionError, Transmit,
+    Lane, Receiver, RecvEvent, RecvIoDone, RoundVerdict, SendEvent, SendIoDone, Sender,
+    SessionError, Transmit,
 };
 use crate::source::Source;
 use crate::store::FsStore;
@@ -136,6 +137,8 @@ enum Input {
     Frame(Frame),
     FrameError(FrameError),
     Closed(String),
+    /// The control stream ended cleanly (the peer finished its side).
+    End(String),
 }
 
 /// Reads frames from `r` into `tx` until the stream ends or fails. A clean end of the stream
@@ -155,7 +158,7 @@ where
             let input = match reader.next().await {
                 Ok(Some(f)) => Input::Frame(f),
                 Ok(None) => match eof {
-                    Some(why) => Input::Closed(why.into()),
+                    Some(why) => Input::End(why.into()),
                     None => return,
                 },
                 Err(ReadError::Frame(e)) => Input::FrameError(e),
@@ -192,20 +195,85 @@ pub struct SendStats {
     pub chunks: u64,
 }
 
-/// Runs a sender session to its end. `on_event` sees every event.
+/// How long a sender waits for the receiver to end its side after the final verdict.
+const FINAL_ACK_WITHIN: Duration = Duration::from_secs(5);
+
+/// What the sender application decides once the receiver finished a round.
+#[derive(Debug)]
+pub enum Verdict<T> {
+    /// The receiver's tree is final: close with `Done`.
+    Final,
+    /// Another round follows (the source changed); `T` is handed back in [`SendEnd::Next`].
+    Next(T),
+}
+
+/// How a sender session (one round) ended well.
+#[derive(Debug)]
+pub enum SendEnd<T> {
+    /// The receiver verified the round and the migration is closed with `Done`.
+    Final,
+    /// The receiver verified the round and `NextRound` was sent: serve the next round.
+    Next(T),
+    /// A source file changed under a read; the round ended early with `NextRound`: rescan and
+    /// serve the next round (the receiver keeps what it verified).
+    SourceChanged { path: String },
+}
+
+/// Runs a single-round sender session to its end (the verdict is always final). `on_event`
+/// sees every event.
 pub async fn run_sender<CR, CW, DW>(
-    mut sender: Sender,
+    sender: Sender,
     source: Arc<Source>,
     control_read: CR,
-    mut control_write: CW,
+    control_write: CW,
     data: Vec<DW>,
-    mut on_event: impl FnMut(&SendEvent),
+    on_event: impl FnMut(&SendEvent),
 ) -> (Result<(), DriveError>, SendStats)
 where
     CR: AsyncRead + Unpin + Send + 'static,
     CW: AsyncWrite + Unpin + Send + 'static,
     DW: DataSink,
 {
+    let (r, stats) = run_sender_round(
+        sender,
+        source,
+        control_read,
+        control_write,
+        data,
+        on_event,
+        || async { Verdict::<()>::Final },
+    )
+    .await;
+    let r = match r {
+        Ok(SendEnd::Final | SendEnd::Next(())) => Ok(()),
+        Ok(SendEnd::SourceChanged { path }) => Err(DriveError::Session(SessionError::Source(
+            format!("{path} changed while it was being sent"),
+        ))),
+        Err(e) => Err(e),
+    };
+    (r, stats)
+}
+
+/// Runs one round of a sender session. When the receiver reports the round done, `decide` is
+/// called and awaited (it may rescan, or wait for the next change): its verdict is sent, ending
+/// the session. While it runs, a receiver that goes away ends the session as a lost link.
+pub async fn run_sender_round<CR, CW, DW, T, F, Fut>(
+    mut sender: Sender,
+    source: Arc<Source>,
+    control_read: CR,
+    mut control_write: CW,
+    data: Vec<DW>,
+    mut on_event: impl FnMut(&SendEvent),
+    decide: F,
+) -> (Result<SendEnd<T>, DriveError>, SendStats)
+where
+    CR: AsyncRead + Unpin + Send + 'static,
+    CW: AsyncWrite + Unpin + Send + 'static,
+    DW: DataSink,
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Verdict<T>>,
+{
+    let mut decide = Some(decide);
     let (in_tx, mut in_rx) = mpsc::channel::<Input>(16);
     spawn_reader(
         control_read,
@@ -239,7 +307,7 @@ where
     let max_reads = 64;
     let (io_tx, mut io_rx) = mpsc::channel::<SendIoDone>(max_reads);
     let mut stats = SendStats::default();
-    let mut result: Option<Result<(), DriveError>> = None;
+    let mut result: Option<Result<SendEnd<T>, DriveError>> = None;
     let mut data_tx = Some(data_tx);
 
     'outer: loop {
@@ -275,13 +343,67 @@ where
             on_event(&ev);
             match ev {
                 SendEvent::Done { .. } => {
-                    result.get_or_insert(Ok(()));
+                    if sender.is_closed() {
+                        // A version-1 receiver: the sender closed with Done at once.
+                        result.get_or_insert(Ok(SendEnd::Final));
+                    }
+                }
+                SendEvent::SourceChanged { path } => {
+                    result.get_or_insert(Ok(SendEnd::SourceChanged { path }));
                 }
                 SendEvent::Failed(e) => {
                     result.get_or_insert(Err(DriveError::Session(e)));
                 }
                 SendEvent::Wanted { .. } => {}
             }
+        }
+        if sender.is_awaiting_verdict() {
+            // Everything queued for the data streams was verified by the receiver already.
+            let Some(decide) = decide.take() else {
+                sender.finish();
+                result.get_or_insert(Ok(SendEnd::Final));
+                continue;
+            };
+            let verdict = decide();
+            tokio::pin!(verdict);
+            let verdict = loop {
+                tokio::select! {
+                    v = &mut verdict => break Some(v),
+                    input = in_rx.recv() => match input {
+                        Some(Input::Frame(f)) => {
+                            sender.handle_frame(f);
+                            if sender.is_closed() {
+                                break None;
+                            }
+                        }
+                        Some(Input::FrameError(e)) => {
+                            sender.handle_frame_error(e);
+                            break None;
+                        }
+                        Some(Input::Closed(why) | Input::End(why)) => {
+                            result.get_or_insert(Err(DriveError::LinkLost(why)));
+                            break None;
+                        }
+                        None => {
+                            result.get_or_insert(Err(DriveError::LinkLost("control stream ended".into())));
+                            break None;
+                        }
+                    },
+                }
+            };
+            match verdict {
+                Some(Verdict::Final) => {
+                    sender.finish();
+                    result.get_or_insert(Ok(SendEnd::Final));
+                }
+                Some(Verdict::Next(t)) => {
+                    sender.next_round();
+                    result.get_or_insert(Ok(SendEnd::Next(t)));
+                }
+                None if result.is_some() && !sender.is_closed() => break,
+                None => {}
+            }
+            continue;
         }
         if sender.is_closed() {
             // Flush the close frame, then stop.
@@ -296,7 +418,7 @@ where
             input = in_rx.recv() => match input {
                 Some(Input::Frame(f)) => sender.handle_frame(f),
                 Some(Input::FrameError(e)) => sender.handle_frame_error(e),
-                Some(Input::Closed(why)) => {
+                Some(Input::Closed(why) | Input::End(why)) => {
                     result.get_or_insert(Err(DriveError::LinkLost(why)));
                     break;
                 }
@@ -318,11 +440,33 @@ where
     // Let the data writers finish what was queued (on success) and close their streams.
     data_tx = None;
     drop(data_tx);
-    if matches!(result, Some(Ok(()))) {
+    if matches!(result, Some(Ok(_))) {
         for w in writers {
             let _ = w.await;
         }
         let _ = control_write.shutdown().await;
+        // A version-2 receiver ends its side of the control stream once it has read the final
+        // verdict. A receiver that died after its Done (killed while the sender rescanned)
+        // never does: the migration is then not confirmed, and the caller keeps serving so
+        // that the restarted receiver can hear it.
+        if matches!(result, Some(Ok(SendEnd::Final))) && sender.peer_supports_rounds() {
+            let ended = tokio::time::timeout(FINAL_ACK_WITHIN, async {
+                loop {
+                    match in_rx.recv().await {
+                        Some(Input::Frame(_)) => {}
+                        Some(Input::End(_)) => return true,
+                        _ => return false,
+                    }
+                }
+            })
+            .await
+            .unwrap_or(false);
+            if !ended {
+                result = Some(Err(DriveError::LinkLost(
+                    "the receiver did not confirm the final round".into(),
+                )));
+            }
+        }
     } else {
         for w in writers {
             w.abort();
@@ -337,16 +481,47 @@ where
     )
 }
 
+/// How a receiver session (one round) ended well.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RecvEnd {
+    /// The round is verified and committed, and the sender closed the migration with `Done`.
+    Final(ManifestSummary),
+    /// The round is verified and committed; the sender starts another round.
+    Next(ManifestSummary),
+    /// The sender cut the round short (a source file changed); everything verified is
+    /// committed; the sender starts another round.
+    Restarted,
+    /// The round is verified and committed, but the control stream ended before the sender's
+    /// verdict (ask the connection how it was closed).
+    Unconfirmed(ManifestSummary),
+}
+
+impl RecvEnd {
+    /// The summary of the tree now in place, when the round completed.
+    pub fn summary(&self) -> Option<&ManifestSummary> {
+        match self {
+            RecvEnd::Final(s) | RecvEnd::Next(s) | RecvEnd::Unconfirmed(s) => Some(s),
+            RecvEnd::Restarted => None,
+        }
+    }
+
+    /// Whether the sender announced another round on this connection.
+    pub fn more_rounds(&self) -> bool {
+        matches!(self, RecvEnd::Next(_) | RecvEnd::Restarted)
+    }
+}
+
 /// Most data streams a receiver reads in one session. Each reader may buffer one partial frame
 /// (up to [`MAX_FRAME_BODY`](crate::proto::frame::MAX_FRAME_BODY)) before the machine sees it,
 /// so the count bounds that memory (ferry's sessions use 4); a sender opening more is breaking
 /// the protocol.
 pub const MAX_DATA_STREAMS: usize = 16;
 
-/// Runs a receiver session to its end. `on_event` sees every event.
+/// Runs a receiver session (one round) to its end. `on_event` sees every event.
 ///
 /// On a lost link the receiver commits everything verified so far before returning, so the next
-/// session resumes from it.
+/// session resumes from it. After its `Done`, the receiver waits for the sender's verdict (which
+/// may take as long as the sender likes: it rescans, or follows the source).
 pub async fn run_receiver<CR, CW, DR>(
     mut receiver: Receiver,
     store: Arc<FsStore>,
@@ -354,7 +529,7 @@ pub async fn run_receiver<CR, CW, DR>(
     mut control_write: CW,
     data: mpsc::Receiver<DR>,
     mut on_event: impl FnMut(&RecvEvent),
-) -> Result<ManifestSummary, DriveError>
+) -> Result<RecvEnd, DriveError>
 where
     CR: AsyncRead + Unpin + Send + 'static,
     CW: AsyncWrite + Unpin + Send + 'static,
@@ -373,6 +548,7 @@ where
 
     let (io_tx, mut io_rx) = mpsc::channel::<RecvIoDone>(256);
     let mut result: Option<Result<ManifestSummary, DriveError>> = None;
+    let mut end: Option<Result<RecvEnd, DriveError>> = None;
     let mut link_up = true;
     let tick = Duration::from_millis(100);
     receiver.handle_timeout(Instant::now());
@@ -421,19 +597,42 @@ where
                 )));
                 break;
             }
-            // Flush the Done frame and close our side cleanly.
+            // Flush the Done frame, wait for the sender's verdict, close our side cleanly.
+            let mut confirmed = true;
             while let Some(t) = receiver.poll_transmit() {
                 if write_transmit(&mut control_write, &t).await.is_err() {
-                    result = Some(Err(DriveError::LinkLost(
-                        "the link dropped while confirming".into(),
-                    )));
+                    confirmed = false;
                 }
             }
             let _ = control_write.flush().await;
+            if !confirmed && receiver.verdict().is_none() {
+                result = Some(Err(DriveError::LinkLost(
+                    "the link dropped while confirming".into(),
+                )));
+                break;
+            }
+            while receiver.verdict().is_none() {
+                match in_rx.recv().await {
+                    Some(Input::Frame(f)) => receiver.handle_frame(f),
+                    _ => break,
+                }
+            }
             let _ = control_write.shutdown().await;
+            if let Some(Ok(s)) = result.take() {
+                end = Some(Ok(match receiver.verdict() {
+                    Some(RoundVerdict::Final) => RecvEnd::Final(s),
+                    Some(RoundVerdict::NextRound) => RecvEnd::Next(s),
+                    None => RecvEnd::Unconfirmed(s),
+                }));
+            }
             break;
         }
         if receiver.is_idle() {
+            if receiver.verdict() == Some(RoundVerdict::NextRound) {
+                // Cut short by the sender; everything verified is committed (idle).
+                let _ = control_write.shutdown().await;
+                end = Some(Ok(RecvEnd::Restarted));
+            }
             break;
         }
         let deadline = receiver.poll_timeout().map(tokio::time::Instant::from_std);
@@ -445,7 +644,7 @@ where
             input = in_rx.recv(), if link_up => match input {
                 Some(Input::Frame(f)) => receiver.handle_frame(f),
                 Some(Input::FrameError(e)) => receiver.handle_frame_error(e),
-                Some(Input::Closed(why)) => {
+                Some(Input::Closed(why) | Input::End(why)) => {
                     link_up = false;
                     result.get_or_insert(Err(DriveError::LinkLost(why)));
                     receiver.handle_link_lost();
@@ -459,7 +658,7 @@ where
             input = chunk_rx.recv(), if accept => match input {
                 Some(Input::Frame(f)) => receiver.handle_frame(f),
                 Some(Input::FrameError(e)) => receiver.handle_frame_error(e),
-                Some(Input::Closed(why)) => {
+                Some(Input::Closed(why) | Input::End(why)) => {
                     link_up = false;
                     result.get_or_insert(Err(DriveError::LinkLost(why)));
                     receiver.handle_link_lost();
@@ -482,5 +681,12 @@ where
     for r in readers {
         r.abort();
     }
-    result.unwrap_or(Err(DriveError::LinkLost("session ended".into())))
+    if let Some(end) = end {
+        return end;
+    }
+    match result {
+        Some(Err(e)) => Err(e),
+        // `Done` is only returned through the verdict above.
+        Some(Ok(_)) | None => Err(DriveError::LinkLost("session ended".into())),
+    }
 }

@@ -366,6 +366,50 @@ impl Manifest {
             .binary_search_by(|e| e.path.as_bytes().cmp(path.as_bytes()))
             .ok()
     }
+
+    /// What changed from `self` (an earlier snapshot) to `newer`, counting files and symlinks:
+    /// added paths, paths whose content (chunk hashes, size or kind) differs, removed paths, and
+    /// the paths themselves (sorted, added and changed first, capped at `max_paths`).
+    pub fn diff(&self, newer: &Manifest, max_paths: usize) -> ManifestDiff {
+        let content = |m: &Manifest, e: &Entry| -> Option<(u64, Vec<ChunkHash>)> {
+            match &e.kind {
+                EntryKind::Dir => None,
+                _ => Some((
+                    e.size,
+                    (e.first_slot..e.first_slot + e.chunks())
+                        .filter_map(|s| m.slot_hash(s))
+                        .collect(),
+                )),
+            }
+        };
+        let mut d = ManifestDiff::default();
+        for e in newer.entries().iter().filter(|e| e.kind != EntryKind::Dir) {
+            match self.find(&e.path).and_then(|i| self.entries().get(i)) {
+                Some(old) if old.kind == EntryKind::Dir => d.added += 1,
+                Some(old) => {
+                    if old.kind != e.kind || content(self, old) != content(newer, e) {
+                        d.changed += 1;
+                    } else {
+                        continue;
+                    }
+                }
+                None => d.added += 1,
+            }
+            if d.paths.len() < max_paths {
+                d.paths.push(e.path.clone());
+            }
+        }
+        for e in self.entries().iter().filter(|e| e.kind != EntryKind::Dir) {
+            if newer
+                .find(&e.path)
+                .and_then(|i| newer.entries().get(i))
+                .is_none_or(|n| n.kind == EntryKind::Dir)
+            {
+                d.removed += 1;
+            }
+        }
+        d
+    }
 }
 
 /// Whether a path names a database by the usual chat-app file extensions (`.db`, `.sqlite`,
@@ -645,6 +689,15 @@ impl ManifestBuilder {
             summary,
         }
     }
+}
+
+/// The result of [`Manifest::diff`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ManifestDiff {
+    pub added: u64,
+    pub changed: u64,
+    pub removed: u64,
+    pub paths: Vec<String>,
 }
 
 #[cfg(test)]

@@ -150,7 +150,13 @@ impl Source {
                     payload,
                 }
             }
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            // Shrunk or gone since the scan: the file changed.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::NotFound
+                ) =>
+            {
                 SendIoDone::Changed { chunk }
             }
             Err(e) => SendIoDone::Failed {

@@ -7,6 +7,7 @@
 //! .ferry/journal         append-only records: (key, offset, len, hash, check)
 //! .ferry/receipt         after completion: the manifest (frames) that DEST now holds
 //! .ferry/receipt.json    after completion: a human-readable summary
+//! .ferry/receipt.prev    during a later round (catch-up): the receipt of the tree in place
 //! ```
 //!
 //! # Durability ordering
@@ -25,8 +26,16 @@
 //!    removed. A final path only ever receives a complete, verified file.
 //!
 //! A `kill -9` at any instant loses at most the chunks written since the last commit. Files that
-//! are already in place at their final path (an interrupted finalize, or an older copy of the
-//! same history) are checked chunk by chunk and reused.
+//! are already in place at their final path (an interrupted finalize, an earlier round, or an
+//! older copy of the same history) are checked chunk by chunk and reused — also when the file
+//! has since grown or shrunk (a database that received messages): every chunk that lies within
+//! the old file and still matches is copied locally instead of crossing the network.
+//!
+//! # Rounds
+//! A new manifest (a catch-up round) turns the receipt into `receipt.prev`: it names the files
+//! ferry brought. Finalize removes those of them the new manifest no longer has — only if they
+//! are still exactly as ferry left them (size and mtime), never any other file — then writes the
+//! new receipt and deletes `receipt.prev`.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
@@ -326,14 +335,26 @@ impl FsStore {
             }));
             return Ok((0..manifest.slot_count()).collect());
         }
-        // A receipt for other content stops being true as soon as files start to change.
+        // A receipt for other content stops being true as soon as files start to change. It is
+        // kept as `receipt.prev`: the list of what ferry brought (see the module docs).
         if FsStore::has_receipt(&self.dest)
             && read_receipt(&self.dest).map_or(true, |r| r.root() != manifest.root())
         {
             let p = self.state.join("receipt");
-            ctx(&p, fs::remove_file(&p))?;
+            let prev = self.state.join("receipt.prev");
+            ctx(&prev, fs::rename(&p, &prev))?;
             let _ = fs::remove_file(self.state.join("receipt.json"));
+            ctx(&self.state, sync_dir(&self.state))?;
         }
+        // What the previous round left in place, as its receipt describes it.
+        let prev = read_receipt_file(&self.state.join("receipt.prev")).ok();
+        let prev_index: HashMap<&str, usize> = prev.as_ref().map_or_else(HashMap::new, |p| {
+            p.entries()
+                .iter()
+                .enumerate()
+                .map(|(i, e)| (e.path.as_str(), i))
+                .collect()
+        });
         let journal_path = self.state.join("journal");
         ctx(&self.staging, fs::create_dir_all(&self.staging))?;
         let records = read_journal(&journal_path)?;
@@ -341,6 +362,8 @@ impl FsStore {
         let mut durable = Vec::new();
         let mut keep: Vec<Record> = Vec::new();
         let mut homes = vec![Home::Staging; manifest.entries().len()];
+        // Chunks of files at their final path to copy into staging (after the space check).
+        let mut local: Vec<(usize, Vec<u32>)> = Vec::new();
         let mut wanted_keys = HashSet::new();
         for (i, e) in manifest.entries().iter().enumerate() {
             if !e.is_file() {
@@ -378,35 +401,20 @@ impl FsStore {
                 continue;
             }
             // Is the file (or part of it) already at its final path?
-            if let Some(reuse) = self.reusable_in_place(manifest, i as u32)? {
-                if reuse.len() == n as usize && staged_len.is_none() {
+            let by_receipt = match (&prev, prev_index.get(e.path.as_str())) {
+                (Some(p), Some(&pi)) => self.reusable_by_receipt(p, pi, manifest, i),
+                _ => None,
+            };
+            let reusable = match by_receipt {
+                Some(r) => Some(r),
+                None => self.reusable_in_place(manifest, i as u32)?,
+            };
+            if let Some((reuse, same_size)) = reusable {
+                if reuse.len() == n as usize && same_size && staged_len.is_none() {
                     homes[i] = Home::InPlace;
                     durable.extend(reuse);
                 } else if staged_len.is_none() && !reuse.is_empty() {
-                    // Copy the matching chunks into a new staging file; they become durable
-                    // with the compacted journal below.
-                    let final_path = self.dest.join(&e.path);
-                    let src = ctx(&final_path, File::open(&final_path))?;
-                    let dst = self.create_staging(&e.path, e.size)?;
-                    let mut buf = vec![0u8; e.chunk_size() as usize];
-                    for slot in reuse {
-                        let (Some(loc), Some(hash)) =
-                            (manifest.locate(slot), manifest.slot_hash(slot))
-                        else {
-                            continue;
-                        };
-                        let b = &mut buf[..loc.len as usize];
-                        ctx(&final_path, src.read_exact_at(b, loc.offset))?;
-                        ctx(&self.staging, dst.write_all_at(b, loc.offset))?;
-                        keep.push(Record {
-                            key,
-                            offset: loc.offset,
-                            len: loc.len,
-                            hash,
-                        });
-                        durable.push(slot);
-                    }
-                    ctx(&self.staging, dst.sync_data())?;
+                    local.push((i, reuse));
                 }
             }
         }
@@ -434,6 +442,33 @@ impl FsStore {
                     available,
                 });
             }
+        }
+        // Copy the chunks found at final paths into new staging files; they become durable with
+        // the compacted journal below.
+        for (i, reuse) in local {
+            let e = &manifest.entries()[i];
+            let key = staging_key(&e.path);
+            let final_path = self.dest.join(&e.path);
+            let src = ctx(&final_path, File::open(&final_path))?;
+            let dst = self.create_staging(&e.path, e.size)?;
+            let mut buf = vec![0u8; e.chunk_size() as usize];
+            for slot in reuse {
+                let (Some(loc), Some(hash)) = (manifest.locate(slot), manifest.slot_hash(slot))
+                else {
+                    continue;
+                };
+                let b = &mut buf[..loc.len as usize];
+                ctx(&final_path, src.read_exact_at(b, loc.offset))?;
+                ctx(&self.staging, dst.write_all_at(b, loc.offset))?;
+                keep.push(Record {
+                    key,
+                    offset: loc.offset,
+                    len: loc.len,
+                    hash,
+                });
+                durable.push(slot);
+            }
+            ctx(&self.staging, dst.sync_data())?;
         }
         // Staging files of files no longer in the manifest are garbage.
         if let Ok(rd) = fs::read_dir(&self.staging) {
@@ -495,8 +530,58 @@ impl FsStore {
         })
     }
 
-    /// Slots of file entry `entry` whose chunk already sits, verified, at its final path.
-    fn reusable_in_place(&self, m: &Manifest, entry: u32) -> Result<Option<Vec<u32>>, StoreError> {
+    /// Like [`Self::reusable_in_place`], without reading the file: when the file at entry `i`'s
+    /// final path is still exactly as the previous round left it (kind, size and mtime of entry
+    /// `pi` of the previous receipt), its chunks are the receipt's; those equal to the new
+    /// manifest's at the same offsets are reusable. `None` when that cannot be trusted (then the
+    /// file is read). Finalize re-verifies every file from disk either way.
+    fn reusable_by_receipt(
+        &self,
+        prev: &Manifest,
+        pi: usize,
+        m: &Manifest,
+        i: usize,
+    ) -> Option<(Vec<u32>, bool)> {
+        use std::os::unix::fs::MetadataExt;
+        let pe = prev.entries().get(pi)?;
+        let e = m.entries().get(i)?;
+        if !pe.is_file() || pe.chunk_size() != e.chunk_size() {
+            return None;
+        }
+        let md = fs::symlink_metadata(self.dest.join(&e.path)).ok()?;
+        if !md.is_file()
+            || md.len() != pe.size
+            || md.mtime() != pe.mtime.secs
+            || md.mtime_nsec() != i64::from(pe.mtime.nanos)
+            || !self.parents_are_dirs(&e.path)
+        {
+            return None;
+        }
+        let mut out = Vec::new();
+        for c in 0..e.chunks().min(pe.chunks()) {
+            let (slot, pslot) = (e.first_slot + c, pe.first_slot + c);
+            let (Some(l), Some(pl)) = (m.locate(slot), prev.locate(pslot)) else {
+                continue;
+            };
+            if l.offset == pl.offset
+                && l.len == pl.len
+                && m.slot_hash(slot).is_some()
+                && m.slot_hash(slot) == prev.slot_hash(pslot)
+            {
+                out.push(slot);
+            }
+        }
+        Some((out, md.len() == e.size))
+    }
+
+    /// Slots of file entry `entry` whose chunk already sits, verified, at its final path, and
+    /// whether that file has the manifest's size. A file of another size (a database that grew
+    /// since an earlier round) still lends every chunk that lies within it and matches.
+    fn reusable_in_place(
+        &self,
+        m: &Manifest,
+        entry: u32,
+    ) -> Result<Option<(Vec<u32>, bool)>, StoreError> {
         let Some(e) = m.entry(entry) else {
             return Ok(None);
         };
@@ -504,9 +589,10 @@ impl FsStore {
         let Ok(md) = fs::symlink_metadata(&final_path) else {
             return Ok(None);
         };
-        if !md.is_file() || md.len() != e.size || !self.parents_are_dirs(&e.path) {
+        if !md.is_file() || !self.parents_are_dirs(&e.path) {
             return Ok(None);
         }
+        let same_size = md.len() == e.size;
         let Ok(f) = File::open(&final_path) else {
             return Ok(None);
         };
@@ -519,13 +605,13 @@ impl FsStore {
             };
             let b = &mut buf[..loc.len as usize];
             if f.read_exact_at(b, loc.offset).is_err() {
-                return Ok(Some(out));
+                return Ok(Some((out, same_size)));
             }
             if ChunkHash::of(b) == hash {
                 out.push(slot);
             }
         }
-        Ok(Some(out))
+        Ok(Some((out, same_size)))
     }
 
     fn parents_are_dirs(&self, path: &str) -> bool {
@@ -725,6 +811,7 @@ impl FsStore {
         if !bad.is_empty() {
             return Ok(self.damaged(&p, &bad));
         }
+        self.remove_dropped(m)?;
         for (i, e) in m.entries().iter().enumerate() {
             let final_path = self.dest.join(&e.path);
             let parent = final_path
@@ -778,11 +865,84 @@ impl FsStore {
             }
         }
         self.write_receipt(m)?;
+        let _ = fs::remove_file(self.state.join("receipt.prev"));
         *lock(&self.journal) = None;
         let _ = fs::remove_file(self.state.join("journal"));
         let _ = fs::remove_dir_all(&self.staging);
         ctx(&self.state, sync_dir(&self.state))?;
         Ok(Vec::new())
+    }
+
+    /// Removes what the previous round brought (`receipt.prev`) and the new manifest no longer
+    /// has (or has as another kind): files and symlinks still exactly as ferry left them, and
+    /// directories that are then empty. Anything else at those paths stays.
+    fn remove_dropped(&self, m: &Manifest) -> Result<(), StoreError> {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(prev) = read_receipt_file(&self.state.join("receipt.prev")) else {
+            return Ok(());
+        };
+        let now: HashMap<&str, &EntryKind> = m
+            .entries()
+            .iter()
+            .map(|e| (e.path.as_str(), &e.kind))
+            .collect();
+        let same_kind = |a: &EntryKind, b: &EntryKind| {
+            matches!(
+                (a, b),
+                (EntryKind::Dir, EntryKind::Dir)
+                    | (EntryKind::File { .. }, EntryKind::File { .. })
+                    | (EntryKind::Symlink { .. }, EntryKind::Symlink { .. })
+            )
+        };
+        let mut touched: HashSet<PathBuf> = HashSet::new();
+        // Deepest first, so that directories are emptied before they are removed.
+        for e in prev.entries().iter().rev() {
+            if now
+                .get(e.path.as_str())
+                .is_some_and(|k| same_kind(k, &e.kind))
+            {
+                continue;
+            }
+            if !self.parents_are_dirs(&e.path) {
+                continue;
+            }
+            let p = self.dest.join(&e.path);
+            let Ok(md) = fs::symlink_metadata(&p) else {
+                continue;
+            };
+            let ours = match &e.kind {
+                EntryKind::File { .. } => {
+                    md.is_file()
+                        && md.len() == e.size
+                        && md.mtime() == e.mtime.secs
+                        && md.mtime_nsec() == i64::from(e.mtime.nanos)
+                }
+                EntryKind::Symlink { target } => {
+                    md.file_type().is_symlink()
+                        && fs::read_link(&p).ok().as_deref() == Some(Path::new(target))
+                }
+                EntryKind::Dir => md.is_dir(),
+            };
+            if !ours {
+                continue;
+            }
+            let removed = if e.kind == EntryKind::Dir {
+                // Only an empty directory goes; one holding other files stays.
+                fs::remove_dir(&p).is_ok()
+            } else {
+                ctx(&p, fs::remove_file(&p))?;
+                true
+            };
+            if removed {
+                if let Some(par) = p.parent() {
+                    touched.insert(par.to_path_buf());
+                }
+            }
+        }
+        for d in touched.iter().filter(|d| d.is_dir()) {
+            ctx(d, sync_dir(d))?;
+        }
+        Ok(())
     }
 
     /// Creates `rel` (and its parents) as directories, refusing to pass through anything that is
@@ -993,12 +1153,17 @@ fn verify_file(m: &Manifest, i: usize, path: &Path, buf: &mut Vec<u8>) -> Vec<u3
 
 /// Reads the manifest recorded in `dest`'s receipt.
 pub fn read_receipt(dest: &Path) -> Result<Manifest, StoreError> {
-    let path = dest.join(STATE_DIR).join("receipt");
+    read_receipt_file(&dest.join(STATE_DIR).join("receipt")).map_err(|e| match e {
+        StoreError::NoReceipt(_) => StoreError::NoReceipt(dest.to_path_buf()),
+        other => other,
+    })
+}
+
+fn read_receipt_file(path: &Path) -> Result<Manifest, StoreError> {
+    let path = path.to_path_buf();
     let data = match fs::read(&path) {
         Ok(d) => d,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Err(StoreError::NoReceipt(dest.to_path_buf()))
-        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(StoreError::NoReceipt(path)),
         Err(e) => return Err(StoreError::io(&path, e)),
     };
     let bad = |why: String| StoreError::BadReceipt {

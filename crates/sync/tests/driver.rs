@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use ferry_sync::compress::CompressPolicy;
-use ferry_sync::driver::{run_receiver, run_sender, Copying, DriveError};
+use ferry_sync::driver::{run_receiver, run_sender, Copying, DriveError, RecvEnd};
 use ferry_sync::proto::{Receiver, ReceiverConfig, RecvEvent, Sender, SenderConfig};
 use ferry_sync::scan::{scan, ScanConfig};
 use ferry_sync::source::Source;
@@ -125,7 +125,11 @@ async fn session_with(
             resumed = true;
         }
     })
-    .await;
+    .await
+    .map(|end| match end {
+        RecvEnd::Final(s) => s,
+        other => panic!("a single-round sender ended with {other:?}"),
+    });
     let (sent, wire) = send.await.unwrap();
     (sent, recv, wire, resumed)
 }

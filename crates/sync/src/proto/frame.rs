@@ -19,8 +19,11 @@ use crate::manifest::{ChunkHash, ManifestSummary, WireEntry, MAX_CHUNK_SIZE};
 
 /// Magic number opening every hello.
 pub const MAGIC: [u8; 4] = *b"FRRY";
-/// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// The protocol version this build speaks. Version 2 added [`Message::NextRound`] (catch-up
+/// rounds on one connection).
+pub const PROTOCOL_VERSION: u16 = 2;
+/// The oldest version this build still talks to (a version-1 peer gets single-round sessions).
+pub const MIN_PROTOCOL_VERSION: u16 = 1;
 /// Largest frame body: a maximal chunk, zstd's worst-case expansion, and headers.
 pub const MAX_FRAME_BODY: usize = MAX_CHUNK_SIZE + MAX_CHUNK_SIZE / 128 + 4096;
 /// Manifest frames are cut well below the maximum so that control traffic stays responsive.
@@ -71,6 +74,10 @@ pub enum Message {
     Done { root: ChunkHash },
     /// Either side: the session ends, with a reason.
     Close { code: u16, reason: String },
+    /// Sender → receiver (version ≥ 2): this round is over and another follows on a new control
+    /// stream. After the receiver's `Done` it means "the source changed meanwhile"; before it,
+    /// "a source file changed under the read: keep what you verified and start over".
+    NextRound,
 }
 
 /// A decoded frame.
@@ -180,7 +187,7 @@ pub fn decode_body(mut body: Bytes) -> Result<Frame, FrameError> {
                 return Err(FrameError::BadHello);
             }
             let version = body.get_u16_le();
-            if version != PROTOCOL_VERSION {
+            if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version) {
                 return Err(FrameError::UnsupportedVersion {
                     theirs: version,
                     ours: PROTOCOL_VERSION,
@@ -292,6 +299,7 @@ mod tests {
                 .prop_map(|(chunks, bytes)| Message::WantEnd { chunks, bytes }),
             any::<u32>().prop_map(|chunk| Message::Rejected { chunk }),
             arb_hash().prop_map(|root| Message::Done { root }),
+            Just(Message::NextRound),
             (any::<u16>(), ".{0,30}").prop_map(|(code, reason)| Message::Close { code, reason }),
         ]
     }
@@ -378,7 +386,10 @@ mod tests {
         let mut b = BytesMut::from(&raw[..]);
         assert_eq!(
             decode_frame(&mut b),
-            Err(FrameError::UnsupportedVersion { theirs: 9, ours: 1 })
+            Err(FrameError::UnsupportedVersion {
+                theirs: 9,
+                ours: PROTOCOL_VERSION
+            })
         );
         raw[5] = b'X';
         let mut b = BytesMut::from(&raw[..]);

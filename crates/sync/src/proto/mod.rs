@@ -28,8 +28,30 @@
 //!    that changed underneath is reported by name). A chunk that was never wanted is a protocol
 //!    violation.
 //! 6. When every slot is durable, the receiver finalizes (re-verifies each file from disk, fsyncs,
-//!    renames it into place, fsyncs directories, writes the receipt) and sends `Done{root}`. The
-//!    sender answers by closing with [`CloseCode::Done`].
+//!    renames it into place, fsyncs directories, writes the receipt) and sends `Done{root}`.
+//! 7. The sender answers with its **verdict** on the control stream: `Close{Done}` ends the
+//!    migration (the receiver's tree is final), or `NextRound` (version ≥ 2) says the source
+//!    changed meanwhile and another round follows. After `NextRound` both sides finish this
+//!    session and the receiver opens a new control stream on the same connection; the sender
+//!    opens new data streams; the round runs steps 1–7 with the sender's new manifest. The
+//!    receiver's store reuses everything it holds (files in place from the previous round,
+//!    verified chunks in its journal), so only changed chunks cross. The sender may take its
+//!    time with the verdict (it rescans; with `--follow` it waits for the next change).
+//!
+//! # Rounds cut short
+//! When a source file changes under a read (a re-read chunk no longer matches the manifest, or
+//! the file shrank or vanished), a version-2 sender sends `NextRound` at once instead of failing:
+//! the receiver stops asking, commits every chunk it verified, and ends the session; the next
+//! round (new manifest from a rescan) reuses those chunks, since the journal is keyed by file,
+//! offset and chunk hash, not by manifest. The application bounds how often one file may do this
+//! before it is reported by name.
+//!
+//! # Versions
+//! The hello carries the protocol version. This build speaks [`PROTOCOL_VERSION`] (2) and
+//! accepts peers down to [`MIN_PROTOCOL_VERSION`] (1). A version-1 peer knows no `NextRound`:
+//! a sender facing one closes with `Done` right after the receiver's `Done` (one round) and
+//! fails with a source error when a file changes under a read, as version 1 did; a receiver
+//! reads a version-1 sender's `Close{Done}` as the final verdict.
 //!
 //! Either side may send `Close{code, reason}` at any point; codes are [`CloseCode`].
 //!
@@ -43,8 +65,10 @@ mod sender;
 
 use bytes::Bytes;
 
-pub use frame::{ChunkRange, Frame, FrameError, Hello, Message, Role, PROTOCOL_VERSION};
-pub use receiver::{Receiver, ReceiverConfig, RecvEvent, RecvIo, RecvIoDone};
+pub use frame::{
+    ChunkRange, Frame, FrameError, Hello, Message, Role, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+};
+pub use receiver::{Receiver, ReceiverConfig, RecvEvent, RecvIo, RecvIoDone, RoundVerdict};
 pub use sender::{SendEvent, SendIo, SendIoDone, Sender, SenderConfig};
 
 #[allow(unused_imports)]

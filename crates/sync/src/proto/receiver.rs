@@ -127,6 +127,9 @@ pub enum RecvEvent {
     },
     /// Everything is verified, committed and in place.
     Done(ManifestSummary),
+    /// The sender ended this round early (a source file changed under its read): what was
+    /// verified is committed and kept; the next round reuses it.
+    Restarted,
     Failed(SessionError),
 }
 
@@ -200,6 +203,18 @@ pub struct Receiver {
     exclusive_io: bool,
     /// File bytes verified and written (durable or not) — what progress shows.
     bytes_verified: u64,
+    /// What the sender said about the end of this round, if anything yet.
+    verdict: Option<RoundVerdict>,
+}
+
+/// How the sender ended a round (see [`Receiver::verdict`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RoundVerdict {
+    /// After our `Done`, the sender closed with `Done`: this round's tree is the migration's.
+    Final,
+    /// Another round follows on a new control stream (after our `Done`, or cutting this round
+    /// short).
+    NextRound,
 }
 
 impl Receiver {
@@ -237,7 +252,13 @@ impl Receiver {
             wire_bytes: 0,
             exclusive_io: false,
             bytes_verified: 0,
+            verdict: None,
         }
+    }
+
+    /// The sender's verdict on this round: `Final` or `NextRound`; `None` until it arrives.
+    pub fn verdict(&self) -> Option<RoundVerdict> {
+        self.verdict
     }
 
     /// The validated manifest, once it has arrived.
@@ -278,6 +299,21 @@ impl Receiver {
     /// Feeds a frame received from the sender.
     pub fn handle_frame(&mut self, frame: Frame) {
         if matches!(self.state, State::Done | State::Draining) {
+            // After our Done (or a restart) only the sender's verdict matters.
+            if self.verdict.is_none() {
+                match frame {
+                    Frame::Message(Message::Close { code, .. })
+                        if matches!(self.state, State::Done)
+                            && CloseCode::from_u16(code) == Some(CloseCode::Done) =>
+                    {
+                        self.verdict = Some(RoundVerdict::Final);
+                    }
+                    Frame::Message(Message::NextRound) => {
+                        self.verdict = Some(RoundVerdict::NextRound);
+                    }
+                    _ => {}
+                }
+            }
             return;
         }
         if self.now.is_some() {
@@ -319,6 +355,21 @@ impl Receiver {
             self.state = State::Draining;
             self.copies.clear();
             self.flush_commit();
+            return Ok(());
+        }
+        if let Frame::Message(Message::NextRound) = frame {
+            if matches!(self.state, State::AwaitHello) {
+                return Err(SessionError::Protocol("next-round before hello".into()));
+            }
+            self.verdict = Some(RoundVerdict::NextRound);
+            if !matches!(self.state, State::Finalizing) {
+                // Keep every verified chunk (commit it), ask for nothing more. A finalize
+                // already running completes: its tree is verified either way.
+                self.events.push_back(RecvEvent::Restarted);
+                self.state = State::Draining;
+                self.copies.clear();
+                self.flush_commit();
+            }
             return Ok(());
         }
         match (&mut self.state, frame) {

@@ -71,8 +71,13 @@ pub enum SendIoDone {
 pub enum SendEvent {
     /// The receiver's want list is complete.
     Wanted { chunks: u64, bytes: u64 },
-    /// The receiver verified and committed everything.
+    /// The receiver verified and committed everything. With a version-2 receiver the sender
+    /// then awaits the application's verdict: [`Sender::finish`] or [`Sender::next_round`].
     Done { root: ChunkHash },
+    /// A source file changed (or vanished) while its chunks were being read. The round ended
+    /// cleanly (`NextRound` was sent; the receiver keeps what it verified): rescan and serve
+    /// the next round.
+    SourceChanged { path: String },
     /// The session ended with an error (already sent to the peer when it was ours).
     Failed(SessionError),
 }
@@ -81,6 +86,8 @@ pub enum SendEvent {
 enum State {
     AwaitHello,
     Serving,
+    /// The receiver finished the round; waiting for `finish` or `next_round`.
+    AwaitVerdict,
     Closed,
 }
 
@@ -90,6 +97,8 @@ pub struct Sender {
     manifest: Arc<Manifest>,
     cfg: SenderConfig,
     state: State,
+    /// The receiver's protocol version (from its hello).
+    peer_version: u16,
     manifest_next: usize,
     manifest_done: bool,
     control: VecDeque<Transmit>,
@@ -118,6 +127,7 @@ impl Sender {
             manifest,
             cfg,
             state: State::AwaitHello,
+            peer_version: 0,
             manifest_next: 0,
             manifest_done: false,
             control,
@@ -158,6 +168,41 @@ impl Sender {
         self.state == State::Closed
     }
 
+    /// Whether the receiver finished this round and the application must decide:
+    /// [`finish`](Self::finish) or [`next_round`](Self::next_round).
+    pub fn is_awaiting_verdict(&self) -> bool {
+        self.state == State::AwaitVerdict
+    }
+
+    /// Whether the receiver speaks catch-up rounds (protocol version 2 or later).
+    pub fn peer_supports_rounds(&self) -> bool {
+        self.peer_version >= 2
+    }
+
+    /// Ends the migration after a finished round: the receiver's copy is final.
+    pub fn finish(&mut self) {
+        if self.state == State::AwaitVerdict {
+            self.control
+                .push_back(close_frame(CloseCode::Done, "migration complete"));
+            self.state = State::Closed;
+        }
+    }
+
+    /// Announces another round after a finished one (the source changed meanwhile). The
+    /// session ends; the next round runs on a new control stream the receiver opens.
+    pub fn next_round(&mut self) {
+        if self.state == State::AwaitVerdict {
+            self.push_next_round();
+            self.state = State::Closed;
+        }
+    }
+
+    fn push_next_round(&mut self) {
+        self.control.push_back(Transmit::control(
+            frame::encode_message(&Message::NextRound).unwrap_or_default(),
+        ));
+    }
+
     /// Reads outstanding.
     pub fn reads_in_flight(&self) -> usize {
         self.reads
@@ -186,6 +231,7 @@ impl Sender {
                 if h.role != Role::Receiver {
                     return Err(SessionError::Protocol("peer is not a receiver".into()));
                 }
+                self.peer_version = h.version;
                 self.state = State::Serving;
                 Ok(())
             }
@@ -239,10 +285,15 @@ impl Sender {
                         self.manifest.root()
                     )));
                 }
-                self.control
-                    .push_back(close_frame(CloseCode::Done, "migration complete"));
                 self.events.push_back(SendEvent::Done { root });
-                self.state = State::Closed;
+                if self.peer_supports_rounds() {
+                    self.state = State::AwaitVerdict;
+                } else {
+                    // A version-1 receiver knows no rounds: its copy is final.
+                    self.control
+                        .push_back(close_frame(CloseCode::Done, "migration complete"));
+                    self.state = State::Closed;
+                }
                 Ok(())
             }
             (_, f) => Err(SessionError::Protocol(format!(
@@ -287,14 +338,24 @@ impl Sender {
                     .and_then(|u| self.manifest.locate(u.first_slot))
                     .and_then(|l| self.manifest.entry(l.entry))
                     .map_or_else(|| format!("chunk {chunk}"), |e| e.path.clone());
-                let msg = match done {
-                    SendIoDone::Failed { error, .. } => format!("cannot read {path}: {error}"),
-                    _ => format!(
+                if self.state != State::Serving {
+                    return;
+                }
+                match done {
+                    SendIoDone::Changed { .. } if self.peer_supports_rounds() => {
+                        // End the round cleanly; the application rescans and serves the next.
+                        self.push_next_round();
+                        self.events.push_back(SendEvent::SourceChanged { path });
+                        self.state = State::Closed;
+                        self.want.clear();
+                        self.data.clear();
+                    }
+                    SendIoDone::Failed { error, .. } => {
+                        self.fail(SessionError::Source(format!("cannot read {path}: {error}")));
+                    }
+                    _ => self.fail(SessionError::Source(format!(
                         "{path} changed while it was being sent; run ferry send again to rescan"
-                    ),
-                };
-                if self.state != State::Closed {
-                    self.fail(SessionError::Source(msg));
+                    ))),
                 }
             }
         }
@@ -416,6 +477,7 @@ pub(crate) fn frame_name(f: &Frame) -> &'static str {
             Message::WantEnd { .. } => "want-end",
             Message::Rejected { .. } => "rejected",
             Message::Done { .. } => "done",
+            Message::NextRound => "next-round",
             Message::Close { .. } => "close",
         },
     }
