@@ -413,7 +413,12 @@ pub async fn run(s: ReceiveSettings, rep: &Reporter) -> Result<ReceiveSummary, F
         match result {
             Ok((m, confirmed)) => {
                 rep.finish_progress();
-                if !confirmed && !sender_confirmed(&conn).await {
+                // Wait for the sender's close in every case: it closes once it has read the end
+                // of our control stream, and exiting before that (dropping the connection) can
+                // lose that end — the sender would then think the final round unconfirmed and
+                // serve on.
+                let sender_closed = sender_confirmed(&conn).await;
+                if !confirmed && !sender_closed {
                     // Our Done may have gone to a sender that died as we finished; a restarted
                     // sender would then serve forever. A new session finds the receipt and
                     // tells it at once.
