@@ -73,6 +73,10 @@ pub struct SendFlags {
     /// With --follow: seconds between rescans of an unchanged folder.
     #[arg(long, default_value_t = 2.0)]
     pub poll_interval: f64,
+    /// Cap the rate of chunk data sent, per second (e.g. 20MB, 5MiB), to leave room on a shared
+    /// network. Default: as fast as the link allows.
+    #[arg(long, value_name = "SIZE")]
+    pub limit_rate: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -90,6 +90,7 @@ pub async fn run(f: DemoFlags) -> Result<(), Failure> {
         name: Some("old phone".into()),
         dirs: old_dirs,
         congestion: ferry_transport::Congestion::default(),
+        limit_rate: None,
         rounds: send::RoundSettings::default(),
     };
     let sender = tokio::spawn(async move {

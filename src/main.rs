@@ -94,6 +94,22 @@ async fn run(command: Command) -> Result<(), Failure> {
                 name: f.name,
                 dirs: common::dirs()?,
                 dir: f.dir,
+                limit_rate: f
+                    .limit_rate
+                    .as_deref()
+                    .map(|v| {
+                        output::parse_size(v.trim_end_matches("/s"))
+                            .ok()
+                            .filter(|&n| n > 0)
+                            .map(ferry::session::RateLimit::new)
+                            .ok_or_else(|| {
+                                Failure::new(
+                                    Exit::Usage,
+                                    format!("--limit-rate {v}: give a positive size per second, e.g. 20MB or 5MiB"),
+                                )
+                            })
+                    })
+                    .transpose()?,
                 rounds: send::RoundSettings {
                     max_rounds: f.max_rounds,
                     follow: f.follow,

@@ -44,6 +44,8 @@ pub struct SendSettings {
     pub name: Option<String>,
     pub dirs: FerryDirs,
     pub congestion: Congestion,
+    /// Cap on the chunk data rate (`--limit-rate`).
+    pub limit_rate: Option<session::RateLimit>,
     pub rounds: RoundSettings,
 }
 
@@ -499,6 +501,7 @@ pub async fn run(
                 &conn,
                 Arc::clone(&manifest),
                 Arc::clone(&source),
+                s.limit_rate.clone(),
                 |ev| {
                     if let SendEvent::Done { root } = ev {
                         rep.event(

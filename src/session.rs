@@ -32,10 +32,13 @@ pub const CLOSE_RECEIVER_STOPPED: u32 = 0x104;
 
 /// A QUIC data stream as a [`DataSink`]: quinn takes the frame's buffers as they are, so chunk
 /// payloads are not copied into the stream's send buffer.
-struct QuicLane(SendStream);
+struct QuicLane(SendStream, Option<RateLimit>);
 
 impl DataSink for QuicLane {
     async fn send_frame(&mut self, head: Bytes, body: Bytes) -> std::io::Result<()> {
+        if let Some(limit) = &self.1 {
+            limit.take(head.len() + body.len()).await;
+        }
         let mut bufs = [head, body];
         let bufs = if bufs[1].is_empty() {
             &mut bufs[..1]
@@ -53,6 +56,35 @@ impl DataSink for QuicLane {
     }
 }
 
+/// A cap on the rate of data sent (`ferry send --limit-rate`), shared by a session's data lanes:
+/// each frame is paced to start no earlier than the previous frames allow at this rate.
+#[derive(Clone, Debug)]
+pub struct RateLimit {
+    bytes_per_sec: f64,
+    next_free: Arc<std::sync::Mutex<Option<tokio::time::Instant>>>,
+}
+
+impl RateLimit {
+    pub fn new(bytes_per_sec: u64) -> Self {
+        RateLimit {
+            bytes_per_sec: bytes_per_sec.max(1) as f64,
+            next_free: Arc::new(std::sync::Mutex::new(None)),
+        }
+    }
+
+    /// Waits until `n` more bytes may go out.
+    async fn take(&self, n: usize) {
+        let start = {
+            let mut next = self.next_free.lock().unwrap_or_else(|p| p.into_inner());
+            let now = tokio::time::Instant::now();
+            let start = next.map_or(now, |t| t.max(now));
+            *next = Some(start + std::time::Duration::from_secs_f64(n as f64 / self.bytes_per_sec));
+            start
+        };
+        tokio::time::sleep_until(start).await;
+    }
+}
+
 fn lost(e: impl std::fmt::Display) -> DriveError {
     DriveError::LinkLost(e.to_string())
 }
@@ -64,7 +96,7 @@ pub async fn serve(
     source: Arc<Source>,
     on_event: impl FnMut(&SendEvent),
 ) -> (Result<(), DriveError>, SendStats) {
-    let (r, stats) = serve_round(conn, manifest, source, on_event, || async {
+    let (r, stats) = serve_round(conn, manifest, source, None, on_event, || async {
         Verdict::<()>::Final
     })
     .await;
@@ -86,6 +118,7 @@ pub async fn serve_round<T, F, Fut>(
     conn: &PeerConnection,
     manifest: Arc<Manifest>,
     source: Arc<Source>,
+    limit: Option<RateLimit>,
     on_event: impl FnMut(&SendEvent),
     decide: F,
 ) -> (Result<SendEnd<T>, DriveError>, SendStats)
@@ -100,7 +133,7 @@ where
     let mut lanes = Vec::with_capacity(DATA_LANES);
     for _ in 0..DATA_LANES {
         match conn.open_uni().await {
-            Ok(s) => lanes.push(QuicLane(s)),
+            Ok(s) => lanes.push(QuicLane(s, limit.clone())),
             Err(e) => return (Err(lost(e)), SendStats::default()),
         }
     }

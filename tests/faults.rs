@@ -15,6 +15,10 @@ use ferry_testkit::{assert_histories_equal, generate, HistorySpec};
 
 use crate::util::*;
 
+/// Each fault here must land while data is still streaming: the sender is paced (64 MiB takes
+/// about 2 s) so that it does on a fast, quiet machine as on a loaded one.
+const PACED: &[&str] = &["--limit-rate", "32MB"];
+
 const STATE: &str = ".ferry";
 
 fn skip_unless_root(what: &str) -> bool {
@@ -127,7 +131,7 @@ fn no_space_mid_chunk_stops_with_exit_6_then_resumes() {
     };
     let dest = fs.0.join("history");
     let (old, new) = (Device::new("old"), Device::new("new"));
-    let (mut s, addr, code) = start_sender(&old, src, "127.0.0.1:0");
+    let (mut s, addr, code) = start_sender_with(&old, src, "127.0.0.1:0", PACED);
     let mut r = new.receive(&dest, &addr, Some(&code), &[]);
     // The journal is compacted right after the free-space check passed: from then on the
     // receiver streams. Stop it there and fill the disk up to 40 MiB of free space, so that
@@ -208,7 +212,7 @@ fn no_space_mid_finalize_leaves_final_paths_whole_then_resumes_without_resending
     };
     let dest = fs.0.join("history");
     let (old, new) = (Device::new("old"), Device::new("new"));
-    let (mut s, addr, code) = start_sender(&old, &src, "127.0.0.1:0");
+    let (mut s, addr, code) = start_sender_with(&old, &src, "127.0.0.1:0", PACED);
     let mut r = new.receive(&dest, &addr, Some(&code), &[]);
     // Finalize renames (no space), creates directories (no blocks on tmpfs) and writes the
     // receipt: that is where it needs space. Leave exactly room for the staged data and the
@@ -265,7 +269,7 @@ fn read_only_destination_is_refused_with_exit_6_and_nothing_is_lost() {
     };
     let dest = fs.0.join("history");
     let (old, new) = (Device::new("old"), Device::new("new"));
-    let (mut s, addr, code) = start_sender(&old, src, "127.0.0.1:0");
+    let (mut s, addr, code) = start_sender_with(&old, src, "127.0.0.1:0", PACED);
 
     // A fresh destination on a read-only file system.
     fs.remount("ro");
@@ -549,7 +553,7 @@ fn io_error_on_destination_write_stops_with_exit_6_then_resumes_after_the_disk_r
     };
     let dest = disk.mnt.join("history");
     let (old, new) = (Device::new("old"), Device::new("new"));
-    let (mut s, addr, code) = start_sender(&old, src, "127.0.0.1:0");
+    let (mut s, addr, code) = start_sender_with(&old, src, "127.0.0.1:0", PACED);
     let mut r = new.receive(&dest, &addr, Some(&code), &[]);
     wait_committed(&mut r, &dest, 0.3);
     // Held while the disk goes away, so that the error lands mid-stream and not after the
@@ -583,11 +587,9 @@ fn io_error_on_source_read_stops_with_exit_8_then_resumes() {
     if skip_unless_root("loop-mount an ext4 image") {
         return;
     }
-    // Big enough that the sender is still reading when it is stopped, even when the test
-    // sees the receiver's (throttled) progress late on a loaded machine.
-    let hist = shared_history(160, 21);
+    let hist = shared_history(64, 21);
     let work = tempdir("eio-src");
-    let Some(disk) = ext4_loop(work.path(), "320M") else {
+    let Some(disk) = ext4_loop(work.path(), "192M") else {
         return;
     };
     let src = disk.mnt.join("chat-history");
@@ -603,7 +605,7 @@ fn io_error_on_source_read_stops_with_exit_8_then_resumes() {
     let (old, new) = (Device::new("old"), Device::new("new"));
     let dest = work.path().join("dest");
     let listen = format!("127.0.0.1:{}", free_udp_port());
-    let (mut s, addr, code) = start_sender(&old, &src, &listen);
+    let (mut s, addr, code) = start_sender_with(&old, &src, &listen, PACED);
     let mut r = new.receive(&dest, &addr, Some(&code), &["--give-up-after", "60"]);
     // Hold the sender early (it reads ahead of what the receiver reports by the link's window
     // and its read-ahead, 32 MiB in all), let the receiver commit what it has (its 500 ms

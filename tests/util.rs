@@ -494,7 +494,18 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
 
 /// Starts `ferry send` and waits for its `listening` event: (process, 127.0.0.1 address, code).
 pub fn start_sender(old: &Device, src: &Path, listen: &str) -> (Ferry, String, String) {
-    let mut s = old.send(src, listen, &[]);
+    start_sender_with(old, src, listen, &[])
+}
+
+/// [`start_sender`] with extra flags (e.g. `--limit-rate`, so that a test can act mid-transfer
+/// however fast the machine is).
+pub fn start_sender_with(
+    old: &Device,
+    src: &Path,
+    listen: &str,
+    extra: &[&str],
+) -> (Ferry, String, String) {
+    let mut s = old.send(src, listen, extra);
     let ev = s.wait_event("listening", LONG);
     let (addr, code) = listening(&ev);
     (s, addr, code)
