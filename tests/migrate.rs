@@ -32,3 +32,33 @@ fn generated_history_migrates_and_verifies() {
         m.recv_done["elapsed_s"].as_f64().unwrap_or(0.0)
     );
 }
+
+#[test]
+fn limit_rate_paces_the_transfer() {
+    let src = shared_history(8, 3);
+    let (old, new) = (Device::new("old"), Device::new("new"));
+    let work = tempdir("paced");
+    let dest = work.path().join("history");
+    // 4 MB/s: the history's wire bytes cannot cross in less than wire / 4e6 seconds.
+    let (mut s, addr, code) =
+        start_sender_with(&old, src, "127.0.0.1:0", &["--limit-rate", "4MB/s"]);
+    let t = std::time::Instant::now();
+    let mut r = new.receive(&dest, &addr, Some(&code), &[]);
+    let done = r.wait_event("done", LONG);
+    let secs = t.elapsed().as_secs_f64();
+    r.expect_exit(0, LONG);
+    s.expect_exit(0, LONG);
+    assert_histories_equal(src, &dest).unwrap();
+    let wire = u64_of(&done, "wire_bytes") as f64;
+    assert!(
+        wire > 4e6,
+        "history too small to show pacing: {wire} wire bytes"
+    );
+    // Pacing starts at the first frame; allow one frame (≤ 4 MiB) of slack.
+    let floor = (wire - 4.0 * MIB as f64) / 4e6;
+    assert!(
+        secs >= floor,
+        "{wire} wire bytes in {secs:.2} s at 4 MB/s (floor {floor:.2} s)"
+    );
+    eprintln!("--limit-rate 4MB/s: {wire} wire bytes in {secs:.2} s");
+}
