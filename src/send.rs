@@ -191,6 +191,22 @@ fn adopt(dir: &Path, out: ScanOutput, rep: &Reporter) -> (Arc<Manifest>, Arc<Sou
     (manifest, source, unstable)
 }
 
+/// Rows in the databases' snapshots, summed (None without databases): compared between the
+/// first and the last round, how many messages and other records arrived during the migration.
+fn database_rows(source: &Source) -> Option<u64> {
+    let snaps = source.redirects();
+    if snaps.is_empty() {
+        return None;
+    }
+    let count = || {
+        snaps
+            .values()
+            .filter_map(|p| ferry_sync::snapshot::count_rows(p).ok())
+            .sum()
+    };
+    Some(tokio::task::block_in_place(count))
+}
+
 /// Resolves once `stop` says so (Ctrl-C); never if its sender is gone.
 async fn stopped(stop: &mut watch::Receiver<bool>) {
     loop {
@@ -352,6 +368,7 @@ pub async fn run(
         Source::new(&s.dir, Arc::clone(&manifest), CompressPolicy::default())
             .with_redirects(scanned.sources),
     );
+    let first_rows = database_rows(&source);
 
     let ep = common::endpoint_with(&s.dirs, s.name.as_deref(), s.listen, s.congestion)?;
     let mut code = match s.code {
@@ -551,8 +568,16 @@ pub async fn run(
                 let last = Arc::clone(&manifest);
                 let fin = last.summary();
                 let diff = first.diff(&last, 0);
+                // Rows that arrived in the databases while migrating (only worth counting again
+                // when a catch-up round ran).
+                let rows_added = match (first_rows, rounds > 1) {
+                    (Some(a), true) => database_rows(&source).map(|b| b as i64 - a as i64),
+                    (Some(_), false) => Some(0),
+                    (None, _) => None,
+                };
                 rep.event("done", json!({"root": fin.root.to_hex(), "files": fin.files, "bytes": fin.bytes, "wire_bytes": wire_bytes, "elapsed_s": elapsed,
                     "rounds": rounds, "catchup_wire_bytes": catchup, "files_added": diff.added, "files_changed": diff.changed, "files_removed": diff.removed, "end": how,
+                    "database_rows": first_rows, "database_rows_added": rows_added,
                     "complete": unstable.is_empty(), "unstable": unstable}));
                 rep.say(&format!(
                     "{}: {} verified by {} ({} on the wire, {:.1} s)",
@@ -566,6 +591,11 @@ pub async fn run(
                     human_bytes(wire_bytes),
                     elapsed
                 ));
+                if let Some(n) = rows_added.filter(|&n| n != 0) {
+                    rep.say(&format!(
+                        "{n} database rows (messages and other records) arrived during the migration and were sent in catch-up rounds"
+                    ));
+                }
                 if rounds > 1 || diff.added + diff.changed + diff.removed > 0 {
                     rep.say(&format!(
                         "{rounds} rounds: during the migration {} files were added, {} changed and {} removed; catch-up rounds sent {}",

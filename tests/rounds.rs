@@ -189,6 +189,16 @@ fn migration_while_the_app_writes_finishes_with_catch_up_rounds() {
         "catch-up rounds sent {catchup} of {bytes}"
     );
     assert!(u64_of(&recv_done, "files_added") > 0, "{recv_done}");
+    // The sender counts the rows that arrived in its databases between the first and the last
+    // snapshot: never more than the messages the app wrote (it writes nothing else).
+    let rows = send_done["database_rows_added"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("no database_rows_added: {send_done}"));
+    assert!(
+        (0..=stats.messages as i64).contains(&rows),
+        "{rows} rows added, {} messages written",
+        stats.messages
+    );
     assert_history_equal(&src, &dest);
     let (code, err) = verify(&dest);
     assert_eq!(code, 0, "{err}");

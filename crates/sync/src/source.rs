@@ -87,6 +87,11 @@ impl Source {
 
     /// Reads the entries named in `redirects` from the given files instead (the scan's
     /// [`crate::scan::ScanOutput::sources`]: snapshots of live databases).
+    /// The entries read from other files (the database snapshots), by manifest path.
+    pub fn redirects(&self) -> &HashMap<String, PathBuf> {
+        &self.redirects
+    }
+
     pub fn with_redirects(mut self, redirects: HashMap<String, PathBuf>) -> Self {
         self.redirects = redirects;
         self
