@@ -13,7 +13,8 @@
 //! # Durability ordering
 //! 1. A received chunk is verified (bounded decode, BLAKE3) before it is written anywhere.
 //! 2. It is written into its staging file(s) at its offset. Nothing claims it yet.
-//! 3. **Commit**: the staging files written since the last commit are `fdatasync`ed (and the
+//! 3. **Commit**: the staging files written since the last commit are `fdatasync`ed — or, when
+//!    more than a few small files were written, the file system is `syncfs`ed once — (and the
 //!    staging directory, when files were created), *then* the chunks' journal records are appended
 //!    and the journal is `fdatasync`ed. A record therefore never names data that is not on disk.
 //! 4. On open, the journal is read up to the first torn or corrupt record (each record carries a
@@ -21,7 +22,9 @@
 //!    compacted journal replaces the old one (write, fsync, rename, fsync dir) *before* any new
 //!    write, so a slot the journal claims is never overwritten with other content.
 //! 5. **Finalize**: every file is re-read from disk and checked against the manifest, its mode
-//!    (without setuid/setgid/sticky, owner access kept) and mtime set, `fsync`ed and renamed into place; the parent directories are `fsync`ed; then
+//!    (without setuid/setgid/sticky, owner access kept) and mtime set, and it is renamed into
+//!    place (its data is durable since its commit); one `syncfs` then makes every mode, mtime and
+//!    rename durable, the parent directories are `fsync`ed; then
 //!    the receipt is written (tmp, fsync, rename, fsync). Only then are journal and staging
 //!    removed. A final path only ever receives a complete, verified file.
 //!
@@ -762,8 +765,15 @@ impl FsStore {
                 .collect();
             (dirty, std::mem::take(&mut open.created))
         };
-        for (_, f) in &dirty {
-            ctx(&self.staging, f.sync_data())?;
+        if dirty.len() > SYNCFS_ABOVE {
+            // Thousands of small files in one group: one syncfs (all of the file system's dirty
+            // data, waited for, errors reported) instead of an fdatasync per file.
+            let dir = ctx(&self.staging, File::open(&self.staging))?;
+            ctx(&self.staging, rustix::fs::syncfs(&dir).map_err(io::Error::from))?;
+        } else {
+            for (_, f) in &dirty {
+                ctx(&self.staging, f.sync_data())?;
+            }
         }
         if created {
             ctx(&self.staging, sync_dir(&self.staging))?;
@@ -836,9 +846,11 @@ impl FsStore {
                         ctx(&staged, File::create(&staged))?;
                     }
                     self.check_target(&final_path)?;
+                    // The data is durable already (every slot was committed); mode, mtime and
+                    // the rename become durable with the one syncfs below, before the receipt.
+                    // A crash before it can leave an older mtime on a file whose bytes are
+                    // right: the next run finds no receipt, re-verifies and sets it again.
                     set_meta(&staged, e.mode, e.mtime)?;
-                    let f = ctx(&staged, File::open(&staged))?;
-                    ctx(&staged, f.sync_all())?;
                     ctx(&final_path, fs::rename(&staged, &final_path))?;
                     touched_dirs.insert(parent);
                 }
@@ -854,6 +866,10 @@ impl FsStore {
                     touched_dirs.insert(parent);
                 }
             }
+        }
+        {
+            let d = ctx(&self.dest, File::open(&self.dest))?;
+            ctx(&self.dest, rustix::fs::syncfs(&d).map_err(io::Error::from))?;
         }
         for d in &touched_dirs {
             ctx(d, sync_dir(d))?;
@@ -1067,6 +1083,9 @@ fn read_journal(path: &Path) -> Result<HashMap<([u8; 16], u64), Record>, StoreEr
     }
     Ok(out)
 }
+
+/// Above this many files touched by one group commit, one `syncfs` replaces their fdatasyncs.
+const SYNCFS_ABOVE: usize = 16;
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
