@@ -769,7 +769,10 @@ impl FsStore {
             // Thousands of small files in one group: one syncfs (all of the file system's dirty
             // data, waited for, errors reported) instead of an fdatasync per file.
             let dir = ctx(&self.staging, File::open(&self.staging))?;
-            ctx(&self.staging, rustix::fs::syncfs(&dir).map_err(io::Error::from))?;
+            ctx(
+                &self.staging,
+                rustix::fs::syncfs(&dir).map_err(io::Error::from),
+            )?;
         } else {
             for (_, f) in &dirty {
                 ctx(&self.staging, f.sync_data())?;
