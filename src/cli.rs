@@ -77,6 +77,10 @@ pub struct SendFlags {
     /// network. Default: as fast as the link allows.
     #[arg(long, value_name = "SIZE")]
     pub limit_rate: Option<String>,
+    /// Send the databases and small files (up to 1 MiB) as a round of their own first: the new
+    /// device holds a verified, usable chat history before the large media arrive.
+    #[arg(long)]
+    pub essentials_first: bool,
 }
 
 #[derive(Debug, Args)]

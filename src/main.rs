@@ -114,6 +114,7 @@ async fn run(command: Command) -> Result<(), Failure> {
                     max_rounds: f.max_rounds,
                     follow: f.follow,
                     poll_interval: common::parse_interval(f.poll_interval)?,
+                    essentials_first: f.essentials_first,
                 },
             };
             send::run(settings, &rep, None).await?.completeness()

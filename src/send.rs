@@ -49,6 +49,10 @@ pub struct SendSettings {
     pub rounds: RoundSettings,
 }
 
+/// Files up to this size count as essentials for `--essentials-first` (with the databases):
+/// thumbnails, voice notes, stickers — what makes a chat list usable.
+const ESSENTIAL_MAX_SIZE: u64 = 1 << 20;
+
 /// How catch-up rounds run.
 #[derive(Clone, Debug)]
 pub struct RoundSettings {
@@ -58,6 +62,8 @@ pub struct RoundSettings {
     pub follow: bool,
     /// With `follow`: time between rescans of an unchanged folder.
     pub poll_interval: Duration,
+    /// Send the databases and small files as a first round of their own.
+    pub essentials_first: bool,
 }
 
 impl Default for RoundSettings {
@@ -66,6 +72,7 @@ impl Default for RoundSettings {
             max_rounds: 5,
             follow: false,
             poll_interval: Duration::from_secs(2),
+            essentials_first: false,
         }
     }
 }
@@ -364,11 +371,37 @@ pub async fn run(
         json!({"files": sum.files, "bytes": sum.bytes, "chunks": sum.unique_chunks, "root": sum.root.to_hex(),
             "hashed_bytes": scanned.hashed_bytes, "cached_files": scanned.cached_files, "scan_s": scan_secs}),
     );
+    // --essentials-first: the databases and small files go as a round of their own, committed
+    // (usable) on the new device before the large media; the rescan after it differs from
+    // that round's manifest, so the rest follows as the next round.
+    let early = if s.rounds.essentials_first {
+        manifest.early_subset(ESSENTIAL_MAX_SIZE).map(Arc::new)
+    } else {
+        None
+    };
+    if let Some(sub) = &early {
+        let e = sub.summary();
+        rep.say(&format!(
+            "essentials first: databases and small files ({} files, {}) as round 1, then the rest",
+            e.files,
+            human_bytes(e.bytes)
+        ));
+        rep.event(
+            "essentials",
+            json!({"files": e.files, "bytes": e.bytes, "root": e.root.to_hex()}),
+        );
+        manifest = Arc::clone(sub);
+    }
     let mut source = Arc::new(
         Source::new(&s.dir, Arc::clone(&manifest), CompressPolicy::default())
             .with_redirects(scanned.sources),
     );
     let first_rows = database_rows(&source);
+    // Rounds that carry the migration itself rather than changes made during it.
+    let base_rounds = if early.is_some() { 2 } else { 1 };
+    // The essentials round does not count against --max-rounds.
+    let mut round_cfg = s.rounds.clone();
+    round_cfg.max_rounds = round_cfg.max_rounds.saturating_add(base_rounds - 1);
 
     let ep = common::endpoint_with(&s.dirs, s.name.as_deref(), s.listen, s.congestion)?;
     let mut code = match s.code {
@@ -513,7 +546,7 @@ pub async fn run(
             awaiting.store(false, Ordering::SeqCst);
             let (current, round_no, stop_d) =
                 (Arc::clone(&manifest), rounds_done + 1, stop_rx.clone());
-            let (sc, aw, lim, rs) = (&scanner, &awaiting, &limited, &s.rounds);
+            let (sc, aw, lim, rs) = (&scanner, &awaiting, &limited, &round_cfg);
             let serving = session::serve_round(
                 &conn,
                 Arc::clone(&manifest),
@@ -560,7 +593,7 @@ pub async fn run(
                 }
             };
             wire_bytes += stats.wire_bytes;
-            if rounds_done > 0 {
+            if rounds_done >= base_rounds {
                 catchup_wire_bytes += stats.wire_bytes;
             }
             let finish = |rounds: u32, catchup: u64, how: &str| -> SendSummary {
@@ -570,7 +603,7 @@ pub async fn run(
                 let diff = first.diff(&last, 0);
                 // Rows that arrived in the databases while migrating (only worth counting again
                 // when a catch-up round ran).
-                let rows_added = match (first_rows, rounds > 1) {
+                let rows_added = match (first_rows, rounds > base_rounds) {
                     (Some(a), true) => database_rows(&source).map(|b| b as i64 - a as i64),
                     (Some(_), false) => Some(0),
                     (None, _) => None,

@@ -496,3 +496,90 @@ fn follow_ends_cleanly_when_the_receiver_is_interrupted() {
     let (code, err) = verify(&dest);
     assert_eq!(code, 0, "{err}");
 }
+
+/// Every regular file under `root` (relative path, size).
+fn sized_files_under(root: &Path) -> Vec<(std::path::PathBuf, u64)> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let md = fs::symlink_metadata(e.path()).unwrap();
+            if md.is_dir() {
+                stack.push(e.path());
+            } else if md.is_file() {
+                out.push((e.path().strip_prefix(root).unwrap().to_path_buf(), md.len()));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn essentials_first_commits_databases_and_small_files_before_the_media() {
+    let src = shared_history(48, 7);
+    let (old, new) = (Device::new("old"), Device::new("new"));
+    let work = tempdir("essentials");
+    let dest = work.path().join("history");
+    // Paced so that the media round is still running when round 1 is checked.
+    let (mut s, addr, code) = start_sender_with(
+        &old,
+        src,
+        "127.0.0.1:0",
+        &["--essentials-first", "--limit-rate", "40MB"],
+    );
+    // Announced before `listening` (start_sender_with waited past it).
+    let essentials = s
+        .seen_named("essentials")
+        .first()
+        .map(|v| (*v).clone())
+        .expect("no essentials event");
+    let mut r = new.receive(&dest, &addr, Some(&code), &[]);
+    let first = r.wait_event("verified", LONG);
+    assert_eq!(first["round"], 1, "{first}");
+    assert_eq!(first["root"], essentials["root"], "{first}");
+    // Round 1 is committed: every database is at its final path, whole and consistent; the
+    // large media are not there yet.
+    let all = sized_files_under(src);
+    let (mut dbs, mut large_missing) = (0, 0);
+    for (rel, size) in &all {
+        let at = dest.join(rel);
+        let name = rel.to_string_lossy();
+        if ["-wal", "-shm", "-journal"]
+            .iter()
+            .any(|c| name.ends_with(c))
+        {
+            continue; // a database's companions stay on the old device (snapshots)
+        }
+        if ferry_testkit::is_sqlite(&src.join(rel)) {
+            ferry_testkit::integrity_check(&at).unwrap();
+            dbs += 1;
+        } else if *size <= 1 << 20 {
+            assert_eq!(
+                fs::read(&at).unwrap(),
+                fs::read(src.join(rel)).unwrap(),
+                "{rel:?}"
+            );
+        } else if !at.exists() {
+            large_missing += 1;
+        }
+    }
+    assert!(dbs > 0, "the history has no databases");
+    assert!(large_missing > 0, "the media arrived with the essentials");
+    let done = r.wait_event("done", LONG);
+    r.expect_exit(0, LONG);
+    let send_done = s.wait_event("done", LONG);
+    s.expect_exit(0, LONG);
+    assert_eq!(u64_of(&done, "rounds"), 2, "{done}");
+    assert_eq!(send_done["root"], done["root"]);
+    // Nothing changed during the migration: the media round is not a catch-up.
+    assert_eq!(u64_of(&send_done, "catchup_wire_bytes"), 0, "{send_done}");
+    assert_eq!(u64_of(&send_done, "files_added"), 0, "{send_done}");
+    ferry_testkit::assert_histories_equal(src, &dest).unwrap();
+    let (c, err) = verify(&dest);
+    assert_eq!(c, 0, "{err}");
+    eprintln!(
+        "essentials first: {} files, {} bytes in round 1; {dbs} databases usable, {large_missing} large files still to come",
+        essentials["files"], essentials["bytes"]
+    );
+}

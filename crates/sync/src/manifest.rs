@@ -360,6 +360,40 @@ impl Manifest {
         order
     }
 
+    /// The part of the history a person needs first: every directory and symlink, the
+    /// databases and the files up to `small` bytes — or `None` when that is most of the bytes
+    /// anyway (no point in a separate round). Served as its own first round, it gives the new
+    /// device a verified, committed, usable chat history (messages and thumbnails) early; the
+    /// large media follow in the next round.
+    pub fn early_subset(&self, small: u64) -> Option<Manifest> {
+        let keep = |e: &Entry| !e.is_file() || looks_like_database(&e.path) || e.size <= small;
+        let kept: u64 = self
+            .entries
+            .iter()
+            .filter(|e| keep(e))
+            .map(|e| e.size)
+            .sum();
+        if kept.saturating_mul(2) > self.summary.bytes {
+            return None;
+        }
+        let wire = self
+            .entries
+            .iter()
+            .filter(|e| keep(e))
+            .map(|e| WireEntry {
+                path: e.path.clone(),
+                kind: e.kind.clone(),
+                size: e.size,
+                mode: e.mode,
+                mtime: e.mtime,
+                hashes: (e.first_slot..e.first_slot + e.chunks())
+                    .filter_map(|s| self.slot_hash(s))
+                    .collect(),
+            })
+            .collect();
+        Manifest::from_wire_entries(wire).ok()
+    }
+
     /// Index of the entry with this exact path.
     pub fn find(&self, path: &str) -> Option<usize> {
         self.entries
@@ -843,6 +877,29 @@ mod tests {
             b.finish(&said),
             Err(ManifestError::RootMismatch { .. })
         ));
+    }
+
+    #[test]
+    fn early_subset_keeps_databases_small_files_and_structure() {
+        let m = Manifest::from_wire_entries(vec![
+            dir("db"),
+            dir("media"),
+            file("db/msg_1.db", &[2u8; 900_000]),
+            file("media/movie.mp4", &[4u8; 3_000_000]),
+            file("media/thumb.jpg", &[5u8; 20_000]),
+        ])
+        .unwrap();
+        let sub = m.early_subset(1 << 20).unwrap();
+        let names: Vec<&str> = sub.entries().iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(names, ["db", "db/msg_1.db", "media", "media/thumb.jpg"]);
+        assert_eq!(sub.summary().bytes, 920_000);
+        // Same content, same hashes as in the whole manifest.
+        let i = m.find("db/msg_1.db").unwrap();
+        let j = sub.find("db/msg_1.db").unwrap();
+        let (e, f) = (&m.entries()[i], &sub.entries()[j]);
+        assert_eq!(m.slot_hash(e.first_slot), sub.slot_hash(f.first_slot));
+        // Mostly essentials already: no separate round.
+        assert!(m.early_subset(4 << 20).is_none());
     }
 
     #[test]
