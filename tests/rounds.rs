@@ -13,17 +13,7 @@ use serde_json::Value;
 
 use crate::util::*;
 
-fn rand_bytes(seed: u64, n: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
+use ferry_testkit::rand_bytes;
 
 /// SQLite files and their companions: compared by content (rows), not bytes, since a consistent
 /// snapshot of a database need not be byte-identical to the live file.

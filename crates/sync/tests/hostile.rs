@@ -110,17 +110,7 @@ const MEM_BOUND: u64 = 48 << 20;
 // ---------------------------------------------------------------------------------------------
 // The world: a temp dir holding src/, dest/ and outside/ (a canary nothing may touch).
 
-fn rand_bytes(seed: u64, n: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
+use ferry_testkit::rand_bytes;
 
 struct World {
     _tmp: tempfile::TempDir,

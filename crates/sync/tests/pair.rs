@@ -21,17 +21,7 @@ use ferry_sync::source::Source;
 use ferry_sync::store::{verify_dest, FsStore};
 use ferry_sync::Manifest;
 
-fn rand_bytes(seed: u64, n: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
+use ferry_testkit::rand_bytes;
 
 /// A small history with every shape that matters: multi-chunk files, duplicates, a compressible
 /// database-like file, empty files and directories, unicode names, nesting.

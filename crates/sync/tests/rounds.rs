@@ -99,17 +99,7 @@ fn changed_chunk_bytes(old: &Manifest, new: &Manifest) -> u64 {
         .sum()
 }
 
-fn rand_bytes(seed: u64, n: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
+use ferry_testkit::rand_bytes;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn catch_up_round_sends_only_changed_chunks_and_removes_only_what_ferry_brought() {

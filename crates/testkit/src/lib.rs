@@ -16,3 +16,17 @@ pub use history::{
     integrity_check, is_sqlite, tree_diff, Commit, Difference, EntryKind, HistoryReport,
     HistorySpec, LiveConfig, LiveStats, LiveWriter,
 };
+
+/// `n` deterministic, incompressible bytes from `seed` (xorshift): file content for tests that
+/// need distinct data without a generator.
+pub fn rand_bytes(seed: u64, n: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
