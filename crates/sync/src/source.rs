@@ -2,11 +2,11 @@
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use bytes::BytesMut;
+use bytes::Bytes;
 
 use crate::compress::{encode_chunk, CompressPolicy};
 use crate::manifest::ChunkHash;
@@ -137,18 +137,16 @@ impl Source {
             hash,
             verify,
         } = io;
-        let read = || -> std::io::Result<BytesMut> {
+        let read = || -> std::io::Result<Vec<u8>> {
             let f = self.file(entry)?;
-            let mut buf = BytesMut::zeroed(len as usize);
-            f.read_exact_at(&mut buf, offset)?;
-            Ok(buf)
+            read_exact_at(&f, len as usize, offset)
         };
         match read() {
             Ok(buf) => {
                 if verify && ChunkHash::of(&buf) != hash {
                     return SendIoDone::Changed { chunk };
                 }
-                let (encoding, payload) = encode_chunk(buf.freeze(), &self.policy);
+                let (encoding, payload) = encode_chunk(Bytes::from(buf), &self.policy);
                 SendIoDone::Read {
                     chunk,
                     encoding,
@@ -170,4 +168,22 @@ impl Source {
             },
         }
     }
+}
+
+/// Reads exactly `len` bytes at `offset` into a new buffer, without zeroing it first (the
+/// kernel fills the spare capacity; only what it filled becomes part of the buffer). A file
+/// shorter than that is `UnexpectedEof`.
+pub(crate) fn read_exact_at(f: &File, len: usize, offset: u64) -> std::io::Result<Vec<u8>> {
+    let mut buf = Vec::with_capacity(len);
+    while buf.len() < len {
+        let at = offset + buf.len() as u64;
+        match rustix::io::pread(f, rustix::buffer::spare_capacity(&mut buf), at) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    buf.truncate(len);
+    Ok(buf)
 }
