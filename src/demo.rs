@@ -91,6 +91,7 @@ pub async fn run(f: DemoFlags) -> Result<(), Failure> {
         dirs: old_dirs,
         congestion: ferry_transport::Congestion::default(),
         limit_rate: None,
+        compress: send::Compress::default(),
         rounds: send::RoundSettings::default(),
     };
     let sender = tokio::spawn(async move {

@@ -110,6 +110,11 @@ async fn run(command: Command) -> Result<(), Failure> {
                             })
                     })
                     .transpose()?,
+                compress: match f.compress.as_str() {
+                    "always" => send::Compress::Always,
+                    "never" => send::Compress::Never,
+                    _ => send::Compress::Auto,
+                },
                 rounds: send::RoundSettings {
                     max_rounds: f.max_rounds,
                     follow: f.follow,

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ferry_sync::compress::CompressPolicy;
+use ferry_sync::compress::{CompressGate, CompressPolicy};
 use ferry_sync::driver::{SendEnd, Verdict};
 use ferry_sync::manifest::ManifestDiff;
 use ferry_sync::proto::{CloseCode, SendEvent};
@@ -46,7 +46,47 @@ pub struct SendSettings {
     pub congestion: Congestion,
     /// Cap on the chunk data rate (`--limit-rate`).
     pub limit_rate: Option<session::RateLimit>,
+    /// When chunks are compressed (`--compress`).
+    pub compress: Compress,
     pub rounds: RoundSettings,
+}
+
+/// When the sender compresses compressible chunks (`--compress`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Compress {
+    /// While the machine's CPUs have room for it: the link is then the limit (see
+    /// [`ferry_sync::compress::run_auto`]).
+    #[default]
+    Auto,
+    Always,
+    Never,
+}
+
+impl Compress {
+    /// The policy for this mode; `Auto` also returns the gate to drive for as long as the
+    /// migration runs.
+    fn policy(self) -> (CompressPolicy, Option<CompressGate>) {
+        match self {
+            Compress::Always => (CompressPolicy::default(), None),
+            Compress::Never => (
+                CompressPolicy {
+                    enabled: false,
+                    ..CompressPolicy::default()
+                },
+                None,
+            ),
+            Compress::Auto => {
+                let gate = CompressGate::default();
+                (
+                    CompressPolicy {
+                        gate: Some(gate.clone()),
+                        ..CompressPolicy::default()
+                    },
+                    Some(gate),
+                )
+            }
+        }
+    }
 }
 
 /// Files up to this size count as essentials for `--essentials-first` (with the databases):
@@ -181,7 +221,12 @@ impl Scanner {
 }
 
 /// The manifest, source and unstable files of a rescan, for the next round.
-fn adopt(dir: &Path, out: ScanOutput, rep: &Reporter) -> (Arc<Manifest>, Arc<Source>, Vec<String>) {
+fn adopt(
+    dir: &Path,
+    out: ScanOutput,
+    policy: &CompressPolicy,
+    rep: &Reporter,
+) -> (Arc<Manifest>, Arc<Source>, Vec<String>) {
     for u in &out.unstable {
         rep.say(&format!(
             "could not be captured consistently, not sent: {} ({})",
@@ -192,8 +237,7 @@ fn adopt(dir: &Path, out: ScanOutput, rep: &Reporter) -> (Arc<Manifest>, Arc<Sou
     let unstable = out.unstable.iter().map(|u| u.path.clone()).collect();
     let manifest = Arc::new(out.manifest);
     let source = Arc::new(
-        Source::new(dir, Arc::clone(&manifest), CompressPolicy::default())
-            .with_redirects(out.sources),
+        Source::new(dir, Arc::clone(&manifest), policy.clone()).with_redirects(out.sources),
     );
     (manifest, source, unstable)
 }
@@ -368,7 +412,7 @@ pub async fn run(
     ));
     rep.event(
         "manifest",
-        json!({"files": sum.files, "bytes": sum.bytes, "chunks": sum.unique_chunks, "root": sum.root.to_hex(),
+        json!({"files": sum.files, "bytes": sum.bytes, "unique_bytes": sum.unique_bytes, "chunks": sum.unique_chunks, "root": sum.root.to_hex(),
             "hashed_bytes": scanned.hashed_bytes, "cached_files": scanned.cached_files, "scan_s": scan_secs}),
     );
     // --essentials-first: the databases and small files go as a round of their own, committed
@@ -392,9 +436,9 @@ pub async fn run(
         );
         manifest = Arc::clone(sub);
     }
+    let (policy, gate) = s.compress.policy();
     let mut source = Arc::new(
-        Source::new(&s.dir, Arc::clone(&manifest), CompressPolicy::default())
-            .with_redirects(scanned.sources),
+        Source::new(&s.dir, Arc::clone(&manifest), policy.clone()).with_redirects(scanned.sources),
     );
     let first_rows = database_rows(&source);
     // Rounds that carry the migration itself rather than changes made during it.
@@ -542,6 +586,14 @@ pub async fn run(
         ));
         // Rounds on this connection, each on new streams.
         loop {
+            // Automatic compression follows the CPU load while this session runs (not while
+            // scanning or waiting for a receiver); it starts off and turns on once the CPUs
+            // show room for it, so that a CPU-bound migration does not compress its first
+            // chunks (the databases) before the first reading.
+            let _auto = gate.as_ref().map(|g| {
+                g.set(false);
+                AbortOnDrop(tokio::spawn(ferry_sync::compress::run_auto(g.clone())))
+            });
             sessions += 1;
             awaiting.store(false, Ordering::SeqCst);
             let (current, round_no, stop_d) =
@@ -669,7 +721,7 @@ pub async fn run(
                     restarts.clear();
                     restarts_total = 0;
                     let diff = manifest.diff(&out.manifest, 0);
-                    (manifest, source, unstable) = adopt(&s.dir, out, rep);
+                    (manifest, source, unstable) = adopt(&s.dir, out, &policy, rep);
                     let m = manifest.summary();
                     rep.event("round", json!({"round": rounds_done + 1, "reason": "changed", "files": m.files, "bytes": m.bytes, "root": m.root.to_hex(),
                         "files_added": diff.added, "files_changed": diff.changed, "files_removed": diff.removed}));
@@ -696,7 +748,7 @@ pub async fn run(
                         "{path} changed while it was being sent: rescanning and continuing (the new device keeps what it verified)"
                     ));
                     let out = scanner.rescan().await?;
-                    (manifest, source, unstable) = adopt(&s.dir, out, rep);
+                    (manifest, source, unstable) = adopt(&s.dir, out, &policy, rep);
                     let m = manifest.summary();
                     rep.event("round", json!({"round": rounds_done + 1, "reason": "source-changed", "path": path, "files": m.files, "bytes": m.bytes, "root": m.root.to_hex()}));
                 }
@@ -742,5 +794,14 @@ async fn receiver_stopped(conn: &PeerConnection) -> bool {
             c.error_code == ferry_transport::VarInt::from_u32(session::CLOSE_RECEIVER_STOPPED)
         }
         _ => false,
+    }
+}
+
+/// Stops a background task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

@@ -62,3 +62,31 @@ fn limit_rate_paces_the_transfer() {
     );
     eprintln!("--limit-rate 4MB/s: {wire} wire bytes in {secs:.2} s");
 }
+
+#[test]
+fn compress_always_and_never() {
+    let src = shared_history(8, 3);
+    let (old, new) = (Device::new("old"), Device::new("new"));
+    let work = tempdir("compress");
+    let mut wire = Vec::new();
+    for mode in ["always", "never"] {
+        let dest = work.path().join(mode);
+        let (mut s, addr, code) =
+            start_sender_with(&old, src, "127.0.0.1:0", &["--compress", mode]);
+        let mut r = new.receive(&dest, &addr, Some(&code), &[]);
+        let done = r.wait_event("done", LONG);
+        r.expect_exit(0, LONG);
+        s.expect_exit(0, LONG);
+        assert_histories_equal(src, &dest).unwrap();
+        let unique = u64_of(s.seen_named("manifest")[0], "unique_bytes");
+        wire.push((u64_of(&done, "wire_bytes"), unique));
+    }
+    let [(always, unique), (never, unique2)] = wire[..] else {
+        unreachable!()
+    };
+    assert_eq!(unique, unique2);
+    // The message databases compress; without compression every unique byte crosses as it is.
+    eprintln!("--compress always: {always} wire bytes, never: {never}, unique {unique}");
+    assert!(always < unique, "always: {always} of {unique}");
+    assert_eq!(never, unique, "never: {never} of {unique}");
+}

@@ -6,9 +6,19 @@
 //! the chunk. High-entropy chunks go raw; others are compressed with zstd and kept compressed
 //! only if that saves at least [`CompressPolicy::min_saving`] of the bytes.
 //!
+//! Compression trades CPU for link time. With [`CompressPolicy::gate`] set, a sender turns it
+//! on and off while it runs ([`run_auto`]): on while the machine's CPUs have room (a phone on
+//! Wi-Fi, a laptop on gigabit Ethernet: the link is the limit and every byte saved is time
+//! saved), off while they are the bottleneck (both devices on one machine, a link faster than
+//! the CPUs), where zstd would only take cycles from encryption and the disk.
+//!
 //! The receiver never trusts the sender's encoding: [`decode_verified`] decompresses into a buffer
 //! of exactly the chunk's declared length (a zstd bomb fails instead of allocating) and checks the
 //! BLAKE3 hash before the bytes go anywhere.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -44,6 +54,9 @@ pub struct CompressPolicy {
     pub max_entropy_bits: f32,
     /// Keep the compressed form only if it is at most `1 - min_saving` of the original.
     pub min_saving: f32,
+    /// When set, compress only while the gate is open (see [`run_auto`]); `None` compresses
+    /// every chunk that qualifies.
+    pub gate: Option<CompressGate>,
 }
 
 impl Default for CompressPolicy {
@@ -53,7 +66,139 @@ impl Default for CompressPolicy {
             level: 1,
             max_entropy_bits: 7.2,
             min_saving: 0.1,
+            gate: None,
         }
+    }
+}
+
+/// A shared on/off switch for compression, flipped while a migration runs.
+#[derive(Clone, Debug)]
+pub struct CompressGate(Arc<AtomicBool>);
+
+impl Default for CompressGate {
+    fn default() -> Self {
+        CompressGate(Arc::new(AtomicBool::new(true)))
+    }
+}
+
+impl CompressGate {
+    /// Whether chunks are compressed now.
+    pub fn is_open(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    pub fn set(&self, open: bool) {
+        self.0.store(open, Ordering::Relaxed);
+    }
+}
+
+/// The decision behind automatic compression, from how busy the machine's CPUs were over each
+/// interval (0.0 idle … 1.0 saturated), with hysteresis so that it does not flap.
+#[derive(Clone, Debug)]
+pub struct AutoCompress {
+    /// Stop compressing when the CPUs were at least this busy.
+    pub stop_at: f32,
+    /// Compress again once they were less busy than this.
+    pub resume_below: f32,
+    open: bool,
+}
+
+impl Default for AutoCompress {
+    fn default() -> Self {
+        AutoCompress {
+            stop_at: 0.85,
+            resume_below: 0.7,
+            open: true,
+        }
+    }
+}
+
+impl AutoCompress {
+    /// Takes one interval's CPU load and says whether to compress now.
+    pub fn update(&mut self, busy: f32) -> bool {
+        if self.open && busy >= self.stop_at {
+            self.open = false;
+        } else if !self.open && busy < self.resume_below {
+            self.open = true;
+        }
+        self.open
+    }
+}
+
+/// Cumulative CPU time of the whole machine (all CPUs), in the kernel's ticks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CpuTimes {
+    busy: u64,
+    total: u64,
+}
+
+impl CpuTimes {
+    /// Parses the aggregate `cpu` line of Linux's `/proc/stat`. Time waiting for I/O counts as
+    /// idle: a CPU waiting for the disk has room for compression.
+    pub fn parse(stat: &str) -> Option<CpuTimes> {
+        let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+        let v: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .map_while(|f| f.parse().ok())
+            .collect();
+        if v.len() < 4 {
+            return None;
+        }
+        // user nice system idle iowait irq softirq steal (guest time is inside user already).
+        let total: u64 = v.iter().take(8).fold(0u64, |a, &x| a.saturating_add(x));
+        let idle = v[3].saturating_add(v.get(4).copied().unwrap_or(0));
+        Some(CpuTimes {
+            busy: total.saturating_sub(idle),
+            total,
+        })
+    }
+
+    /// The machine's CPU times now (`None` where the system does not expose them).
+    pub fn now() -> Option<CpuTimes> {
+        std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|s| CpuTimes::parse(&s))
+    }
+
+    /// Share of the CPUs' time spent busy between `earlier` and `self`.
+    pub fn busy_since(&self, earlier: &CpuTimes) -> Option<f32> {
+        let total = self.total.checked_sub(earlier.total)?;
+        let busy = self.busy.checked_sub(earlier.busy)?;
+        (total > 0).then(|| (busy as f32 / total as f32).min(1.0))
+    }
+}
+
+/// How often [`run_auto`] looks at the CPU load.
+pub const AUTO_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Opens and closes `gate` from the machine's CPU load until dropped (spawn it for as long as
+/// chunks are being sent), starting from the gate's state. Where the load cannot be read, the
+/// gate is opened and left so.
+pub async fn run_auto(gate: CompressGate) {
+    let mut auto = AutoCompress {
+        open: gate.is_open(),
+        ..AutoCompress::default()
+    };
+    let mut last = CpuTimes::now();
+    if last.is_none() {
+        // No way to tell: compress, as without a gate.
+        gate.set(true);
+        return;
+    }
+    loop {
+        tokio::time::sleep(AUTO_INTERVAL).await;
+        let now = CpuTimes::now();
+        if let (Some(a), Some(b)) = (last, now) {
+            if let Some(busy) = b.busy_since(&a) {
+                let open = auto.update(busy);
+                if open != gate.is_open() {
+                    tracing::debug!(busy, open, "automatic compression");
+                    gate.set(open);
+                }
+            }
+        }
+        last = now;
     }
 }
 
@@ -93,7 +238,11 @@ pub fn sample_entropy(data: &[u8]) -> f32 {
 
 /// Encodes a chunk for the wire according to `policy`.
 pub fn encode_chunk(data: Bytes, policy: &CompressPolicy) -> (Encoding, Bytes) {
-    if !policy.enabled || data.len() < 512 || sample_entropy(&data) > policy.max_entropy_bits {
+    if !policy.enabled
+        || policy.gate.as_ref().is_some_and(|g| !g.is_open())
+        || data.len() < 512
+        || sample_entropy(&data) > policy.max_entropy_bits
+    {
         return (Encoding::Raw, data);
     }
     let limit = (data.len() as f32 * (1.0 - policy.min_saving)) as usize;
@@ -139,15 +288,14 @@ pub fn decode_verified(
                     got: 0,
                 });
             }
-            let mut out = vec![0u8; len as usize];
-            // Decompressing into a slice of exactly `len` bytes: a payload that would expand
-            // beyond it is an error, not an allocation.
-            match zstd::bulk::decompress_to_buffer(&payload, &mut out[..]) {
-                Ok(n) if n == len as usize => Bytes::from(out),
-                Ok(n) => {
+            // Decompressing into a buffer of exactly `len` bytes' capacity: a payload that would
+            // expand beyond it is an error, not an allocation.
+            match zstd::bulk::decompress(&payload, len as usize) {
+                Ok(out) if out.len() == len as usize => Bytes::from(out),
+                Ok(out) => {
                     return Err(ChunkError::Length {
                         expected: len,
-                        got: n,
+                        got: out.len(),
                     })
                 }
                 Err(e) => {
@@ -199,6 +347,60 @@ mod tests {
         let (enc, out) = encode_chunk(Bytes::from(media.clone()), &CompressPolicy::default());
         assert_eq!(enc, Encoding::Raw);
         assert_eq!(out, media);
+    }
+
+    #[test]
+    fn a_closed_gate_sends_text_raw() {
+        let text = "see you at 7 at the usual place. ".repeat(3000);
+        let gate = CompressGate::default();
+        let policy = CompressPolicy {
+            gate: Some(gate.clone()),
+            ..CompressPolicy::default()
+        };
+        assert_eq!(
+            encode_chunk(Bytes::from(text.clone()), &policy).0,
+            Encoding::Zstd
+        );
+        gate.set(false);
+        let (enc, out) = encode_chunk(Bytes::from(text.clone()), &policy);
+        assert_eq!(enc, Encoding::Raw);
+        assert_eq!(out, text.as_bytes());
+        gate.set(true);
+        assert_eq!(encode_chunk(Bytes::from(text), &policy).0, Encoding::Zstd);
+    }
+
+    #[test]
+    fn auto_compression_stops_on_saturated_cpus_and_resumes_with_room() {
+        let mut a = AutoCompress::default();
+        // Link-bound: the CPUs have room.
+        assert!(a.update(0.3));
+        assert!(a.update(0.8));
+        // Saturated: stop; a dip just below the stop mark does not flap it back on.
+        assert!(!a.update(0.97));
+        assert!(!a.update(0.8));
+        assert!(!a.update(0.9));
+        // Clearly idle again: compress.
+        assert!(a.update(0.5));
+    }
+
+    #[test]
+    fn cpu_load_from_proc_stat() {
+        let t0 = CpuTimes::parse(
+            "cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 50 0 25 400 25 0 0 0 0 0\nintr 1 2 3\n",
+        )
+        .unwrap();
+        let t1 = CpuTimes::parse("cpu  250 0 100 850 50 0 0 0 0 0\n").unwrap();
+        // 200 busy ticks out of 250.
+        assert_eq!(t1.busy_since(&t0), Some(0.8));
+        // Counters that went backwards or did not move give no reading.
+        assert_eq!(t0.busy_since(&t1), None);
+        assert_eq!(t0.busy_since(&t0), None);
+        for bad in ["", "cpu0 1 2 3 4", "cpu  x y z", "cpu  1 2"] {
+            assert_eq!(CpuTimes::parse(bad), None, "{bad:?}");
+        }
+        if cfg!(target_os = "linux") {
+            assert!(CpuTimes::now().is_some());
+        }
     }
 
     #[test]
