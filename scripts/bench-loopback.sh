@@ -4,7 +4,10 @@
 #
 #   scripts/bench-loopback.sh [--size 2GiB] [--small-files N] [--rounds 3] [--workdir DIR]
 #                             [--only LIST] [--tag NAME] [--baseline-bin DIR] [--warmup 1]
+#                             [--dest-fs fresh|same]
 #
+# --dest-fs fresh (default): every run writes into a new ext4 file system on a loop device;
+# --dest-fs same: into a folder on the source's file system.
 # --warmup 0 skips the unmeasured warm-up round (for sources larger than the page cache, where
 # it would only double the time).
 # --baseline-bin DIR: DIR holds an older build's `ferry` and `proto_bench`; every round then also
@@ -30,6 +33,7 @@ ONLY="tar,tarzstd,rsync,rsyncgcm,ferry,scan,b3sum,proto,protoraw"
 TAG=loopback
 BASE=
 WARMUP=1
+DEST_FS=fresh
 while [ $# -gt 0 ]; do
   case "$1" in
     --size) SIZE=$2; shift 2 ;;
@@ -40,6 +44,7 @@ while [ $# -gt 0 ]; do
     --tag) TAG=$2; shift 2 ;;
     --baseline-bin) BASE=$(cd "$2" && pwd); shift 2 ;;
     --warmup) WARMUP=$2; shift 2 ;;
+    --dest-fs) DEST_FS=$2; shift 2 ;;
     -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
@@ -95,6 +100,9 @@ cleanup() {
   for p in "${PIDS[@]}" $SSHD_PID; do
     wait "$p" 2>/dev/null || true
   done
+  if mountpoint -q "$TMP/fs" 2>/dev/null; then
+    umount "$TMP/fs" || true
+  fi
   rm -rf "$TMP"
 }
 trap cleanup EXIT
@@ -175,8 +183,32 @@ record() { # round tool wall cpu_send cpu_recv rss_send rss_recv wire sync_s
   echo "  $line" >&2
 }
 
+# Every run writes into a freshly made ext4 file system (an image on the same disk, mounted
+# through a loop device): on a long-lived file system each run's deletes age it (ext4 skips
+# recently deleted inodes when it allocates new ones, a cost that grew to 19 CPU-s for 50 000
+# files after a few rounds), which made the small-file figures depend on what ran before.
+# --dest-fs same keeps the old behaviour (a plain folder next to the source).
+DEST_IMG="$TMP/dest.img"
+DEST="$TMP/fs/dest"
 fresh_dest() {
-  rm -rf "$TMP/dest"
+  if mountpoint -q "$TMP/fs" 2>/dev/null; then
+    umount "$TMP/fs"
+  fi
+  rm -rf "$TMP/fs" "$DEST_IMG"
+  mkdir -p "$TMP/fs"
+  if [ "$DEST_FS" = fresh ]; then
+    local mib
+    mib=$(( $(du -sm "$SRC" | cut -f1) * 13 / 10 + 1024 ))
+    truncate -s "${mib}M" "$DEST_IMG"
+    mkfs.ext4 -q -F -i 8192 -E lazy_itable_init=0,lazy_journal_init=0 "$DEST_IMG"
+    # Direct I/O on the loop device: the image's blocks are not cached twice. Detaching the
+    # mounted device only marks it to go away at unmount.
+    local dev
+    dev=$(losetup -f --show --direct-io=on "$DEST_IMG")
+    mount "$dev" "$TMP/fs"
+    losetup -d "$dev"
+  fi
+  mkdir -p "$DEST"
   sync
 }
 
@@ -201,14 +233,14 @@ run_tar() { # round zstd?
   local round=$1 z=$2 tool=tar t0 t1 rp
   PORT=$((PORT + 1))
   fresh_dest
-  mkdir -p "$TMP/dest"
+  mkdir -p "$DEST"
   if [ "$z" = 1 ]; then
     tool=tarzstd
     /usr/bin/time -f "$TFMT" -o "$TMP/r.time" bash -c \
-      "nc -d -l 127.0.0.1 $PORT | zstd -d -q | tar -C '$TMP/dest' -xf -" &
+      "nc -d -l 127.0.0.1 $PORT | zstd -d -q | tar -C '$DEST' -xf -" &
   else
     /usr/bin/time -f "$TFMT" -o "$TMP/r.time" bash -c \
-      "nc -d -l 127.0.0.1 $PORT | tar -C '$TMP/dest' -xf -" &
+      "nc -d -l 127.0.0.1 $PORT | tar -C '$DEST' -xf -" &
   fi
   rp=$!
   PIDS+=("$rp")
@@ -240,7 +272,7 @@ run_rsync() { # round cipher
   t0=$(now)
   /usr/bin/time -f "$TFMT" -o "$TMP/s.time" \
     rsync -a -e "$ssh_cmd" --rsync-path="/usr/bin/time -f '$TFMT' -o $TMP/r.time rsync" \
-    "$SRC/" "root@127.0.0.1:$TMP/dest/"
+    "$SRC/" "root@127.0.0.1:$DEST/"
   t1=$(now)
   # sshd reaps its session processes a moment later.
   sleep 0.5
@@ -272,7 +304,7 @@ run_ferry() { # round [binary tool-name]
     sleep 0.02
   done
   FERRY_HOME="$TMP/home-r" /usr/bin/time -f "$TFMT" -o "$TMP/r.time" \
-    "$bin" receive "$TMP/dest" --connect "127.0.0.1:$PORT" --code 1234-5678 --json \
+    "$bin" receive "$DEST" --connect "127.0.0.1:$PORT" --code 1234-5678 --json \
     >"$TMP/r.json" 2>"$TMP/r.err" &
   rp=$!
   PIDS+=("$rp")
@@ -307,7 +339,7 @@ run_proto() { # round [extra-flag [binary tool-name]]
   local round=$1 flag=${2:-} bin=${3:-$BIN/examples/proto_bench} tool=${4:-proto} out
   [ -n "$flag" ] && tool=protoraw
   fresh_dest
-  out=$(/usr/bin/time -f "$TFMT" -o "$TMP/s.time" "$bin" "$SRC" "$TMP/dest" $flag)
+  out=$(/usr/bin/time -f "$TFMT" -o "$TMP/s.time" "$bin" "$SRC" "$DEST" $flag)
   # Wall and CPU of the transfer alone (the example scans first and times the scan apart).
   record "$round" "$tool" \
     "$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["secs"])' "$out")" \
