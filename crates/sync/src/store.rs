@@ -453,7 +453,7 @@ impl FsStore {
             let key = staging_key(&e.path);
             let final_path = self.dest.join(&e.path);
             let src = ctx(&final_path, File::open(&final_path))?;
-            let dst = self.create_staging(&e.path, e.size)?;
+            let (dst, _) = self.create_staging(&e.path, e.size)?;
             let mut buf = vec![0u8; e.chunk_size() as usize];
             for slot in reuse {
                 let (Some(loc), Some(hash)) = (manifest.locate(slot), manifest.slot_hash(slot))
@@ -630,22 +630,26 @@ impl FsStore {
         true
     }
 
-    fn create_staging(&self, path: &str, size: u64) -> Result<File, StoreError> {
+    /// Opens `path`'s staging file, creating it if needed (then it is empty: the chunk writes
+    /// give it its size). A longer file left by an earlier round is cut to `size`. The flag
+    /// says whether the file was created.
+    fn create_staging(&self, path: &str, size: u64) -> Result<(File, bool), StoreError> {
         let p = self.staging_path(path);
-        let f = ctx(
-            &p,
-            OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&p),
-        )?;
-        let len = ctx(&p, f.metadata())?.len();
-        if len != size {
+        let open = |new: bool| {
+            let mut o = OpenOptions::new();
+            o.read(true).write(true).create_new(new);
+            o.open(&p)
+        };
+        match open(true) {
+            Ok(f) => return Ok((f, true)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(StoreError::io(&p, e)),
+        }
+        let f = ctx(&p, open(false))?;
+        if ctx(&p, f.metadata())?.len() > size {
             ctx(&p, f.set_len(size))?;
         }
-        Ok(f)
+        Ok((f, false))
     }
 
     fn staging_file(&self, m: &Manifest, entry: u32) -> Result<Arc<File>, StoreError> {
@@ -654,12 +658,9 @@ impl FsStore {
             return Ok(Arc::clone(f));
         }
         let e = m.entry(entry).ok_or(StoreError::NotPrepared)?;
-        let p = self.staging_path(&e.path);
-        let existed = p.exists();
-        let f = Arc::new(self.create_staging(&e.path, e.size)?);
-        if !existed {
-            open.created = true;
-        }
+        let (f, created) = self.create_staging(&e.path, e.size)?;
+        let f = Arc::new(f);
+        open.created |= created;
         // Dirty files must stay reachable for the next commit's fsync: only clean ones are
         // closed, and only once MAX_OPEN_FILES of them piled up, so that a commit window of
         // thousands of small files does not pay a pass over all of them per file opened.
@@ -812,18 +813,24 @@ impl FsStore {
             return Ok(Vec::new());
         }
         let m = &p.manifest;
+        let t0 = std::time::Instant::now();
         *lock(&self.open) = Open::default();
         let mut ok_dirs: HashSet<PathBuf> = HashSet::new();
         let mut touched_dirs: HashSet<PathBuf> = HashSet::new();
         // Verify first (in parallel), so that damage is found before anything moves.
         let homes = lock(&p.homes).clone();
-        let bad = verify_files(m, |i| match homes[i] {
-            Home::InPlace => self.dest.join(&m.entries()[i].path),
-            Home::Staging => self.staging_path(&m.entries()[i].path),
-        });
+        let (bad, stamped) = verify_and_stamp(
+            m,
+            |i| match homes[i] {
+                Home::InPlace => self.dest.join(&m.entries()[i].path),
+                Home::Staging => self.staging_path(&m.entries()[i].path),
+            },
+            |i| homes[i] == Home::Staging,
+        );
         if !bad.is_empty() {
             return Ok(self.damaged(&p, &bad));
         }
+        let verified = t0.elapsed();
         self.remove_dropped(m)?;
         for (i, e) in m.entries().iter().enumerate() {
             let final_path = self.dest.join(&e.path);
@@ -848,13 +855,15 @@ impl FsStore {
                     if e.size == 0 && !staged.exists() {
                         ctx(&staged, File::create(&staged))?;
                     }
-                    self.check_target(&final_path)?;
                     // The data is durable already (every slot was committed); mode, mtime and
                     // the rename become durable with the one syncfs below, before the receipt.
                     // A crash before it can leave an older mtime on a file whose bytes are
                     // right: the next run finds no receipt, re-verifies and sets it again.
-                    set_meta(&staged, e.mode, e.mtime)?;
-                    ctx(&final_path, fs::rename(&staged, &final_path))?;
+                    // (Most files were stamped through their handle while verified.)
+                    if !stamped[i] {
+                        set_meta(&staged, e.mode, e.mtime)?;
+                    }
+                    self.rename_file(&staged, &final_path)?;
                     touched_dirs.insert(parent);
                 }
                 EntryKind::Symlink { target } => {
@@ -870,10 +879,12 @@ impl FsStore {
                 }
             }
         }
+        let renamed = t0.elapsed();
         {
             let d = ctx(&self.dest, File::open(&self.dest))?;
             ctx(&self.dest, rustix::fs::syncfs(&d).map_err(io::Error::from))?;
         }
+        let moved = t0.elapsed();
         for d in &touched_dirs {
             ctx(d, sync_dir(d))?;
         }
@@ -884,6 +895,14 @@ impl FsStore {
             }
         }
         self.write_receipt(m)?;
+        tracing::debug!(
+            ?verified,
+            ?renamed,
+            ?moved,
+            receipt = ?t0.elapsed(),
+            files = m.summary().files,
+            "finalized"
+        );
         let _ = fs::remove_file(self.state.join("receipt.prev"));
         *lock(&self.journal) = None;
         let _ = fs::remove_file(self.state.join("journal"));
@@ -994,13 +1013,19 @@ impl FsStore {
         Ok(())
     }
 
+    /// Moves a staged file into place; a directory in the way is a conflict (rename's EISDIR
+    /// says so without a separate look first).
+    fn rename_file(&self, staged: &Path, final_path: &Path) -> Result<(), StoreError> {
+        match fs::rename(staged, final_path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EISDIR) => Err(dir_in_the_way(final_path)),
+            Err(e) => Err(StoreError::io(final_path, e)),
+        }
+    }
+
     fn check_target(&self, final_path: &Path) -> Result<(), StoreError> {
         match fs::symlink_metadata(final_path) {
-            Ok(md) if md.is_dir() => Err(StoreError::Conflict {
-                path: final_path.to_path_buf(),
-                why: "a directory exists where the history has a file; move it away and run again"
-                    .into(),
-            }),
+            Ok(md) if md.is_dir() => Err(dir_in_the_way(final_path)),
             _ => Ok(()),
         }
     }
@@ -1104,27 +1129,55 @@ fn set_meta(path: &Path, mode: u32, mtime: Mtime) -> Result<(), StoreError> {
     let mode = (mode & 0o777) | if is_dir { 0o700 } else { 0o400 };
     let perm = fs::Permissions::from_mode(mode);
     ctx(path, fs::set_permissions(path, perm))?;
+    let f = ctx(path, File::options().read(true).open(path))?;
+    // Directories can't be opened for writing; set_times works on a read handle on Linux.
+    ctx(path, f.set_times(file_times(mtime)))
+}
+
+fn dir_in_the_way(final_path: &Path) -> StoreError {
+    StoreError::Conflict {
+        path: final_path.to_path_buf(),
+        why: "a directory exists where the history has a file; move it away and run again".into(),
+    }
+}
+
+/// Sets a regular file's mode (the owner keeps read access) and mtime through its handle.
+fn stamp_file(f: &File, mode: u32, mtime: Mtime) -> io::Result<()> {
+    f.set_permissions(fs::Permissions::from_mode((mode & 0o777) | 0o400))?;
+    f.set_times(file_times(mtime))
+}
+
+fn file_times(mtime: Mtime) -> fs::FileTimes {
     let t = if mtime.secs >= 0 {
         SystemTime::UNIX_EPOCH + Duration::new(mtime.secs as u64, mtime.nanos.min(999_999_999))
     } else {
         SystemTime::UNIX_EPOCH
     };
-    let f = ctx(path, File::options().read(true).open(path))?;
-    // Directories can't be opened for writing; set_times works on a read handle on Linux.
-    ctx(
-        path,
-        f.set_times(fs::FileTimes::new().set_modified(t).set_accessed(t)),
-    )
+    fs::FileTimes::new().set_modified(t).set_accessed(t)
 }
 
 /// Checks files against a manifest chunk by chunk; returns the slots that do not match.
 /// `path_of(i)` names where entry `i`'s bytes are.
 fn verify_files(m: &Manifest, path_of: impl Fn(usize) -> PathBuf + Sync) -> Vec<u32> {
+    verify_and_stamp(m, path_of, |_| false).0
+}
+
+/// [`verify_files`], and for every file that matched and `stamp(i)` names, sets its mode and
+/// mtime through the handle it was read with (two calls, instead of looking the path up three
+/// more times later). The second result says which entries were stamped.
+fn verify_and_stamp(
+    m: &Manifest,
+    path_of: impl Fn(usize) -> PathBuf + Sync,
+    stamp: impl Fn(usize) -> bool + Sync,
+) -> (Vec<u32>, Vec<bool>) {
     let files: Vec<usize> = (0..m.entries().len())
         .filter(|&i| m.entries()[i].is_file())
         .collect();
     let next = std::sync::atomic::AtomicUsize::new(0);
     let bad = Mutex::new(Vec::new());
+    let stamped: Vec<std::sync::atomic::AtomicBool> = (0..m.entries().len())
+        .map(|_| std::sync::atomic::AtomicBool::new(false))
+        .collect();
     let threads = std::thread::available_parallelism()
         .map_or(2, |n| n.get())
         .min(4);
@@ -1136,27 +1189,36 @@ fn verify_files(m: &Manifest, path_of: impl Fn(usize) -> PathBuf + Sync) -> Vec<
                     let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let Some(&i) = files.get(k) else { break };
                     let e = &m.entries()[i];
-                    let mine = verify_file(m, i, &path_of(i), &mut buf);
+                    let (mine, f) = verify_file(m, i, &path_of(i), &mut buf);
                     if !mine.is_empty() {
                         tracing::warn!(path = %e.path, chunks = mine.len(), "verification failed");
                         lock(&bad).extend(mine);
+                    } else if let Some(f) = f.filter(|_| stamp(i)) {
+                        // A failure here is not fatal: the file is stamped by path later.
+                        if stamp_file(&f, e.mode, e.mtime).is_ok() {
+                            stamped[i].store(true, std::sync::atomic::Ordering::Relaxed);
+                        }
                     }
                 }
             });
         }
     });
-    bad.into_inner().unwrap_or_else(|p| p.into_inner())
+    (
+        bad.into_inner().unwrap_or_else(|p| p.into_inner()),
+        stamped.into_iter().map(|b| b.into_inner()).collect(),
+    )
 }
 
-fn verify_file(m: &Manifest, i: usize, path: &Path, buf: &mut Vec<u8>) -> Vec<u32> {
+/// Verifies entry `i` at `path`: the slots that do not match, and the open file.
+fn verify_file(m: &Manifest, i: usize, path: &Path, buf: &mut Vec<u8>) -> (Vec<u32>, Option<File>) {
     let e = &m.entries()[i];
     let all = || (e.first_slot..e.first_slot + e.chunks()).collect::<Vec<u32>>();
     let Ok(f) = File::open(path) else {
-        return all();
+        return (all(), None);
     };
     match f.metadata() {
-        Ok(md) if md.len() == e.size => {}
-        _ => return all(),
+        Ok(md) if md.is_file() && md.len() == e.size => {}
+        _ => return (all(), None),
     }
     let mut bad = Vec::new();
     buf.resize(e.chunk_size() as usize, 0);
@@ -1170,7 +1232,7 @@ fn verify_file(m: &Manifest, i: usize, path: &Path, buf: &mut Vec<u8>) -> Vec<u3
             bad.push(slot);
         }
     }
-    bad
+    (bad, Some(f))
 }
 
 /// Reads the manifest recorded in `dest`'s receipt.

@@ -513,3 +513,33 @@ fn databases_then_small_files_are_sent_first() {
         "each file whole, in the transfer order"
     );
 }
+
+#[test]
+fn a_directory_where_a_file_goes_is_a_conflict_not_a_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dest) = (dir.path().join("src"), dir.path().join("dest"));
+    make_history(&src);
+    // Someone's folder (with a file in it) sits where the history has a video.
+    fs::create_dir_all(dest.join("media/ab/video.mp4")).unwrap();
+    fs::write(dest.join("media/ab/video.mp4/theirs.txt"), b"keep me").unwrap();
+    let mut h = Harness::new(&src, &dest);
+    let failed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        h.session(Fault::None);
+    }))
+    .expect_err("finalize must refuse to replace a directory");
+    let msg = failed.downcast_ref::<String>().cloned().unwrap_or_default();
+    assert!(
+        msg.contains("a directory exists where the history has a file"),
+        "{msg}"
+    );
+    // Nothing of theirs was touched, and no receipt claims a finished migration.
+    assert_eq!(
+        fs::read(dest.join("media/ab/video.mp4/theirs.txt")).unwrap(),
+        b"keep me"
+    );
+    assert!(!dest.join(".ferry/receipt").exists());
+    // Once the folder is moved away, the same migration finishes from what was kept.
+    fs::remove_dir_all(dest.join("media/ab/video.mp4")).unwrap();
+    h.finish();
+    assert_eq!(h.resent, 0, "verified data was fetched again");
+}
