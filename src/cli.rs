@@ -78,8 +78,7 @@ pub struct SendFlags {
     #[arg(long, value_name = "SIZE")]
     pub limit_rate: Option<String>,
     /// When to compress compressible chunks (message databases, text; media never are):
-    /// auto (default) while the CPUs have room for it, which is when the link is the limit;
-    /// always; never.
+    /// auto (default) over a network but not to a receiver on this machine; always; never.
     #[arg(long, default_value = "auto", value_parser = ["auto", "always", "never"])]
     pub compress: String,
     /// Send the databases and small files (up to 1 MiB) as a round of their own first: the new

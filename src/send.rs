@@ -54,8 +54,7 @@ pub struct SendSettings {
 /// When the sender compresses compressible chunks (`--compress`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Compress {
-    /// While the machine's CPUs have room for it: the link is then the limit (see
-    /// [`ferry_sync::compress::run_auto`]).
+    /// Over a network; not when the receiver runs on this machine.
     #[default]
     Auto,
     Always,
@@ -63,8 +62,7 @@ pub enum Compress {
 }
 
 impl Compress {
-    /// The policy for this mode; `Auto` also returns the gate to drive for as long as the
-    /// migration runs.
+    /// The policy for this mode; `Auto` also returns the gate to set for each connection.
     fn policy(self) -> (CompressPolicy, Option<CompressGate>) {
         match self {
             Compress::Always => (CompressPolicy::default(), None),
@@ -586,14 +584,11 @@ pub async fn run(
         ));
         // Rounds on this connection, each on new streams.
         loop {
-            // Automatic compression follows the CPU load while this session runs (not while
-            // scanning or waiting for a receiver); it starts off and turns on once the CPUs
-            // show room for it, so that a CPU-bound migration does not compress its first
-            // chunks (the databases) before the first reading.
-            let _auto = gate.as_ref().map(|g| {
-                g.set(false);
-                AbortOnDrop(tokio::spawn(ferry_sync::compress::run_auto(g.clone())))
-            });
+            // --compress auto: compress over a network, not between two devices on this
+            // machine (no link to save time on; both ends share the CPUs zstd would take).
+            if let Some(g) = &gate {
+                g.set(!same_machine(&conn));
+            }
             sessions += 1;
             awaiting.store(false, Ordering::SeqCst);
             let (current, round_no, stop_d) =
@@ -797,11 +792,9 @@ async fn receiver_stopped(conn: &PeerConnection) -> bool {
     }
 }
 
-/// Stops a background task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
+/// Whether the receiver of `conn` runs on this machine: it comes from a loopback address, or
+/// from the very address this end receives on.
+fn same_machine(conn: &PeerConnection) -> bool {
+    let remote = conn.peer().addr.ip();
+    remote.is_loopback() || conn.quinn().local_ip() == Some(remote)
 }

@@ -132,7 +132,15 @@ fn finish(run: &mut Run, src: &Path) -> (f64, u64) {
 
 fn clean_run(lab: &Lab, src: &Path) -> (f64, u64) {
     let mut run = start(lab, src);
-    finish(&mut run, src)
+    let (secs, wire) = finish(&mut run, src);
+    // Over a network (another namespace's address), --compress auto compresses the message
+    // databases: fewer bytes cross than the history's unique bytes.
+    let unique = u64_of(run.send.seen_named("manifest")[0], "unique_bytes");
+    assert!(
+        wire < unique,
+        "auto over the LAN sent {wire} of {unique} unique bytes"
+    );
+    (secs, wire)
 }
 
 #[test]

@@ -64,12 +64,12 @@ fn limit_rate_paces_the_transfer() {
 }
 
 #[test]
-fn compress_always_and_never() {
+fn compress_always_never_and_auto_on_one_machine() {
     let src = shared_history(8, 3);
     let (old, new) = (Device::new("old"), Device::new("new"));
     let work = tempdir("compress");
     let mut wire = Vec::new();
-    for mode in ["always", "never"] {
+    for mode in ["always", "never", "auto"] {
         let dest = work.path().join(mode);
         let (mut s, addr, code) =
             start_sender_with(&old, src, "127.0.0.1:0", &["--compress", mode]);
@@ -81,12 +81,16 @@ fn compress_always_and_never() {
         let unique = u64_of(s.seen_named("manifest")[0], "unique_bytes");
         wire.push((u64_of(&done, "wire_bytes"), unique));
     }
-    let [(always, unique), (never, unique2)] = wire[..] else {
+    let [(always, unique), (never, unique2), (auto, _)] = wire[..] else {
         unreachable!()
     };
+    eprintln!(
+        "--compress always: {always} wire bytes, never: {never}, auto: {auto}, unique {unique}"
+    );
     assert_eq!(unique, unique2);
     // The message databases compress; without compression every unique byte crosses as it is.
-    eprintln!("--compress always: {always} wire bytes, never: {never}, unique {unique}");
     assert!(always < unique, "always: {always} of {unique}");
     assert_eq!(never, unique, "never: {never} of {unique}");
+    // Both ends on this machine (loopback): auto does not compress.
+    assert_eq!(auto, unique, "auto on loopback: {auto} of {unique}");
 }

@@ -6,11 +6,10 @@
 //! the chunk. High-entropy chunks go raw; others are compressed with zstd and kept compressed
 //! only if that saves at least [`CompressPolicy::min_saving`] of the bytes.
 //!
-//! Compression trades CPU for link time. With [`CompressPolicy::gate`] set, a sender turns it
-//! on and off while it runs ([`run_auto`]): on while the machine's CPUs have room (a phone on
-//! Wi-Fi, a laptop on gigabit Ethernet: the link is the limit and every byte saved is time
-//! saved), off while they are the bottleneck (both devices on one machine, a link faster than
-//! the CPUs), where zstd would only take cycles from encryption and the disk.
+//! Compression trades CPU for link time. With [`CompressPolicy::gate`] set, the application
+//! turns it on and off per connection: ferry compresses over a network and not between two
+//! devices on one machine, where there is no link to save time on and zstd only takes cycles
+//! from the encryption and the disk that both ends share.
 //!
 //! The receiver never trusts the sender's encoding: [`decode_verified`] decompresses into a buffer
 //! of exactly the chunk's declared length (a zstd bomb fails instead of allocating) and checks the
@@ -18,7 +17,6 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -54,8 +52,8 @@ pub struct CompressPolicy {
     pub max_entropy_bits: f32,
     /// Keep the compressed form only if it is at most `1 - min_saving` of the original.
     pub min_saving: f32,
-    /// When set, compress only while the gate is open (see [`run_auto`]); `None` compresses
-    /// every chunk that qualifies.
+    /// When set, compress only while the gate is open; `None` compresses every chunk that
+    /// qualifies.
     pub gate: Option<CompressGate>,
 }
 
@@ -71,7 +69,7 @@ impl Default for CompressPolicy {
     }
 }
 
-/// A shared on/off switch for compression, flipped while a migration runs.
+/// A shared on/off switch for compression, flipped while a migration runs (per connection).
 #[derive(Clone, Debug)]
 pub struct CompressGate(Arc<AtomicBool>);
 
@@ -89,116 +87,6 @@ impl CompressGate {
 
     pub fn set(&self, open: bool) {
         self.0.store(open, Ordering::Relaxed);
-    }
-}
-
-/// The decision behind automatic compression, from how busy the machine's CPUs were over each
-/// interval (0.0 idle … 1.0 saturated), with hysteresis so that it does not flap.
-#[derive(Clone, Debug)]
-pub struct AutoCompress {
-    /// Stop compressing when the CPUs were at least this busy.
-    pub stop_at: f32,
-    /// Compress again once they were less busy than this.
-    pub resume_below: f32,
-    open: bool,
-}
-
-impl Default for AutoCompress {
-    fn default() -> Self {
-        AutoCompress {
-            stop_at: 0.85,
-            resume_below: 0.7,
-            open: true,
-        }
-    }
-}
-
-impl AutoCompress {
-    /// Takes one interval's CPU load and says whether to compress now.
-    pub fn update(&mut self, busy: f32) -> bool {
-        if self.open && busy >= self.stop_at {
-            self.open = false;
-        } else if !self.open && busy < self.resume_below {
-            self.open = true;
-        }
-        self.open
-    }
-}
-
-/// Cumulative CPU time of the whole machine (all CPUs), in the kernel's ticks.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CpuTimes {
-    busy: u64,
-    total: u64,
-}
-
-impl CpuTimes {
-    /// Parses the aggregate `cpu` line of Linux's `/proc/stat`. Time waiting for I/O counts as
-    /// idle: a CPU waiting for the disk has room for compression.
-    pub fn parse(stat: &str) -> Option<CpuTimes> {
-        let line = stat.lines().find(|l| l.starts_with("cpu "))?;
-        let v: Vec<u64> = line
-            .split_whitespace()
-            .skip(1)
-            .map_while(|f| f.parse().ok())
-            .collect();
-        if v.len() < 4 {
-            return None;
-        }
-        // user nice system idle iowait irq softirq steal (guest time is inside user already).
-        let total: u64 = v.iter().take(8).fold(0u64, |a, &x| a.saturating_add(x));
-        let idle = v[3].saturating_add(v.get(4).copied().unwrap_or(0));
-        Some(CpuTimes {
-            busy: total.saturating_sub(idle),
-            total,
-        })
-    }
-
-    /// The machine's CPU times now (`None` where the system does not expose them).
-    pub fn now() -> Option<CpuTimes> {
-        std::fs::read_to_string("/proc/stat")
-            .ok()
-            .and_then(|s| CpuTimes::parse(&s))
-    }
-
-    /// Share of the CPUs' time spent busy between `earlier` and `self`.
-    pub fn busy_since(&self, earlier: &CpuTimes) -> Option<f32> {
-        let total = self.total.checked_sub(earlier.total)?;
-        let busy = self.busy.checked_sub(earlier.busy)?;
-        (total > 0).then(|| (busy as f32 / total as f32).min(1.0))
-    }
-}
-
-/// How often [`run_auto`] looks at the CPU load.
-pub const AUTO_INTERVAL: Duration = Duration::from_millis(250);
-
-/// Opens and closes `gate` from the machine's CPU load until dropped (spawn it for as long as
-/// chunks are being sent), starting from the gate's state. Where the load cannot be read, the
-/// gate is opened and left so.
-pub async fn run_auto(gate: CompressGate) {
-    let mut auto = AutoCompress {
-        open: gate.is_open(),
-        ..AutoCompress::default()
-    };
-    let mut last = CpuTimes::now();
-    if last.is_none() {
-        // No way to tell: compress, as without a gate.
-        gate.set(true);
-        return;
-    }
-    loop {
-        tokio::time::sleep(AUTO_INTERVAL).await;
-        let now = CpuTimes::now();
-        if let (Some(a), Some(b)) = (last, now) {
-            if let Some(busy) = b.busy_since(&a) {
-                let open = auto.update(busy);
-                if open != gate.is_open() {
-                    tracing::debug!(busy, open, "automatic compression");
-                    gate.set(open);
-                }
-            }
-        }
-        last = now;
     }
 }
 
@@ -367,40 +255,6 @@ mod tests {
         assert_eq!(out, text.as_bytes());
         gate.set(true);
         assert_eq!(encode_chunk(Bytes::from(text), &policy).0, Encoding::Zstd);
-    }
-
-    #[test]
-    fn auto_compression_stops_on_saturated_cpus_and_resumes_with_room() {
-        let mut a = AutoCompress::default();
-        // Link-bound: the CPUs have room.
-        assert!(a.update(0.3));
-        assert!(a.update(0.8));
-        // Saturated: stop; a dip just below the stop mark does not flap it back on.
-        assert!(!a.update(0.97));
-        assert!(!a.update(0.8));
-        assert!(!a.update(0.9));
-        // Clearly idle again: compress.
-        assert!(a.update(0.5));
-    }
-
-    #[test]
-    fn cpu_load_from_proc_stat() {
-        let t0 = CpuTimes::parse(
-            "cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 50 0 25 400 25 0 0 0 0 0\nintr 1 2 3\n",
-        )
-        .unwrap();
-        let t1 = CpuTimes::parse("cpu  250 0 100 850 50 0 0 0 0 0\n").unwrap();
-        // 200 busy ticks out of 250.
-        assert_eq!(t1.busy_since(&t0), Some(0.8));
-        // Counters that went backwards or did not move give no reading.
-        assert_eq!(t0.busy_since(&t1), None);
-        assert_eq!(t0.busy_since(&t0), None);
-        for bad in ["", "cpu0 1 2 3 4", "cpu  x y z", "cpu  1 2"] {
-            assert_eq!(CpuTimes::parse(bad), None, "{bad:?}");
-        }
-        if cfg!(target_os = "linux") {
-            assert!(CpuTimes::now().is_some());
-        }
     }
 
     #[test]
