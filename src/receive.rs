@@ -117,6 +117,34 @@ fn connect_failure(e: ConnectError) -> Failure {
     }
 }
 
+/// How long a first connection keeps retrying a sender that refuses new connections for now.
+const REFUSED_RETRY_FOR: Duration = Duration::from_secs(30);
+
+/// Runs `attempt` again, with backoff, while the sender answers but refuses new connections
+/// for now (it is busy with half-finished handshakes, e.g. of this receiver's earlier runs
+/// that were killed): a busy sender is not an unreachable one. Anything else is returned.
+async fn unless_refused<F, Fut>(mut attempt: F) -> Result<PeerConnection, ConnectError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<PeerConnection, ConnectError>>,
+{
+    let until = Instant::now() + REFUSED_RETRY_FOR;
+    let mut wait = Duration::from_millis(100);
+    loop {
+        match attempt().await {
+            Err(ConnectError::Refused(why)) if Instant::now() + wait < until => {
+                tracing::info!(
+                    ?why,
+                    "the sender refused a new connection for now; retrying"
+                );
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(2));
+            }
+            r => return r,
+        }
+    }
+}
+
 async fn first_connection(
     ep: &Endpoint,
     s: &ReceiveSettings,
@@ -125,9 +153,9 @@ async fn first_connection(
     let remembered = remembered_sender(&s.dest).filter(|id| ep.peers().contains(id));
     if let Some(t) = &s.ticket {
         let conn = if ep.peers().contains(&t.device_id) {
-            ep.connect_peer(t.device_id, &t.addrs).await
+            unless_refused(|| ep.connect_peer(t.device_id, &t.addrs)).await
         } else {
-            ep.connect_ticket(t).await
+            unless_refused(|| ep.connect_ticket(t)).await
         };
         return conn.map(|c| (c, t.addrs.clone())).map_err(connect_failure);
     }
@@ -137,13 +165,12 @@ async fn first_connection(
             // first pairing, but DEST remembers the (pinned) sender — reconnect by its key and
             // use the code only if that device is not the one listening there.
             if let Some(id) = remembered {
-                if let Ok(c) = ep.connect_peer(id, addrs).await {
+                if let Ok(c) = unless_refused(|| ep.connect_peer(id, addrs)).await {
                     rep.say("resuming the unfinished migration from the same sender (already paired; the code is not needed)");
                     return Ok((c, addrs.clone()));
                 }
             }
-            return ep
-                .connect_with_code(addrs, code)
+            return unless_refused(|| ep.connect_with_code(addrs, code))
                 .await
                 .map(|c| (c, addrs.clone()))
                 .map_err(connect_failure);
@@ -153,23 +180,20 @@ async fn first_connection(
             (peers.len() == 1).then(|| peers[0].device_id)
         });
         if let Some(id) = pinned {
-            return ep
-                .connect_peer(id, addrs)
+            return unless_refused(|| ep.connect_peer(id, addrs))
                 .await
                 .map(|c| (c, addrs.clone()))
                 .map_err(connect_failure);
         }
         let code = common::prompt_code(&addrs[0].to_string())?;
-        return ep
-            .connect_with_code(addrs, code)
+        return unless_refused(|| ep.connect_with_code(addrs, code))
             .await
             .map(|c| (c, addrs.clone()))
             .map_err(connect_failure);
     }
     if let Some(id) = remembered {
         rep.say("resuming the unfinished migration from the same sender");
-        return ep
-            .connect_peer(id, &[])
+        return unless_refused(|| ep.connect_peer(id, &[]))
             .await
             .map(|c| (c, vec![]))
             .map_err(connect_failure);

@@ -148,6 +148,11 @@ pub enum ConnectError {
     /// Every candidate failed; one entry per address.
     #[error("could not connect: {}", .0.iter().map(|(a, e)| format!("{a}: {e}")).collect::<Vec<_>>().join("; "))]
     AllFailed(Vec<(SocketAddr, String)>),
+    /// The device answered but refused a new connection for now (it is busy handshaking
+    /// with many others, such as earlier attempts of a receiver restarted again and again):
+    /// worth trying again in a moment.
+    #[error("the device refused a new connection for now (busy with other connection attempts): {}", .0.iter().map(|(a, e)| format!("{a}: {e}")).collect::<Vec<_>>().join("; "))]
+    Refused(Vec<(SocketAddr, String)>),
     /// No candidate answered in time.
     #[error("connect timed out")]
     Timeout,
@@ -575,13 +580,18 @@ async fn race(
         });
     }
     let mut winner = None;
+    let mut refused = false;
     while let Some(joined) = set.join_next().await {
         match joined {
             Ok((addr, Ok(conn))) => {
                 winner = Some((conn, addr));
                 break;
             }
-            Ok((addr, Err(e))) => errors.push((addr, e.to_string())),
+            Ok((addr, Err(e))) => {
+                refused |= matches!(&e, quinn::ConnectionError::ConnectionClosed(c)
+                    if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED);
+                errors.push((addr, e.to_string()));
+            }
             Err(e) => errors.push((SocketAddr::from(([0, 0, 0, 0], 0)), e.to_string())),
         }
     }
@@ -591,7 +601,11 @@ async fn race(
             loser.close(VarInt::from_u32(close::SUPERSEDED), b"another path won");
         }
     }
-    winner.ok_or(ConnectError::AllFailed(errors))
+    winner.ok_or(if refused {
+        ConnectError::Refused(errors)
+    } else {
+        ConnectError::AllFailed(errors)
+    })
 }
 
 async fn client_session(

@@ -425,3 +425,48 @@ async fn unauthenticated_connection_cannot_open_data_streams() {
     // The code was not consumed by a client that never sent its PAKE message.
     assert!(server.pairing_open());
 }
+
+#[tokio::test]
+async fn a_server_busy_with_half_open_handshakes_refuses_and_says_so() {
+    let cfg = EndpointConfig {
+        bind: "127.0.0.1:0".parse().unwrap(),
+        handshake_timeout: Duration::from_secs(2),
+        max_pending: 1,
+        ..EndpointConfig::default()
+    };
+    let server = Endpoint::bind(
+        Identity::generate("server").unwrap(),
+        PeerStore::in_memory(),
+        cfg,
+    )
+    .unwrap();
+    // A raw QUIC client finishes TLS and then says nothing: it holds the one admission slot
+    // until the server's handshake timeout.
+    let staller = Identity::generate("staller").unwrap();
+    let raw = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let crypto = ferry_transport::tls::client_crypto(&staller, None).unwrap();
+    let stalled = raw
+        .connect_with(
+            quinn::ClientConfig::new(Arc::new(crypto)),
+            addr(&server),
+            "ferry.invalid",
+        )
+        .unwrap()
+        .await
+        .unwrap();
+    let client = endpoint("client");
+    let code = server.issue_pairing_code().unwrap();
+    let to = [addr(&server)];
+    let r = client.connect_with_code(&to, code).await;
+    assert!(matches!(r, Err(ConnectError::Refused(_))), "{r:?}");
+    // Once the stalled handshake times out, the slot is free and the same code pairs.
+    let stall_end = accept(&server).await;
+    assert!(
+        stall_end.is_err(),
+        "the silent client was admitted: {stall_end:?}"
+    );
+    let (s, c) = tokio::join!(accept(&server), client.connect_with_code(&to, code));
+    s.unwrap();
+    c.unwrap();
+    drop(stalled);
+}
