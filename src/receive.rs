@@ -145,6 +145,50 @@ where
     }
 }
 
+/// The sender cannot be reached, but DEST holds a finished migration from it: a receipt,
+/// nothing unfinished, and every file matches the receipt when hashed again now. This is the
+/// receiver killed after it confirmed the last round (the sender then finished and exited)
+/// and restarted: the migration is complete, so say so (exit 0) instead of "unreachable".
+async fn complete_without_sender(
+    s: &ReceiveSettings,
+    failed: &Failure,
+    started: Instant,
+    rep: &Reporter,
+) -> Option<ReceiveSummary> {
+    let dest = s.dest.clone();
+    remembered_sender(&dest)?;
+    let state = dest.join(ferry_sync::path::STATE_DIR);
+    if FsStore::has_unfinished(&dest) || state.join("staging").exists() {
+        return None;
+    }
+    let report = tokio::task::spawn_blocking(move || ferry_sync::store::verify_dest(&dest))
+        .await
+        .ok()?
+        .ok()?;
+    if !report.mismatched.is_empty() {
+        return None;
+    }
+    rep.say(&format!(
+        "{}; but this folder already holds the finished migration from it (every file verified again just now). \
+         If the old device changed since, run both commands again to send the changes",
+        failed.message
+    ));
+    let mut summary = ReceiveSummary::default();
+    finish_summary(
+        &mut summary,
+        &s.dest,
+        None,
+        report.files,
+        report.bytes,
+        report.root.to_hex(),
+        started,
+        &AtomicU64::new(0),
+        rep,
+        "complete",
+    );
+    Some(summary)
+}
+
 async fn first_connection(
     ep: &Endpoint,
     s: &ReceiveSettings,
@@ -258,7 +302,13 @@ pub async fn run(s: ReceiveSettings, rep: &Reporter) -> Result<ReceiveSummary, F
         rep.say("this folder holds an unfinished migration: continuing it");
     }
     let ep = common::endpoint(&s.dirs, s.name.as_deref(), None)?;
-    let (mut conn, mut addrs) = first_connection(&ep, &s, rep).await?;
+    let (mut conn, mut addrs) = match first_connection(&ep, &s, rep).await {
+        Ok(c) => c,
+        Err(f) if f.exit == Exit::Unreachable => {
+            return complete_without_sender(&s, &f, started, rep).await.ok_or(f);
+        }
+        Err(f) => return Err(f),
+    };
     let sender = conn.peer().clone();
     remember_sender(&s.dest, &sender.device_id);
     if !addrs.contains(&sender.addr) {

@@ -287,3 +287,54 @@ fn sender_killed_at_several_points_receiver_reconnects_by_itself() {
         "the receiver took {wire} wire bytes for {bytes} bytes of history"
     );
 }
+
+#[test]
+fn resumed_receiver_waits_for_a_sender_that_is_not_back_yet() {
+    let src = shared_history(32, 9);
+    let (old, new) = (Device::new("old"), Device::new("new"));
+    let work = tempdir("dest");
+    let dest = work.path().join("history");
+    let listen = format!("127.0.0.1:{}", free_udp_port());
+    let (mut s, addr, code) = start_sender_with(&old, src, &listen, &["--limit-rate", "8MB"]);
+    let mut r = new.receive(&dest, &addr, Some(&code), &["--give-up-after", "120"]);
+    wait_progress(&mut r, 0.3, &dest).expect("the migration finished before 30%");
+    // Both devices go down (a power cut); the new one comes back first.
+    s.kill9();
+    r.kill9();
+    r.wait_exit(LONG);
+    let mut r = new.receive(&dest, &addr, None, &["--give-up-after", "120"]);
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        r.running(),
+        "the resumed receiver gave up on a sender that is not back yet:\n{}",
+        r.stderr()
+    );
+    // The old device comes back: same FERRY_HOME and port, same key.
+    let mut s = old.send(src, &listen, &[]);
+    s.wait_event("listening", LONG);
+    r.wait_event("done", LONG);
+    r.expect_exit(0, LONG);
+    s.wait_event("done", LONG);
+    s.expect_exit(0, LONG);
+    assert_histories_equal(src, &dest).unwrap();
+}
+
+#[test]
+fn restarted_receiver_of_a_finished_migration_says_done_without_the_sender() {
+    let src = shared_history(8, 3);
+    let (old, new) = (Device::new("old"), Device::new("new"));
+    let work = tempdir("dest");
+    let dest = work.path().join("history");
+    let (mut s, addr, code) = start_sender(&old, src, "127.0.0.1:0");
+    let mut r = new.receive(&dest, &addr, Some(&code), &[]);
+    r.wait_event("done", LONG);
+    r.expect_exit(0, LONG);
+    s.expect_exit(0, LONG);
+    // As after a receiver killed once it had confirmed the last round: the sender finished
+    // and is gone; the same receive command again finds the finished migration.
+    let mut r = new.receive(&dest, &addr, None, &[]);
+    let done = r.wait_event("done", LONG);
+    r.expect_exit(0, LONG);
+    assert_eq!(done["end"], "complete", "{done}");
+    assert_histories_equal(src, &dest).unwrap();
+}
