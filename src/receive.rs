@@ -157,8 +157,7 @@ async fn complete_without_sender(
 ) -> Option<ReceiveSummary> {
     let dest = s.dest.clone();
     remembered_sender(&dest)?;
-    let state = dest.join(ferry_sync::path::STATE_DIR);
-    if FsStore::has_unfinished(&dest) || state.join("staging").exists() {
+    if FsStore::has_leftovers(&dest) {
         return None;
     }
     let report = tokio::task::spawn_blocking(move || ferry_sync::store::verify_dest(&dest))

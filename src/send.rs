@@ -62,27 +62,18 @@ pub enum Compress {
 }
 
 impl Compress {
-    /// The policy for this mode; `Auto` also returns the gate to set for each connection.
-    fn policy(self) -> (CompressPolicy, Option<CompressGate>) {
+    /// The policy for this mode; with `Auto` its gate is set for each connection.
+    fn policy(self) -> CompressPolicy {
         match self {
-            Compress::Always => (CompressPolicy::default(), None),
-            Compress::Never => (
-                CompressPolicy {
-                    enabled: false,
-                    ..CompressPolicy::default()
-                },
-                None,
-            ),
-            Compress::Auto => {
-                let gate = CompressGate::default();
-                (
-                    CompressPolicy {
-                        gate: Some(gate.clone()),
-                        ..CompressPolicy::default()
-                    },
-                    Some(gate),
-                )
-            }
+            Compress::Always => CompressPolicy::default(),
+            Compress::Never => CompressPolicy {
+                enabled: false,
+                ..CompressPolicy::default()
+            },
+            Compress::Auto => CompressPolicy {
+                gate: Some(CompressGate::default()),
+                ..CompressPolicy::default()
+            },
         }
     }
 }
@@ -434,7 +425,7 @@ pub async fn run(
         );
         manifest = Arc::clone(sub);
     }
-    let (policy, gate) = s.compress.policy();
+    let policy = s.compress.policy();
     let mut source = Arc::new(
         Source::new(&s.dir, Arc::clone(&manifest), policy.clone()).with_redirects(scanned.sources),
     );
@@ -586,7 +577,7 @@ pub async fn run(
         loop {
             // --compress auto: compress over a network, not between two devices on this
             // machine (no link to save time on; both ends share the CPUs zstd would take).
-            if let Some(g) = &gate {
+            if let Some(g) = &policy.gate {
                 g.set(!same_machine(&conn));
             }
             sessions += 1;

@@ -269,6 +269,12 @@ impl FsStore {
         dest.join(STATE_DIR).join("journal").exists()
     }
 
+    /// Whether `dest` holds anything of a migration in progress: a journal or staged files.
+    pub fn has_leftovers(dest: &Path) -> bool {
+        let state = dest.join(STATE_DIR);
+        state.join("journal").exists() || state.join("staging").exists()
+    }
+
     /// Whether `dest` holds a completed ferry migration.
     pub fn has_receipt(dest: &Path) -> bool {
         dest.join(STATE_DIR).join("receipt").exists()
