@@ -243,3 +243,31 @@ async fn too_many_data_streams_end_the_session() {
     }
     drop(attacker);
 }
+
+/// Thousands of one-chunk files: chunk frames queue up faster than the receiver takes them, so
+/// it takes them in batches. None may be lost on the way (a lost one stalls the session until
+/// the receiver's no-data timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bursts_of_tiny_files_arrive_without_a_stall() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dest) = (dir.path().join("src"), dir.path().join("dest"));
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    for d in 0..10 {
+        fs::create_dir_all(src.join(format!("stickers/{d}"))).unwrap();
+        for i in 0..300 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let data: Vec<u8> = (0..(64 + x % 900)).map(|k| (x >> (k % 57)) as u8).collect();
+            fs::write(src.join(format!("stickers/{d}/{i}.webp")), data).unwrap();
+        }
+    }
+    let run = session(&src, &dest, 4, None);
+    let (s, r, _, _) = tokio::time::timeout(std::time::Duration::from_secs(30), run)
+        .await
+        .expect("the session stalled");
+    s.unwrap();
+    assert_eq!(r.unwrap().files, 3000);
+    assert!(verify_dest(&dest).unwrap().mismatched.is_empty());
+    ferry_testkit::assert_trees_equal(&src, &dest).unwrap();
+}
