@@ -188,11 +188,66 @@ async fn complete_without_sender(
     Some(summary)
 }
 
+/// Where the sender can be reached.
+struct SenderAt {
+    /// The addresses it was reached at (the one it answered from is added once connected).
+    addrs: Vec<SocketAddr>,
+    /// Whether it was found on the local network (mDNS): then a reconnect that fails looks for
+    /// it there again. A sender that moved to a new address (roaming, a new DHCP lease, a
+    /// laptop that slept) announces the new one; QUIC cannot migrate the serving side, so the
+    /// old connection is lost, and its pinned key tells it apart from other senders.
+    browse: bool,
+}
+
+/// Addresses kept for reconnecting: a roaming sender adds one per move.
+const MAX_SENDER_ADDRS: usize = 16;
+
+impl SenderAt {
+    fn fixed(addrs: &[SocketAddr]) -> Self {
+        SenderAt {
+            addrs: addrs.to_vec(),
+            browse: false,
+        }
+    }
+
+    /// Adds `a` unless known (the oldest goes when there are too many); whether it was new.
+    fn add(&mut self, a: SocketAddr) -> bool {
+        if self.addrs.contains(&a) {
+            return false;
+        }
+        if self.addrs.len() >= MAX_SENDER_ADDRS {
+            self.addrs.remove(0);
+        }
+        self.addrs.push(a);
+        true
+    }
+}
+
+/// Looks for ferry senders on the local network for a moment: their addresses (every sender's;
+/// the pinned key picks ours when connecting).
+async fn browse_senders(wait: Duration) -> Vec<SocketAddr> {
+    let found = tokio::task::spawn_blocking(move || {
+        MdnsDiscovery::new(&MdnsConfig::default()).and_then(|d| d.browse(wait))
+    })
+    .await;
+    match found {
+        Ok(Ok(senders)) => senders.into_iter().flat_map(|d| d.addrs).collect(),
+        Ok(Err(e)) => {
+            tracing::info!("local-network discovery failed: {e}");
+            Vec::new()
+        }
+        Err(e) => {
+            tracing::info!("local-network discovery failed: {e}");
+            Vec::new()
+        }
+    }
+}
+
 async fn first_connection(
     ep: &Endpoint,
     s: &ReceiveSettings,
     rep: &Reporter,
-) -> Result<(PeerConnection, Vec<SocketAddr>), Failure> {
+) -> Result<(PeerConnection, SenderAt), Failure> {
     let remembered = remembered_sender(&s.dest).filter(|id| ep.peers().contains(id));
     if let Some(t) = &s.ticket {
         let conn = if ep.peers().contains(&t.device_id) {
@@ -200,7 +255,9 @@ async fn first_connection(
         } else {
             unless_refused(|| ep.connect_ticket(t)).await
         };
-        return conn.map(|c| (c, t.addrs.clone())).map_err(connect_failure);
+        return conn
+            .map(|c| (c, SenderAt::fixed(&t.addrs)))
+            .map_err(connect_failure);
     }
     if let Some(addrs) = &s.connect {
         if let Some(code) = s.code {
@@ -210,12 +267,12 @@ async fn first_connection(
             if let Some(id) = remembered {
                 if let Ok(c) = unless_refused(|| ep.connect_peer(id, addrs)).await {
                     rep.say("resuming the unfinished migration from the same sender (already paired; the code is not needed)");
-                    return Ok((c, addrs.clone()));
+                    return Ok((c, SenderAt::fixed(addrs)));
                 }
             }
             return unless_refused(|| ep.connect_with_code(addrs, code))
                 .await
-                .map(|c| (c, addrs.clone()))
+                .map(|c| (c, SenderAt::fixed(addrs)))
                 .map_err(connect_failure);
         }
         let pinned = remembered.or_else(|| {
@@ -225,20 +282,20 @@ async fn first_connection(
         if let Some(id) = pinned {
             return unless_refused(|| ep.connect_peer(id, addrs))
                 .await
-                .map(|c| (c, addrs.clone()))
+                .map(|c| (c, SenderAt::fixed(addrs)))
                 .map_err(connect_failure);
         }
         let code = common::prompt_code(&addrs[0].to_string())?;
         return unless_refused(|| ep.connect_with_code(addrs, code))
             .await
-            .map(|c| (c, addrs.clone()))
+            .map(|c| (c, SenderAt::fixed(addrs)))
             .map_err(connect_failure);
     }
     if let Some(id) = remembered {
         rep.say("resuming the unfinished migration from the same sender");
         return unless_refused(|| ep.connect_peer(id, &[]))
             .await
-            .map(|c| (c, vec![]))
+            .map(|c| (c, SenderAt::fixed(&[])))
             .map_err(connect_failure);
     }
     rep.say("looking for senders on the local network…");
@@ -279,7 +336,15 @@ async fn first_connection(
     };
     ep.connect_with_code(&sender.addrs, code)
         .await
-        .map(|c| (c, sender.addrs.clone()))
+        .map(|c| {
+            (
+                c,
+                SenderAt {
+                    addrs: sender.addrs.clone(),
+                    browse: true,
+                },
+            )
+        })
         .map_err(connect_failure)
 }
 
@@ -301,7 +366,7 @@ pub async fn run(s: ReceiveSettings, rep: &Reporter) -> Result<ReceiveSummary, F
         rep.say("this folder holds an unfinished migration: continuing it");
     }
     let ep = common::endpoint(&s.dirs, s.name.as_deref(), None)?;
-    let (mut conn, mut addrs) = match first_connection(&ep, &s, rep).await {
+    let (mut conn, mut at) = match first_connection(&ep, &s, rep).await {
         Ok(c) => c,
         Err(f) if f.exit == Exit::Unreachable => {
             return complete_without_sender(&s, &f, started, rep).await.ok_or(f);
@@ -310,9 +375,7 @@ pub async fn run(s: ReceiveSettings, rep: &Reporter) -> Result<ReceiveSummary, F
     };
     let sender = conn.peer().clone();
     remember_sender(&s.dest, &sender.device_id);
-    if !addrs.contains(&sender.addr) {
-        addrs.push(sender.addr);
-    }
+    at.add(sender.addr);
     rep.event("paired", json!({"peer": sender.name, "device_id": sender.device_id.to_string(), "addr": sender.addr.to_string(), "newly_paired": conn.newly_paired()}));
     rep.say(&format!(
         "{} {} ({})",
@@ -414,37 +477,54 @@ pub async fn run(s: ReceiveSettings, rep: &Reporter) -> Result<ReceiveSummary, F
             RecvEvent::Failed(_) => {}
         }
         };
+        // A new connection to the sender found while this one was silent (it moved).
+        let mut moved: Option<PeerConnection> = None;
         let result = {
             let fut = session::receive(&conn, Arc::clone(&store), &mut on_event);
             tokio::pin!(fut);
-            tokio::select! {
-            r = &mut fut => r,
-            _ = tokio::signal::ctrl_c() => {
-                if verified.load(Ordering::SeqCst) {
-                    // This round is verified and committed: stopping now (following, or
-                    // waiting for the sender's verdict) leaves a complete tree.
-                    conn.close(session::CLOSE_RECEIVER_STOPPED, b"receiver stopped");
+            let elsewhere = sender_elsewhere(&ep, sender.device_id, &mut at, &conn, rep);
+            tokio::pin!(elsewhere);
+            loop {
+                tokio::select! {
+                r = &mut fut => break r,
+                c = &mut elsewhere, if moved.is_none() => {
+                    // The old path is dead (the sender took the new connection in its place):
+                    // end this session, which commits what it verified, and go on over the new one.
+                    conn.close(session::CLOSE_SUPERSEDED, b"the sender answers at another address");
+                    moved = Some(c);
+                }
+                _ = tokio::signal::ctrl_c() => {
+                    if verified.load(Ordering::SeqCst) {
+                        // This round is verified and committed: stopping now (following, or
+                        // waiting for the sender's verdict) leaves a complete tree.
+                        conn.close(session::CLOSE_RECEIVER_STOPPED, b"receiver stopped");
+                        let _ = fut.await;
+                        rep.finish_progress();
+                        summary.wire_bytes = wire_before + wire.swap(0, Ordering::Relaxed);
+                        if summary.rounds > 0 {
+                            summary.catchup_wire_bytes += summary.wire_bytes - wire_before;
+                        }
+                        summary.rounds += 1;
+                        let m = ferry_sync::store::receipt_summary(&s.dest).map_err(Failure::from)?;
+                        rep.say("stopped; the last round is verified and complete here");
+                        finish_summary(&mut summary, &s.dest, first.as_ref(), m.files, m.bytes, m.root.to_hex(), started, &resumed, rep, "stopped");
+                        ep.close(0, b"done").await;
+                        return Ok(summary);
+                    }
+                    // Let the session commit what it verified, then stop.
+                    conn.close(1, b"receiver stopped");
                     let _ = fut.await;
                     rep.finish_progress();
-                    summary.wire_bytes = wire_before + wire.swap(0, Ordering::Relaxed);
-                    if summary.rounds > 0 {
-                        summary.catchup_wire_bytes += summary.wire_bytes - wire_before;
-                    }
-                    summary.rounds += 1;
-                    let m = ferry_sync::store::receipt_summary(&s.dest).map_err(Failure::from)?;
-                    rep.say("stopped; the last round is verified and complete here");
-                    finish_summary(&mut summary, &s.dest, first.as_ref(), m.files, m.bytes, m.root.to_hex(), started, &resumed, rep, "stopped");
-                    ep.close(0, b"done").await;
-                    return Ok(summary);
+                    return Err(Failure::new(Exit::Interrupted, STOPPED));
                 }
-                // Let the session commit what it verified, then stop.
-                conn.close(1, b"receiver stopped");
-                let _ = fut.await;
-                rep.finish_progress();
-                return Err(Failure::new(Exit::Interrupted, STOPPED));
-            }
+                }
             }
         };
+        if result.is_ok() {
+            if let Some(c) = moved.take() {
+                c.close(session::CLOSE_SUPERSEDED, b"not needed");
+            }
+        }
         summary.wire_bytes = wire_before + wire.swap(0, Ordering::Relaxed);
         if summary.rounds > 0 {
             summary.catchup_wire_bytes += summary.wire_bytes - wire_before;
@@ -495,7 +575,7 @@ pub async fn run(s: ReceiveSettings, rep: &Reporter) -> Result<ReceiveSummary, F
                     // Our Done may have gone to a sender that died as we finished; a restarted
                     // sender would then serve forever. A new session finds the receipt and
                     // tells it at once.
-                    let confirm = confirm_again(&ep, sender.device_id, &addrs, &store, rep);
+                    let confirm = confirm_again(&ep, sender.device_id, &mut at, &store, rep);
                     if !tokio::time::timeout(CONFIRM_WITHIN, confirm)
                         .await
                         .unwrap_or(false)
@@ -527,7 +607,14 @@ pub async fn run(s: ReceiveSettings, rep: &Reporter) -> Result<ReceiveSummary, F
                     "interrupted",
                     json!({"message": e.to_string(), "wire_bytes": summary.wire_bytes}),
                 );
-                conn = reconnect(&ep, sender.device_id, &addrs, s.give_up, rep).await?;
+                conn = match moved.take() {
+                    Some(c) => {
+                        rep.say("reconnected");
+                        at.add(c.peer().addr);
+                        c
+                    }
+                    None => reconnect(&ep, sender.device_id, &mut at, s.give_up, rep).await?,
+                };
             }
             Err(e) => {
                 rep.finish_progress();
@@ -596,6 +683,108 @@ async fn sender_confirmed(conn: &PeerConnection) -> bool {
 /// exited cannot be told; the receiver must not hang on it).
 const CONFIRM_WITHIN: Duration = Duration::from_secs(15);
 
+/// How long the receiver listens for senders' local-network announcements when it looks for
+/// its sender again.
+const REBROWSE_FOR: Duration = Duration::from_millis(1500);
+
+/// How long the link to the sender may be silent (not a datagram; both ends send keep-alives
+/// every 2 s) before the receiver tries the sender's other addresses.
+const SILENT_FOR: Duration = Duration::from_secs(3);
+
+/// How long a try at another address may take (a handshake on a working path takes one RTT).
+const PROBE_WITHIN: Duration = Duration::from_secs(3);
+
+/// Adds the addresses senders announce on the local network to `at` (when it was found there);
+/// reports the new ones.
+async fn rediscover(at: &mut SenderAt, rep: &Reporter) {
+    if !at.browse {
+        return;
+    }
+    let new: Vec<String> = browse_senders(REBROWSE_FOR)
+        .await
+        .into_iter()
+        .filter(|a| at.add(*a))
+        .map(|a| a.to_string())
+        .collect();
+    if !new.is_empty() {
+        rep.event("sender_found", json!({ "addrs": new }));
+        rep.say(&format!(
+            "a sender announces itself at {}: trying there too",
+            new.join(", ")
+        ));
+    }
+}
+
+/// One connection attempt to the sender at every known address; when it was found on the
+/// local network, also looks for it there meanwhile and, when that shows new addresses,
+/// starts again with them.
+async fn attempt_once(
+    ep: &Endpoint,
+    id: DeviceId,
+    at: &mut SenderAt,
+    rep: &Reporter,
+) -> Result<PeerConnection, ConnectError> {
+    let connect = |addrs: Vec<SocketAddr>| async move { ep.connect_peer(id, &addrs).await };
+    let mut attempt = Box::pin(connect(at.addrs.clone()));
+    if !at.browse {
+        return attempt.await;
+    }
+    let known = at.addrs.len();
+    {
+        let look = rediscover(at, rep);
+        tokio::pin!(look);
+        tokio::select! {
+            r = &mut attempt => return r,
+            () = &mut look => {}
+        }
+    }
+    if at.addrs.len() != known {
+        attempt = Box::pin(connect(at.addrs.clone()));
+    }
+    attempt.await
+}
+
+/// Resolves with a new connection to the sender when this one has gone silent for
+/// [`SILENT_FOR`] and the sender answers at another of its addresses: it moved (roaming, a new
+/// lease), and since QUIC cannot migrate the serving side the old connection would only end at
+/// the idle timeout. A silent link to a sender with no other address (a blackout) is left to
+/// recover by itself, keeping what is in flight. Never resolves otherwise.
+async fn sender_elsewhere(
+    ep: &Endpoint,
+    id: DeviceId,
+    at: &mut SenderAt,
+    conn: &PeerConnection,
+    rep: &Reporter,
+) -> PeerConnection {
+    let q = conn.quinn();
+    let mut seen = q.stats().udp_rx.datagrams;
+    let mut heard = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = q.stats().udp_rx.datagrams;
+        if now != seen || heard.elapsed() < SILENT_FOR {
+            if now != seen {
+                seen = now;
+                heard = Instant::now();
+            }
+            continue;
+        }
+        rediscover(at, rep).await;
+        let current = q.remote_address();
+        let others: Vec<SocketAddr> = at.addrs.iter().copied().filter(|a| *a != current).collect();
+        if others.is_empty() || q.stats().udp_rx.datagrams != seen {
+            continue;
+        }
+        tracing::info!(
+            "no word from the sender for {:?}: trying {others:?}",
+            heard.elapsed()
+        );
+        if let Ok(Ok(c)) = tokio::time::timeout(PROBE_WITHIN, ep.connect_peer(id, &others)).await {
+            return c;
+        }
+    }
+}
+
 /// Tells a sender that may have missed our Done (it was restarted as we finished) that the
 /// migration is complete: reconnect, run a session (the store finds its receipt), wait for the
 /// sender's close. Best effort (bounded by the caller): everything here is already verified
@@ -603,12 +792,12 @@ const CONFIRM_WITHIN: Duration = Duration::from_secs(15);
 async fn confirm_again(
     ep: &Endpoint,
     id: DeviceId,
-    addrs: &[SocketAddr],
+    at: &mut SenderAt,
     store: &Arc<FsStore>,
     rep: &Reporter,
 ) -> bool {
     loop {
-        let Ok(conn) = reconnect(ep, id, addrs, CONFIRM_WITHIN, rep).await else {
+        let Ok(conn) = reconnect(ep, id, at, CONFIRM_WITHIN, rep).await else {
             return false;
         };
         let ok = session::receive(&conn, Arc::clone(store), |_| {})
@@ -623,7 +812,7 @@ async fn confirm_again(
 async fn reconnect(
     ep: &Endpoint,
     id: DeviceId,
-    addrs: &[SocketAddr],
+    at: &mut SenderAt,
     give_up: Duration,
     rep: &Reporter,
 ) -> Result<PeerConnection, Failure> {
@@ -631,7 +820,7 @@ async fn reconnect(
     let mut delay = Duration::from_millis(200);
     loop {
         let attempt = tokio::select! {
-            r = ep.connect_peer(id, addrs) => r,
+            r = attempt_once(ep, id, at, rep) => r,
             _ = tokio::signal::ctrl_c() => {
                 return Err(Failure::new(Exit::Interrupted, STOPPED));
             }
@@ -639,6 +828,7 @@ async fn reconnect(
         match attempt {
             Ok(c) => {
                 rep.say("reconnected");
+                at.add(c.peer().addr);
                 return Ok(c);
             }
             Err(e) => {
