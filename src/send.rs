@@ -7,7 +7,8 @@
 //! [`MAX_RESTARTS_PER_FILE`] times in a row is reported by name (exit 8).
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::fs;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,8 +23,8 @@ use ferry_sync::snapshot::SnapshotStore;
 use ferry_sync::source::Source;
 use ferry_sync::Manifest;
 use ferry_transport::{
-    AcceptError, Advertisement, Congestion, Discovery, FerryDirs, MdnsConfig, MdnsDiscovery,
-    PairingCode, PairingError, PeerConnection, Ticket,
+    AcceptError, Advertisement, Congestion, Discovery, Endpoint, FerryDirs, MdnsConfig,
+    MdnsDiscovery, PairingCode, PairingError, PeerConnection, Ticket,
 };
 use serde_json::json;
 use tokio::sync::{oneshot, watch};
@@ -331,6 +332,49 @@ fn scan_failure(e: ScanError) -> Failure {
 }
 
 /// Runs the sender until the migration is complete (or Ctrl-C).
+
+/// Where a sender notes the port it listened on (in the state folder).
+fn last_port_file(dirs: &FerryDirs) -> PathBuf {
+    dirs.state.join("send-port")
+}
+
+/// The sender's endpoint. Without `--listen` it listens on every address, on the port it used
+/// last time when that is free: a sender restarted after a crash or a reboot is then found at
+/// the address the receiver (and its ticket) already know, and the receiver resumes on its
+/// own. Otherwise on any free port.
+fn sender_endpoint(s: &SendSettings) -> Result<Endpoint, Failure> {
+    let name = s.name.as_deref();
+    if s.listen.is_some() {
+        return common::endpoint_with(&s.dirs, name, s.listen, s.congestion);
+    }
+    let last = fs::read_to_string(last_port_file(&s.dirs))
+        .ok()
+        .and_then(|p| p.trim().parse::<u16>().ok())
+        .filter(|p| *p != 0);
+    let ep = match last {
+        Some(port) => {
+            let at = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+            match common::endpoint_with(&s.dirs, name, Some(at), s.congestion) {
+                Ok(ep) => ep,
+                Err(f) => {
+                    tracing::info!("port {port} of the last run is taken ({f}); using another");
+                    common::endpoint_with(&s.dirs, name, None, s.congestion)?
+                }
+            }
+        }
+        None => common::endpoint_with(&s.dirs, name, None, s.congestion)?,
+    };
+    if let Ok(a) = ep.local_addr() {
+        let file = last_port_file(&s.dirs);
+        let saved = fs::create_dir_all(&s.dirs.state)
+            .and_then(|()| fs::write(&file, format!("{}\n", a.port())));
+        if let Err(e) = saved {
+            tracing::info!("cannot note the port in {}: {e}", file.display());
+        }
+    }
+    Ok(ep)
+}
+
 pub async fn run(
     s: SendSettings,
     rep: &Reporter,
@@ -436,7 +480,7 @@ pub async fn run(
     let mut round_cfg = s.rounds.clone();
     round_cfg.max_rounds = round_cfg.max_rounds.saturating_add(base_rounds - 1);
 
-    let ep = common::endpoint_with(&s.dirs, s.name.as_deref(), s.listen, s.congestion)?;
+    let ep = sender_endpoint(&s)?;
     let mut code = match s.code {
         Some(c) => {
             rep.say(

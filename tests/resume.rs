@@ -194,9 +194,30 @@ fn sender_killed_at_several_points_receiver_reconnects_by_itself() {
     let (old, new) = (Device::new("old"), Device::new("new"));
     let work = tempdir("dest");
     let dest = work.path().join("history");
-    // A fixed port, so the restarted sender is where the receiver remembers it.
-    let listen = format!("127.0.0.1:{}", free_udp_port());
-    let (mut s, addr, code) = start_sender(&old, src, &listen);
+    // No --listen, as people run it: the sender listens on every address, and a restarted
+    // sender takes the port it used last time (noted in its state folder), so it is where the
+    // receiver knows it. The test connects over loopback only.
+    let send = |old: &Device| {
+        let mut s = old.spawn(
+            "send",
+            [
+                "send".as_ref(),
+                src.as_os_str(),
+                "--no-mdns".as_ref(),
+                "--json".as_ref(),
+            ],
+        );
+        let ev = s.wait_event("listening", LONG);
+        let (any, code) = listening(&ev);
+        let port: u16 = any
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("a port");
+        (s, port, code)
+    };
+    let (mut s, port, code) = send(&old);
+    let addr = format!("127.0.0.1:{port}");
     let first_manifest = s.seen_named("manifest")[0].clone();
     let files = u64_of(&first_manifest, "files");
     let mut r = new.receive(&dest, &addr, Some(&code), &["--give-up-after", "120"]);
@@ -219,13 +240,14 @@ fn sender_killed_at_several_points_receiver_reconnects_by_itself() {
             "the receiver gave up when the sender died:\n{}",
             r.stderr()
         );
-        // Same command, same FERRY_HOME, same port: same identity, so the receiver's pinned
-        // key still matches, and the hash cache from the first scan is reused.
+        // Same command, same FERRY_HOME: same identity, so the receiver's pinned key still
+        // matches, the hash cache from the first scan is reused, and the port is the last one.
         let t = Instant::now();
-        s = old.send(src, &listen, &[]);
-        let m = s.wait_event("manifest", LONG);
+        let (s2, port2, _) = send(&old);
+        s = s2;
+        assert_eq!(port2, port, "the restarted sender listens on another port");
+        let m = s.seen_named("manifest")[0].clone();
         let scan_s = t.elapsed().as_secs_f64();
-        s.wait_event("listening", LONG);
         eprintln!(
             "restarted sender: manifest after {scan_s:.2} s, {} files from the hash cache, {} bytes hashed",
             m["cached_files"], m["hashed_bytes"]
