@@ -17,8 +17,8 @@ use tokio::sync::{mpsc, Mutex};
 use crate::manifest::ManifestSummary;
 use crate::proto::frame::{decode_frame, Frame, FrameError};
 use crate::proto::{
-    Lane, Receiver, RecvEvent, RecvIo, RecvIoDone, RoundVerdict, SendEvent, SendIoDone, Sender,
-    SessionError, Transmit,
+    Lane, Receiver, RecvEvent, RecvIo, RecvIoDone, RoundVerdict, SendEvent, SendIo, SendIoDone,
+    Sender, SessionError, Transmit,
 };
 use crate::source::Source;
 use crate::store::FsStore;
@@ -172,22 +172,25 @@ where
     })
 }
 
-/// Most disk operations one blocking task runs (chunk reads or stores, ≤ 128 KiB each). A task
+/// Most disk operations one blocking task runs (chunk reads or stores). A task
 /// per chunk cost a thread wake-up and a context switch per chunk on both ends: with many small
 /// files (a chunk per file) that was ≈ 15% of each end's CPU, in `futex` and the scheduler.
 const IO_BATCH: usize = 16;
+
+/// Most chunk bytes one blocking task handles: large chunks go a few at a time, so that their
+/// results reach the network (or the next commit) without waiting behind a whole batch.
+const IO_BATCH_BYTES: usize = 512 << 10;
 
 /// Runs blocking disk operations off the async threads, several per task; each task's results
 /// come back on `tx` together.
 ///
 /// `ops` are split into at least two tasks when there are two or more (both cores verify and
-/// copy), at most [`IO_BATCH`] to a task. Each task drops its `Arc` of `exec` (the store and its
-/// lock, or the source) before it sends: once the machine has seen every completion and the
-/// session returns, no task holds them any more.
+/// copy), at most [`IO_BATCH`] operations and [`IO_BATCH_BYTES`] (by `size`) to a task.
 fn spawn_io_batches<S, I, T>(
     tx: &mpsc::Sender<Vec<T>>,
     exec: &Arc<S>,
-    mut ops: Vec<I>,
+    ops: Vec<I>,
+    size: fn(&I) -> usize,
     run: fn(&S, I) -> T,
 ) where
     S: Send + Sync + 'static,
@@ -195,16 +198,56 @@ fn spawn_io_batches<S, I, T>(
     T: Send + 'static,
 {
     let per = ops.len().div_ceil(2).clamp(1, IO_BATCH);
-    while !ops.is_empty() {
-        let rest = ops.split_off(per.min(ops.len()));
-        let batch = std::mem::replace(&mut ops, rest);
-        let tx = tx.clone();
-        let exec = Arc::clone(exec);
-        tokio::task::spawn_blocking(move || {
-            let done: Vec<T> = batch.into_iter().map(|op| run(&exec, op)).collect();
-            drop(exec);
-            let _ = tx.blocking_send(done);
-        });
+    let mut batch = Vec::with_capacity(per);
+    let mut bytes = 0;
+    for op in ops {
+        let n = size(&op);
+        if !batch.is_empty() && (batch.len() >= per || bytes + n > IO_BATCH_BYTES) {
+            spawn_io_batch(tx, exec, std::mem::take(&mut batch), run);
+            bytes = 0;
+        }
+        bytes += n;
+        batch.push(op);
+    }
+    if !batch.is_empty() {
+        spawn_io_batch(tx, exec, batch, run);
+    }
+}
+
+/// One blocking task for `batch`. It drops its `Arc` of `exec` (the store and its lock, or the
+/// source) before it sends: once the machine has seen every completion and the session
+/// returns, no task holds them any more.
+fn spawn_io_batch<S, I, T>(
+    tx: &mpsc::Sender<Vec<T>>,
+    exec: &Arc<S>,
+    batch: Vec<I>,
+    run: fn(&S, I) -> T,
+) where
+    S: Send + Sync + 'static,
+    I: Send + 'static,
+    T: Send + 'static,
+{
+    let tx = tx.clone();
+    let exec = Arc::clone(exec);
+    tokio::task::spawn_blocking(move || {
+        let done: Vec<T> = batch.into_iter().map(|op| run(&exec, op)).collect();
+        drop(exec);
+        let _ = tx.blocking_send(done);
+    });
+}
+
+fn read_size(io: &SendIo) -> usize {
+    match io {
+        SendIo::Read { len, .. } => *len as usize,
+    }
+}
+
+fn store_size(io: &RecvIo) -> usize {
+    match io {
+        RecvIo::Store { payload, .. } => payload.len(),
+        // The chunk's length is not in the request; count the smallest chunk size.
+        RecvIo::Copy { .. } => 1 << crate::manifest::MIN_CHUNK_SHIFT,
+        RecvIo::Prepare { .. } | RecvIo::Commit { .. } | RecvIo::Finalize => 0,
     }
 }
 
@@ -360,7 +403,7 @@ where
         }
         let reads: Vec<_> = std::iter::from_fn(|| sender.poll_io()).collect();
         if !reads.is_empty() {
-            spawn_io_batches(&io_tx, &source, reads, Source::execute);
+            spawn_io_batches(&io_tx, &source, reads, read_size, Source::execute);
         }
         while let Some(ev) = sender.poll_event() {
             on_event(&ev);
@@ -618,10 +661,10 @@ where
         let (chunks, others): (Vec<_>, Vec<_>) = std::iter::from_fn(|| receiver.poll_io())
             .partition(|io| matches!(io, RecvIo::Store { .. } | RecvIo::Copy { .. }));
         for io in others {
-            spawn_io_batches(&io_tx, &store, vec![io], FsStore::execute);
+            spawn_io_batch(&io_tx, &store, vec![io], FsStore::execute);
         }
         if !chunks.is_empty() {
-            spawn_io_batches(&io_tx, &store, chunks, FsStore::execute);
+            spawn_io_batches(&io_tx, &store, chunks, store_size, FsStore::execute);
         }
         while let Some(ev) = receiver.poll_event() {
             on_event(&ev);

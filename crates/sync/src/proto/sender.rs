@@ -26,7 +26,7 @@ impl Default for SenderConfig {
     fn default() -> Self {
         SenderConfig {
             read_ahead_bytes: 8 << 20,
-            max_reads: 64,
+            max_reads: 16,
             max_rerequests: 10_000,
         }
     }
