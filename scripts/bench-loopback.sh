@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Loopback benchmark of ferry against tar|nc, tar|zstd|nc and rsync over ssh, plus scan+hash
+# Loopback benchmark of ferry against tar|nc, tar|zstd|nc, rsync over ssh and scp, plus scan+hash
 # throughput against b3sum and the in-memory protocol throughput. See BENCHMARKS.md.
 #
 #   scripts/bench-loopback.sh [--size 2GiB] [--small-files N] [--rounds 3] [--workdir DIR]
@@ -13,7 +13,7 @@
 # --baseline-bin DIR: DIR holds an older build's `ferry` and `proto_bench`; every round then also
 # runs them next to the current build's (swapping which goes first each round) as tools ferry@base
 # and proto@base, for before/after.
-# --only takes a comma list of: tar,tarzstd,rsync,rsyncgcm,ferry,scan,b3sum,proto,protoraw
+# --only takes a comma list of: tar,tarzstd,rsync,rsyncgcm,scp,ferry,scan,b3sum,proto,protoraw
 # (default: all). Runs as root (it installs Debian packages when missing and starts a throwaway
 # sshd on 127.0.0.1:2222 with its own keys in a temporary folder). Only 127.0.0.1 is used.
 # Everything it starts is stopped on exit, also on failure or Ctrl-C.
@@ -29,7 +29,7 @@ SIZE=2GiB
 SMALL=0
 ROUNDS=3
 WORK="$REPO/target/bench-work"
-ONLY="tar,tarzstd,rsync,rsyncgcm,ferry,scan,b3sum,proto,protoraw"
+ONLY="tar,tarzstd,rsync,rsyncgcm,scp,ferry,scan,b3sum,proto,protoraw"
 TAG=loopback
 BASE=
 WARMUP=1
@@ -122,7 +122,7 @@ echo "bench-loopback: source $SRC: $FILES files, $BYTES bytes" >&2
 
 # ---- throwaway sshd on 127.0.0.1:2222 --------------------------------------------------------
 SSH_OPTS=()
-if want rsync || want rsyncgcm; then
+if want rsync || want rsyncgcm || want scp; then
   K="$TMP/ssh"
   mkdir -p "$K" /run/sshd
   chmod 700 "$K"
@@ -145,6 +145,8 @@ EOF
   /usr/sbin/sshd -D -e -f "$K/sshd_config" 2>"$K/sshd.log" &
   SSHD_PID=$!
   SSH_OPTS=(ssh -p 2222 -i "$K/client_key" -o UserKnownHostsFile=/dev/null
+    -o StrictHostKeyChecking=no -o BatchMode=yes -o LogLevel=ERROR)
+  SCP_OPTS=(-P 2222 -i "$K/client_key" -o UserKnownHostsFile=/dev/null
     -o StrictHostKeyChecking=no -o BatchMode=yes -o LogLevel=ERROR)
   for _ in $(seq 50); do
     "${SSH_OPTS[@]}" root@127.0.0.1 true 2>/dev/null && break
@@ -283,6 +285,22 @@ run_rsync() { # round cipher
     "$(rss_of "$TMP/r.time")" null "$(sync_secs)"
 }
 
+run_scp() { # round
+  local round=$1 t0 t1 c0 c1
+  fresh_dest
+  c0=$(child_cpu "$SSHD_PID")
+  t0=$(now)
+  # OpenSSH's scp speaks SFTP; the receiving side is sshd's internal-sftp.
+  /usr/bin/time -f "$TFMT" -o "$TMP/s.time" \
+    scp -r -q "${SCP_OPTS[@]}" "$SRC" "root@127.0.0.1:$DEST/"
+  t1=$(now)
+  sleep 0.5
+  c1=$(child_cpu "$SSHD_PID")
+  # Receiver CPU: everything under sshd for this session; its RSS is not measured (0).
+  record "$round" scp "$(sub "$t1" "$t0")" "$(cpu_of "$TMP/s.time")" \
+    "$(sub "$c1" "$c0")" "$(rss_of "$TMP/s.time")" 0 null "$(sync_secs)"
+}
+
 run_ferry() { # round [binary tool-name]
   local round=$1 bin=${2:-$FERRY} tool=${3:-ferry} t0 t1 rp sp wire
   PORT=$((PORT + 1))
@@ -360,6 +378,7 @@ for round in $(seq "$([ "$WARMUP" = 0 ] && echo 1 || echo 0)" "$ROUNDS"); do
   want tarzstd && run_tar "$round" 1
   want rsync && run_rsync "$round" ""
   want rsyncgcm && run_rsync "$round" aes128-gcm@openssh.com
+  want scp && run_scp "$round"
   # With a baseline, the two builds swap places every round so neither always goes first.
   if want ferry && [ -n "$BASE" ] && [ $((round % 2)) = 0 ]; then
     run_ferry "$round" "$BASE/ferry" ferry@base

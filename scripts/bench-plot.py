@@ -11,7 +11,10 @@ Points are medians over rounds; bars span min–max. Uses matplotlib, installed 
 a virtual environment under target/bench-tools/plot-venv (PyPI), so the system Python is left
 alone.
 
-usage: scripts/bench-plot.py [RESULTS_DIR]
+usage: scripts/bench-plot.py [--since YYYYMMDDTHHMMSS] [RESULTS_DIR]
+
+--since keeps only result files recorded at or after that UTC time (the stamp in their names),
+so that a plot shows one build's batches rather than every session's.
 """
 import glob
 import json
@@ -41,9 +44,18 @@ def ensure_matplotlib():
     os.execv(py, [py] + sys.argv)
 
 
-def load(results):
+def stamp(path):
+    """The UTC time in a result file's name (…-20261127T003112Z.jsonl), or ""."""
+    base = os.path.basename(path)[: -len(".jsonl")]
+    last = base.rsplit("-", 1)[-1]
+    return last.rstrip("Z") if "T" in last else ""
+
+
+def load(results, since=""):
     rows = []
     for path in sorted(glob.glob(os.path.join(results, "*.jsonl"))):
+        if since and stamp(path) < since:
+            continue
         for line in open(path):
             line = line.strip()
             if line:
@@ -152,10 +164,14 @@ def plot_sizes(rows, out):
 
 def main():
     ensure_matplotlib()
-    results = sys.argv[1] if len(sys.argv) > 1 else os.path.join(REPO, "bench-results")
+    args = sys.argv[1:]
+    since = ""
+    if len(args) >= 2 and args[0] == "--since":
+        since, args = args[1], args[2:]
+    results = args[0] if args else os.path.join(REPO, "bench-results")
     out = os.path.join(results, "plots")
     os.makedirs(out, exist_ok=True)
-    rows = load(results)
+    rows = load(results, since)
     plot_link(rows, out)
     plot_sizes(rows, out)
 

@@ -14,13 +14,14 @@ import statistics
 import sys
 from collections import defaultdict
 
-ORDER = ["tar", "tarzstd", "rsync", "rsyncgcm", "ferry", "ferry@base", "proto", "proto@base",
+ORDER = ["tar", "tarzstd", "rsync", "rsyncgcm", "scp", "ferry", "ferry@base", "proto", "proto@base",
          "protoraw", "scan", "b3sum"]
 NAMES = {
     "tar": "tar \\| nc",
     "tarzstd": "tar \\| zstd -1 \\| nc",
     "rsync": "rsync -a over ssh (default cipher)",
     "rsyncgcm": "rsync -a over ssh (aes128-gcm)",
+    "scp": "scp -r (SFTP over ssh, default cipher)",
     "ferry": "ferry send/receive (QUIC, scan included)",
     "ferry@base": "ferry, baseline build",
     "proto": "ferry protocol in memory (no QUIC)",
