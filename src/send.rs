@@ -331,8 +331,6 @@ fn scan_failure(e: ScanError) -> Failure {
     }
 }
 
-/// Runs the sender until the migration is complete (or Ctrl-C).
-
 /// Where a sender notes the port it listened on (in the state folder).
 fn last_port_file(dirs: &FerryDirs) -> PathBuf {
     dirs.state.join("send-port")
@@ -375,6 +373,7 @@ fn sender_endpoint(s: &SendSettings) -> Result<Endpoint, Failure> {
     Ok(ep)
 }
 
+/// Runs the sender until the migration is complete (or Ctrl-C).
 pub async fn run(
     s: SendSettings,
     rep: &Reporter,
