@@ -23,6 +23,9 @@ const ONE_COMMIT: u64 = 32 * MIB;
 /// reconnect backoff at most 3 s.
 const RECONNECT_WITHIN: Duration = Duration::from_secs(10);
 
+/// The senders' rate in the kill tests: 160 MiB take ≈ 3.5 s, long enough for every kill point.
+const LIMIT: &str = "48MB";
+
 fn journal_len(dest: &Path) -> u64 {
     std::fs::metadata(dest.join(".ferry").join("journal")).map_or(0, |m| m.len())
 }
@@ -82,7 +85,9 @@ fn receiver_killed_at_several_points_resumes_byte_identical() {
     let (old, new) = (Device::new("old"), Device::new("new"));
     let work = tempdir("dest");
     let dest = work.path().join("history");
-    let (mut s, addr, code) = start_sender(&old, src, "127.0.0.1:0");
+    // Rate-limited, so that every kill point is reached however fast the machine is (at full
+    // speed the 160 MiB took 0.6 s in a CI run: fewer progress events than kill points).
+    let (mut s, addr, code) = start_sender_with(&old, src, "127.0.0.1:0", &["--limit-rate", LIMIT]);
 
     // Each kill lands right after a group commit following the given fraction of progress;
     // 1.0 = after the last commit, while finalize (verify, rename, receipt) runs.
@@ -205,6 +210,8 @@ fn sender_killed_at_several_points_receiver_reconnects_by_itself() {
                 src.as_os_str(),
                 "--no-mdns".as_ref(),
                 "--json".as_ref(),
+                "--limit-rate".as_ref(),
+                LIMIT.as_ref(),
             ],
         );
         let ev = s.wait_event("listening", LONG);
