@@ -11,8 +11,9 @@ use ferry_sync::driver::RecvEnd;
 use ferry_sync::proto::RecvEvent;
 use ferry_sync::store::{FsStore, StoreError};
 use ferry_transport::{
-    ConnectError, ConnectionError, DeviceId, Discovery, Endpoint, FerryDirs, MdnsConfig,
-    MdnsDiscovery, PairingCode, PairingError, PeerConnection, Ticket, VarInt,
+    ConnectError, ConnectionError, DeviceId, DiscoveredSender, Discovery, DiscoveryError, Endpoint,
+    FerryDirs, MdnsConfig, MdnsDiscovery, PairingCode, PairingError, PeerConnection, Ticket,
+    VarInt,
 };
 use serde_json::json;
 
@@ -223,19 +224,23 @@ impl SenderAt {
     }
 }
 
+/// Browses the local network for ferry senders for `wait` (off the async threads).
+async fn discover(
+    wait: Duration,
+) -> Result<Result<Vec<DiscoveredSender>, DiscoveryError>, tokio::task::JoinError> {
+    tokio::task::spawn_blocking(move || MdnsDiscovery::new(&MdnsConfig::default())?.browse(wait))
+        .await
+}
+
 /// Looks for ferry senders on the local network for a moment: their addresses (every sender's;
 /// the pinned key picks ours when connecting).
 async fn browse_senders(wait: Duration) -> Vec<SocketAddr> {
-    let found = tokio::task::spawn_blocking(move || {
-        MdnsDiscovery::new(&MdnsConfig::default()).and_then(|d| d.browse(wait))
-    })
-    .await;
+    let found = discover(wait)
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()));
     match found {
-        Ok(Ok(senders)) => senders.into_iter().flat_map(|d| d.addrs).collect(),
-        Ok(Err(e)) => {
-            tracing::info!("local-network discovery failed: {e}");
-            Vec::new()
-        }
+        Ok(senders) => senders.into_iter().flat_map(|d| d.addrs).collect(),
         Err(e) => {
             tracing::info!("local-network discovery failed: {e}");
             Vec::new()
@@ -299,18 +304,15 @@ async fn first_connection(
             .map_err(connect_failure);
     }
     rep.say("looking for senders on the local network…");
-    let found = tokio::task::spawn_blocking(|| {
-        let d = MdnsDiscovery::new(&MdnsConfig::default())?;
-        d.browse(Duration::from_secs(4))
-    })
-    .await
-    .map_err(|e| Failure::new(Exit::Internal, e.to_string()))?
-    .map_err(|e| {
-        Failure::new(
-            Exit::Unreachable,
-            format!("local-network discovery failed ({e}); use --ticket or --connect"),
-        )
-    })?;
+    let found = discover(Duration::from_secs(4))
+        .await
+        .map_err(|e| Failure::new(Exit::Internal, e.to_string()))?
+        .map_err(|e| {
+            Failure::new(
+                Exit::Unreachable,
+                format!("local-network discovery failed ({e}); use --ticket or --connect"),
+            )
+        })?;
     let sender = match found.as_slice() {
         [] => {
             return Err(Failure::new(
@@ -688,7 +690,8 @@ const CONFIRM_WITHIN: Duration = Duration::from_secs(15);
 const REBROWSE_FOR: Duration = Duration::from_millis(1500);
 
 /// How long the link to the sender may be silent (not a datagram; both ends send keep-alives
-/// every 2 s) before the receiver tries the sender's other addresses.
+/// every 0.5 s, see `common::endpoint_with`) before the receiver tries the sender's other
+/// addresses.
 const SILENT_FOR: Duration = Duration::from_secs(3);
 
 /// How long a try at another address may take (a handshake on a working path takes one RTT).
