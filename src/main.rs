@@ -37,6 +37,8 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .try_init();
+    // Thousands of tiny files: ferry bounds its descriptors, but leave SQLite and the rest room.
+    let _ = ferry_sync::platform::raise_open_file_limit();
     let json = match &cli.command {
         Command::Send(f) => f.json,
         Command::Receive(f) => f.json,

@@ -115,3 +115,79 @@ fn sparse_file_over_4_gib_migrates() {
         t.elapsed().as_secs_f64()
     );
 }
+
+/// Runs `ferry <args>` for `dev` with at most 256 open files (soft and hard: ferry cannot raise
+/// it), macOS's default soft limit.
+fn spawn_with_256_files(dev: &Device, label: &str, args: &[&std::ffi::OsStr]) -> Ferry {
+    Ferry::spawn_with(
+        label,
+        dev.home.path(),
+        &["prlimit", "--nofile=256:256", "--"],
+        args.iter().copied(),
+    )
+}
+
+/// 20 000 files of 0–4 KiB (a sticker cache, thumbnails) under `ulimit -n 256` on both ends.
+/// The receiver used to keep every staging file written since the last commit open, and commits
+/// came by bytes and time only: "Too many open files" (exit 6) long before the end.
+#[test]
+fn twenty_thousand_tiny_files_migrate_with_256_open_files() {
+    let work = tempdir("tiny");
+    let src = work.path().join("src");
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    for i in 0..20_000u32 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let len = (x % 4097) as usize;
+        let byte = (x >> 32) as u8;
+        let mut data = vec![byte; len];
+        data.extend_from_slice(&i.to_le_bytes());
+        let dir = src.join(format!("stickers/{:03}", i % 200));
+        if i < 200 {
+            fs::create_dir_all(&dir).unwrap();
+        }
+        fs::write(dir.join(format!("{i}.webp")), data).unwrap();
+    }
+    let (old, new) = (Device::new("old"), Device::new("new"));
+    let dest = work.path().join("dest");
+    let mut s = spawn_with_256_files(
+        &old,
+        "send",
+        &[
+            "send".as_ref(),
+            src.as_os_str(),
+            "--listen".as_ref(),
+            "127.0.0.1:0".as_ref(),
+            "--no-mdns".as_ref(),
+            "--json".as_ref(),
+        ],
+    );
+    let (addr, code) = listening(&s.wait_event("listening", LONG));
+    let mut r = spawn_with_256_files(
+        &new,
+        "receive",
+        &[
+            "receive".as_ref(),
+            dest.as_os_str(),
+            "--connect".as_ref(),
+            addr.as_ref(),
+            "--code".as_ref(),
+            code.as_ref(),
+            "--json".as_ref(),
+        ],
+    );
+    let done = r.wait_any(&["done", "error"], LONG * 3);
+    assert_eq!(done["event"], "done", "receiver: {done}\n{}", r.stderr());
+    r.expect_exit(0, LONG);
+    s.expect_exit(0, LONG);
+    assert_eq!(u64_of(&done, "files"), 20_000);
+    let diffs = tree_diff(&src, &dest).unwrap();
+    assert!(
+        diffs.is_empty(),
+        "trees differ: {:?}",
+        &diffs[..diffs.len().min(5)]
+    );
+    let (code, err) = verify(&dest);
+    assert_eq!(code, 0, "ferry verify failed: {err}");
+}

@@ -181,6 +181,63 @@ const IO_BATCH: usize = 16;
 /// results reach the network (or the next commit) without waiting behind a whole batch.
 const IO_BATCH_BYTES: usize = 512 << 10;
 
+/// Blocking tasks storing chunks at once on the receiver. Each may hold a staging file open
+/// beyond the store's own bound, and with tiny files (a chunk each) an unbounded number of tasks
+/// meant as many threads and descriptors ("Too many open files" under `ulimit -n 256`).
+const STORE_TASKS: usize = 4;
+
+/// The receiver's chunk stores and copies waiting for one of [`STORE_TASKS`] blocking tasks.
+struct StoreQueue {
+    waiting: std::collections::VecDeque<RecvIo>,
+    running: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl StoreQueue {
+    fn new() -> Self {
+        StoreQueue {
+            waiting: std::collections::VecDeque::new(),
+            running: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+        }
+    }
+
+    /// Starts tasks for waiting operations while fewer than [`STORE_TASKS`] run: the waiting
+    /// operations are spread over the free tasks, at most [`IO_BATCH`] operations and
+    /// [`IO_BATCH_BYTES`] to a task. A task counts itself out before it sends its results, so
+    /// the driver, woken by them, can start the next.
+    fn pump(&mut self, tx: &mpsc::Sender<Vec<RecvIoDone>>, store: &Arc<FsStore>) {
+        use std::sync::atomic::Ordering;
+        loop {
+            let running = self.running.load(Ordering::Acquire);
+            if running >= STORE_TASKS || self.waiting.is_empty() {
+                return;
+            }
+            let per = self
+                .waiting
+                .len()
+                .div_ceil(STORE_TASKS - running)
+                .clamp(1, IO_BATCH);
+            let mut batch = Vec::with_capacity(per);
+            let mut bytes = 0;
+            while let Some(op) = self.waiting.front() {
+                let n = store_size(op);
+                if !batch.is_empty() && (batch.len() >= per || bytes + n > IO_BATCH_BYTES) {
+                    break;
+                }
+                bytes += n;
+                batch.extend(self.waiting.pop_front());
+            }
+            self.running.fetch_add(1, Ordering::AcqRel);
+            let (tx, store, count) = (tx.clone(), Arc::clone(store), Arc::clone(&self.running));
+            tokio::task::spawn_blocking(move || {
+                let done: Vec<RecvIoDone> = batch.into_iter().map(|op| store.execute(op)).collect();
+                drop(store);
+                count.fetch_sub(1, Ordering::AcqRel);
+                let _ = tx.blocking_send(done);
+            });
+        }
+    }
+}
+
 /// Runs blocking disk operations off the async threads, several per task; each task's results
 /// come back on `tx` together.
 ///
@@ -632,6 +689,7 @@ where
     let mut incoming_open = true;
 
     let (io_tx, mut io_rx) = mpsc::channel::<Vec<RecvIoDone>>(256);
+    let mut stores = StoreQueue::new();
     let mut result: Option<Result<ManifestSummary, DriveError>> = None;
     let mut end: Option<Result<RecvEnd, DriveError>> = None;
     let mut link_up = true;
@@ -656,16 +714,16 @@ where
             }
         }
         // Prepare, commit and finalize are ordered by the machine (one at a time) and each
-        // gets a task of its own; stores and copies run side by side in batches, bounded by
-        // the machine's pending-bytes limit.
-        let (chunks, others): (Vec<_>, Vec<_>) = std::iter::from_fn(|| receiver.poll_io())
-            .partition(|io| matches!(io, RecvIo::Store { .. } | RecvIo::Copy { .. }));
-        for io in others {
-            spawn_io_batch(&io_tx, &store, vec![io], FsStore::execute);
+        // gets a task of its own; stores and copies run side by side in batches on at most
+        // STORE_TASKS tasks, bounded in bytes by the machine's pending-bytes limit.
+        while let Some(io) = receiver.poll_io() {
+            if matches!(io, RecvIo::Store { .. } | RecvIo::Copy { .. }) {
+                stores.waiting.push_back(io);
+            } else {
+                spawn_io_batch(&io_tx, &store, vec![io], FsStore::execute);
+            }
         }
-        if !chunks.is_empty() {
-            spawn_io_batches(&io_tx, &store, chunks, store_size, FsStore::execute);
-        }
+        stores.pump(&io_tx, &store);
         while let Some(ev) = receiver.poll_event() {
             on_event(&ev);
             match ev {

@@ -24,6 +24,7 @@ pub mod driver;
 pub mod fuzzing;
 pub mod manifest;
 pub mod path;
+pub mod platform;
 pub mod proto;
 pub mod scan;
 pub mod snapshot;

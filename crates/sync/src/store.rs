@@ -59,6 +59,9 @@ use crate::proto::{RecvIo, RecvIoDone};
 const RECORD_LEN: usize = 16 + 8 + 4 + 32 + 8;
 const JOURNAL_MAGIC: &[u8; 8] = b"FRRYJRN1";
 const RECEIPT_MAGIC: &[u8; 8] = b"FRRYRCP1";
+/// Staging files held open at once. Dirty files are closed too when this many are open: a
+/// commit makes them durable by `syncfs` (or, for a few, by reopening them for `fdatasync`), so a
+/// window of thousands of tiny files never needs a descriptor each (`ulimit -n 256` is enough).
 const MAX_OPEN_FILES: usize = 128;
 
 /// A store failure. Each kind tells the user what to do.
@@ -667,12 +670,11 @@ impl FsStore {
         let (f, created) = self.create_staging(&e.path, e.size)?;
         let f = Arc::new(f);
         open.created |= created;
-        // Dirty files must stay reachable for the next commit's fsync: only clean ones are
-        // closed, and only once MAX_OPEN_FILES of them piled up, so that a commit window of
-        // thousands of small files does not pay a pass over all of them per file opened.
-        let Open { files, dirty, .. } = &mut *open;
-        if files.len().saturating_sub(dirty.len()) >= MAX_OPEN_FILES {
-            files.retain(|k, _| dirty.contains(k));
+        // Bounded descriptors: once MAX_OPEN_FILES are open, all of them are closed, dirty ones
+        // included (their ids stay in `dirty`; commit syncs them without the handle). Closing all
+        // at once keeps this O(1) per file opened, amortised.
+        if open.files.len() >= MAX_OPEN_FILES {
+            open.files.clear();
         }
         open.files.insert(entry, Arc::clone(&f));
         Ok(f)
@@ -765,10 +767,13 @@ impl FsStore {
         let (dirty, created) = {
             let mut open = lock(&self.open);
             let open = &mut *open;
-            let dirty: Vec<(u32, Arc<File>)> = open
-                .dirty
-                .drain()
-                .filter_map(|e| open.files.get(&e).map(|f| (e, Arc::clone(f))))
+            let ids: Vec<u32> = open.dirty.drain().collect();
+            // Handles only for the few files synced one by one: a syncfs needs none, and holding
+            // them while it runs would let the stores meanwhile open as many again.
+            let few = ids.len() <= SYNCFS_ABOVE;
+            let dirty: Vec<(u32, Option<Arc<File>>)> = ids
+                .into_iter()
+                .map(|e| (e, open.files.get(&e).filter(|_| few).map(Arc::clone)))
                 .collect();
             (dirty, std::mem::take(&mut open.created))
         };
@@ -781,8 +786,18 @@ impl FsStore {
                 rustix::fs::syncfs(&dir).map_err(io::Error::from),
             )?;
         } else {
-            for (_, f) in &dirty {
-                ctx(&self.staging, f.sync_data())?;
+            for (entry, f) in &dirty {
+                match f {
+                    Some(f) => ctx(&self.staging, f.sync_data())?,
+                    None => {
+                        // Closed to bound descriptors: any handle on the file flushes its data
+                        // (and reports a write-back error nobody has seen yet).
+                        let e = p.manifest.entry(*entry).ok_or(StoreError::NotPrepared)?;
+                        let path = self.staging_path(&e.path);
+                        let f = ctx(&path, OpenOptions::new().write(true).open(&path))?;
+                        ctx(&path, f.sync_data())?;
+                    }
+                }
             }
         }
         if created {

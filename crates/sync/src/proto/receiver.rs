@@ -19,6 +19,9 @@ pub struct ReceiverConfig {
     pub limits: ManifestLimits,
     /// Commit (fsync + journal) once this many verified bytes wait.
     pub commit_bytes: u64,
+    /// …or once this many slots wait (many tiny files: each is a staging file to sync, and
+    /// journal records to write, however few bytes they hold).
+    pub commit_slots: usize,
     /// …or once the oldest uncommitted chunk waited this long.
     pub commit_interval: Duration,
     /// Chunk bytes being verified/written or waiting for commit before the receiver stops
@@ -37,6 +40,7 @@ impl Default for ReceiverConfig {
         ReceiverConfig {
             limits: ManifestLimits::default(),
             commit_bytes: 16 << 20,
+            commit_slots: 4096,
             commit_interval: Duration::from_millis(500),
             max_pending_bytes: 64 << 20,
             max_rejects_per_chunk: 3,
@@ -494,7 +498,7 @@ impl Receiver {
                 if self.uncommitted_since.is_none() {
                     self.uncommitted_since = self.now;
                 }
-                if self.uncommitted_bytes >= self.cfg.commit_bytes || self.all_stored() {
+                if self.commit_due() || self.all_stored() {
                     self.flush_commit();
                 }
                 self.maybe_finalize(&m);
@@ -536,7 +540,7 @@ impl Receiver {
                     wire_bytes: self.wire_bytes,
                 });
                 if !self.uncommitted.is_empty()
-                    && (self.uncommitted_bytes >= self.cfg.commit_bytes
+                    && (self.commit_due()
                         || matches!(self.state, State::Draining)
                         || self.all_stored())
                 {
@@ -716,6 +720,12 @@ impl Receiver {
     }
 
     /// Nothing is wanted, being written or waiting to be copied.
+    /// A group commit is due by size: bytes, or slots (tiny files).
+    fn commit_due(&self) -> bool {
+        self.uncommitted_bytes >= self.cfg.commit_bytes
+            || self.uncommitted.len() >= self.cfg.commit_slots
+    }
+
     fn all_stored(&self) -> bool {
         self.wanted_left == 0 && self.busy == 0 && self.copies.is_empty()
     }

@@ -1,0 +1,36 @@
+//! Process-level settings that differ between operating systems.
+
+/// Raises the soft limit on open files to the hard limit (on macOS, to at most `OPEN_MAX`, which
+/// is what the kernel accepts). ferry bounds its own descriptors, but SQLite, the runtime and
+/// the file system walk need some too, and a default soft limit of 256 (macOS) or 1024 leaves
+/// little room. Returns the soft limit in force afterwards (`None`: unlimited or unknown).
+pub fn raise_open_file_limit() -> Option<u64> {
+    #[cfg(unix)]
+    {
+        use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+        let now = getrlimit(Resource::Nofile);
+        #[cfg(target_vendor = "apple")]
+        let max = Some(now.maximum.map_or(10_240, |m| m.min(10_240)));
+        #[cfg(not(target_vendor = "apple"))]
+        let max = now.maximum;
+        let wanted = match (now.current, max) {
+            (Some(cur), Some(max)) if cur < max => Some(max),
+            (Some(cur), None) => Some(cur.max(1 << 20)),
+            _ => None,
+        };
+        if let Some(w) = wanted {
+            let new = Rlimit {
+                current: Some(w),
+                maximum: now.maximum,
+            };
+            if setrlimit(Resource::Nofile, new).is_ok() {
+                return Some(w);
+            }
+        }
+        now.current
+    }
+    #[cfg(not(unix))]
+    {
+        None
+    }
+}
