@@ -1485,3 +1485,49 @@ pub fn receipt_summary(dest: &Path) -> Result<Receipt, StoreError> {
         bytes: s.bytes,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mode(p: &Path) -> u32 {
+        fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777
+    }
+
+    #[test]
+    fn a_new_dest_and_the_state_folder_are_private() {
+        let d = tempfile::tempdir().unwrap();
+        fs::set_permissions(d.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let dest = d.path().join("new/history");
+        let store = FsStore::open(&dest).unwrap();
+        assert_eq!(mode(&d.path().join("new")), 0o700);
+        assert_eq!(mode(&dest), 0o700);
+        assert_eq!(mode(&dest.join(STATE_DIR)), 0o700);
+        assert_eq!(mode(&dest.join(STATE_DIR).join("lock")), 0o600);
+        // The probe leaves nothing behind; tmpfs and ext4 tell case apart.
+        assert!(!store.folds_case());
+        let names: Vec<_> = fs::read_dir(dest.join(STATE_DIR))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("lock")]);
+        drop(store);
+        // An existing DEST keeps its mode; a .ferry left wider by an older version is narrowed.
+        let mine = d.path().join("mine");
+        fs::create_dir_all(mine.join(STATE_DIR)).unwrap();
+        fs::set_permissions(&mine, fs::Permissions::from_mode(0o750)).unwrap();
+        fs::set_permissions(mine.join(STATE_DIR), fs::Permissions::from_mode(0o755)).unwrap();
+        drop(FsStore::open(&mine).unwrap());
+        assert_eq!(mode(&mine), 0o750);
+        assert_eq!(mode(&mine.join(STATE_DIR)), 0o700);
+    }
+
+    #[test]
+    fn modes_lose_special_bits_and_what_the_umask_takes() {
+        assert_eq!(final_mode(0o4777, false, 0o022), 0o755);
+        assert_eq!(final_mode(0o666, false, 0o022), 0o644);
+        assert_eq!(final_mode(0o000, false, 0o077), 0o400);
+        assert_eq!(final_mode(0o1777, true, 0o022), 0o755);
+        assert_eq!(final_mode(0o000, true, 0o022), 0o700);
+    }
+}
