@@ -9,6 +9,8 @@
 //! .ferry/receipt.json    after completion: a human-readable summary
 //! .ferry/receipt.prev    during a later round (catch-up): the receipt of the tree in place
 //! ```
+//! All of it is owner-only (folders `0700`, files `0600`, see [`crate::private`]), and so is
+//! DEST when the store creates it: the history is private while it moves.
 //!
 //! # Durability ordering
 //! 1. A received chunk is verified (bounded decode, BLAKE3) before it is written anywhere.
@@ -22,9 +24,10 @@
 //!    compacted journal replaces the old one (write, fsync, rename, fsync dir) *before* any new
 //!    write, so a slot the journal claims is never overwritten with other content.
 //! 5. **Finalize**: every file is re-read from disk and checked against the manifest, its mode
-//!    (without setuid/setgid/sticky, owner access kept) and mtime set, and it is renamed into
-//!    place (its data is durable since its commit); one `syncfs` then makes every mode, mtime and
-//!    rename durable, the parent directories are `fsync`ed; then
+//!    (without setuid/setgid/sticky, masked by the umask, owner access kept) and mtime set, and
+//!    it is renamed into place (its data is durable since its commit) — from directory handles,
+//!    never through a symlink (see [`FsStore::finalize`]); one `syncfs` then makes every mode,
+//!    mtime and rename durable, the parent directories are `fsync`ed; then
 //!    the receipt is written (tmp, fsync, rename, fsync). Only then are journal and staging
 //!    removed. A final path only ever receives a complete, verified file.
 //!
@@ -1057,6 +1060,8 @@ impl FsStore {
                 continue;
             };
             let ft = FileType::from_raw_mode(st.st_mode);
+            // time_t and long are not 64-bit everywhere.
+            #[allow(clippy::unnecessary_cast)]
             let ours = match &e.kind {
                 EntryKind::File { .. } => {
                     ft == FileType::RegularFile
