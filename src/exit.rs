@@ -3,6 +3,7 @@
 use std::fmt;
 
 use ferry_sync::driver::DriveError;
+use ferry_sync::manifest::ManifestError;
 use ferry_sync::proto::{CloseCode, FrameError, SessionError};
 use ferry_sync::store::StoreError;
 
@@ -84,6 +85,19 @@ pub fn from_session(e: &SessionError) -> Failure {
             Exit::Source,
             format!(
                 "the sender stopped: {reason}; fix that on the old device, then run `ferry send` there and this command again (what arrived is kept)"
+            ),
+        );
+    }
+    if let SessionError::Manifest(ManifestError::CaseCollision { path, other }) = e {
+        // The names come from the peer: `{:?}` escapes anything a terminal would act on.
+        return Failure::new(
+            Exit::Destination,
+            format!(
+                "the history has both {other:?} and {path:?}, but the destination's file system \
+                 does not tell upper and lower case apart (exFAT/FAT drive, macOS, Windows): one \
+                 would overwrite the other. Nothing was written. Receive into a folder on a \
+                 case-sensitive file system (ext4, btrfs, APFS case-sensitive), or rename one of \
+                 them on the old device and run the same command again"
             ),
         );
     }

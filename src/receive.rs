@@ -97,7 +97,10 @@ fn remembered_sender(dest: &Path) -> Option<DeviceId> {
 }
 
 fn remember_sender(dest: &Path, id: &DeviceId) {
-    let _ = std::fs::write(dest.join(".ferry").join(SENDER_FILE), format!("{id}\n"));
+    let _ = ferry_sync::private::write(
+        &dest.join(".ferry").join(SENDER_FILE),
+        format!("{id}\n").as_bytes(),
+    );
 }
 
 fn connect_failure(e: ConnectError) -> Failure {

@@ -364,8 +364,8 @@ fn sender_endpoint(s: &SendSettings) -> Result<Endpoint, Failure> {
     };
     if let Ok(a) = ep.local_addr() {
         let file = last_port_file(&s.dirs);
-        let saved = fs::create_dir_all(&s.dirs.state)
-            .and_then(|()| fs::write(&file, format!("{}\n", a.port())));
+        let saved = ferry_sync::private::create_dir_all(&s.dirs.state)
+            .and_then(|()| ferry_sync::private::write(&file, format!("{}\n", a.port()).as_bytes()));
         if let Err(e) = saved {
             tracing::info!("cannot note the port in {}: {e}", file.display());
         }
@@ -380,7 +380,29 @@ pub async fn run(
     listening: Option<oneshot::Sender<Ticket>>,
 ) -> Result<SendSummary, Failure> {
     let started = Instant::now();
+    // ferry's state (snapshots of the chat databases, the hash cache naming every file) is
+    // owner-only; a state folder left wider by an older version is narrowed.
+    if let Err(e) = ferry_sync::private::create_dir_all(&s.dirs.state) {
+        tracing::warn!("cannot make {} private: {e}", s.dirs.state.display());
+    }
     let scanner = Scanner::new(&s.dir, &s.dirs.state);
+    // Snapshots a crashed sender left for other folders are copies of chat databases that no
+    // migration needs any more; this folder's are kept for a restarted migration to reuse, and
+    // removed when this one ends.
+    match SnapshotStore::remove_others(&s.dirs.state, &scanner.snapshot_dir) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!("removed {n} snapshot folder(s) left by an earlier run"),
+        Err(e) => tracing::warn!("cannot remove old snapshots: {e}"),
+    }
+    let _snapshots = SnapshotStore::claim(&scanner.snapshot_dir).map_err(|e| {
+        Failure::new(
+            Exit::Source,
+            format!(
+                "cannot create the snapshot folder {}: {e}; check that ferry's state folder is writable (or set FERRY_HOME)",
+                scanner.snapshot_dir.display()
+            ),
+        )
+    })?;
     let scanned = scanner.scan().await?;
     let scan_secs = started.elapsed().as_secs_f64();
     for sk in scanned.skipped.iter().take(20) {

@@ -181,15 +181,11 @@ pub async fn receive(
             }
         }
     });
-    let r = run_receiver(
-        Receiver::new(ReceiverConfig::default()),
-        store,
-        ctl_recv,
-        ctl_send,
-        rx,
-        on_event,
-    )
-    .await;
+    // A destination that folds case (exFAT, FAT, macOS, Windows) cannot hold two names that
+    // differ only in case: such a manifest is refused before anything is written.
+    let mut cfg = ReceiverConfig::default();
+    cfg.limits.case_insensitive = store.folds_case();
+    let r = run_receiver(Receiver::new(cfg), store, ctl_recv, ctl_send, rx, on_event).await;
     acceptor.abort();
     r
 }

@@ -25,6 +25,7 @@ pub mod fuzzing;
 pub mod manifest;
 pub mod path;
 pub mod platform;
+pub mod private;
 pub mod proto;
 pub mod scan;
 pub mod snapshot;

@@ -482,6 +482,15 @@ impl Iterator for SlotsOf<'_> {
     }
 }
 
+/// The name under which a case-insensitive file system may find `path`. Upper case first, then
+/// lower: exFAT and FAT compare by upper-casing (`ſ`, `ı`, `ς`, `µ` meet `S`, `I`, `Σ`, `Μ`, which
+/// lower-casing alone would miss), APFS folds (`ß` meets `ss`). Where the key merges names a
+/// given file system keeps apart, a history that could have been received is refused; it never
+/// lets one file replace another.
+fn case_key(path: &str) -> String {
+    path.to_uppercase().to_lowercase()
+}
+
 /// Builds a [`Manifest`] entry by entry, validating each as it arrives (entries come from an
 /// untrusted peer, in bounded frames).
 #[derive(Debug)]
@@ -566,7 +575,7 @@ impl ManifestBuilder {
             anc = path::parent(a);
         }
         if self.limits.case_insensitive {
-            let folded = e.path.to_lowercase();
+            let folded = case_key(&e.path);
             if let Some(&other) = self.folded.get(&folded) {
                 return Err(ManifestError::CaseCollision {
                     path: e.path,
@@ -864,6 +873,26 @@ mod tests {
             ci.push(file("photo.jpg", b"1")),
             Err(ManifestError::CaseCollision { .. })
         ));
+        // Pairs an upper-casing file system (exFAT) merges although their lower cases differ.
+        for (a, b) in [
+            ("s.txt", "ſ.txt"),
+            ("i.txt", "ı.txt"),
+            ("ς", "σ"),
+            ("µ", "μ"),
+        ] {
+            let mut ci = ManifestBuilder::new(ManifestLimits {
+                case_insensitive: true,
+                ..Default::default()
+            });
+            ci.push(file(a, b"1")).unwrap();
+            assert!(
+                matches!(
+                    ci.push(file(b, b"2")),
+                    Err(ManifestError::CaseCollision { .. })
+                ),
+                "{a} {b}"
+            );
+        }
     }
 
     #[test]

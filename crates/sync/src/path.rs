@@ -2,7 +2,8 @@
 //!
 //! A manifest path is a relative, `/`-separated UTF-8 path. It may not be absolute, contain
 //! empty, `.` or `..` components, contain NUL, exceed the platform's name or path length limits,
-//! or name ferry's own state folder (`.ferry`) at the root. Escapes through symlinks are handled
+//! or name ferry's own state folder (`.ferry`, in any case: `.FERRY` is the same folder on a
+//! case-insensitive destination) at the root. Escapes through symlinks are handled
 //! by the manifest (an ancestor must be a directory entry) and by the store (it never follows a
 //! symlink it finds on disk while creating parents).
 
@@ -10,6 +11,14 @@ use std::fmt;
 
 /// Name of the folder inside a destination that holds ferry's own state.
 pub const STATE_DIR: &str = ".ferry";
+/// Whether a name at the root of a destination is ferry's state folder on some file system:
+/// compared without regard to case, as exFAT, FAT, NTFS, APFS and HFS+ compare names. (No
+/// other Unicode spelling of `.ferry` exists: no character folds or decomposes canonically to
+/// `.`, `f`, `e`, `r` or `y`, so normalising file systems add none.)
+pub fn is_state_dir(name: &str) -> bool {
+    name.eq_ignore_ascii_case(STATE_DIR)
+}
+
 /// Longest path (in bytes) a manifest may carry.
 pub const MAX_PATH_BYTES: usize = 4096;
 /// Longest single component (in bytes), as on ext4, APFS, NTFS.
@@ -47,7 +56,7 @@ impl fmt::Display for PathProblem {
             PathProblem::ParentComponent => "the path has a '..' component",
             PathProblem::Nul => "the path contains a NUL byte",
             PathProblem::Backslash => "the path contains a backslash",
-            PathProblem::Reserved => "the path names ferry's own state folder .ferry",
+            PathProblem::Reserved => "the path names ferry's own state folder .ferry (in any case)",
         })
     }
 }
@@ -83,7 +92,7 @@ pub fn check_relative_path(path: &str) -> Result<(), PathProblem> {
         if part.len() > MAX_NAME_BYTES {
             return Err(PathProblem::NameTooLong);
         }
-        if i == 0 && part == STATE_DIR {
+        if i == 0 && is_state_dir(part) {
             return Err(PathProblem::Reserved);
         }
     }
@@ -171,6 +180,9 @@ mod tests {
             ("..\\x", PathProblem::Backslash),
             (".ferry", PathProblem::Reserved),
             (".ferry/journal", PathProblem::Reserved),
+            // The same folder on exFAT, FAT, NTFS and APFS.
+            (".FERRY", PathProblem::Reserved),
+            (".Ferry/staging/x", PathProblem::Reserved),
         ];
         for (p, want) in cases {
             assert_eq!(check_relative_path(p), Err(want), "{p:?}");

@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use crate::manifest::{
     chunk_count, chunk_shift_for, ChunkHash, EntryKind, ManifestError, Mtime, WireEntry,
 };
-use crate::path::{symlink_stays_inside, STATE_DIR};
+use crate::path::{is_state_dir, symlink_stays_inside};
 use crate::snapshot::{has_sqlite_header, FileKey, SnapshotStore, COMPANIONS};
 use crate::Manifest;
 
@@ -228,15 +228,14 @@ impl HashCache {
     /// Writes the cache atomically (tmp + rename).
     pub fn save(&self, path: &Path) -> io::Result<()> {
         if let Some(dir) = path.parent() {
-            fs::create_dir_all(dir)?;
+            crate::private::create_dir_all(dir)?;
         }
         let mut v: Vec<(&String, &CacheEntry)> = self.map.iter().collect();
         v.sort_by(|a, b| a.0.cmp(b.0));
         let mut out = CACHE_MAGIC.to_vec();
         out = postcard::to_extend(&v, out).map_err(io::Error::other)?;
-        let tmp = path.with_extension("tmp");
-        fs::write(&tmp, out)?;
-        fs::rename(&tmp, path)
+        // The cache names every file of the history: owner-only, like all of ferry's files.
+        crate::private::write_atomic(path, &out)
     }
 
     pub fn len(&self) -> usize {
@@ -341,7 +340,7 @@ pub fn scan(
             } else {
                 format!("{rel}/{name}")
             };
-            if rel.is_empty() && name == STATE_DIR {
+            if rel.is_empty() && is_state_dir(name) {
                 skipped.push(Skipped {
                     path,
                     reason: "ferry's own state folder".into(),

@@ -30,6 +30,15 @@
 //! record, and the next scan copies again.) Snapshots of databases no longer present are
 //! removed when the scan finishes.
 //!
+//! # Privacy
+//! Snapshots are whole chat databases: their folders are owner-only (`0700`) and every file in
+//! them `0600` from the moment it exists. A sender claims its snapshot folder
+//! ([`SnapshotStore::claim`], a lock held while it runs) and removes it when the migration ends;
+//! when it starts it removes the folders a crash left for other shared folders
+//! ([`SnapshotStore::remove_others`], skipping folders another running sender holds). The folder
+//! of the shared folder it is sending again is kept, so a sender restarted after a crash resumes
+//! with the same snapshots (same manifest, nothing hashed again).
+//!
 //! # When SQLite cannot read the file
 //! A file with the header that SQLite refuses (damaged or encrypted past the header, or locked
 //! exclusively by the app for longer than the busy timeout) is sent raw like any other file,
@@ -54,6 +63,10 @@ pub const COMPANIONS: [&str; 3] = ["-wal", "-shm", "-journal"];
 pub const DEFAULT_BUSY_TIMEOUT: Duration = Duration::from_secs(2);
 
 const INDEX_MAGIC: &[u8; 8] = b"FRRYSN01";
+/// The folder of ferry's state directory that holds one snapshot folder per shared folder.
+const SNAPSHOTS_DIR: &str = "snapshots";
+/// Locked by the sender that uses a snapshot folder.
+const IN_USE_FILE: &str = "in-use";
 const INDEX_FILE: &str = "index.bin";
 const MAX_INDEX_FILE: u64 = 256 << 20;
 
@@ -186,6 +199,23 @@ pub struct Captured {
     pub source_mtime: (i64, i64),
 }
 
+/// A sender's hold on its snapshot folder (see [`SnapshotStore::claim`]).
+#[derive(Debug)]
+pub struct SnapshotClaim {
+    dir: PathBuf,
+    lock: Option<File>,
+}
+
+impl Drop for SnapshotClaim {
+    fn drop(&mut self) {
+        if self.lock.is_some() {
+            if let Err(e) = SnapshotStore::remove(&self.dir) {
+                tracing::warn!("cannot remove the snapshots in {}: {e}", self.dir.display());
+            }
+        }
+    }
+}
+
 /// The snapshots of one shared folder: `<state>/snapshots/<hash of the folder>/`.
 #[derive(Debug)]
 pub struct SnapshotStore {
@@ -200,12 +230,73 @@ impl SnapshotStore {
     pub fn dir_for(state_dir: &Path, root: &Path) -> PathBuf {
         let abs = fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf());
         let h = blake3::hash(abs.as_os_str().as_encoded_bytes());
-        state_dir.join("snapshots").join(&h.to_hex()[..32])
+        state_dir.join(SNAPSHOTS_DIR).join(&h.to_hex()[..32])
+    }
+
+    /// Removes the snapshot folder `dir` (see [`SnapshotStore::dir_for`]) and everything in it:
+    /// the migration it served has ended. A missing folder is not an error.
+    pub fn remove(dir: &Path) -> io::Result<()> {
+        match fs::remove_dir_all(dir) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Removes every snapshot folder under `state_dir` except `keep` and those a running
+    /// sender claims: what a crashed sender left of other migrations. Returns how many folders
+    /// were removed.
+    pub fn remove_others(state_dir: &Path, keep: &Path) -> io::Result<usize> {
+        let rd = match fs::read_dir(state_dir.join(SNAPSHOTS_DIR)) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(e),
+        };
+        let mut n = 0;
+        for ent in rd {
+            let path = ent?.path();
+            if path == keep {
+                continue;
+            }
+            // Held while removing, so that a sender starting meanwhile waits for a fresh folder.
+            let held = match OpenOptions::new().write(true).open(path.join(IN_USE_FILE)) {
+                Ok(f) => match f.try_lock() {
+                    Ok(()) => Some(f),
+                    Err(fs::TryLockError::WouldBlock) => continue,
+                    Err(fs::TryLockError::Error(e)) => return Err(e),
+                },
+                Err(_) => None,
+            };
+            SnapshotStore::remove(&path)?;
+            drop(held);
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Claims snapshot folder `dir` (creating it) for one sender: while the claim lives, no
+    /// other sender's [`SnapshotStore::remove_others`] removes it, and dropping it removes the
+    /// folder — unless another running sender of the same folder claimed it first.
+    pub fn claim(dir: &Path) -> io::Result<SnapshotClaim> {
+        crate::private::create_dir_all(dir)?;
+        let f = crate::private::options()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(dir.join(IN_USE_FILE))?;
+        let lock = match f.try_lock() {
+            Ok(()) => Some(f),
+            Err(fs::TryLockError::WouldBlock) => None,
+            Err(fs::TryLockError::Error(e)) => return Err(e),
+        };
+        Ok(SnapshotClaim {
+            dir: dir.to_path_buf(),
+            lock,
+        })
     }
 
     /// Opens (creating) a snapshot folder. A missing or damaged index just means no reuse.
     pub fn open(dir: &Path) -> io::Result<Self> {
-        fs::create_dir_all(dir)?;
+        crate::private::create_dir_all(dir)?;
         let index = load_index(&dir.join(INDEX_FILE)).unwrap_or_default();
         Ok(SnapshotStore {
             dir: dir.to_path_buf(),
@@ -275,7 +366,7 @@ impl SnapshotStore {
             let name = ent.file_name();
             let keep_it = name
                 .to_str()
-                .is_some_and(|n| n == INDEX_FILE || keep.contains(n));
+                .is_some_and(|n| n == INDEX_FILE || n == IN_USE_FILE || keep.contains(n));
             if !keep_it {
                 let _ = fs::remove_file(ent.path());
             }
@@ -284,10 +375,7 @@ impl SnapshotStore {
         v.sort_by(|a, b| a.0.cmp(b.0));
         let mut out = INDEX_MAGIC.to_vec();
         out = postcard::to_extend(&v, out).map_err(io::Error::other)?;
-        let path = self.dir.join(INDEX_FILE);
-        let tmp = path.with_extension("tmp");
-        fs::write(&tmp, out)?;
-        fs::rename(&tmp, &path)
+        crate::private::write_atomic(&self.dir.join(INDEX_FILE), &out)
     }
 }
 
@@ -341,6 +429,9 @@ fn backup_to(src: &Path, dst: &Path, busy: Duration) -> Result<(), SnapshotError
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
     from.busy_timeout(busy)?;
+    // Created owner-only before SQLite opens it (SQLite would create it 0644, and gives its
+    // `-journal` the database file's mode).
+    drop(crate::private::create(dst)?);
     {
         let mut to = Connection::open(dst)?;
         {

@@ -9,6 +9,8 @@
 //! .ferry/receipt.json    after completion: a human-readable summary
 //! .ferry/receipt.prev    during a later round (catch-up): the receipt of the tree in place
 //! ```
+//! All of it is owner-only (folders `0700`, files `0600`, see [`crate::private`]), and so is
+//! DEST when the store creates it: the history is private while it moves.
 //!
 //! # Durability ordering
 //! 1. A received chunk is verified (bounded decode, BLAKE3) before it is written anywhere.
@@ -22,9 +24,10 @@
 //!    compacted journal replaces the old one (write, fsync, rename, fsync dir) *before* any new
 //!    write, so a slot the journal claims is never overwritten with other content.
 //! 5. **Finalize**: every file is re-read from disk and checked against the manifest, its mode
-//!    (without setuid/setgid/sticky, owner access kept) and mtime set, and it is renamed into
-//!    place (its data is durable since its commit); one `syncfs` then makes every mode, mtime and
-//!    rename durable, the parent directories are `fsync`ed; then
+//!    (without setuid/setgid/sticky, masked by the umask, owner access kept) and mtime set, and
+//!    it is renamed into place (its data is durable since its commit) — from directory handles,
+//!    never through a symlink (see [`FsStore::finalize`]); one `syncfs` then makes every mode,
+//!    mtime and rename durable, the parent directories are `fsync`ed; then
 //!    the receipt is written (tmp, fsync, rename, fsync). Only then are journal and staging
 //!    removed. A final path only ever receives a complete, verified file.
 //!
@@ -43,16 +46,20 @@
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, BufWriter, Read, Write};
-use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::os::fd::AsFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
+use rustix::fs::{AtFlags, Mode, OFlags};
+use rustix::io::Errno;
 
 use crate::compress::{decode_verified, ChunkError, Encoding};
 use crate::manifest::{ChunkHash, EntryKind, Manifest, ManifestBuilder, ManifestLimits, Mtime};
 use crate::path::STATE_DIR;
+use crate::private;
 use crate::proto::frame::{self, Frame, Message, MANIFEST_FRAME_TARGET};
 use crate::proto::{RecvIo, RecvIoDone};
 
@@ -208,8 +215,15 @@ pub struct Receipt {
 /// The receiver's store for one destination directory.
 pub struct FsStore {
     dest: PathBuf,
+    /// DEST as opened by [`FsStore::open`]: every final path is reached from this handle, one
+    /// directory at a time and never through a symlink (see [`FsStore::open_dir`]).
+    dest_dir: File,
     state: PathBuf,
     staging: PathBuf,
+    /// What the receiving user's umask takes away from a sender's modes.
+    umask: u32,
+    /// DEST's file system treats names that differ only in case as the same name.
+    folds_case: bool,
     _lock: File,
     prepared: Mutex<Option<Arc<Prepared>>>,
     open: Mutex<Open>,
@@ -230,20 +244,36 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl FsStore {
     /// Opens (creating if needed) the store of `dest`, taking its lock.
+    ///
+    /// A DEST that ferry creates is owner-only (`0700`), and so is everything under `.ferry`
+    /// (folders `0700`, files `0600`): a history is private while it moves. An existing DEST
+    /// keeps its mode. The open also probes whether DEST's file system folds case
+    /// ([`FsStore::folds_case`]).
     pub fn open(dest: &Path) -> Result<Self, StoreError> {
-        ctx(dest, fs::create_dir_all(dest))?;
+        if fs::symlink_metadata(dest).is_err() {
+            use std::os::unix::fs::DirBuilderExt;
+            ctx(
+                dest,
+                fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(private::DIR_MODE)
+                    .create(dest),
+            )?;
+        }
+        let dest_dir = ctx(dest, open_dir_path(dest))?;
         let state = dest.join(STATE_DIR);
         let staging = state.join("staging");
-        ctx(&state, fs::create_dir_all(&state))?;
+        ctx(&state, private::create_dir_all(&state))?;
         let lock_path = state.join("lock");
         let lock_file = ctx(
             &lock_path,
-            OpenOptions::new()
+            private::options()
                 .create(true)
                 .truncate(false)
                 .write(true)
                 .open(&lock_path),
         )?;
+        ctx(&lock_path, private::narrow(&lock_file))?;
         match lock_file.try_lock() {
             Ok(()) => {}
             Err(fs::TryLockError::WouldBlock) => {
@@ -251,10 +281,14 @@ impl FsStore {
             }
             Err(fs::TryLockError::Error(e)) => return Err(StoreError::io(&lock_path, e)),
         }
+        let folds_case = ctx(&state, probe_case_folding(&state))?;
         Ok(FsStore {
             dest: dest.to_path_buf(),
+            dest_dir,
             state,
             staging,
+            umask: private::umask(),
+            folds_case,
             _lock: lock_file,
             prepared: Mutex::new(None),
             open: Mutex::new(Open::default()),
@@ -265,6 +299,14 @@ impl FsStore {
     /// The destination directory.
     pub fn dest(&self) -> &Path {
         &self.dest
+    }
+
+    /// Whether DEST's file system treats names that differ only in case as one name (exFAT and
+    /// FAT drives, macOS and Windows by default, Android shared storage). Then a manifest with
+    /// such names must be refused ([`crate::manifest::ManifestLimits::case_insensitive`]):
+    /// one file would silently replace the other.
+    pub fn folds_case(&self) -> bool {
+        self.folds_case
     }
 
     /// Whether `dest` holds an unfinished ferry migration.
@@ -368,7 +410,7 @@ impl FsStore {
                 .collect()
         });
         let journal_path = self.state.join("journal");
-        ctx(&self.staging, fs::create_dir_all(&self.staging))?;
+        ctx(&self.staging, private::create_dir_all(&self.staging))?;
         let records = read_journal(&journal_path)?;
 
         let mut durable = Vec::new();
@@ -461,7 +503,7 @@ impl FsStore {
             let e = &manifest.entries()[i];
             let key = staging_key(&e.path);
             let final_path = self.dest.join(&e.path);
-            let src = ctx(&final_path, File::open(&final_path))?;
+            let src = ctx(&final_path, open_nofollow(&final_path))?;
             let (dst, _) = self.create_staging(&e.path, e.size)?;
             let mut buf = vec![0u8; e.chunk_size() as usize];
             for slot in reuse {
@@ -495,7 +537,7 @@ impl FsStore {
         // Compact the journal before anything new is written (see the module docs).
         let tmp = self.state.join("journal.tmp");
         {
-            let f = ctx(&tmp, File::create(&tmp))?;
+            let f = ctx(&tmp, private::create(&tmp))?;
             let mut w = BufWriter::new(f);
             ctx(&tmp, w.write_all(JOURNAL_MAGIC))?;
             for r in &keep {
@@ -605,7 +647,7 @@ impl FsStore {
             return Ok(None);
         }
         let same_size = md.len() == e.size;
-        let Ok(f) = File::open(&final_path) else {
+        let Ok(f) = open_nofollow(&final_path) else {
             return Ok(None);
         };
         let mut out = Vec::new();
@@ -645,7 +687,7 @@ impl FsStore {
     fn create_staging(&self, path: &str, size: u64) -> Result<(File, bool), StoreError> {
         let p = self.staging_path(path);
         let open = |new: bool| {
-            let mut o = OpenOptions::new();
+            let mut o = private::options();
             o.read(true).write(true).create_new(new);
             o.open(&p)
         };
@@ -825,6 +867,12 @@ impl FsStore {
 
     /// Verifies every file, moves it into place and writes the receipt. Returns slots that
     /// failed verification (then nothing more is done: fetch them and finalize again).
+    ///
+    /// Every final path is reached from DEST's handle one directory at a time (`openat` with
+    /// `O_NOFOLLOW`), files are moved with `renameat` into the directory handle, and modes and
+    /// times are set through handles opened without following symlinks: someone who can write
+    /// into a folder of DEST cannot redirect a rename, a `chmod` or a new folder elsewhere by
+    /// swapping a folder or file for a symlink.
     pub fn finalize(&self) -> Result<Vec<u32>, StoreError> {
         let p = self.prepared()?;
         if p.complete {
@@ -836,8 +884,7 @@ impl FsStore {
         let m = &p.manifest;
         let t0 = std::time::Instant::now();
         *lock(&self.open) = Open::default();
-        let mut ok_dirs: HashSet<PathBuf> = HashSet::new();
-        let mut touched_dirs: HashSet<PathBuf> = HashSet::new();
+        let mut touched_dirs: HashSet<String> = HashSet::new();
         // Verify first (in parallel), so that damage is found before anything moves.
         let homes = lock(&p.homes).clone();
         let (bad, stamped) = verify_and_stamp(
@@ -847,34 +894,49 @@ impl FsStore {
                 Home::Staging => self.staging_path(&m.entries()[i].path),
             },
             |i| homes[i] == Home::Staging,
+            self.umask,
         );
         if !bad.is_empty() {
             return Ok(self.damaged(&p, &bad));
         }
         let verified = t0.elapsed();
         self.remove_dropped(m)?;
+        let staging_dir = ctx(&self.staging, open_dir_path(&self.staging))?;
+        // The parent of the previous entry: entries are sorted by path, so most share it.
+        let mut parent: Option<(String, File)> = None;
         for (i, e) in m.entries().iter().enumerate() {
+            let (par_rel, name) = match e.path.rsplit_once('/') {
+                Some((d, n)) => (d, n),
+                None => ("", e.path.as_str()),
+            };
+            if parent.as_ref().is_none_or(|(r, _)| r != par_rel) {
+                parent = Some((par_rel.to_string(), self.open_dir(par_rel, true)?));
+            }
+            let Some((_, dir)) = parent.as_ref() else {
+                continue;
+            };
             let final_path = self.dest.join(&e.path);
-            let parent = final_path
-                .parent()
-                .map(Path::to_path_buf)
-                .unwrap_or_else(|| self.dest.clone());
             match &e.kind {
                 EntryKind::Dir => {
-                    self.ensure_dir(&e.path, &mut ok_dirs)?;
-                    touched_dirs.insert(parent);
+                    self.open_dir(&e.path, true)?;
                 }
                 EntryKind::File { .. } => {
                     if homes[i] == Home::InPlace {
-                        set_meta(&final_path, e.mode, e.mtime)?;
+                        let f = ctx(&final_path, open_file_at(dir, name))?;
+                        ctx(&final_path, stamp_file(&f, e.mode, e.mtime, self.umask))?;
                         continue;
                     }
-                    if let Some(par) = crate::path::parent(&e.path) {
-                        self.ensure_dir(par, &mut ok_dirs)?;
-                    }
-                    let staged = self.staging_path(&e.path);
-                    if e.size == 0 && !staged.exists() {
-                        ctx(&staged, File::create(&staged))?;
+                    let key = hex(&staging_key(&e.path));
+                    if e.size == 0 {
+                        let staged = self.staging.join(&key);
+                        ctx(
+                            &staged,
+                            private::options()
+                                .write(true)
+                                .create(true)
+                                .truncate(false)
+                                .open(&staged),
+                        )?;
                     }
                     // The data is durable already (every slot was committed); mode, mtime and
                     // the rename become durable with the one syncfs below, before the receipt.
@@ -882,37 +944,61 @@ impl FsStore {
                     // right: the next run finds no receipt, re-verifies and sets it again.
                     // (Most files were stamped through their handle while verified.)
                     if !stamped[i] {
-                        set_meta(&staged, e.mode, e.mtime)?;
+                        let staged = self.staging.join(&key);
+                        let f = ctx(&staged, open_file_at(&staging_dir, &key))?;
+                        ctx(&staged, stamp_file(&f, e.mode, e.mtime, self.umask))?;
                     }
-                    self.rename_file(&staged, &final_path)?;
-                    touched_dirs.insert(parent);
+                    match rustix::fs::renameat(&staging_dir, key.as_str(), dir, name) {
+                        Ok(()) => {}
+                        Err(Errno::ISDIR) => return Err(dir_in_the_way(&final_path)),
+                        Err(e) => return Err(StoreError::io(&final_path, e.into())),
+                    }
+                    touched_dirs.insert(par_rel.to_string());
                 }
                 EntryKind::Symlink { target } => {
-                    if let Some(par) = crate::path::parent(&e.path) {
-                        self.ensure_dir(par, &mut ok_dirs)?;
+                    match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+                        Ok(st)
+                            if rustix::fs::FileType::from_raw_mode(st.st_mode)
+                                == rustix::fs::FileType::Directory =>
+                        {
+                            return Err(dir_in_the_way(&final_path))
+                        }
+                        _ => {}
                     }
-                    self.check_target(&final_path)?;
-                    let tmp = parent.join(format!(".ferry-link-{}", hex(&staging_key(&e.path))));
-                    let _ = fs::remove_file(&tmp);
-                    ctx(&tmp, std::os::unix::fs::symlink(target, &tmp))?;
-                    ctx(&final_path, fs::rename(&tmp, &final_path))?;
-                    touched_dirs.insert(parent);
+                    let tmp = format!(".ferry-link-{}", hex(&staging_key(&e.path)));
+                    let _ = rustix::fs::unlinkat(dir, tmp.as_str(), AtFlags::empty());
+                    ctx(
+                        &final_path,
+                        rustix::fs::symlinkat(target.as_str(), dir, tmp.as_str())
+                            .map_err(io::Error::from),
+                    )?;
+                    ctx(
+                        &final_path,
+                        rustix::fs::renameat(dir, tmp.as_str(), dir, name).map_err(io::Error::from),
+                    )?;
+                    touched_dirs.insert(par_rel.to_string());
                 }
             }
         }
+        drop(parent);
         let renamed = t0.elapsed();
-        {
-            let d = ctx(&self.dest, File::open(&self.dest))?;
-            ctx(&self.dest, rustix::fs::syncfs(&d).map_err(io::Error::from))?;
-        }
+        ctx(
+            &self.dest,
+            rustix::fs::syncfs(&self.dest_dir).map_err(io::Error::from),
+        )?;
         let moved = t0.elapsed();
         for d in &touched_dirs {
-            ctx(d, sync_dir(d))?;
+            let dir = self.open_dir(d, false)?;
+            ctx(&self.dest.join(d), dir.sync_all())?;
         }
         // Directory metadata last (writing files into them changed their mtimes), deepest first.
         for e in m.entries().iter().rev() {
             if e.kind == EntryKind::Dir {
-                set_meta(&self.dest.join(&e.path), e.mode, e.mtime)?;
+                let dir = self.open_dir(&e.path, false)?;
+                let path = self.dest.join(&e.path);
+                let mode = final_mode(e.mode, true, self.umask);
+                ctx(&path, dir.set_permissions(fs::Permissions::from_mode(mode)))?;
+                ctx(&path, dir.set_times(file_times(e.mtime)))?;
             }
         }
         self.write_receipt(m)?;
@@ -934,9 +1020,10 @@ impl FsStore {
 
     /// Removes what the previous round brought (`receipt.prev`) and the new manifest no longer
     /// has (or has as another kind): files and symlinks still exactly as ferry left them, and
-    /// directories that are then empty. Anything else at those paths stays.
+    /// directories that are then empty. Anything else at those paths stays. Like finalize, it
+    /// works from directory handles and never follows a symlink.
     fn remove_dropped(&self, m: &Manifest) -> Result<(), StoreError> {
-        use std::os::unix::fs::MetadataExt;
+        use rustix::fs::FileType;
         let Ok(prev) = read_receipt_file(&self.state.join("receipt.prev")) else {
             return Ok(());
         };
@@ -953,7 +1040,6 @@ impl FsStore {
                     | (EntryKind::Symlink { .. }, EntryKind::Symlink { .. })
             )
         };
-        let mut touched: HashSet<PathBuf> = HashSet::new();
         // Deepest first, so that directories are emptied before they are removed.
         for e in prev.entries().iter().rev() {
             if now
@@ -962,100 +1048,97 @@ impl FsStore {
             {
                 continue;
             }
-            if !self.parents_are_dirs(&e.path) {
-                continue;
-            }
-            let p = self.dest.join(&e.path);
-            let Ok(md) = fs::symlink_metadata(&p) else {
+            let (par_rel, name) = match e.path.rsplit_once('/') {
+                Some((d, n)) => (d, n),
+                None => ("", e.path.as_str()),
+            };
+            // A parent that is no longer a real directory: nothing of ferry's is there.
+            let Ok(dir) = self.open_dir(par_rel, false) else {
                 continue;
             };
+            let Ok(st) = rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) else {
+                continue;
+            };
+            let ft = FileType::from_raw_mode(st.st_mode);
+            // time_t and long are not 64-bit everywhere.
+            #[allow(clippy::unnecessary_cast)]
             let ours = match &e.kind {
                 EntryKind::File { .. } => {
-                    md.is_file()
-                        && md.len() == e.size
-                        && md.mtime() == e.mtime.secs
-                        && md.mtime_nsec() == i64::from(e.mtime.nanos)
+                    ft == FileType::RegularFile
+                        && st.st_size as u64 == e.size
+                        && st.st_mtime as i64 == e.mtime.secs
+                        && st.st_mtime_nsec as i64 == i64::from(e.mtime.nanos)
                 }
                 EntryKind::Symlink { target } => {
-                    md.file_type().is_symlink()
-                        && fs::read_link(&p).ok().as_deref() == Some(Path::new(target))
+                    ft == FileType::Symlink
+                        && rustix::fs::readlinkat(&dir, name, Vec::new())
+                            .ok()
+                            .is_some_and(|t| t.as_bytes() == target.as_bytes())
                 }
-                EntryKind::Dir => md.is_dir(),
+                EntryKind::Dir => ft == FileType::Directory,
             };
             if !ours {
                 continue;
             }
+            let p = self.dest.join(&e.path);
             let removed = if e.kind == EntryKind::Dir {
                 // Only an empty directory goes; one holding other files stays.
-                fs::remove_dir(&p).is_ok()
+                rustix::fs::unlinkat(&dir, name, AtFlags::REMOVEDIR).is_ok()
             } else {
-                ctx(&p, fs::remove_file(&p))?;
+                ctx(
+                    &p,
+                    rustix::fs::unlinkat(&dir, name, AtFlags::empty()).map_err(io::Error::from),
+                )?;
                 true
             };
             if removed {
-                if let Some(par) = p.parent() {
-                    touched.insert(par.to_path_buf());
-                }
+                ctx(&p, dir.sync_all())?;
             }
-        }
-        for d in touched.iter().filter(|d| d.is_dir()) {
-            ctx(d, sync_dir(d))?;
         }
         Ok(())
     }
 
-    /// Creates `rel` (and its parents) as directories, refusing to pass through anything that is
-    /// not a real directory (a symlink planted in DEST cannot redirect writes).
-    fn ensure_dir(&self, rel: &str, ok: &mut HashSet<PathBuf>) -> Result<(), StoreError> {
-        let mut cur = self.dest.clone();
-        for part in rel.split('/') {
-            cur.push(part);
-            if ok.contains(&cur) {
-                continue;
-            }
-            match fs::symlink_metadata(&cur) {
-                Ok(md) if md.is_dir() => {}
-                Ok(_) => {
+    /// Opens directory `rel` of DEST ("" is DEST itself) from DEST's handle, one component at a
+    /// time with `O_NOFOLLOW`: a symlink or file where the history has a directory is a
+    /// conflict, never followed. With `create`, missing directories are created (owner-only
+    /// until finalize gives them their modes) and their parents synced.
+    fn open_dir(&self, rel: &str, create: bool) -> Result<File, StoreError> {
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let mut cur = ctx(&self.dest, self.dest_dir.try_clone())?;
+        let mut shown = self.dest.clone();
+        for part in rel.split('/').filter(|p| !p.is_empty()) {
+            shown.push(part);
+            let next = match rustix::fs::openat(&cur, part, flags, Mode::empty()) {
+                Err(Errno::NOENT) if create => {
+                    match rustix::fs::mkdirat(&cur, part, Mode::from_raw_mode(private::DIR_MODE)) {
+                        Ok(()) | Err(Errno::EXIST) => {}
+                        Err(e) => return Err(StoreError::io(&shown, e.into())),
+                    }
+                    let parent = shown.parent().unwrap_or(&self.dest).to_path_buf();
+                    ctx(&parent, cur.sync_all())?;
+                    rustix::fs::openat(&cur, part, flags, Mode::empty())
+                }
+                r => r,
+            };
+            cur = match next {
+                Ok(fd) => File::from(fd),
+                Err(Errno::LOOP | Errno::NOTDIR) => {
                     return Err(StoreError::Conflict {
-                        path: cur,
+                        path: shown,
                         why: "a file or symlink exists where the history has a directory; move it away and run again".into(),
                     })
                 }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    ctx(&cur, fs::create_dir(&cur))?;
-                    if let Some(par) = cur.parent() {
-                        ctx(par, sync_dir(par))?;
-                    }
-                }
-                Err(e) => return Err(StoreError::io(&cur, e)),
-            }
-            ok.insert(cur.clone());
+                Err(e) => return Err(StoreError::io(&shown, e.into())),
+            };
         }
-        Ok(())
-    }
-
-    /// Moves a staged file into place; a directory in the way is a conflict (rename's EISDIR
-    /// says so without a separate look first).
-    fn rename_file(&self, staged: &Path, final_path: &Path) -> Result<(), StoreError> {
-        match fs::rename(staged, final_path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.raw_os_error() == Some(libc::EISDIR) => Err(dir_in_the_way(final_path)),
-            Err(e) => Err(StoreError::io(final_path, e)),
-        }
-    }
-
-    fn check_target(&self, final_path: &Path) -> Result<(), StoreError> {
-        match fs::symlink_metadata(final_path) {
-            Ok(md) if md.is_dir() => Err(dir_in_the_way(final_path)),
-            _ => Ok(()),
-        }
+        Ok(cur)
     }
 
     fn write_receipt(&self, m: &Manifest) -> Result<(), StoreError> {
         let tmp = self.state.join("receipt.tmp");
         let path = self.state.join("receipt");
         {
-            let f = ctx(&tmp, File::create(&tmp))?;
+            let f = ctx(&tmp, private::create(&tmp))?;
             let mut w = BufWriter::new(f);
             ctx(&tmp, w.write_all(RECEIPT_MAGIC))?;
             let mut entries = Vec::new();
@@ -1103,7 +1186,7 @@ impl FsStore {
             SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs()
         );
         let jp = self.state.join("receipt.json");
-        ctx(&jp, fs::write(&jp, json))?;
+        ctx(&jp, private::write(&jp, json.as_bytes()))?;
         ctx(&self.state, sync_dir(&self.state))
     }
 }
@@ -1140,19 +1223,71 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// Applies a manifest entry's mode and mtime. The mode comes from the peer: setuid, setgid and
-/// sticky bits are dropped (a chat history has no use for them, and a setuid file planted by a
-/// hostile sender on a device restored as root would be a privilege escalation), and the owner
-/// keeps read access to files and full access to directories, so ferry can verify, resume and
+/// The mode a file or directory of the history gets: the sender's permission bits, without
+/// setuid, setgid and sticky (a chat history has no use for them, and a setuid file planted by a
+/// hostile sender on a device restored as root would be a privilege escalation), masked by the
+/// receiving user's umask (a sender cannot make files world-writable here), and the owner keeps
+/// read access to files and full access to directories, so ferry can verify, resume and
 /// migrate again into the same destination whatever the sender said.
-fn set_meta(path: &Path, mode: u32, mtime: Mtime) -> Result<(), StoreError> {
-    let is_dir = fs::symlink_metadata(path).is_ok_and(|m| m.is_dir());
-    let mode = (mode & 0o777) | if is_dir { 0o700 } else { 0o400 };
-    let perm = fs::Permissions::from_mode(mode);
-    ctx(path, fs::set_permissions(path, perm))?;
-    let f = ctx(path, File::options().read(true).open(path))?;
-    // Directories can't be opened for writing; set_times works on a read handle on Linux.
-    ctx(path, f.set_times(file_times(mtime)))
+fn final_mode(mode: u32, is_dir: bool, umask: u32) -> u32 {
+    (mode & 0o777 & !umask) | if is_dir { 0o700 } else { 0o400 }
+}
+
+/// Opens a directory by path without following a symlink at its last component.
+fn open_dir_path(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+}
+
+/// Opens a file for reading without following a symlink at its last component (and without
+/// blocking on a FIFO put in its place).
+fn open_nofollow(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+}
+
+/// Opens regular file `name` in `dir` for reading, never through a symlink; anything that is not
+/// a regular file is an error.
+fn open_file_at(dir: &File, name: &str) -> io::Result<File> {
+    let fd = rustix::fs::openat(
+        dir.as_fd(),
+        name,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let f = File::from(fd);
+    if !f.metadata()?.is_file() {
+        return Err(io::Error::other("not a regular file"));
+    }
+    Ok(f)
+}
+
+/// Whether the file system holding `dir` (ferry's own folder, locked) folds case: with neither
+/// name present, a probe file is created under a lower-case name and looked up under the
+/// upper-case one. (Not by inode: FUSE file systems such as exfat-fuse give each spelling its
+/// own node number.)
+fn probe_case_folding(dir: &Path) -> io::Result<bool> {
+    let lower = dir.join("case-probe");
+    let upper = dir.join("CASE-PROBE");
+    for p in [&upper, &lower] {
+        match fs::remove_file(p) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    drop(
+        private::options()
+            .write(true)
+            .create_new(true)
+            .open(&lower)?,
+    );
+    let folds = fs::symlink_metadata(&upper).is_ok();
+    fs::remove_file(&lower)?;
+    Ok(folds)
 }
 
 fn dir_in_the_way(final_path: &Path) -> StoreError {
@@ -1162,9 +1297,9 @@ fn dir_in_the_way(final_path: &Path) -> StoreError {
     }
 }
 
-/// Sets a regular file's mode (the owner keeps read access) and mtime through its handle.
-fn stamp_file(f: &File, mode: u32, mtime: Mtime) -> io::Result<()> {
-    f.set_permissions(fs::Permissions::from_mode((mode & 0o777) | 0o400))?;
+/// Sets a regular file's mode ([`final_mode`]) and mtime through its handle.
+fn stamp_file(f: &File, mode: u32, mtime: Mtime, umask: u32) -> io::Result<()> {
+    f.set_permissions(fs::Permissions::from_mode(final_mode(mode, false, umask)))?;
     f.set_times(file_times(mtime))
 }
 
@@ -1180,7 +1315,7 @@ fn file_times(mtime: Mtime) -> fs::FileTimes {
 /// Checks files against a manifest chunk by chunk; returns the slots that do not match.
 /// `path_of(i)` names where entry `i`'s bytes are.
 fn verify_files(m: &Manifest, path_of: impl Fn(usize) -> PathBuf + Sync) -> Vec<u32> {
-    verify_and_stamp(m, path_of, |_| false).0
+    verify_and_stamp(m, path_of, |_| false, 0).0
 }
 
 /// [`verify_files`], and for every file that matched and `stamp(i)` names, sets its mode and
@@ -1190,6 +1325,7 @@ fn verify_and_stamp(
     m: &Manifest,
     path_of: impl Fn(usize) -> PathBuf + Sync,
     stamp: impl Fn(usize) -> bool + Sync,
+    umask: u32,
 ) -> (Vec<u32>, Vec<bool>) {
     let files: Vec<usize> = (0..m.entries().len())
         .filter(|&i| m.entries()[i].is_file())
@@ -1216,7 +1352,7 @@ fn verify_and_stamp(
                         lock(&bad).extend(mine);
                     } else if let Some(f) = f.filter(|_| stamp(i)) {
                         // A failure here is not fatal: the file is stamped by path later.
-                        if stamp_file(&f, e.mode, e.mtime).is_ok() {
+                        if stamp_file(&f, e.mode, e.mtime, umask).is_ok() {
                             stamped[i].store(true, std::sync::atomic::Ordering::Relaxed);
                         }
                     }
@@ -1234,7 +1370,7 @@ fn verify_and_stamp(
 fn verify_file(m: &Manifest, i: usize, path: &Path, buf: &mut Vec<u8>) -> (Vec<u32>, Option<File>) {
     let e = &m.entries()[i];
     let all = || (e.first_slot..e.first_slot + e.chunks()).collect::<Vec<u32>>();
-    let Ok(f) = File::open(path) else {
+    let Ok(f) = open_nofollow(path) else {
         return (all(), None);
     };
     match f.metadata() {
@@ -1353,4 +1489,50 @@ pub fn receipt_summary(dest: &Path) -> Result<Receipt, StoreError> {
         files: s.files,
         bytes: s.bytes,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mode(p: &Path) -> u32 {
+        fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777
+    }
+
+    #[test]
+    fn a_new_dest_and_the_state_folder_are_private() {
+        let d = tempfile::tempdir().unwrap();
+        fs::set_permissions(d.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let dest = d.path().join("new/history");
+        let store = FsStore::open(&dest).unwrap();
+        assert_eq!(mode(&d.path().join("new")), 0o700);
+        assert_eq!(mode(&dest), 0o700);
+        assert_eq!(mode(&dest.join(STATE_DIR)), 0o700);
+        assert_eq!(mode(&dest.join(STATE_DIR).join("lock")), 0o600);
+        // The probe leaves nothing behind; tmpfs and ext4 tell case apart.
+        assert!(!store.folds_case());
+        let names: Vec<_> = fs::read_dir(dest.join(STATE_DIR))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("lock")]);
+        drop(store);
+        // An existing DEST keeps its mode; a .ferry left wider by an older version is narrowed.
+        let mine = d.path().join("mine");
+        fs::create_dir_all(mine.join(STATE_DIR)).unwrap();
+        fs::set_permissions(&mine, fs::Permissions::from_mode(0o750)).unwrap();
+        fs::set_permissions(mine.join(STATE_DIR), fs::Permissions::from_mode(0o755)).unwrap();
+        drop(FsStore::open(&mine).unwrap());
+        assert_eq!(mode(&mine), 0o750);
+        assert_eq!(mode(&mine.join(STATE_DIR)), 0o700);
+    }
+
+    #[test]
+    fn modes_lose_special_bits_and_what_the_umask_takes() {
+        assert_eq!(final_mode(0o4777, false, 0o022), 0o755);
+        assert_eq!(final_mode(0o666, false, 0o022), 0o644);
+        assert_eq!(final_mode(0o000, false, 0o077), 0o400);
+        assert_eq!(final_mode(0o1777, true, 0o022), 0o755);
+        assert_eq!(final_mode(0o000, true, 0o022), 0o700);
+    }
 }

@@ -23,7 +23,8 @@ pub enum DirsError {
 pub struct FerryDirs {
     /// Identity (key, certificate, device name) and the peers file. Owner-only.
     pub config: PathBuf,
-    /// Resumable transfer state (journals).
+    /// The sender's state: database snapshots, hash caches, the port it used last. Owner-only:
+    /// the sender creates it `0700` (files `0600`) and narrows one left wider.
     pub state: PathBuf,
     /// Disposable caches.
     pub cache: PathBuf,
