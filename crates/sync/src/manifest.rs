@@ -250,7 +250,7 @@ pub enum ManifestError {
     #[error("the manifest needs more than the {} MiB of memory this device allows for it (after {entries} entries)", budget >> 20)]
     MemoryBudget { budget: u64, entries: u64 },
     /// The files declared so far are larger than the room at the destination.
-    #[error("the history does not fit at the destination: its manifest declares at least {} MiB of files, and only {} MiB is free there", declared >> 20, available >> 20)]
+    #[error("not enough space at the destination: the sender's manifest declares at least {} MiB of files, and only {} MiB is free there", declared >> 20, available >> 20)]
     NoSpace { declared: u64, available: u64 },
     #[error("the manifest's root hash does not match its entries (sender said {said}, entries give {computed})")]
     RootMismatch {
