@@ -7,6 +7,8 @@ use ferry_sync::manifest::ManifestError;
 use ferry_sync::proto::{CloseCode, FrameError, SessionError};
 use ferry_sync::store::StoreError;
 
+use crate::output::escape;
+
 /// Why ferry stopped. The discriminant is the process exit code.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Exit {
@@ -69,11 +71,13 @@ impl From<StoreError> for Failure {
             StoreError::BadReceipt { .. } | StoreError::NoReceipt(_) => Exit::Integrity,
             _ => Exit::Destination,
         };
-        Failure::new(exit, e.to_string())
+        // Store errors name destination paths, which came from the sender.
+        Failure::new(exit, escape(&e.to_string()))
     }
 }
 
-/// Maps a session error to an exit code and a message that says what to do.
+/// Maps a session error to an exit code and a message that says what to do. The error's text
+/// (the peer's close reason, paths from its manifest) is escaped for the terminal.
 pub fn from_session(e: &SessionError) -> Failure {
     if let SessionError::PeerClosed {
         code: Some(CloseCode::SourceError),
@@ -84,7 +88,8 @@ pub fn from_session(e: &SessionError) -> Failure {
         return Failure::new(
             Exit::Source,
             format!(
-                "the sender stopped: {reason}; fix that on the old device, then run `ferry send` there and this command again (what arrived is kept)"
+                "the sender stopped: {}; fix that on the old device, then run `ferry send` there and this command again (what arrived is kept)",
+                escape(reason)
             ),
         );
     }
@@ -118,6 +123,15 @@ pub fn from_session(e: &SessionError) -> Failure {
             ),
         },
         SessionError::Frame(FrameError::UnsupportedVersion { .. }) => (Exit::Protocol, ""),
+        SessionError::Manifest(ManifestError::NoSpace { .. }) => (
+            Exit::Destination,
+            "; free up space there (or choose another destination) and run the same command again",
+        ),
+        SessionError::Manifest(ManifestError::MemoryBudget { .. }) => (
+            Exit::Protocol,
+            "; ferry allows a manifest half the memory available (at most 4 GiB): if the old device's \
+             history really holds that many files, close other programs or use a device with more memory",
+        ),
         SessionError::Protocol(_) | SessionError::Frame(_) | SessionError::Manifest(_) => (
             Exit::Protocol,
             "; nothing invalid was written, and what was verified is kept",
@@ -128,7 +142,7 @@ pub fn from_session(e: &SessionError) -> Failure {
         SessionError::Destination(_) => (Exit::Destination, ""),
         _ => (Exit::Internal, ""),
     };
-    Failure::new(exit, format!("{e}{hint}"))
+    Failure::new(exit, format!("{}{hint}", escape(&e.to_string())))
 }
 
 pub fn from_drive(e: &DriveError) -> Failure {
@@ -136,8 +150,11 @@ pub fn from_drive(e: &DriveError) -> Failure {
         DriveError::Session(s) => from_session(s),
         DriveError::LinkLost(why) => Failure::new(
             Exit::Interrupted,
-            format!("the connection was lost ({why}); run the same command again to continue"),
+            format!(
+                "the connection was lost ({}); run the same command again to continue",
+                escape(why)
+            ),
         ),
-        _ => Failure::new(Exit::Internal, e.to_string()),
+        _ => Failure::new(Exit::Internal, escape(&e.to_string())),
     }
 }

@@ -35,7 +35,10 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter)),
         )
-        .with_writer(std::io::stderr)
+        // Log lines may quote peers (device names, close reasons, paths): every control
+        // character is escaped on the way out, and so log lines carry no colour codes.
+        .with_ansi(false)
+        .with_writer(|| output::EscapingWriter(std::io::stderr()))
         .try_init();
     // Thousands of tiny files: ferry bounds its descriptors, but leave SQLite and the rest room.
     let _ = ferry_sync::platform::raise_open_file_limit();
@@ -69,7 +72,7 @@ fn main() -> ExitCode {
                     json!({"kind": f.exit.kind(), "message": f.message}),
                 );
             }
-            eprintln!("ferry: {}", f.message);
+            eprintln!("ferry: {}", output::escape_lines(&f.message));
             ExitCode::from(f.exit as u8)
         }
     }

@@ -9,7 +9,7 @@ use serde_json::json;
 use crate::cli::{DoctorFlags, PairFlags, PeersFlags, VerifyFlags};
 use crate::common;
 use crate::exit::{Exit, Failure};
-use crate::output::{human_bytes, Reporter};
+use crate::output::{escape, escape_lines, human_bytes, Reporter};
 
 pub async fn verify(f: VerifyFlags) -> Result<(), Failure> {
     let rep = Reporter::new(f.json);
@@ -31,7 +31,7 @@ pub async fn verify(f: VerifyFlags) -> Result<(), Failure> {
         Ok(())
     } else {
         for p in r.mismatched.iter().take(50) {
-            rep.say(&format!("MISMATCH {p}"));
+            rep.say(&format!("MISMATCH {}", escape(p)));
         }
         Err(Failure::new(
             Exit::Integrity,
@@ -71,7 +71,7 @@ pub async fn peers(f: PeersFlags) -> Result<(), Failure> {
             "forgot",
             json!({"device_id": p.device_id.to_string(), "name": p.name}),
         );
-        rep.say(&format!("forgot {} ({})", p.name, p.device_id));
+        rep.say(&format!("forgot {} ({})", escape(&p.name), p.device_id));
         return Ok(());
     }
     let list = store.list();
@@ -79,7 +79,7 @@ pub async fn peers(f: PeersFlags) -> Result<(), Failure> {
         let addrs: Vec<String> = p.last_addrs.iter().map(|a| a.to_string()).collect();
         rep.event("peer", json!({"device_id": p.device_id.to_string(), "name": p.name, "addrs": addrs, "paired_at": p.paired_at}));
         if !rep.is_json() {
-            println!("{}\t{}\t{}", p.name, p.device_id, addrs.join(","));
+            println!("{}\t{}\t{}", escape(&p.name), p.device_id, addrs.join(","));
         }
     }
     if list.is_empty() {
@@ -118,7 +118,7 @@ pub async fn doctor_cmd(f: DoctorFlags) -> Result<(), Failure> {
     for a in &report.advice {
         rep.event("advice", json!({"text": a}));
         if !rep.is_json() {
-            println!("- {a}");
+            println!("- {}", escape_lines(a));
         }
     }
     Ok(())
@@ -194,7 +194,8 @@ pub async fn pair(f: PairFlags) -> Result<(), Failure> {
     );
     rep.say(&format!(
         "paired with {} ({}); later migrations between these devices need no code",
-        p.name, p.device_id
+        escape(&p.name),
+        p.device_id
     ));
     // Both sides pinned each other before `accept`/`connect` returned; let the peer see the close.
     conn.close(0x100, b"paired");

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_sync::driver::RecvEnd;
-use ferry_sync::proto::RecvEvent;
+use ferry_sync::proto::{ReceiverConfig, RecvEvent};
 use ferry_sync::store::{FsStore, StoreError};
 use ferry_transport::{
     ConnectError, ConnectionError, DeviceId, DiscoveredSender, Discovery, DiscoveryError, Endpoint,
@@ -19,7 +19,7 @@ use serde_json::json;
 
 use crate::common;
 use crate::exit::{self, Exit, Failure};
-use crate::output::{human_bytes, Reporter};
+use crate::output::{escape, human_bytes, Reporter};
 use ferry::session;
 
 /// Said when Ctrl-C stops this side.
@@ -89,6 +89,36 @@ fn check_dest(dest: &Path, yes: bool) -> Result<(), Failure> {
         ));
     }
     Ok(())
+}
+
+/// Least and most memory a manifest may take here (see [`receiver_config`]).
+const MANIFEST_MEMORY_FLOOR: u64 = 256 << 20;
+const MANIFEST_MEMORY_CAP: u64 = 4 << 30;
+
+/// The receiver's configuration for the next session on `dest`: a memory budget for the
+/// manifest of half the memory available now, at least 256 MiB and at most 4 GiB (1 GiB when
+/// the system does not say), and the room at the destination that the declared file sizes are
+/// checked against while the manifest streams in. That room is the free space when DEST holds
+/// nothing yet; when it holds files (an earlier round, staged chunks, or files received into
+/// with --yes) the store may reuse them, so the space those could occupy — everything in use on
+/// that file system — is added, and the store's exact check after the manifest decides.
+fn receiver_config(dest: &Path) -> ReceiverConfig {
+    let mut cfg = ReceiverConfig::default();
+    cfg.limits.max_memory = ferry_sync::platform::available_memory()
+        .map_or(ferry_sync::manifest::DEFAULT_MANIFEST_MEMORY, |m| {
+            (m / 2).clamp(MANIFEST_MEMORY_FLOOR, MANIFEST_MEMORY_CAP)
+        });
+    cfg.limits.available_space = ferry_sync::platform::fs_space(dest).map(|sp| {
+        let empty = std::fs::read_dir(dest)
+            .map(|rd| rd.flatten().all(|e| e.file_name() == ".ferry"))
+            .unwrap_or(false);
+        if empty && !FsStore::has_leftovers(dest) && !FsStore::has_receipt(dest) {
+            sp.available
+        } else {
+            sp.available.saturating_add(sp.used)
+        }
+    });
+    cfg
 }
 
 fn remembered_sender(dest: &Path) -> Option<DeviceId> {
@@ -327,14 +357,18 @@ async fn first_connection(
         [one] => one.clone(),
         many => {
             let names: Vec<String> =
-                many.iter().map(|d| format!("{} at {:?}", d.name, d.addrs)).collect();
+                many.iter().map(|d| format!("{} at {:?}", escape(&d.name), d.addrs)).collect();
             return Err(Failure::new(
                 Exit::Usage,
                 format!("several senders found: {}; choose one with --connect HOST:PORT", names.join("; ")),
             ));
         }
     };
-    rep.say(&format!("found {} at {:?}", sender.name, sender.addrs));
+    rep.say(&format!(
+        "found {} at {:?}",
+        escape(&sender.name),
+        sender.addrs
+    ));
     let code = match s.code {
         Some(c) => c,
         None => common::prompt_code(&sender.name)?,
@@ -389,7 +423,7 @@ pub async fn run(s: ReceiveSettings, rep: &Reporter) -> Result<ReceiveSummary, F
         } else {
             "connected to"
         },
-        sender.name,
+        escape(&sender.name),
         sender.device_id.short()
     ));
 
@@ -485,7 +519,12 @@ pub async fn run(s: ReceiveSettings, rep: &Reporter) -> Result<ReceiveSummary, F
         // A new connection to the sender found while this one was silent (it moved).
         let mut moved: Option<PeerConnection> = None;
         let result = {
-            let fut = session::receive(&conn, Arc::clone(&store), &mut on_event);
+            let fut = session::receive_with(
+                &conn,
+                Arc::clone(&store),
+                receiver_config(&s.dest),
+                &mut on_event,
+            );
             tokio::pin!(fut);
             let elsewhere = sender_elsewhere(&ep, sender.device_id, &mut at, &conn, rep);
             tokio::pin!(elsewhere);
@@ -607,7 +646,10 @@ pub async fn run(s: ReceiveSettings, rep: &Reporter) -> Result<ReceiveSummary, F
             }
             Err(e) if e.is_retryable() => {
                 summary.interruptions += 1;
-                rep.say(&format!("connection lost ({e}); reconnecting…"));
+                rep.say(&format!(
+                    "connection lost ({}); reconnecting…",
+                    escape(&e.to_string())
+                ));
                 rep.event(
                     "interrupted",
                     json!({"message": e.to_string(), "wire_bytes": summary.wire_bytes}),
@@ -806,9 +848,14 @@ async fn confirm_again(
         let Ok(conn) = reconnect(ep, id, at, CONFIRM_WITHIN, rep).await else {
             return false;
         };
-        let ok = session::receive(&conn, Arc::clone(store), |_| {})
-            .await
-            .is_ok();
+        let ok = session::receive_with(
+            &conn,
+            Arc::clone(store),
+            receiver_config(store.dest()),
+            |_| {},
+        )
+        .await
+        .is_ok();
         if ok && sender_confirmed(&conn).await {
             return true;
         }

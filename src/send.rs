@@ -31,7 +31,7 @@ use tokio::sync::{oneshot, watch};
 
 use crate::common;
 use crate::exit::{self, Exit, Failure};
-use crate::output::{human_bytes, Reporter};
+use crate::output::{escape, human_bytes, Reporter};
 use ferry::session;
 
 /// Said when Ctrl-C stops this side.
@@ -127,7 +127,7 @@ impl SendSummary {
         if self.unstable.is_empty() {
             return Ok(());
         }
-        let shown: Vec<&str> = self.unstable.iter().take(10).map(String::as_str).collect();
+        let shown: Vec<_> = self.unstable.iter().take(10).map(|p| escape(p)).collect();
         let more = match self.unstable.len() {
             n if n > 10 => format!(" and {} more", n - 10),
             _ => String::new(),
@@ -220,7 +220,8 @@ fn adopt(
     for u in &out.unstable {
         rep.say(&format!(
             "could not be captured consistently, not sent: {} ({})",
-            u.path, u.reason
+            escape(&u.path),
+            escape(&u.reason)
         ));
         rep.event("unstable", json!({"path": u.path, "reason": u.reason}));
     }
@@ -406,7 +407,11 @@ pub async fn run(
     let scanned = scanner.scan().await?;
     let scan_secs = started.elapsed().as_secs_f64();
     for sk in scanned.skipped.iter().take(20) {
-        rep.say(&format!("skipped {}: {}", sk.path, sk.reason));
+        rep.say(&format!(
+            "skipped {}: {}",
+            escape(&sk.path),
+            escape(&sk.reason)
+        ));
         rep.event("skipped", json!({"path": sk.path, "reason": sk.reason}));
     }
     if scanned.skipped.len() > 20 {
@@ -425,7 +430,7 @@ pub async fn run(
             Capture::Raw { reason } => {
                 rep.say(&format!(
                     "database {} cannot be read through SQLite ({reason}); sending it as a plain file, checked for changes while read",
-                    db.path
+                    escape(&db.path)
                 ));
                 rep.event(
                     "database",
@@ -446,7 +451,8 @@ pub async fn run(
     for u in &scanned.unstable {
         rep.say(&format!(
             "could not be captured consistently, not sent: {} ({})",
-            u.path, u.reason
+            escape(&u.path),
+            escape(&u.reason)
         ));
         rep.event("unstable", json!({"path": u.path, "reason": u.reason}));
     }
@@ -634,7 +640,7 @@ pub async fn run(
         rep.event("paired", json!({"peer": peer.name, "device_id": peer.device_id.to_string(), "addr": peer.addr.to_string(), "newly_paired": conn.newly_paired()}));
         rep.say(&format!(
             "connected to {} ({}) at {}",
-            peer.name,
+            escape(&peer.name),
             peer.device_id.short(),
             peer.addr
         ));
@@ -675,7 +681,7 @@ pub async fn run(
                     r = &mut serving => break r,
                     a = ep.accept(), if next.is_none() => match a {
                         Ok(newer) if newer.peer().device_id == peer.device_id => {
-                            tracing::info!("{} reconnected: replacing its stale session", peer.name);
+                            tracing::info!("{} reconnected: replacing its stale session", escape(&peer.name));
                             conn.close(session::CLOSE_SUPERSEDED, b"replaced by a newer connection");
                             next = Some(newer);
                         }
@@ -723,7 +729,7 @@ pub async fn run(
                         "done, but incomplete"
                     },
                     human_bytes(fin.bytes),
-                    peer.name,
+                    escape(&peer.name),
                     human_bytes(wire_bytes),
                     elapsed
                 ));
@@ -759,7 +765,7 @@ pub async fn run(
                     if let Some(d) = limited.lock().unwrap_or_else(|p| p.into_inner()).take() {
                         rep.say(&format!(
                             "the folder was still changing after {rounds_done} rounds (--max-rounds); the new device holds the verified state of the last round. Still changing: {}",
-                            d.paths.join(", ")
+                            d.paths.iter().map(|p| escape(p)).collect::<Vec<_>>().join(", ")
                         ));
                         rep.event("still_changing", json!({"rounds": rounds_done, "added": d.added, "changed": d.changed, "removed": d.removed, "paths": d.paths}));
                     }

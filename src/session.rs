@@ -165,10 +165,20 @@ pub async fn refuse(conn: &PeerConnection, code: CloseCode, reason: &str) {
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), send.stopped()).await;
 }
 
-/// Runs one receiving session on a connection to the sender.
+/// Runs one receiving session on a connection to the sender, with the default configuration.
 pub async fn receive(
     conn: &PeerConnection,
     store: Arc<FsStore>,
+    on_event: impl FnMut(&RecvEvent),
+) -> Result<RecvEnd, DriveError> {
+    receive_with(conn, store, ReceiverConfig::default(), on_event).await
+}
+
+/// Runs one receiving session on a connection to the sender.
+pub async fn receive_with(
+    conn: &PeerConnection,
+    store: Arc<FsStore>,
+    cfg: ReceiverConfig,
     on_event: impl FnMut(&RecvEvent),
 ) -> Result<RecvEnd, DriveError> {
     let (ctl_send, ctl_recv) = conn.open_bi().await.map_err(lost)?;
@@ -183,7 +193,7 @@ pub async fn receive(
     });
     // A destination that folds case (exFAT, FAT, macOS, Windows) cannot hold two names that
     // differ only in case: such a manifest is refused before anything is written.
-    let mut cfg = ReceiverConfig::default();
+    let mut cfg = cfg;
     cfg.limits.case_insensitive = store.folds_case();
     let r = run_receiver(Receiver::new(cfg), store, ctl_recv, ctl_send, rx, on_event).await;
     acceptor.abort();

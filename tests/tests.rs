@@ -20,3 +20,4 @@ mod pairing;
 mod resume;
 mod rounds;
 mod space;
+mod terminal;

@@ -50,6 +50,8 @@ fn small_limits() -> ManifestLimits {
         max_entries: 10_000,
         max_slots: 100_000,
         max_total_bytes: 1 << 40,
+        max_memory: 64 << 20,
+        available_space: None,
         case_insensitive: false,
     }
 }

@@ -180,14 +180,32 @@ pub struct ManifestSummary {
 }
 
 /// Limits a receiver applies to a manifest it is sent.
+///
+/// The count limits alone do not bound memory: 20 M entries with long paths would hold many
+/// GiB. `max_memory` does — the builder counts what it holds (its tables at their allocated
+/// capacity, every path and symlink target) as entries arrive, and refuses the entry that would
+/// take it over the budget, before allocating for it.
 #[derive(Clone, Debug)]
 pub struct ManifestLimits {
     pub max_entries: u64,
     pub max_slots: u64,
     pub max_total_bytes: u64,
+    /// Most bytes of memory the manifest may hold while it is built (see
+    /// [`ManifestBuilder::held_bytes`]); the finished manifest holds the same tables.
+    pub max_memory: u64,
+    /// Bytes the destination can take (its free space, plus what it already holds that the
+    /// store may reuse); `None` skips this check. The running total of the file sizes declared
+    /// so far is checked against it as entries arrive, so a history that cannot fit is refused
+    /// long before its whole manifest is read (the store checks exactly, before writing).
+    pub available_space: Option<u64>,
     /// Refuse paths that differ only by case (set when the destination folds case).
     pub case_insensitive: bool,
 }
+
+/// The default [`ManifestLimits::max_memory`]: 1 GiB. About 300 bytes per file of a typical
+/// history (entry, path, one or two chunk slots and their hash-table entries) make that room
+/// for some 3 million files. The `ferry` binary sets the budget from the memory available.
+pub const DEFAULT_MANIFEST_MEMORY: u64 = 1 << 30;
 
 impl Default for ManifestLimits {
     fn default() -> Self {
@@ -195,6 +213,8 @@ impl Default for ManifestLimits {
             max_entries: 20_000_000,
             max_slots: 200_000_000,
             max_total_bytes: 1 << 50,
+            max_memory: DEFAULT_MANIFEST_MEMORY,
+            available_space: None,
             case_insensitive: false,
         }
     }
@@ -226,6 +246,12 @@ pub enum ManifestError {
     NonFileSize { path: String },
     #[error("the manifest exceeds the limit of {limit} {what}")]
     TooLarge { what: &'static str, limit: u64 },
+    /// Holding the manifest would take more memory than this device allows for it.
+    #[error("the manifest needs more than the {} MiB of memory this device allows for it (after {entries} entries)", budget >> 20)]
+    MemoryBudget { budget: u64, entries: u64 },
+    /// The files declared so far are larger than the room at the destination.
+    #[error("not enough space at the destination: the sender's manifest declares at least {} MiB of files, and only {} MiB is free there", declared >> 20, available >> 20)]
+    NoSpace { declared: u64, available: u64 },
     #[error("the manifest's root hash does not match its entries (sender said {said}, entries give {computed})")]
     RootMismatch {
         said: ChunkHash,
@@ -508,6 +534,55 @@ pub struct ManifestBuilder {
     bytes: u64,
     unique_bytes: u64,
     scratch: Vec<u8>,
+    /// Heap bytes of the strings held: paths, symlink targets, case-folded keys.
+    string_bytes: u64,
+}
+
+/// Bytes a vector holds at its capacity.
+fn vec_bytes<T>(v: &Vec<T>) -> u64 {
+    (v.capacity() * std::mem::size_of::<T>()) as u64
+}
+
+/// Bytes a vector holds once `add` more items were reserved (as [`Vec::reserve`] grows it:
+/// to at least twice its capacity).
+fn vec_bytes_after<T>(v: &Vec<T>, add: usize) -> u64 {
+    let need = v.len().saturating_add(add);
+    let cap = if need <= v.capacity() {
+        v.capacity()
+    } else {
+        need.max(v.capacity().saturating_mul(2)).max(4)
+    };
+    (cap as u64).saturating_mul(std::mem::size_of::<T>() as u64)
+}
+
+/// Bytes a hash table of this usable capacity allocates (hashbrown: a power of two of buckets,
+/// at most 7/8 full, each bucket its key and value plus a control byte).
+fn map_bytes_for<K, V>(capacity: usize) -> u64 {
+    if capacity == 0 {
+        return 0;
+    }
+    let buckets = if capacity < 4 {
+        4
+    } else if capacity < 8 {
+        8
+    } else {
+        (capacity.saturating_mul(8) / 7).next_power_of_two()
+    };
+    (buckets as u64).saturating_mul((std::mem::size_of::<(K, V)>() + 1) as u64)
+}
+
+fn map_bytes<K, V>(m: &HashMap<K, V>) -> u64 {
+    map_bytes_for::<K, V>(m.capacity())
+}
+
+/// Bytes a hash table holds once `add` more items were reserved.
+fn map_bytes_after<K, V>(m: &HashMap<K, V>, add: usize) -> u64 {
+    let need = m.len().saturating_add(add);
+    if need <= m.capacity() {
+        map_bytes(m)
+    } else {
+        map_bytes_for::<K, V>(need.max(m.capacity().saturating_add(1)))
+    }
 }
 
 impl ManifestBuilder {
@@ -528,7 +603,29 @@ impl ManifestBuilder {
             bytes: 0,
             unique_bytes: 0,
             scratch: Vec::new(),
+            string_bytes: 0,
         }
+    }
+
+    /// Bytes of memory the builder holds: its tables at their allocated capacity (entries,
+    /// chunk slots, unique chunks, hash tables) and every string. The finished [`Manifest`]
+    /// keeps the same allocations (less the two lookup tables and the case-folded keys).
+    /// Never more than [`ManifestLimits::max_memory`] plus the encoding of the last entry.
+    pub fn held_bytes(&self) -> u64 {
+        vec_bytes(&self.entries)
+            + vec_bytes(&self.slots)
+            + vec_bytes(&self.unique)
+            + vec_bytes(&self.next_same)
+            + vec_bytes(&self.last_same)
+            + map_bytes(&self.by_hash)
+            + map_bytes(&self.folded)
+            + vec_bytes(&self.scratch)
+            + self.string_bytes
+    }
+
+    /// File bytes declared so far.
+    pub fn declared_bytes(&self) -> u64 {
+        self.bytes
     }
 
     /// Entries accepted so far.
@@ -574,16 +671,19 @@ impl ManifestBuilder {
             }
             anc = path::parent(a);
         }
-        if self.limits.case_insensitive {
-            let folded = case_key(&e.path);
-            if let Some(&other) = self.folded.get(&folded) {
-                return Err(ManifestError::CaseCollision {
-                    path: e.path,
-                    other: self.entries[other as usize].path.clone(),
-                });
+        let folded = match self.limits.case_insensitive {
+            true => {
+                let folded = case_key(&e.path);
+                if let Some(&other) = self.folded.get(&folded) {
+                    return Err(ManifestError::CaseCollision {
+                        path: e.path,
+                        other: self.entries[other as usize].path.clone(),
+                    });
+                }
+                Some(folded)
             }
-            self.folded.insert(folded, self.entries.len() as u32);
-        }
+            false => None,
+        };
         let expected_chunks = match &e.kind {
             EntryKind::File { chunk_shift } => {
                 if !(MIN_CHUNK_SHIFT..=MAX_CHUNK_SHIFT).contains(chunk_shift) {
@@ -633,6 +733,53 @@ impl ManifestBuilder {
                 limit: self.limits.max_total_bytes,
             });
         }
+        if let Some(available) = self.limits.available_space {
+            if total > available {
+                return Err(ManifestError::NoSpace {
+                    declared: total,
+                    available,
+                });
+            }
+        }
+        // Memory, before anything is allocated for this entry: what the tables hold once grown
+        // for it (every chunk counted as new, the most it can cost) and its strings.
+        let n = e.hashes.len();
+        let strings = e.path.capacity() as u64
+            + match &e.kind {
+                EntryKind::Symlink { target } => target.capacity() as u64,
+                _ => 0,
+            }
+            + folded.as_ref().map_or(0, |f| f.capacity() as u64);
+        let grown = vec_bytes_after(&self.entries, 1)
+            + vec_bytes_after(&self.slots, n)
+            + vec_bytes_after(&self.unique, n)
+            + vec_bytes_after(&self.next_same, n)
+            + vec_bytes_after(&self.last_same, n)
+            + map_bytes_after(&self.by_hash, n)
+            + match &folded {
+                Some(_) => map_bytes_after(&self.folded, 1),
+                None => map_bytes(&self.folded),
+            }
+            + vec_bytes(&self.scratch)
+            + self.string_bytes
+            + strings;
+        if grown > self.limits.max_memory {
+            return Err(ManifestError::MemoryBudget {
+                budget: self.limits.max_memory,
+                entries: self.entries.len() as u64,
+            });
+        }
+        self.entries.reserve(1);
+        self.slots.reserve(n);
+        self.unique.reserve(n);
+        self.next_same.reserve(n);
+        self.last_same.reserve(n);
+        self.by_hash.reserve(n);
+        if let Some(f) = folded {
+            self.folded.reserve(1);
+            self.folded.insert(f, self.entries.len() as u32);
+        }
+        self.string_bytes += strings;
 
         // Hash the canonical encoding into the root.
         self.scratch.clear();
@@ -646,7 +793,6 @@ impl ManifestBuilder {
         if let EntryKind::File { chunk_shift } = e.kind {
             self.files += 1;
             let csize = 1u64 << chunk_shift;
-            let n = e.hashes.len();
             for (i, h) in e.hashes.iter().enumerate() {
                 let len = if i + 1 == n {
                     e.size - csize * (n as u64 - 1)

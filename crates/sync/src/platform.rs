@@ -34,3 +34,39 @@ pub fn raise_open_file_limit() -> Option<u64> {
         None
     }
 }
+
+/// Space of the file system holding a path, in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FsSpace {
+    /// Free to an unprivileged user.
+    pub available: u64,
+    /// In use (by anything on that file system).
+    pub used: u64,
+}
+
+/// The space of the file system holding `path`; `None` when it cannot be read.
+pub fn fs_space(path: &std::path::Path) -> Option<FsSpace> {
+    #[cfg(unix)]
+    {
+        let st = rustix::fs::statvfs(path).ok()?;
+        let unit = st.f_frsize;
+        Some(FsSpace {
+            available: st.f_bavail.saturating_mul(unit),
+            used: st.f_blocks.saturating_sub(st.f_bfree).saturating_mul(unit),
+        })
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        None
+    }
+}
+
+/// Memory the system can give to a new allocation without swapping (Linux `MemAvailable`);
+/// `None` elsewhere or when unknown.
+pub fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib.saturating_mul(1024))
+}

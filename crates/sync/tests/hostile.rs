@@ -818,7 +818,7 @@ fn absurd_counts_stay_within_the_limits_without_allocating_for_them() {
         max_entries: 1000,
         max_slots: 20_000,
         max_total_bytes: 1 << 45,
-        case_insensitive: false,
+        ..Default::default()
     };
     let cfg = ReceiverConfig {
         limits,
@@ -929,6 +929,115 @@ fn absurd_counts_stay_within_the_limits_without_allocating_for_them() {
     );
     // The manifest itself is 8 MiB of hashes; the receiver holds it a few times over at most.
     assert!(peak < MEM_BOUND, "peak {peak}");
+    w.assert_nothing_written_outside_dest();
+    w.finish_honestly();
+}
+
+/// Frame `f` of a manifest of entries with the longest paths the receiver accepts (4 KiB, in
+/// names of 250 bytes), 64 to a frame (about 260 KiB on the wire), sorted.
+fn long_path_frame(f: usize) -> Bytes {
+    let name = |c: char| c.to_string().repeat(250);
+    let stem: String = (0..15).map(|_| name('d')).collect::<Vec<_>>().join("/");
+    let mut entries = Vec::new();
+    if f == 0 {
+        // The ancestors, as directories.
+        for depth in 1..=15 {
+            entries.push(dir(&stem[..depth * 251 - 1]));
+        }
+    }
+    for i in 0..64 {
+        let leaf = format!("{f:06}{i:03}{}", name('f'));
+        entries.push(file(&format!("{stem}/{}", &leaf[..250]), b"x"));
+    }
+    encode_message(&Message::Manifest(entries)).unwrap()
+}
+
+#[test]
+fn a_manifest_past_the_memory_budget_is_refused_as_it_streams() {
+    let w = World::new();
+    let budget: u64 = 8 << 20;
+    let cfg = ReceiverConfig {
+        limits: ManifestLimits {
+            max_memory: budget,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    // 64 MiB of path bytes: within every count limit (16 000 entries), eight times the budget.
+    let (fed, held_max, e, peak) = {
+        let ((fed, held_max, e), peak) = peak_of(|| {
+            let mut v = Victim::new(&w.dest, cfg);
+            v.hello();
+            let (mut fed, mut held_max) = (0, 0);
+            for f in 0..250 {
+                v.feed(&long_path_frame(f));
+                fed += 1;
+                held_max = held_max.max(v.r.manifest_held_bytes().unwrap_or(0));
+                if v.failure.is_some() {
+                    break;
+                }
+            }
+            (fed, held_max, v.end())
+        });
+        (fed, held_max, e, peak)
+    };
+    assert!(
+        matches!(e, SessionError::Manifest(ManifestError::MemoryBudget { budget: b, .. }) if b == budget),
+        "{e:?}"
+    );
+    assert_eq!(e.close_code(), CloseCode::ManifestRejected);
+    // Refused as it streamed: after about a budget's worth of paths, not at the end.
+    assert!(fed < 50, "refused only after {fed} of 250 frames");
+    // What the builder held never passed the budget (plus the last entry's encoding), and the
+    // whole case (frames, decoder, machine) stayed near it.
+    assert!(held_max <= budget + 8192, "builder held {held_max}");
+    assert!(peak < budget + (2 << 20), "peak {peak}");
+    eprintln!("refused after {fed} frames; builder held at most {held_max} B; peak {peak} B");
+    w.assert_nothing_written_outside_dest();
+    w.finish_honestly();
+}
+
+#[test]
+fn a_manifest_larger_than_the_free_space_is_refused_as_it_streams() {
+    let w = World::new();
+    let available: u64 = 64 << 20;
+    let cfg = ReceiverConfig {
+        limits: ManifestLimits {
+            available_space: Some(available),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    // 1 000 frames of 16 files of 1 MiB each (one repeated chunk hash): 16 000 MiB declared,
+    // against 64 MiB free.
+    let one_mib = |path: String| WireEntry {
+        path,
+        kind: EntryKind::File { chunk_shift: 17 },
+        size: 1 << 20,
+        mode: 0o644,
+        mtime: Mtime::default(),
+        hashes: vec![ChunkHash([7; 32]); 8],
+    };
+    let mut v = Victim::new(&w.dest, cfg);
+    v.hello();
+    let mut fed = 0;
+    for f in 0..1000 {
+        let entries = (0..16).map(|i| one_mib(format!("m{f:04}{i:02}"))).collect();
+        v.send_msg(&Message::Manifest(entries));
+        fed += 1;
+        if v.failure.is_some() {
+            break;
+        }
+    }
+    let e = v.end();
+    assert!(
+        matches!(e, SessionError::Manifest(ManifestError::NoSpace { declared, available: a })
+            if a == available && declared == available + (1 << 20)),
+        "{e:?}"
+    );
+    // The close code says "destination", and the refusal came with the 65th MiB declared.
+    assert_eq!(e.close_code(), CloseCode::DestinationError);
+    assert_eq!(fed, 5);
     w.assert_nothing_written_outside_dest();
     w.finish_honestly();
 }

@@ -183,6 +183,9 @@ impl SessionError {
                 CloseCode::UnsupportedVersion
             }
             SessionError::Frame(_) => CloseCode::ProtocolViolation,
+            SessionError::Manifest(crate::manifest::ManifestError::NoSpace { .. }) => {
+                CloseCode::DestinationError
+            }
             SessionError::Manifest(_) => CloseCode::ManifestRejected,
             SessionError::Integrity(_) => CloseCode::IntegrityFailure,
             SessionError::Source(_) => CloseCode::SourceError,

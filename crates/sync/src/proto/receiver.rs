@@ -270,6 +270,15 @@ impl Receiver {
         self.manifest.as_ref()
     }
 
+    /// Bytes of memory the manifest being received holds (see
+    /// [`ManifestBuilder::held_bytes`]); `None` outside the manifest phase.
+    pub fn manifest_held_bytes(&self) -> Option<u64> {
+        match &self.state {
+            State::Manifest(b) => Some(b.held_bytes()),
+            _ => None,
+        }
+    }
+
     /// Whether the migration completed.
     pub fn is_done(&self) -> bool {
         matches!(self.state, State::Done)
