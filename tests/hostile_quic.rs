@@ -246,3 +246,49 @@ async fn hostile_sender_over_quic_then_honest_sender_completes() {
     names.sort();
     assert_eq!(names, ["dest", "src"]);
 }
+
+/// Issue 14, finding 2, through the binaries: while two floods of QUIC Initials carrying a
+/// truncated ClientHello run against `ferry send` (100/s from 127.0.0.2 that never answers,
+/// 100/s from 127.0.0.3 that echoes Retry tokens: 5× the rate that locked receivers out), a
+/// receiver with the code pairs, and later the same receiver reconnects by pinned key, each
+/// within 3 s of starting, and both migrations complete.
+#[test]
+fn receivers_pair_and_reconnect_through_a_flood_of_truncated_initials() {
+    use crate::util::{shared_history, start_sender, tempdir, Device, LONG};
+    use ferry_testkit::quic_flood::InitialFlood;
+    use std::time::Instant;
+
+    let flood = |addr: &str| {
+        let target: SocketAddr = addr.parse().unwrap();
+        (
+            InitialFlood::start(target, "127.0.0.2".parse().unwrap(), 100, false).unwrap(),
+            InitialFlood::start(target, "127.0.0.3".parse().unwrap(), 100, true).unwrap(),
+        )
+    };
+    let src = shared_history(8, 3);
+    let (old, new) = (Device::new("old"), Device::new("new"));
+    let work = tempdir("dest");
+
+    for (round, code) in [("code", true), ("pinned", false)] {
+        let (mut s, addr, c) = start_sender(&old, src, "127.0.0.1:0");
+        let (blind, echo) = flood(&addr);
+        // Without the defences, 3 s of this holds every pending-handshake slot.
+        std::thread::sleep(Duration::from_secs(3));
+        let t0 = Instant::now();
+        let dest = work.path().join(round);
+        let mut r = new.receive(&dest, &addr, code.then_some(c.as_str()), &[]);
+        let paired = r.wait_event("paired", LONG);
+        let took = t0.elapsed();
+        let (blind, echo) = (blind.stop().unwrap(), echo.stop().unwrap());
+        eprintln!("{round}: connected {took:?} after start; blind {blind:?}; echo {echo:?}");
+        assert_eq!(paired["newly_paired"], code, "{paired}");
+        assert!(took < Duration::from_secs(3), "{round}: took {took:?}");
+        assert!(blind.retries > 0 && echo.retried_initials > 0);
+        let recv_done = r.wait_event("done", LONG);
+        r.expect_exit(0, LONG);
+        let send_done = s.wait_event("done", LONG);
+        s.expect_exit(0, LONG);
+        assert_eq!(recv_done["root"], send_done["root"]);
+        ferry_testkit::assert_histories_equal(src, &dest).unwrap();
+    }
+}

@@ -4,11 +4,14 @@
 //!   writing into it like the running app, and tree comparison ([`assert_trees_equal`]).
 //! - [`netns`]: network namespaces, bridges and veth links for LAN tests (root only).
 //! - [`proc`]: process CPU time for benchmarks.
+//! - [`quic_flood`]: a flood of QUIC Initials with truncated ClientHellos (handshakes that never
+//!   finish), for the endpoint's admission tests.
 //! - [`udp_proxy`]: a user-space UDP proxy that delays, jitters, reorders and drops datagrams.
 
 pub mod history;
 pub mod netns;
 pub mod proc;
+pub mod quic_flood;
 pub mod udp_proxy;
 
 pub use history::{

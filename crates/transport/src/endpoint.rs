@@ -1,12 +1,13 @@
 //! The QUIC endpoint: binds one UDP socket, serves and connects, admits only pinned keys or a
 //! peer that completes pairing while a code is active.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use quinn::VarInt;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::identity::{DeviceId, Identity};
@@ -38,8 +39,12 @@ pub enum Congestion {
 pub struct EndpointConfig {
     /// Local UDP address to bind; port 0 picks one.
     pub bind: SocketAddr,
-    /// Connection-level receive window.
+    /// Connection-level receive window once the peer is authenticated.
     pub conn_receive_window: u32,
+    /// Connection-level receive window until the peer is authenticated (pinned key or completed
+    /// pairing): all an unauthenticated peer may make us buffer. Session frames are at most
+    /// 4 KiB; this is raised to `conn_receive_window` after authentication.
+    pub preauth_receive_window: u32,
     /// Per-stream receive window.
     pub stream_receive_window: u32,
     /// Send buffer per connection.
@@ -54,12 +59,21 @@ pub struct EndpointConfig {
     pub idle_timeout: Duration,
     /// Budget for the TLS handshake + session/pairing handshake.
     pub handshake_timeout: Duration,
+    /// Budget for the TLS handshake alone (server side): a client that has not completed it
+    /// by then (e.g. one that sent only part of its ClientHello) is dropped and its slot freed.
+    pub tls_handshake_timeout: Duration,
     /// How long an issued pairing code stays valid.
     pub pairing_code_ttl: Duration,
     /// Delay between starting attempts to successive candidate addresses.
     pub connect_stagger: Duration,
     /// Connections being handshaken at once on the server; more are refused.
     pub max_pending: usize,
+    /// Connections being handshaken at once from one IP address; more are refused.
+    pub max_pending_per_ip: usize,
+    /// Once this many connections are being handshaken, a client whose address is not
+    /// validated yet is sent a QUIC Retry first (it must prove it receives at its source
+    /// address; a spoofer or a fire-and-forget flood never comes back). 0: always.
+    pub retry_above_pending: usize,
 }
 
 impl Default for EndpointConfig {
@@ -67,6 +81,7 @@ impl Default for EndpointConfig {
         Self {
             bind: SocketAddr::from(([0, 0, 0, 0], 0)),
             conn_receive_window: 16 << 20,
+            preauth_receive_window: 64 << 10,
             stream_receive_window: 8 << 20,
             send_window: 64 << 20,
             max_streams: 256,
@@ -74,9 +89,12 @@ impl Default for EndpointConfig {
             keep_alive: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(90),
             handshake_timeout: Duration::from_secs(30),
+            tls_handshake_timeout: Duration::from_secs(3),
             pairing_code_ttl: Duration::from_secs(600),
             connect_stagger: Duration::from_millis(150),
             max_pending: 32,
+            max_pending_per_ip: 8,
+            retry_above_pending: 4,
         }
     }
 }
@@ -156,6 +174,14 @@ pub enum ConnectError {
     /// No candidate answered in time.
     #[error("connect timed out")]
     Timeout,
+    /// The device that answered holds another key than the one pinned (or in the ticket).
+    #[error("the device that answered is not the expected one: its key is {}, expected {expected}", .presented.map_or_else(|| "missing".to_string(), |d| d.to_string()))]
+    WrongKey {
+        /// The pinned key.
+        expected: DeviceId,
+        /// The key the connection actually authenticated, if any.
+        presented: Option<DeviceId>,
+    },
     /// Session handshake or pairing failed.
     #[error(transparent)]
     Pairing(#[from] PairingError),
@@ -270,7 +296,9 @@ impl std::fmt::Debug for Endpoint {
 
 fn transport(cfg: &EndpointConfig, initial_bidi: u32, initial_uni: u32) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
-    t.receive_window(VarInt::from_u32(cfg.conn_receive_window))
+    // Until the peer is authenticated it may make us buffer `preauth_receive_window` bytes
+    // at most (whatever the stream window); `raise_limits` opens the rest.
+    t.receive_window(VarInt::from_u32(cfg.preauth_receive_window))
         .stream_receive_window(VarInt::from_u32(cfg.stream_receive_window))
         .send_window(cfg.send_window)
         .max_concurrent_bidi_streams(VarInt::from_u32(initial_bidi))
@@ -305,8 +333,15 @@ impl Endpoint {
         peers: PeerStore,
         config: EndpointConfig,
     ) -> Result<Self, BindError> {
-        if config.max_pending == 0 {
-            return Err(BindError::Config("max_pending must be > 0".into()));
+        if config.max_pending == 0 || config.max_pending_per_ip == 0 {
+            return Err(BindError::Config(
+                "max_pending and max_pending_per_ip must be > 0".into(),
+            ));
+        }
+        if config.preauth_receive_window > config.conn_receive_window {
+            return Err(BindError::Config(
+                "preauth_receive_window must not exceed conn_receive_window".into(),
+            ));
         }
         // Unauthenticated peers get exactly one bidi stream (the session stream) and no uni
         // streams; the limits are raised once the peer is authenticated.
@@ -505,6 +540,13 @@ impl Endpoint {
         let (conn, addr) = tokio::time::timeout(budget, race(sh, &client, addrs))
             .await
             .map_err(|_| ConnectError::Timeout)??;
+        // The certificate verifier already refused any other key; check again on the
+        // connection itself, so that no path around the verifier (a resumed session, a future
+        // change of the TLS setup) can hand us an unexpected peer.
+        if let Err(e) = check_pinned(&conn, expected) {
+            conn.close(VarInt::from_u32(close::PROTOCOL_ERROR), b"unexpected key");
+            return Err(e);
+        }
         let result = tokio::time::timeout(budget, client_session(sh, &conn, code)).await;
         let result = match result {
             Ok(r) => r,
@@ -551,7 +593,23 @@ impl Drop for Endpoint {
     }
 }
 
+/// The key `conn` authenticated must be `expected` (when one is expected).
+fn check_pinned(conn: &quinn::Connection, expected: Option<DeviceId>) -> Result<(), ConnectError> {
+    let Some(expected) = expected else {
+        return Ok(());
+    };
+    match tls::peer_device_id(conn) {
+        Some(id) if id == expected => Ok(()),
+        presented => Err(ConnectError::WrongKey {
+            expected,
+            presented,
+        }),
+    }
+}
+
+/// Once the peer is authenticated: the configured stream counts and the full receive window.
 fn raise_limits(conn: &quinn::Connection, cfg: &EndpointConfig) {
+    conn.set_receive_window(VarInt::from_u32(cfg.conn_receive_window));
     conn.set_max_concurrent_bi_streams(VarInt::from_u32(cfg.max_streams));
     conn.set_max_concurrent_uni_streams(VarInt::from_u32(cfg.max_streams));
 }
@@ -708,12 +766,117 @@ fn sanitize_name(name: &str) -> String {
         .collect()
 }
 
+/// Who may start a handshake: at most `max_pending` connections being handshaken (or
+/// waiting for the application), at most `max_pending_per_ip` of them from one IP address.
+struct Admission {
+    global: Arc<Semaphore>,
+    max_pending: usize,
+    max_per_ip: usize,
+    retry_above: usize,
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// What to do with an incoming connection attempt.
+enum Admit {
+    /// Handshake it, holding this slot until done.
+    Slot(Slot),
+    /// Validate its address first (QUIC Retry: stateless, costs the client one round trip).
+    Retry,
+    /// Refuse it (CONNECTION_REFUSED): too many pending, in all or from its address.
+    Refuse,
+}
+
+/// One admitted handshake; frees its place (global and per address) when dropped.
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+    ip: IpAddr,
+    admission: Arc<Admission>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut map = self.admission.per_ip();
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// The address a per-source cap applies to: IPv4-mapped IPv6 counts as the IPv4 address.
+fn source_ip(addr: SocketAddr) -> IpAddr {
+    match addr.ip() {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+impl Admission {
+    fn new(cfg: &EndpointConfig) -> Arc<Self> {
+        Arc::new(Self {
+            global: Arc::new(Semaphore::new(cfg.max_pending)),
+            max_pending: cfg.max_pending,
+            max_per_ip: cfg.max_pending_per_ip,
+            retry_above: cfg.retry_above_pending,
+            per_ip: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn per_ip(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, usize>> {
+        self.per_ip.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn pending(&self) -> usize {
+        self.max_pending
+            .saturating_sub(self.global.available_permits())
+    }
+
+    /// `validated`: the client already proved it receives at `ip` (it echoed a Retry or
+    /// NEW_TOKEN token). Spoofed or fire-and-forget attempts thus hold at most
+    /// `retry_above` slots, for at most the TLS handshake timeout each.
+    fn decide(self: &Arc<Self>, ip: IpAddr, validated: bool, may_retry: bool) -> Admit {
+        if !validated && may_retry && self.pending() >= self.retry_above {
+            return Admit::Retry;
+        }
+        let mut map = self.per_ip();
+        let n = map.get(&ip).copied().unwrap_or(0);
+        if n >= self.max_per_ip {
+            return Admit::Refuse;
+        }
+        let Ok(permit) = self.global.clone().try_acquire_owned() else {
+            return Admit::Refuse;
+        };
+        map.insert(ip, n + 1);
+        Admit::Slot(Slot {
+            _permit: permit,
+            ip,
+            admission: Arc::clone(self),
+        })
+    }
+}
+
 async fn accept_loop(sh: Arc<Shared>, tx: mpsc::Sender<Result<PeerConnection, AcceptError>>) {
-    let pending = Arc::new(Semaphore::new(sh.config.max_pending));
+    let admission = Admission::new(&sh.config);
     while let Some(incoming) = sh.quinn.accept().await {
-        let Ok(permit) = pending.clone().try_acquire_owned() else {
-            incoming.refuse();
-            continue;
+        let ip = source_ip(incoming.remote_address());
+        let slot = match admission.decide(
+            ip,
+            incoming.remote_address_validated(),
+            incoming.may_retry(),
+        ) {
+            Admit::Slot(slot) => slot,
+            Admit::Retry => {
+                if let Err(e) = incoming.retry() {
+                    e.into_incoming().refuse();
+                }
+                continue;
+            }
+            Admit::Refuse => {
+                incoming.refuse();
+                continue;
+            }
         };
         let sh = sh.clone();
         let tx = tx.clone();
@@ -739,7 +902,7 @@ async fn accept_loop(sh: Arc<Shared>, tx: mpsc::Sender<Result<PeerConnection, Ac
             }
             // Held until the application took the result: at most `max_pending` connections
             // are in flight or waiting; beyond that, new ones are refused.
-            drop(permit);
+            drop(slot);
         });
     }
 }
@@ -752,9 +915,21 @@ async fn admit(
     deadline: tokio::time::Instant,
 ) -> Result<PeerConnection, Option<AcceptError>> {
     let addr = incoming.remote_address();
-    let conn = incoming
-        .await
+    let connecting = incoming
+        .accept()
         .map_err(|source| Some(AcceptError::Handshake { addr, source }))?;
+    // A client that does not finish TLS quickly (e.g. sent part of a ClientHello and
+    // vanished) is dropped: dropping `connecting` closes the connection and frees the slot.
+    let tls_deadline = deadline.min(tokio::time::Instant::now() + sh.config.tls_handshake_timeout);
+    let conn = match tokio::time::timeout_at(tls_deadline, connecting).await {
+        Ok(r) => r.map_err(|source| Some(AcceptError::Handshake { addr, source }))?,
+        Err(_) => {
+            return Err(Some(AcceptError::Handshake {
+                addr,
+                source: quinn::ConnectionError::TimedOut,
+            }))
+        }
+    };
     let Some(client_id) = tls::peer_device_id(&conn) else {
         conn.close(
             VarInt::from_u32(close::PROTOCOL_ERROR),
@@ -911,4 +1086,149 @@ async fn server_session(
         })
         .map_err(|e| (e.into(), None))?;
     Ok((client_name, true))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A quinn server with ferry's server transport and TLS, and a connected client (any
+    /// server key accepted by the client: `expected` None).
+    async fn raw_pair(
+        cfg: &EndpointConfig,
+    ) -> (
+        Identity,
+        quinn::Endpoint,
+        quinn::Connection,
+        quinn::Endpoint,
+        quinn::Connection,
+    ) {
+        let server_id = Identity::generate("server").unwrap();
+        let mut server =
+            quinn::ServerConfig::with_crypto(Arc::new(tls::server_crypto(&server_id).unwrap()));
+        server.transport_config(Arc::new(transport(cfg, 1, 0)));
+        let sep = quinn::Endpoint::server(server, "127.0.0.1:0".parse().unwrap()).unwrap();
+        let client_id = Identity::generate("client").unwrap();
+        let client =
+            quinn::ClientConfig::new(Arc::new(tls::client_crypto(&client_id, None).unwrap()));
+        let cep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let to = sep.local_addr().unwrap();
+        let (s, c) = tokio::join!(
+            async { sep.accept().await.unwrap().await.unwrap() },
+            async {
+                cep.connect_with(client, to, SERVER_NAME)
+                    .unwrap()
+                    .await
+                    .unwrap()
+            }
+        );
+        (server_id, sep, s, cep, c)
+    }
+
+    /// Until `raise_limits` (called once the peer is authenticated), a peer can make the
+    /// endpoint buffer no more than `preauth_receive_window` bytes, even on a stream that is
+    /// never read (as data queued behind a gap would be); then the full window opens.
+    #[tokio::test]
+    async fn unauthenticated_peer_is_held_to_the_preauth_window_until_raised() {
+        let cfg = EndpointConfig::default();
+        let (_id, _sep, sconn, _cep, cconn) = raw_pair(&cfg).await;
+        let (mut send, _recv) = cconn.open_bi().await.unwrap();
+        let total = 1usize << 20;
+        let writer = tokio::spawn(async move {
+            send.write_all(&vec![7u8; total]).await.unwrap();
+            send
+        });
+        // The server takes the stream but never reads it.
+        let (_ss, _sr) = sconn.accept_bi().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert!(
+            !writer.is_finished(),
+            "1 MiB accepted before authentication"
+        );
+        let sent = cconn.stats().udp_tx.bytes;
+        let bound = 2 * u64::from(cfg.preauth_receive_window) + (32 << 10);
+        assert!(
+            sent < bound,
+            "{sent} bytes sent before authentication (bound {bound})"
+        );
+        raise_limits(&sconn, &cfg);
+        // The whole 1 MiB now fits the peer's credit (writes wait for flow-control credit).
+        let send = tokio::time::timeout(Duration::from_secs(20), writer)
+            .await
+            .expect("the raised window did not let the write through")
+            .unwrap();
+        drop(send);
+    }
+
+    /// The explicit post-handshake check refuses a connection whose authenticated key is not
+    /// the expected one, whatever the TLS verifier decided (here it accepted any key).
+    #[tokio::test]
+    async fn check_pinned_refuses_a_connection_with_another_key() {
+        let (server_id, _sep, _sconn, _cep, cconn) = raw_pair(&EndpointConfig::default()).await;
+        let other = Identity::generate("other").unwrap().device_id();
+        match check_pinned(&cconn, Some(other)) {
+            Err(ConnectError::WrongKey {
+                expected,
+                presented,
+            }) => {
+                assert_eq!(expected, other);
+                assert_eq!(presented, Some(server_id.device_id()));
+            }
+            r => panic!("{r:?}"),
+        }
+        check_pinned(&cconn, Some(server_id.device_id())).unwrap();
+        check_pinned(&cconn, None).unwrap();
+    }
+
+    fn cfg(max_pending: usize, per_ip: usize, retry_above: usize) -> EndpointConfig {
+        EndpointConfig {
+            max_pending,
+            max_pending_per_ip: per_ip,
+            retry_above_pending: retry_above,
+            ..EndpointConfig::default()
+        }
+    }
+
+    #[test]
+    fn admission_retries_unvalidated_above_the_threshold_and_caps_per_ip() {
+        let a: IpAddr = "127.0.0.2".parse().unwrap();
+        let b: IpAddr = "127.0.0.3".parse().unwrap();
+        let adm = Admission::new(&cfg(6, 3, 2));
+        let mut held = Vec::new();
+        // Below the threshold, unvalidated attempts are admitted.
+        for _ in 0..2 {
+            match adm.decide(a, false, true) {
+                Admit::Slot(s) => held.push(s),
+                _ => panic!("not admitted"),
+            }
+        }
+        // From then on they must validate their address first.
+        assert!(matches!(adm.decide(a, false, true), Admit::Retry));
+        assert!(matches!(adm.decide(b, false, true), Admit::Retry));
+        // Validated ones are admitted up to the per-address cap...
+        match adm.decide(a, true, false) {
+            Admit::Slot(s) => held.push(s),
+            _ => panic!("not admitted"),
+        }
+        assert!(matches!(adm.decide(a, true, false), Admit::Refuse));
+        // ... and others up to the global cap.
+        for _ in 0..3 {
+            match adm.decide(b, true, false) {
+                Admit::Slot(s) => held.push(s),
+                _ => panic!("not admitted"),
+            }
+        }
+        assert!(matches!(adm.decide(b, true, false), Admit::Refuse));
+        assert_eq!(adm.pending(), 6);
+        // Freed slots are counted back, per address too.
+        held.truncate(1);
+        assert_eq!(adm.pending(), 1);
+        assert_eq!(adm.per_ip().get(&a), Some(&1));
+        assert_eq!(adm.per_ip().get(&b), None);
+        // IPv4-mapped IPv6 counts as the IPv4 address.
+        assert_eq!(
+            source_ip("[::ffff:127.0.0.2]:9".parse().unwrap()),
+            source_ip("127.0.0.2:9".parse().unwrap())
+        );
+    }
 }

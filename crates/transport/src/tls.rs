@@ -141,6 +141,14 @@ impl ClientCertVerifier for AnyClientKey {
 pub fn server_crypto(
     identity: &Identity,
 ) -> Result<quinn::crypto::rustls::QuicServerConfig, TlsConfigError> {
+    quinn::crypto::rustls::QuicServerConfig::try_from(server_rustls(identity)?)
+        .map_err(|e| TlsConfigError::Quic(e.to_string()))
+}
+
+/// The rustls side of [`server_crypto`]. No session resumption: the server keeps no sessions
+/// and issues no tickets, so every connection presents and checks both certificates (a
+/// resumed session would skip the client's certificate verifier).
+fn server_rustls(identity: &Identity) -> Result<rustls::ServerConfig, TlsConfigError> {
     let provider = provider();
     let algs = provider.signature_verification_algorithms;
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
@@ -148,8 +156,9 @@ pub fn server_crypto(
         .with_client_cert_verifier(Arc::new(AnyClientKey { algs }))
         .with_single_cert(vec![identity.certificate().clone()], identity.private_key())?;
     cfg.alpn_protocols = vec![ALPN.to_vec()];
-    quinn::crypto::rustls::QuicServerConfig::try_from(cfg)
-        .map_err(|e| TlsConfigError::Quic(e.to_string()))
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    cfg.send_tls13_tickets = 0;
+    Ok(cfg)
 }
 
 /// QUIC client crypto for `identity`; the server's key must equal `expected` when given.
@@ -157,6 +166,16 @@ pub fn client_crypto(
     identity: &Identity,
     expected: Option<DeviceId>,
 ) -> Result<quinn::crypto::rustls::QuicClientConfig, TlsConfigError> {
+    quinn::crypto::rustls::QuicClientConfig::try_from(client_rustls(identity, expected)?)
+        .map_err(|e| TlsConfigError::Quic(e.to_string()))
+}
+
+/// The rustls side of [`client_crypto`]. Resumption is disabled: a resumed session does not
+/// run the certificate verifier, which is where the pinned key is checked.
+fn client_rustls(
+    identity: &Identity,
+    expected: Option<DeviceId>,
+) -> Result<rustls::ClientConfig, TlsConfigError> {
     let provider = provider();
     let algs = provider.signature_verification_algorithms;
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
@@ -165,8 +184,8 @@ pub fn client_crypto(
         .with_custom_certificate_verifier(Arc::new(PinnedServer { expected, algs }))
         .with_client_auth_cert(vec![identity.certificate().clone()], identity.private_key())?;
     cfg.alpn_protocols = vec![ALPN.to_vec()];
-    quinn::crypto::rustls::QuicClientConfig::try_from(cfg)
-        .map_err(|e| TlsConfigError::Quic(e.to_string()))
+    cfg.resumption = rustls::client::Resumption::disabled();
+    Ok(cfg)
 }
 
 /// The [`DeviceId`] of the peer of an established connection.
@@ -174,4 +193,82 @@ pub fn peer_device_id(conn: &quinn::Connection) -> Option<DeviceId> {
     let any = conn.peer_identity()?;
     let certs = any.downcast::<Vec<CertificateDer<'static>>>().ok()?;
     DeviceId::from_cert(certs.first()?).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::{ClientConnection, HandshakeKind, ServerConnection};
+
+    /// One in-memory TLS 1.3 handshake (plus the tickets the server sends after it); returns
+    /// how the client saw it.
+    fn handshake(
+        client: &Arc<rustls::ClientConfig>,
+        server: &Arc<rustls::ServerConfig>,
+    ) -> HandshakeKind {
+        let name = ServerName::try_from(SERVER_NAME).unwrap();
+        let mut c = ClientConnection::new(Arc::clone(client), name).unwrap();
+        let mut s = ServerConnection::new(Arc::clone(server)).unwrap();
+        for _ in 0..20 {
+            let mut buf = Vec::new();
+            while c.wants_write() {
+                c.write_tls(&mut buf).unwrap();
+            }
+            let mut rd = &buf[..];
+            while !rd.is_empty() {
+                s.read_tls(&mut rd).unwrap();
+            }
+            s.process_new_packets().unwrap();
+            let mut buf = Vec::new();
+            while s.wants_write() {
+                s.write_tls(&mut buf).unwrap();
+            }
+            let mut rd = &buf[..];
+            while !rd.is_empty() {
+                c.read_tls(&mut rd).unwrap();
+            }
+            c.process_new_packets().unwrap();
+            if !c.is_handshaking() && !s.is_handshaking() && !c.wants_write() && !s.wants_write() {
+                break;
+            }
+        }
+        assert!(!c.is_handshaking() && !s.is_handshaking());
+        c.handshake_kind().unwrap()
+    }
+
+    /// The server issues no tickets: a client that would resume (rustls' default cache) still
+    /// gets a full handshake, with both certificates checked, the second time.
+    #[test]
+    fn server_issues_no_resumption_tickets() {
+        let server_id = Identity::generate("server").unwrap();
+        let server = Arc::new(server_rustls(&server_id).unwrap());
+        let client_id = Identity::generate("client").unwrap();
+        let mut eager = client_rustls(&client_id, Some(server_id.device_id())).unwrap();
+        eager.resumption = rustls::client::Resumption::in_memory_sessions(16);
+        let eager = Arc::new(eager);
+        assert_eq!(handshake(&eager, &server), HandshakeKind::Full);
+        assert_eq!(handshake(&eager, &server), HandshakeKind::Full);
+    }
+
+    /// The client never offers a stored session: against a server that would resume, the
+    /// second connection with the same client configuration is a full handshake (so the pinned
+    /// key is verified again).
+    #[test]
+    fn client_never_resumes() {
+        let server_id = Identity::generate("server").unwrap();
+        let mut eager = server_rustls(&server_id).unwrap();
+        eager.session_storage = rustls::server::ServerSessionMemoryCache::new(16);
+        eager.send_tls13_tickets = 2;
+        let eager = Arc::new(eager);
+        let client_id = Identity::generate("client").unwrap();
+        let client = Arc::new(client_rustls(&client_id, Some(server_id.device_id())).unwrap());
+        assert_eq!(handshake(&client, &eager), HandshakeKind::Full);
+        assert_eq!(handshake(&client, &eager), HandshakeKind::Full);
+        // Sanity: with resumption on both sides, this harness does see a resumed session.
+        let mut resuming = client_rustls(&client_id, Some(server_id.device_id())).unwrap();
+        resuming.resumption = rustls::client::Resumption::in_memory_sessions(16);
+        let resuming = Arc::new(resuming);
+        assert_eq!(handshake(&resuming, &eager), HandshakeKind::Full);
+        assert_eq!(handshake(&resuming, &eager), HandshakeKind::Resumed);
+    }
 }

@@ -470,3 +470,166 @@ async fn a_server_busy_with_half_open_handshakes_refuses_and_says_so() {
     c.unwrap();
     drop(stalled);
 }
+
+/// What a legitimate receiver saw while two floods of truncated Initials ran: one that never
+/// answers (spoofed or fire-and-forget, from 127.0.0.2) and one that echoes Retry tokens (an
+/// attacker receiving at its own address, 127.0.0.3), `rate` Initials per second each.
+struct FloodOutcome {
+    pinned: Duration,
+    pairing: Duration,
+    blind: ferry_testkit::quic_flood::FloodStats,
+    echo: ferry_testkit::quic_flood::FloodStats,
+}
+
+async fn timed<F: std::future::Future>(f: F) -> (F::Output, Duration) {
+    let t0 = Instant::now();
+    let r = f.await;
+    (r, t0.elapsed())
+}
+
+async fn connect_under_flood(rate: u32) -> FloodOutcome {
+    use ferry_testkit::quic_flood::InitialFlood;
+    // The sender's defaults, as `ferry send` runs them (30 s session budget, 32 pending).
+    let server = Arc::new(
+        Endpoint::bind(
+            Identity::generate("old").unwrap(),
+            PeerStore::in_memory(),
+            EndpointConfig {
+                bind: "127.0.0.1:0".parse().unwrap(),
+                ..EndpointConfig::default()
+            },
+        )
+        .unwrap(),
+    );
+    let target = addr(&server);
+    let pinned = endpoint("pinned");
+    pair(&server, &pinned).await;
+    let (ok_tx, mut ok_rx) = tokio::sync::mpsc::channel(16);
+    let acceptor = tokio::spawn({
+        let server = Arc::clone(&server);
+        async move {
+            loop {
+                match server.accept().await {
+                    Ok(c) => {
+                        // Kept open: dropping it would close it under the client's feet.
+                        let _ = ok_tx.send(c).await;
+                    }
+                    Err(AcceptError::EndpointClosed) => break,
+                    Err(_) => {}
+                }
+            }
+        }
+    });
+    let blind = InitialFlood::start(target, "127.0.0.2".parse().unwrap(), rate, false).unwrap();
+    let echo = InitialFlood::start(target, "127.0.0.3".parse().unwrap(), rate, true).unwrap();
+    // Long enough for every slot to be taken without the defences (32 slots at 20/s: 1.6 s).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let code = server.issue_pairing_code().unwrap();
+    let newcomer = endpoint("newcomer");
+    let to = [target];
+    let server_id = server.identity().device_id();
+    let ((p, pinned_took), (n, pairing_took)) = tokio::join!(
+        timed(pinned.connect_peer(server_id, &to)),
+        timed(newcomer.connect_with_code(&to, code)),
+    );
+    let blind = blind.stop().unwrap();
+    let echo = echo.stop().unwrap();
+    let p = p.unwrap_or_else(|e| panic!("pinned receiver under flood: {e}"));
+    let n = n.unwrap_or_else(|e| panic!("receiver with the code under flood: {e}"));
+    assert!(!p.newly_paired() && n.newly_paired());
+    let mut accepted = Vec::new();
+    for _ in 0..2 {
+        let c = tokio::time::timeout(T, ok_rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        accepted.push(c.peer().name.clone());
+    }
+    accepted.sort();
+    assert_eq!(accepted, ["newcomer", "pinned"]);
+    acceptor.abort();
+    FloodOutcome {
+        pinned: pinned_took,
+        pairing: pairing_took,
+        blind,
+        echo,
+    }
+}
+
+/// Issue 14, finding 2: Initials carrying a truncated ClientHello (each would hold a pending
+/// handshake slot until a timeout) no longer lock receivers out. Above a few pending
+/// handshakes the endpoint asks for address validation (Retry), which the blind flood never
+/// answers; the flood that does answer is capped per source address; and a handshake that
+/// does not finish TLS in 3 s is dropped. A pinned receiver and a receiver with the code both
+/// connect within 3 s during a flood of 5 times the rate of the report (100/s from each of
+/// two addresses).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncated_initial_flood_does_not_lock_out_receivers() {
+    let o = connect_under_flood(100).await;
+    eprintln!(
+        "under 2×100 Initials/s: pinned {:?}, pairing {:?}; blind {:?}; echo {:?}",
+        o.pinned, o.pairing, o.blind, o.echo
+    );
+    assert!(
+        o.pinned < Duration::from_secs(3),
+        "pinned took {:?}",
+        o.pinned
+    );
+    assert!(
+        o.pairing < Duration::from_secs(3),
+        "pairing took {:?}",
+        o.pairing
+    );
+    // The defences were in play: the floods were asked to validate their address.
+    assert!(
+        o.blind.initials > 200 && o.blind.retries > 0,
+        "{:?}",
+        o.blind
+    );
+    assert!(o.echo.retried_initials > 0, "{:?}", o.echo);
+}
+
+/// Measures the connect times at higher flood rates (for SECURITY.md); not run by default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement"]
+async fn measure_connect_times_under_initial_floods() {
+    for rate in [20, 200, 1000, 2000] {
+        let o = connect_under_flood(rate).await;
+        eprintln!(
+            "rate {rate}/s ×2: pinned {:?}, pairing {:?}; blind {:?}; echo {:?}",
+            o.pinned, o.pairing, o.blind, o.echo
+        );
+    }
+}
+
+/// A client that sends only the start of its ClientHello is dropped after the TLS handshake
+/// timeout (3 s), not the 30 s session budget, and the endpoint says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_that_never_finishes_is_dropped_after_the_tls_timeout() {
+    use ferry_testkit::quic_flood::InitialFlood;
+    let server = Endpoint::bind(
+        Identity::generate("old").unwrap(),
+        PeerStore::in_memory(),
+        EndpointConfig {
+            bind: "127.0.0.1:0".parse().unwrap(),
+            ..EndpointConfig::default()
+        },
+    )
+    .unwrap();
+    let flood = InitialFlood::start(addr(&server), "127.0.0.2".parse().unwrap(), 5, false).unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let stats = flood.stop().unwrap();
+    assert!(stats.initials >= 1, "{stats:?}");
+    let t0 = Instant::now();
+    let r = tokio::time::timeout(Duration::from_secs(10), server.accept())
+        .await
+        .expect("the half-open handshake was still held after 10 s");
+    match r {
+        Err(AcceptError::Handshake {
+            addr,
+            source: ConnectionError::TimedOut,
+        }) => assert_eq!(addr.ip().to_string(), "127.0.0.2"),
+        other => panic!("{other:?}"),
+    }
+    eprintln!("dropped after {:?}", t0.elapsed());
+}
