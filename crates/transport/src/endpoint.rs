@@ -567,6 +567,12 @@ impl Endpoint {
                 })
             }
             Err(e) => {
+                // Closed by the server before the session (e.g. `NOT_SERVED` at admission):
+                // say what its close code means rather than "connection lost".
+                let e = match e {
+                    PairingError::Connection(_) => closed_by_peer(&conn).unwrap_or(e),
+                    e => e,
+                };
                 let code = match e {
                     PairingError::WrongCode => close::PAIRING_FAILED,
                     PairingError::Timeout => close::TIMEOUT,
@@ -736,18 +742,16 @@ fn read_or_closed<T>(
     conn: &quinn::Connection,
     r: Result<T, PairingError>,
 ) -> Result<T, PairingError> {
-    match r {
-        Ok(v) => Ok(v),
-        Err(e) => {
-            if let Some(quinn::ConnectionError::ApplicationClosed(c)) = conn.close_reason() {
-                if let Ok(code) = u32::try_from(c.error_code.into_inner()) {
-                    if let Some(mapped) = close::pairing_error(code) {
-                        return Err(mapped);
-                    }
-                }
-            }
-            Err(e)
+    r.map_err(|e| closed_by_peer(conn).unwrap_or(e))
+}
+
+/// The pairing error the peer's close code stands for, if it closed with one.
+fn closed_by_peer(conn: &quinn::Connection) -> Option<PairingError> {
+    match conn.close_reason() {
+        Some(quinn::ConnectionError::ApplicationClosed(c)) => {
+            close::pairing_error(u32::try_from(c.error_code.into_inner()).ok()?)
         }
+        _ => None,
     }
 }
 
