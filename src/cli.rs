@@ -85,6 +85,13 @@ pub struct SendFlags {
     /// device holds a verified, usable chat history before the large media arrive.
     #[arg(long)]
     pub essentials_first: bool,
+    /// Serve only this paired device (its name or id, as `ferry peers` lists them): any other
+    /// device is refused, even one that knows the code.
+    #[arg(long, value_name = "NAME|ID")]
+    pub to: Option<String>,
+    /// A paired device not used for this many days needs the code again.
+    #[arg(long, value_name = "DAYS", default_value_t = 30)]
+    pub pairing_ttl: u32,
 }
 
 #[derive(Debug, Args)]
@@ -112,6 +119,9 @@ pub struct ReceiveFlags {
     /// The name the other device sees.
     #[arg(long)]
     pub name: Option<String>,
+    /// A paired sender not used for this many days needs the code again.
+    #[arg(long, value_name = "DAYS", default_value_t = 30)]
+    pub pairing_ttl: u32,
 }
 
 #[derive(Debug, Args)]

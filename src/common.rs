@@ -4,7 +4,8 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::Duration;
 
 use ferry_transport::{
-    Congestion, Endpoint, EndpointConfig, FerryDirs, Identity, PairingCode, PeerStore,
+    Congestion, DeviceId, Endpoint, EndpointConfig, FerryDirs, Identity, PairingCode, PeerRecord,
+    PeerStore, DEFAULT_PAIRING_TTL,
 };
 
 use crate::exit::{Exit, Failure};
@@ -21,21 +22,85 @@ fn default_name() -> String {
         .unwrap_or_else(|| "ferry device".into())
 }
 
+/// Who is trusted without a code: how long pairings last unused (`--pairing-ttl`) and, for a
+/// sender, the one device it serves (`--to`).
+#[derive(Clone, Debug)]
+pub struct Pinning {
+    pub ttl: Duration,
+    pub serve_only: Option<DeviceId>,
+}
+
+impl Default for Pinning {
+    fn default() -> Self {
+        Pinning {
+            ttl: DEFAULT_PAIRING_TTL,
+            serve_only: None,
+        }
+    }
+}
+
+/// `--pairing-ttl DAYS` (1 to 3650).
+pub fn parse_pairing_ttl(days: u32) -> Result<Duration, Failure> {
+    if !(1..=3650).contains(&days) {
+        return Err(Failure::new(
+            Exit::Usage,
+            format!("--pairing-ttl {days}: give whole days between 1 and 3650"),
+        ));
+    }
+    Ok(Duration::from_secs(u64::from(days) * 86_400))
+}
+
+/// The paired device `which` names: its full id, its short id or its name (which must then be
+/// unique).
+pub fn find_peer(store: &PeerStore, which: &str) -> Result<PeerRecord, Failure> {
+    let peers = store.load().map_err(|e| {
+        Failure::new(
+            Exit::Internal,
+            format!("cannot read the paired-devices list: {e}"),
+        )
+    })?;
+    if let Some(p) = peers
+        .iter()
+        .find(|p| p.device_id.to_string() == which || p.device_id.short() == which)
+    {
+        return Ok(p.clone());
+    }
+    let named: Vec<&PeerRecord> = peers.iter().filter(|p| p.name == which).collect();
+    match named.as_slice() {
+        [one] => Ok((*one).clone()),
+        [] => Err(Failure::new(
+            Exit::Usage,
+            format!("no paired device is called {which:?} (see `ferry peers`)"),
+        )),
+        many => Err(Failure::new(
+            Exit::Usage,
+            format!(
+                "several paired devices are called {which:?}: {}; give its id instead",
+                many.iter()
+                    .map(|p| p.device_id.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )),
+    }
+}
+
 /// Binds this device's endpoint (identity and peers under `dirs`).
 pub fn endpoint(
     dirs: &FerryDirs,
     name: Option<&str>,
     bind: Option<SocketAddr>,
 ) -> Result<Endpoint, Failure> {
-    endpoint_with(dirs, name, bind, Congestion::default())
+    endpoint_with(dirs, name, bind, Congestion::default(), &Pinning::default())
 }
 
-/// [`endpoint`] with a chosen congestion controller.
+/// [`endpoint`] with a chosen congestion controller and pinning rules.
 pub fn endpoint_with(
     dirs: &FerryDirs,
     name: Option<&str>,
     bind: Option<SocketAddr>,
     congestion: Congestion,
+    pinning: &Pinning,
 ) -> Result<Endpoint, Failure> {
     let mut identity = Identity::load_or_create(&dirs.config, &default_name()).map_err(|e| {
         Failure::new(
@@ -65,6 +130,8 @@ pub fn endpoint_with(
         keep_alive: Duration::from_millis(500),
         idle_timeout: Duration::from_secs(20),
         congestion,
+        pairing_ttl: pinning.ttl,
+        serve_only: pinning.serve_only,
         ..EndpointConfig::default()
     };
     if let Some(b) = bind {

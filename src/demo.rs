@@ -95,6 +95,8 @@ pub async fn run(f: DemoFlags) -> Result<(), Failure> {
         // (auto would not, both ends being on this machine).
         compress: send::Compress::Always,
         rounds: send::RoundSettings::default(),
+        to: None,
+        pairing_ttl: ferry_transport::DEFAULT_PAIRING_TTL,
     };
     let sender = tokio::spawn(async move {
         let rep = Reporter::demo_side("old phone", true);
@@ -119,6 +121,7 @@ pub async fn run(f: DemoFlags) -> Result<(), Failure> {
         name: Some("new phone".into()),
         dirs: new_dirs,
         interrupt_at: (!f.no_interrupt).then_some(0.5),
+        pairing_ttl: ferry_transport::DEFAULT_PAIRING_TTL,
     };
     let rrep = Reporter::demo_side("new phone", false);
     let received = receive::run(settings, &rrep).await?;

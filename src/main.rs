@@ -126,6 +126,8 @@ async fn run(command: Command) -> Result<(), Failure> {
                     poll_interval: common::parse_interval(f.poll_interval)?,
                     essentials_first: f.essentials_first,
                 },
+                to: f.to,
+                pairing_ttl: common::parse_pairing_ttl(f.pairing_ttl)?,
             };
             send::run(settings, &rep, None).await?.completeness()
         }
@@ -149,6 +151,7 @@ async fn run(command: Command) -> Result<(), Failure> {
                 name: f.name,
                 dirs: common::dirs()?,
                 interrupt_at: None,
+                pairing_ttl: common::parse_pairing_ttl(f.pairing_ttl)?,
                 dest: f.dest,
             };
             receive::run(settings, &rep).await.map(|_| ())

@@ -9,7 +9,7 @@ use serde_json::json;
 use crate::cli::{DoctorFlags, PairFlags, PeersFlags, VerifyFlags};
 use crate::common;
 use crate::exit::{Exit, Failure};
-use crate::output::{escape, escape_lines, human_bytes, Reporter};
+use crate::output::{self, escape, escape_lines, human_bytes, Reporter};
 
 pub async fn verify(f: VerifyFlags) -> Result<(), Failure> {
     let rep = Reporter::new(f.json);
@@ -55,15 +55,9 @@ pub async fn peers(f: PeersFlags) -> Result<(), Failure> {
         )
     })?;
     if let Some(which) = f.forget {
-        let target = store.list().into_iter().find(|p| {
-            p.name == which || p.device_id.to_string() == which || p.device_id.short() == which
-        });
-        let Some(p) = target else {
-            return Err(Failure::new(
-                Exit::Usage,
-                format!("no paired device is called {which:?} (see `ferry peers`)"),
-            ));
-        };
+        let p = common::find_peer(&store, &which)?;
+        // Takes effect at once in running senders and receivers: they read the list again
+        // before admitting or connecting to anyone.
         store
             .forget(&p.device_id)
             .map_err(|e| Failure::new(Exit::Internal, e.to_string()))?;
@@ -74,12 +68,26 @@ pub async fn peers(f: PeersFlags) -> Result<(), Failure> {
         rep.say(&format!("forgot {} ({})", escape(&p.name), p.device_id));
         return Ok(());
     }
-    let list = store.list();
+    let list = store.load().map_err(|e| {
+        Failure::new(
+            Exit::Internal,
+            format!("cannot read the paired-devices list: {e}"),
+        )
+    })?;
     for p in &list {
         let addrs: Vec<String> = p.last_addrs.iter().map(|a| a.to_string()).collect();
-        rep.event("peer", json!({"device_id": p.device_id.to_string(), "name": p.name, "addrs": addrs, "paired_at": p.paired_at}));
+        let role = p.role.map(|r| r.as_str());
+        rep.event("peer", json!({"device_id": p.device_id.to_string(), "name": p.name, "addrs": addrs, "paired_at": p.paired_at,
+            "role": role, "last_used": p.last_used_at()}));
         if !rep.is_json() {
-            println!("{}\t{}\t{}", escape(&p.name), p.device_id, addrs.join(","));
+            println!(
+                "{}\t{}\t{}\t{}\tlast used {}",
+                escape(&p.name),
+                p.device_id,
+                addrs.join(","),
+                role.unwrap_or("unknown role (pair again)"),
+                output::utc_time(p.last_used_at())
+            );
         }
     }
     if list.is_empty() {
@@ -190,12 +198,19 @@ pub async fn pair(f: PairFlags) -> Result<(), Failure> {
     let p = conn.peer().clone();
     rep.event(
         "paired",
-        json!({"peer": p.name, "device_id": p.device_id.to_string(), "addr": p.addr.to_string()}),
+        json!({"peer": p.name, "device_id": p.device_id.to_string(), "addr": p.addr.to_string(),
+            "paired_at": p.paired_at, "role": p.role.as_str()}),
     );
+    // The device that showed the code is the one that will send (as with `ferry send`).
     rep.say(&format!(
-        "paired with {} ({}); later migrations between these devices need no code",
+        "paired with {} ({}); later migrations {} that device need no code (until {} days unused)",
         escape(&p.name),
-        p.device_id
+        p.device_id,
+        match p.role {
+            ferry_transport::PeerRole::Receiver => "from this device to",
+            ferry_transport::PeerRole::Sender => "to this device from",
+        },
+        ferry_transport::DEFAULT_PAIRING_TTL.as_secs() / 86_400
     ));
     // Both sides pinned each other before `accept`/`connect` returned; let the peer see the close.
     conn.close(0x100, b"paired");

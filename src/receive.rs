@@ -12,8 +12,8 @@ use ferry_sync::proto::{ReceiverConfig, RecvEvent};
 use ferry_sync::store::{FsStore, StoreError};
 use ferry_transport::{
     ConnectError, ConnectionError, DeviceId, DiscoveredSender, Discovery, DiscoveryError, Endpoint,
-    FerryDirs, MdnsConfig, MdnsDiscovery, PairingCode, PairingError, PeerConnection, Ticket,
-    VarInt,
+    FerryDirs, MdnsConfig, MdnsDiscovery, PairingCode, PairingError, PeerConnection, PeerRole,
+    Ticket, VarInt,
 };
 use serde_json::json;
 
@@ -37,6 +37,8 @@ pub struct ReceiveSettings {
     pub dirs: FerryDirs,
     /// `ferry demo`: drop the link once when this fraction has arrived.
     pub interrupt_at: Option<f64>,
+    /// `--pairing-ttl`: a paired sender unused this long needs the code again.
+    pub pairing_ttl: Duration,
 }
 
 #[derive(Debug, Default)]
@@ -141,6 +143,10 @@ fn connect_failure(e: ConnectError) -> Failure {
              The old device now shows a new code; run the command again with it",
         ),
         ConnectError::Pairing(p) => Failure::new(Exit::Pairing, format!("pairing failed: {p}")),
+        e @ (ConnectError::UnknownPeer(_) | ConnectError::NotUsable { .. }) => Failure::new(
+            Exit::Pairing,
+            format!("{e}; pass the code shown by `ferry send` on that device (--code) or its --ticket"),
+        ),
         other => Failure::new(
             Exit::Unreachable,
             format!(
@@ -286,9 +292,11 @@ async fn first_connection(
     s: &ReceiveSettings,
     rep: &Reporter,
 ) -> Result<(PeerConnection, SenderAt), Failure> {
-    let remembered = remembered_sender(&s.dest).filter(|id| ep.peers().contains(id));
+    // Only a device paired as our sender, and not expired, is reached by its key alone.
+    let usable = |id: &DeviceId| ep.usable(id, PeerRole::Sender).is_ok();
+    let remembered = remembered_sender(&s.dest).filter(usable);
     if let Some(t) = &s.ticket {
-        let conn = if ep.peers().contains(&t.device_id) {
+        let conn = if usable(&t.device_id) {
             unless_refused(|| ep.connect_peer(t.device_id, &t.addrs)).await
         } else {
             unless_refused(|| ep.connect_ticket(t)).await
@@ -313,9 +321,10 @@ async fn first_connection(
                 .map(|c| (c, SenderAt::fixed(addrs)))
                 .map_err(connect_failure);
         }
+        let peers = ep.peers().list();
         let pinned = remembered.or_else(|| {
-            let peers = ep.peers().list();
-            (peers.len() == 1).then(|| peers[0].device_id)
+            let senders: Vec<DeviceId> = peers.iter().map(|p| p.device_id).filter(usable).collect();
+            (senders.len() == 1).then(|| senders[0])
         });
         if let Some(id) = pinned {
             return unless_refused(|| ep.connect_peer(id, addrs))
@@ -323,7 +332,26 @@ async fn first_connection(
                 .map(|c| (c, SenderAt::fixed(addrs)))
                 .map_err(connect_failure);
         }
-        let code = common::prompt_code(&addrs[0].to_string())?;
+        // Paired devices that cannot be used without a code: say why, then ask for the code.
+        let why: Vec<String> = peers
+            .iter()
+            .filter_map(|p| {
+                let e = ep.usable(&p.device_id, PeerRole::Sender).err()?;
+                Some(format!("{} ({}): {e}", p.name, p.device_id.short()))
+            })
+            .collect();
+        let code = match common::prompt_code(&addrs[0].to_string()) {
+            Err(_) if !why.is_empty() => {
+                return Err(Failure::new(
+                    Exit::Pairing,
+                    format!(
+                        "no paired device may send to this one without a code ({}); pass the code shown by `ferry send` (--code) or its --ticket",
+                        why.join("; ")
+                    ),
+                ))
+            }
+            other => other?,
+        };
         return unless_refused(|| ep.connect_with_code(addrs, code))
             .await
             .map(|c| (c, SenderAt::fixed(addrs)))
@@ -404,7 +432,17 @@ pub async fn run(s: ReceiveSettings, rep: &Reporter) -> Result<ReceiveSummary, F
     if FsStore::has_unfinished(&s.dest) {
         rep.say("this folder holds an unfinished migration: continuing it");
     }
-    let ep = common::endpoint(&s.dirs, s.name.as_deref(), None)?;
+    let pinning = common::Pinning {
+        ttl: s.pairing_ttl,
+        serve_only: None,
+    };
+    let ep = common::endpoint_with(
+        &s.dirs,
+        s.name.as_deref(),
+        None,
+        ferry_transport::Congestion::default(),
+        &pinning,
+    )?;
     let (mut conn, mut at) = match first_connection(&ep, &s, rep).await {
         Ok(c) => c,
         Err(f) if f.exit == Exit::Unreachable => {
@@ -415,7 +453,8 @@ pub async fn run(s: ReceiveSettings, rep: &Reporter) -> Result<ReceiveSummary, F
     let sender = conn.peer().clone();
     remember_sender(&s.dest, &sender.device_id);
     at.add(sender.addr);
-    rep.event("paired", json!({"peer": sender.name, "device_id": sender.device_id.to_string(), "addr": sender.addr.to_string(), "newly_paired": conn.newly_paired()}));
+    rep.event("paired", json!({"peer": sender.name, "device_id": sender.device_id.to_string(), "addr": sender.addr.to_string(), "newly_paired": conn.newly_paired(),
+        "paired_at": sender.paired_at, "role": sender.role.as_str()}));
     rep.say(&format!(
         "{} {} ({})",
         if conn.newly_paired() {

@@ -24,14 +24,14 @@ use ferry_sync::source::Source;
 use ferry_sync::Manifest;
 use ferry_transport::{
     AcceptError, Advertisement, Congestion, Discovery, Endpoint, FerryDirs, MdnsConfig,
-    MdnsDiscovery, PairingCode, PairingError, PeerConnection, Ticket,
+    MdnsDiscovery, PairingCode, PairingError, PeerConnection, PeerStore, Ticket,
 };
 use serde_json::json;
 use tokio::sync::{oneshot, watch};
 
 use crate::common;
 use crate::exit::{self, Exit, Failure};
-use crate::output::{escape, human_bytes, Reporter};
+use crate::output::{self, escape, human_bytes, Reporter};
 use ferry::session;
 
 /// Said when Ctrl-C stops this side.
@@ -50,6 +50,10 @@ pub struct SendSettings {
     /// When chunks are compressed (`--compress`).
     pub compress: Compress,
     pub rounds: RoundSettings,
+    /// `--to`: serve only this paired device (name or id).
+    pub to: Option<String>,
+    /// `--pairing-ttl`: pairings unused this long need a code again.
+    pub pairing_ttl: Duration,
 }
 
 /// When the sender compresses compressible chunks (`--compress`).
@@ -341,10 +345,42 @@ fn last_port_file(dirs: &FerryDirs) -> PathBuf {
 /// last time when that is free: a sender restarted after a crash or a reboot is then found at
 /// the address the receiver (and its ticket) already know, and the receiver resumes on its
 /// own. Otherwise on any free port.
-fn sender_endpoint(s: &SendSettings) -> Result<Endpoint, Failure> {
+/// The pinning rules of this sender: `--pairing-ttl`, and `--to` resolved to a paired device.
+fn sender_pinning(s: &SendSettings, rep: &Reporter) -> Result<common::Pinning, Failure> {
+    let serve_only = match &s.to {
+        None => None,
+        Some(which) => {
+            let store = PeerStore::open(&s.dirs.config).map_err(|e| {
+                Failure::new(
+                    Exit::Internal,
+                    format!("cannot open the paired-devices list: {e}"),
+                )
+            })?;
+            let p = common::find_peer(&store, which).map_err(|f| {
+                Failure::new(
+                    f.exit,
+                    format!(
+                        "--to: {f}; pair first by running `ferry send` without --to, or use `ferry pair`"
+                    ),
+                )
+            })?;
+            rep.say(&format!(
+                "serving only {} ({}); any other device is refused",
+                p.name, p.device_id
+            ));
+            Some(p.device_id)
+        }
+    };
+    Ok(common::Pinning {
+        ttl: s.pairing_ttl,
+        serve_only,
+    })
+}
+
+fn sender_endpoint(s: &SendSettings, pinning: &common::Pinning) -> Result<Endpoint, Failure> {
     let name = s.name.as_deref();
     if s.listen.is_some() {
-        return common::endpoint_with(&s.dirs, name, s.listen, s.congestion);
+        return common::endpoint_with(&s.dirs, name, s.listen, s.congestion, pinning);
     }
     let last = fs::read_to_string(last_port_file(&s.dirs))
         .ok()
@@ -353,15 +389,15 @@ fn sender_endpoint(s: &SendSettings) -> Result<Endpoint, Failure> {
     let ep = match last {
         Some(port) => {
             let at = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
-            match common::endpoint_with(&s.dirs, name, Some(at), s.congestion) {
+            match common::endpoint_with(&s.dirs, name, Some(at), s.congestion, pinning) {
                 Ok(ep) => ep,
                 Err(f) => {
                     tracing::info!("port {port} of the last run is taken ({f}); using another");
-                    common::endpoint_with(&s.dirs, name, None, s.congestion)?
+                    common::endpoint_with(&s.dirs, name, None, s.congestion, pinning)?
                 }
             }
         }
-        None => common::endpoint_with(&s.dirs, name, None, s.congestion)?,
+        None => common::endpoint_with(&s.dirs, name, None, s.congestion, pinning)?,
     };
     if let Ok(a) = ep.local_addr() {
         let file = last_port_file(&s.dirs);
@@ -386,6 +422,8 @@ pub async fn run(
     if let Err(e) = ferry_sync::private::create_dir_all(&s.dirs.state) {
         tracing::warn!("cannot make {} private: {e}", s.dirs.state.display());
     }
+    // Before the scan: a wrong --to is a usage error at once.
+    let pinning = sender_pinning(&s, rep)?;
     let scanner = Scanner::new(&s.dir, &s.dirs.state);
     // Snapshots a crashed sender left for other folders are copies of chat databases that no
     // migration needs any more; this folder's are kept for a restarted migration to reuse, and
@@ -507,7 +545,7 @@ pub async fn run(
     let mut round_cfg = s.rounds.clone();
     round_cfg.max_rounds = round_cfg.max_rounds.saturating_add(base_rounds - 1);
 
-    let ep = sender_endpoint(&s)?;
+    let ep = sender_endpoint(&s, &pinning)?;
     let mut code = match s.code {
         Some(c) => {
             rep.say(
@@ -624,6 +662,13 @@ pub async fn run(
                 }
                 continue;
             }
+            Err(AcceptError::NotServed { device, addr }) => {
+                // Refused before pairing: the code is still valid for the --to device.
+                rep.say(&format!(
+                    "refused device {device} at {addr}: this sender serves only the device given with --to"
+                ));
+                continue;
+            }
             Err(e) => {
                 tracing::info!("refused a connection: {e}");
                 if !ep.pairing_open() && sessions == 0 {
@@ -637,13 +682,26 @@ pub async fn run(
             }
         };
         let peer = conn.peer().clone();
-        rep.event("paired", json!({"peer": peer.name, "device_id": peer.device_id.to_string(), "addr": peer.addr.to_string(), "newly_paired": conn.newly_paired()}));
-        rep.say(&format!(
-            "connected to {} ({}) at {}",
-            escape(&peer.name),
-            peer.device_id.short(),
-            peer.addr
-        ));
+        // Who is served, before any data flows: a device admitted by its pinned key says when
+        // it was paired, so an unexpected one stands out.
+        rep.event("paired", json!({"peer": peer.name, "device_id": peer.device_id.to_string(), "addr": peer.addr.to_string(), "newly_paired": conn.newly_paired(),
+            "paired_at": peer.paired_at, "role": peer.role.as_str()}));
+        if conn.newly_paired() {
+            rep.say(&format!(
+                "paired with {} ({}) at {}; serving it",
+                escape(&peer.name),
+                peer.device_id,
+                peer.addr
+            ));
+        } else {
+            rep.say(&format!(
+                "serving {} ({}) at {}: paired {} as a receiver of this device, no code needed (`ferry peers --forget` to revoke)",
+                escape(&peer.name),
+                peer.device_id,
+                peer.addr,
+                output::utc_time(peer.paired_at)
+            ));
+        }
         // Rounds on this connection, each on new streams.
         loop {
             // --compress auto: compress over a network, not between two devices on this

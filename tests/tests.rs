@@ -17,6 +17,7 @@ mod lan;
 mod live;
 mod migrate;
 mod pairing;
+mod pairing_scope;
 mod resume;
 mod rounds;
 mod space;

@@ -14,7 +14,7 @@ use crate::identity::{DeviceId, Identity};
 use crate::pairing::{
     self, Binding, ClientMsg, HelloReply, PairingCode, PairingError, RejectReason, ServerMsg,
 };
-use crate::peers::{PeerRecord, PeerStore};
+use crate::peers::{NotUsable, PeerRecord, PeerRole, PeerStore, DEFAULT_PAIRING_TTL};
 use crate::ticket::Ticket;
 use crate::tls::{self, TlsConfigError, SERVER_NAME};
 use crate::{close, RecvStream, SendStream};
@@ -74,6 +74,12 @@ pub struct EndpointConfig {
     /// validated yet is sent a QUIC Retry first (it must prove it receives at its source
     /// address; a spoofer or a fire-and-forget flood never comes back). 0: always.
     pub retry_above_pending: usize,
+    /// A pinned peer not used for this long needs a code again (a sold or lost old device
+    /// cannot come back later). Checked when admitting (server) and when connecting (client).
+    pub pairing_ttl: Duration,
+    /// Serve only this device (`ferry send --to`): any other key is refused at admission, before
+    /// pairing (so it cannot use the code either).
+    pub serve_only: Option<DeviceId>,
 }
 
 impl Default for EndpointConfig {
@@ -95,6 +101,8 @@ impl Default for EndpointConfig {
             max_pending: 32,
             max_pending_per_ip: 8,
             retry_above_pending: 4,
+            pairing_ttl: DEFAULT_PAIRING_TTL,
+            serve_only: None,
         }
     }
 }
@@ -143,6 +151,14 @@ pub enum AcceptError {
         /// Remote address.
         addr: SocketAddr,
     },
+    /// A key other than [`EndpointConfig::serve_only`] connected: closed, no streams.
+    #[error("refused {device} from {addr}: this endpoint serves only another device")]
+    NotServed {
+        /// The refused key.
+        device: DeviceId,
+        /// Remote address.
+        addr: SocketAddr,
+    },
     /// Session handshake or pairing failed (e.g. wrong code: the code is burned).
     #[error("pairing/session with {addr} failed: {source}")]
     Pairing {
@@ -163,6 +179,15 @@ pub enum ConnectError {
     /// Not paired with that device, so it cannot be reached without a code.
     #[error("device {0} is not paired")]
     UnknownPeer(DeviceId),
+    /// Paired with that device, but its pinned key may not be used to receive from it: paired
+    /// in the other direction, by an older ferry, or expired.
+    #[error("device {device} cannot be reached without a code: {reason}")]
+    NotUsable {
+        /// The device.
+        device: DeviceId,
+        /// Why.
+        reason: NotUsable,
+    },
     /// Every candidate failed; one entry per address.
     #[error("could not connect: {}", .0.iter().map(|(a, e)| format!("{a}: {e}")).collect::<Vec<_>>().join("; "))]
     AllFailed(Vec<(SocketAddr, String)>),
@@ -199,6 +224,11 @@ pub struct PeerInfo {
     pub name: String,
     /// Where the connection came from / went to.
     pub addr: SocketAddr,
+    /// Unix seconds when the pairing that admitted it was made (now, if it just paired).
+    pub paired_at: u64,
+    /// The role it was paired in: [`PeerRole::Receiver`] for a peer that connected to us,
+    /// [`PeerRole::Sender`] for one we connected to.
+    pub role: PeerRole,
 }
 
 /// An authenticated connection: the peer's key is pinned (and was just paired, or already was).
@@ -444,6 +474,15 @@ impl Endpoint {
         &self.shared.peers
     }
 
+    /// The record of `device` if its pinned key may be used without a code in `role` now
+    /// ([`PeerRole::Sender`]: we may connect to it and receive; [`PeerRole::Receiver`]: it may
+    /// connect to us), under this endpoint's [`EndpointConfig::pairing_ttl`].
+    pub fn usable(&self, device: &DeviceId, role: PeerRole) -> Result<PeerRecord, NotUsable> {
+        self.shared
+            .peers
+            .usable(device, role, now_unix(), self.shared.config.pairing_ttl)
+    }
+
     /// Opens the pairing window with a fresh one-time code (replacing any previous code). While
     /// it is active and unused, unknown keys may connect to attempt pairing; the first attempt
     /// burns it.
@@ -511,10 +550,11 @@ impl Endpoint {
         addrs: &[SocketAddr],
     ) -> Result<PeerConnection, ConnectError> {
         let rec = self
-            .shared
-            .peers
-            .get(&device)
-            .ok_or(ConnectError::UnknownPeer(device))?;
+            .usable(&device, PeerRole::Sender)
+            .map_err(|reason| match reason {
+                NotUsable::NotPaired => ConnectError::UnknownPeer(device),
+                reason => ConnectError::NotUsable { device, reason },
+            })?;
         let addrs = if addrs.is_empty() {
             rec.last_addrs
         } else {
@@ -553,8 +593,8 @@ impl Endpoint {
             Err(_) => Err(PairingError::Timeout),
         };
         match result {
-            Ok((peer_id, name, paired)) => {
-                let _ = sh.peers.note_address(&peer_id, addr);
+            Ok((peer_id, name, paired, paired_at)) => {
+                let _ = sh.peers.note_use(&peer_id, addr, now_unix());
                 raise_limits(&conn, &sh.config);
                 Ok(PeerConnection {
                     conn,
@@ -562,11 +602,19 @@ impl Endpoint {
                         device_id: peer_id,
                         name,
                         addr,
+                        paired_at,
+                        role: PeerRole::Sender,
                     },
                     newly_paired: paired,
                 })
             }
             Err(e) => {
+                // Closed by the server before the session (e.g. `NOT_SERVED` at admission):
+                // say what its close code means rather than "connection lost".
+                let e = match e {
+                    PairingError::Connection(_) => closed_by_peer(&conn).unwrap_or(e),
+                    e => e,
+                };
                 let code = match e {
                     PairingError::WrongCode => close::PAIRING_FAILED,
                     PairingError::Timeout => close::TIMEOUT,
@@ -670,7 +718,7 @@ async fn client_session(
     sh: &Shared,
     conn: &quinn::Connection,
     code: Option<PairingCode>,
-) -> Result<(DeviceId, String, bool), PairingError> {
+) -> Result<(DeviceId, String, bool, u64), PairingError> {
     let server_id = tls::peer_device_id(conn)
         .ok_or_else(|| PairingError::Protocol("no server certificate".into()))?;
     let me = &sh.identity;
@@ -695,12 +743,18 @@ async fn client_session(
     let server_name = sanitize_name(&server_name);
     match (reply, spake, client_msg) {
         (HelloReply::Accepted, _, _) => {
-            // The server says it knows us; we must know it too.
-            if !sh.peers.contains(&server_id) {
-                return Err(PairingError::NotPaired);
-            }
+            // The server says it knows us; we must know it too, as a sender we may use.
+            let rec = sh
+                .peers
+                .usable(
+                    &server_id,
+                    PeerRole::Sender,
+                    now_unix(),
+                    sh.config.pairing_ttl,
+                )
+                .map_err(|_| PairingError::NotPaired)?;
             let _ = send.finish();
-            Ok((server_id, server_name, false))
+            Ok((server_id, server_name, false, rec.paired_at))
         }
         (HelloReply::Pake(server_msg), Some((state, _)), Some(client_msg)) => {
             let key = state
@@ -725,15 +779,17 @@ async fn client_session(
                     return Err(PairingError::Protocol("unexpected hello".into()))
                 }
             }
-            sh.peers.upsert(PeerRecord {
-                device_id: server_id,
-                name: server_name.clone(),
-                last_addrs: vec![conn.remote_address()],
-                paired_at: now_unix(),
-            })?;
+            let now = now_unix();
+            sh.peers.upsert(PeerRecord::paired(
+                server_id,
+                server_name.clone(),
+                Some(conn.remote_address()),
+                PeerRole::Sender,
+                now,
+            ))?;
             pairing::write_frame(&mut send, &ClientMsg::Done).await?;
             let _ = send.finish();
-            Ok((server_id, server_name, true))
+            Ok((server_id, server_name, true, now))
         }
         (HelloReply::Pake(_), _, _) => Err(PairingError::Protocol("unsolicited pairing".into())),
     }
@@ -744,18 +800,16 @@ fn read_or_closed<T>(
     conn: &quinn::Connection,
     r: Result<T, PairingError>,
 ) -> Result<T, PairingError> {
-    match r {
-        Ok(v) => Ok(v),
-        Err(e) => {
-            if let Some(quinn::ConnectionError::ApplicationClosed(c)) = conn.close_reason() {
-                if let Ok(code) = u32::try_from(c.error_code.into_inner()) {
-                    if let Some(mapped) = close::pairing_error(code) {
-                        return Err(mapped);
-                    }
-                }
-            }
-            Err(e)
+    r.map_err(|e| closed_by_peer(conn).unwrap_or(e))
+}
+
+/// The pairing error the peer's close code stands for, if it closed with one.
+fn closed_by_peer(conn: &quinn::Connection) -> Option<PairingError> {
+    match conn.close_reason() {
+        Some(quinn::ConnectionError::ApplicationClosed(c)) => {
+            close::pairing_error(u32::try_from(c.error_code.into_inner()).ok()?)
         }
+        _ => None,
     }
 }
 
@@ -940,8 +994,28 @@ async fn admit(
             source: quinn::ConnectionError::LocallyClosed,
         }));
     };
-    let pinned = sh.peers.contains(&client_id);
-    if !pinned && !sh.window_open() {
+    if sh.config.serve_only.is_some_and(|only| only != client_id) {
+        conn.close(
+            VarInt::from_u32(close::NOT_SERVED),
+            b"serving another device",
+        );
+        return Err(Some(AcceptError::NotServed {
+            device: client_id,
+            addr,
+        }));
+    }
+    // Re-read now: a peer forgotten (or paired) by another process meanwhile counts at once.
+    // Only a peer paired as our receiver, and not expired, is admitted without a code.
+    let pinned = sh
+        .peers
+        .usable(
+            &client_id,
+            PeerRole::Receiver,
+            now_unix(),
+            sh.config.pairing_ttl,
+        )
+        .ok();
+    if pinned.is_none() && !sh.window_open() {
         conn.close(VarInt::from_u32(close::NOT_PAIRED), b"not paired");
         return Err(Some(AcceptError::NotAdmitted {
             device: client_id,
@@ -952,6 +1026,7 @@ async fn admit(
         let code = match e {
             PairingError::WrongCode => close::PAIRING_FAILED,
             PairingError::NotPaired | PairingError::NoPairingCode => close::NOT_PAIRED,
+            PairingError::NotServed => close::NOT_SERVED,
             PairingError::Timeout => close::TIMEOUT,
             _ => close::PROTOCOL_ERROR,
         };
@@ -967,16 +1042,19 @@ async fn admit(
             Ok(m) => m,
             Err(e) => return Err(fail(&conn, e)),
         };
-        match server_session(sh, &conn, client_id, pinned, hello, &mut send, &mut recv).await {
-            Ok((name, paired)) => {
+        let pinned_at = pinned.as_ref().map(|r| r.paired_at);
+        match server_session(sh, &conn, client_id, pinned_at, hello, &mut send, &mut recv).await {
+            Ok((name, paired, paired_at)) => {
                 raise_limits(&conn, &sh.config);
-                let _ = sh.peers.note_address(&client_id, addr);
+                let _ = sh.peers.note_use(&client_id, addr, now_unix());
                 Ok(PeerConnection {
                     conn: conn.clone(),
                     peer: PeerInfo {
                         device_id: client_id,
                         name,
                         addr,
+                        paired_at,
+                        role: PeerRole::Receiver,
                     },
                     newly_paired: paired,
                 })
@@ -1004,11 +1082,11 @@ async fn server_session(
     sh: &Shared,
     conn: &quinn::Connection,
     client_id: DeviceId,
-    pinned: bool,
+    pinned_at: Option<u64>,
     hello: ClientMsg,
     send: &mut SendStream,
     recv: &mut RecvStream,
-) -> Result<(String, bool), SessionFail> {
+) -> Result<(String, bool, u64), SessionFail> {
     let protocol = |m: &str| {
         (
             PairingError::Protocol(m.into()),
@@ -1025,16 +1103,16 @@ async fn server_session(
     let client_name = sanitize_name(&name);
     let me = &sh.identity;
     let Some(client_msg) = pake else {
-        if !pinned {
+        let Some(paired_at) = pinned_at else {
             return Err((PairingError::NotPaired, Some(RejectReason::NotPaired)));
-        }
+        };
         let reply = ServerMsg::Hello {
             name: me.name().to_string(),
             reply: HelloReply::Accepted,
         };
         pairing::write_frame(send, &reply).await.map_err(io)?;
         let _ = send.finish();
-        return Ok((client_name, false));
+        return Ok((client_name, false, paired_at));
     };
     // Burn the code now: one online guess per code.
     let Some(code) = sh.take_code() else {
@@ -1077,15 +1155,17 @@ async fn server_session(
         _ => return Err(protocol("expected done")),
     }
     let _ = send.finish();
+    let now = now_unix();
     sh.peers
-        .upsert(PeerRecord {
-            device_id: client_id,
-            name: client_name.clone(),
-            last_addrs: vec![conn.remote_address()],
-            paired_at: now_unix(),
-        })
+        .upsert(PeerRecord::paired(
+            client_id,
+            client_name.clone(),
+            Some(conn.remote_address()),
+            PeerRole::Receiver,
+            now,
+        ))
         .map_err(|e| (e.into(), None))?;
-    Ok((client_name, true))
+    Ok((client_name, true, now))
 }
 
 #[cfg(test)]

@@ -51,7 +51,7 @@ pub use endpoint::{
 };
 pub use identity::{DeviceId, DeviceIdError, Identity, IdentityError};
 pub use pairing::{PairingCode, PairingCodeError, PairingError};
-pub use peers::{PeerRecord, PeerStore, PeerStoreError};
+pub use peers::{NotUsable, PeerRecord, PeerRole, PeerStore, PeerStoreError, DEFAULT_PAIRING_TTL};
 pub use quinn::{ConnectionError, ReadError, RecvStream, SendStream, VarInt, WriteError};
 pub use ticket::{Ticket, TicketError};
 
@@ -74,12 +74,15 @@ pub mod close {
     pub const TIMEOUT: u32 = 4;
     /// A parallel connection attempt lost the race.
     pub const SUPERSEDED: u32 = 5;
+    /// The server serves only another device (`ferry send --to`).
+    pub const NOT_SERVED: u32 = 6;
 
     pub(crate) fn pairing_error(code: u32) -> Option<PairingError> {
         match code {
             NOT_PAIRED => Some(PairingError::NotPaired),
             PAIRING_FAILED => Some(PairingError::WrongCode),
             TIMEOUT => Some(PairingError::Timeout),
+            NOT_SERVED => Some(PairingError::NotServed),
             _ => None,
         }
     }

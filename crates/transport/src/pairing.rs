@@ -138,6 +138,9 @@ pub enum PairingError {
     /// The peer is not paired and no code was offered.
     #[error("not paired with this device; pair with a code or ticket first")]
     NotPaired,
+    /// The server serves only another device (`ferry send --to`).
+    #[error("the other device is serving only another paired device (ferry send --to)")]
+    NotServed,
     /// The peer broke the protocol.
     #[error("pairing protocol error: {0}")]
     Protocol(String),

@@ -137,12 +137,16 @@ async fn lan_role() {
             let ep = bind(home.path(), "attacker");
             // A key the sender never paired, no code: pretend we are paired.
             ep.peers()
-                .upsert(PeerRecord {
-                    device_id: id,
-                    name: "sender".into(),
-                    last_addrs: vec![target],
-                    paired_at: 0,
-                })
+                .upsert(PeerRecord::paired(
+                    id,
+                    "sender".into(),
+                    Some(target),
+                    PeerRole::Sender,
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap()
+                        .as_secs(),
+                ))
                 .unwrap();
             match ep.connect_peer(id, &[target]).await {
                 Ok(_) => println!("NOKEY CONNECTED"),

@@ -196,12 +196,16 @@ async fn unpaired_endpoint_is_refused_without_streams() {
     // Pretend the stranger pinned the server somehow: it still is not pinned by the server.
     stranger
         .peers()
-        .upsert(PeerRecord {
-            device_id: server.identity().device_id(),
-            name: "old".into(),
-            last_addrs: vec![addr(&server)],
-            paired_at: 0,
-        })
+        .upsert(PeerRecord::paired(
+            server.identity().device_id(),
+            "old".into(),
+            Some(addr(&server)),
+            PeerRole::Sender,
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs(),
+        ))
         .unwrap();
     let sid = server.identity().device_id();
     let (s, c) = tokio::join!(accept(&server), stranger.connect_peer(sid, &[]));
