@@ -189,7 +189,9 @@ pub fn secret(
         None => {
             let Some(var) = env else { return Ok(None) };
             match std::env::var(var) {
-                Ok(v) if !v.trim().is_empty() => Ok(Some((v.trim().to_string(), SecretSource::Env))),
+                Ok(v) if !v.trim().is_empty() => {
+                    Ok(Some((v.trim().to_string(), SecretSource::Env)))
+                }
                 Ok(_) | Err(std::env::VarError::NotPresent) => Ok(None),
                 Err(std::env::VarError::NotUnicode(_)) => Err(Failure::new(
                     Exit::Usage,

@@ -138,13 +138,15 @@ pub async fn pair(f: PairFlags) -> Result<(), Failure> {
     let ticket_env = f.connect.is_none().then_some("FERRY_TICKET");
     let ticket = common::ticket_arg(f.ticket.as_deref(), ticket_env, &mut stdin_taken)?;
     let ep = common::endpoint(&dirs, f.name.as_deref(), listen)?;
+    let connecting = ticket.is_some() || f.connect.is_some();
     let conn = if let Some(t) = &ticket {
         ep.connect_ticket(t)
             .await
             .map_err(|e| Failure::new(Exit::Pairing, format!("pairing failed: {e}")))?
     } else if let Some(addr) = &f.connect {
         let addrs = common::parse_addr(addr)?;
-        let code = match common::code_arg(f.code.as_deref(), Some("FERRY_CODE"), &mut stdin_taken)? {
+        let code = match common::code_arg(f.code.as_deref(), Some("FERRY_CODE"), &mut stdin_taken)?
+        {
             Some(c) => c,
             None => common::prompt_code(addr)?,
         };
@@ -198,7 +200,12 @@ pub async fn pair(f: PairFlags) -> Result<(), Failure> {
         "paired with {} ({}); later migrations between these devices need no code",
         p.name, p.device_id
     ));
-    // Both sides pinned each other before `accept`/`connect` returned; let the peer see the close.
+    // The connecting side pinned the other before sending its last message (`Done`); closing at
+    // once could discard that message before it arrives (the waiting side then fails with
+    // "closed by peer"), so it lets the waiting side, which has read it, close first.
+    if connecting {
+        let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+    }
     conn.close(0x100, b"paired");
     let _ = tokio::time::timeout(Duration::from_millis(500), conn.closed()).await;
     ep.close(0, b"done").await;

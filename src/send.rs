@@ -867,7 +867,12 @@ impl CodeKeeper {
 
     /// After a failed or refused attempt: if the code is gone, schedule the next one (and
     /// announce a pause).
-    fn after_failure<F>(&mut self, ep: &Endpoint, rep: &Reporter, announce: &F) -> Result<(), Failure>
+    fn after_failure<F>(
+        &mut self,
+        ep: &Endpoint,
+        rep: &Reporter,
+        announce: &F,
+    ) -> Result<(), Failure>
     where
         F: Fn(PairingCode) -> Result<Ticket, Failure>,
     {

@@ -319,7 +319,9 @@ fn addr_key(ip: IpAddr) -> IpAddr {
 
 /// `base · 2^exp`, saturating, at most `max`.
 fn doubled(base: Duration, exp: u32, max: Duration) -> Duration {
-    base.checked_mul(1u32 << exp.min(20)).unwrap_or(max).min(max)
+    base.checked_mul(1u32 << exp.min(20))
+        .unwrap_or(max)
+        .min(max)
 }
 
 impl Window {
@@ -372,7 +374,10 @@ impl Window {
         if matches!(self.addrs.get(&addr_key(ip)), Some(s) if s.barred_until > now) {
             return None;
         }
-        self.active.take().filter(|a| a.expires > now).map(|a| a.code)
+        self.active
+            .take()
+            .filter(|a| a.expires > now)
+            .map(|a| a.code)
     }
 
     fn failed(&mut self, ip: IpAddr, limits: &PairingLimits, now: Instant) {
@@ -405,7 +410,8 @@ impl Window {
         });
         s.count = s.count.saturating_add(1);
         if s.count >= 2 {
-            s.barred_until = now + doubled(limits.addr_backoff, s.count - 2, limits.addr_backoff_max);
+            s.barred_until =
+                now + doubled(limits.addr_backoff, s.count - 2, limits.addr_backoff_max);
         }
     }
 
