@@ -44,7 +44,8 @@ pub struct SendFlags {
     /// The history folder to send.
     pub dir: PathBuf,
     /// Use this pairing code instead of a random one (weaker: anyone who guesses it can pair).
-    #[arg(long)]
+    /// `--code -` reads it from standard input: other local users can see a command line.
+    #[arg(long, value_name = "CODE|-")]
     pub code: Option<String>,
     /// Listen on this address (default: all interfaces, a random port).
     #[arg(long)]
@@ -98,14 +99,18 @@ pub struct SendFlags {
 pub struct ReceiveFlags {
     /// Where the history goes.
     pub dest: PathBuf,
-    /// The pairing code shown on the old device.
-    #[arg(long)]
+    /// The pairing code shown on the old device. `--code -` reads it from standard input;
+    /// without --code, the FERRY_CODE environment variable is used. Prefer those: other local
+    /// users can see a command line (/proc), not standard input or the environment.
+    #[arg(long, value_name = "CODE|-")]
     pub code: Option<String>,
     /// Connect to this sender address (host:port) instead of searching the network.
     #[arg(long, conflicts_with = "ticket")]
     pub connect: Option<String>,
-    /// Connect and pair with the ticket shown on the old device (addresses, key and code).
-    #[arg(long)]
+    /// Connect and pair with the ticket shown on the old device (addresses, key and code: a
+    /// secret until used). `--ticket -` reads it from standard input; without --ticket and
+    /// --connect, the FERRY_TICKET environment variable is used.
+    #[arg(long, value_name = "TICKET|-")]
     pub ticket: Option<String>,
     /// Receive into a folder that already holds other files (ferry never deletes them).
     #[arg(long)]
@@ -126,14 +131,17 @@ pub struct ReceiveFlags {
 
 #[derive(Debug, Args)]
 pub struct PairFlags {
-    /// Pair with the device that shows this ticket.
-    #[arg(long)]
+    /// Pair with the device that shows this ticket (a secret until used). `--ticket -` reads
+    /// it from standard input; without --ticket and --connect, FERRY_TICKET is used.
+    #[arg(long, value_name = "TICKET|-")]
     pub ticket: Option<String>,
     /// Pair with the device at this address (with --code).
     #[arg(long)]
     pub connect: Option<String>,
-    /// The code shown on the other device (or, when waiting, the code to use).
-    #[arg(long)]
+    /// The code shown on the other device (or, when waiting, the code to use). `--code -`
+    /// reads it from standard input; with --connect and without --code, FERRY_CODE is used.
+    /// Other local users can see a command line (/proc), not standard input or the environment.
+    #[arg(long, value_name = "CODE|-")]
     pub code: Option<String>,
     /// Listen on this address when waiting for the other device.
     #[arg(long)]

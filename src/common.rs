@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use ferry_transport::{
     Congestion, DeviceId, Endpoint, EndpointConfig, FerryDirs, Identity, PairingCode, PeerRecord,
-    PeerStore, DEFAULT_PAIRING_TTL,
+    PeerStore, Ticket, DEFAULT_PAIRING_TTL,
 };
 
 use crate::exit::{Exit, Failure};
@@ -166,11 +166,107 @@ pub fn parse_addr(s: &str) -> Result<Vec<SocketAddr>, Failure> {
 
 pub fn parse_code(s: &str) -> Result<PairingCode, Failure> {
     s.parse::<PairingCode>().map_err(|e| {
+        // The text may come from standard input or the environment: show it escaped and short.
+        let shown: String = s.chars().take(40).collect();
         Failure::new(
             Exit::Usage,
-            format!("{s:?} is not a pairing code ({e}); it looks like 1234-5678"),
+            format!("{shown:?} is not a pairing code ({e}); it looks like 1234-5678"),
         )
     })
+}
+
+/// A pairing code from `--code` (or `-`, or `env`).
+pub fn code_arg(
+    flag: Option<&str>,
+    env: Option<&str>,
+    stdin_taken: &mut bool,
+) -> Result<Option<PairingCode>, Failure> {
+    secret(flag, "code", env, stdin_taken)?
+        .map(|(c, _)| parse_code(&c))
+        .transpose()
+}
+
+/// A ticket from `--ticket` (or `-`, or `env`).
+pub fn ticket_arg(
+    flag: Option<&str>,
+    env: Option<&str>,
+    stdin_taken: &mut bool,
+) -> Result<Option<Ticket>, Failure> {
+    secret(flag, "ticket", env, stdin_taken)?
+        .map(|(t, _)| {
+            t.trim()
+                .parse::<Ticket>()
+                .map_err(|e| Failure::new(Exit::Usage, format!("bad ticket: {e}")))
+        })
+        .transpose()
+}
+
+/// Where a secret (pairing code, ticket) came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecretSource {
+    Flag,
+    Stdin,
+    Env,
+}
+
+/// Longest line read from standard input for a secret.
+const MAX_SECRET_LINE: u64 = 4096;
+
+/// A secret passed as `--flag VALUE`, as `--flag -` (one line read from standard input), or,
+/// when the flag is absent and `env` is given, in that environment variable. Other local users
+/// can read a process's command line (`/proc/PID/cmdline`), not its standard input or
+/// environment. `stdin_taken` makes sure only one secret is read from standard input.
+pub fn secret(
+    flag: Option<&str>,
+    name: &str,
+    env: Option<&str>,
+    stdin_taken: &mut bool,
+) -> Result<Option<(String, SecretSource)>, Failure> {
+    use std::io::{BufRead, Read};
+    match flag {
+        Some("-") => {
+            if *stdin_taken {
+                return Err(Failure::new(
+                    Exit::Usage,
+                    "only one of --code and --ticket can be read from standard input (-)",
+                ));
+            }
+            *stdin_taken = true;
+            let mut line = String::new();
+            std::io::stdin()
+                .lock()
+                .take(MAX_SECRET_LINE)
+                .read_line(&mut line)
+                .map_err(|e| {
+                    Failure::new(
+                        Exit::Usage,
+                        format!("cannot read the {name} from standard input: {e}"),
+                    )
+                })?;
+            let line = line.trim();
+            if line.is_empty() {
+                return Err(Failure::new(
+                    Exit::Usage,
+                    format!("--{name} -: standard input held no {name} (give it on one line)"),
+                ));
+            }
+            Ok(Some((line.to_string(), SecretSource::Stdin)))
+        }
+        Some(v) => Ok(Some((v.to_string(), SecretSource::Flag))),
+        None => {
+            let Some(var) = env else { return Ok(None) };
+            match std::env::var(var) {
+                Ok(v) if !v.trim().is_empty() => {
+                    Ok(Some((v.trim().to_string(), SecretSource::Env)))
+                }
+                Ok(_) | Err(std::env::VarError::NotPresent) => Ok(None),
+                Err(std::env::VarError::NotUnicode(_)) => Err(Failure::new(
+                    Exit::Usage,
+                    format!("{var} is not valid text"),
+                )),
+            }
+        }
+    }
 }
 
 /// Asks for the pairing code on the terminal.
@@ -179,7 +275,7 @@ pub fn prompt_code(sender: &str) -> Result<PairingCode, Failure> {
     if !std::io::stdin().is_terminal() {
         return Err(Failure::new(
             Exit::Usage,
-            "a pairing code is needed: pass --code CODE or --ticket TICKET (as shown on the old device)",
+            "a pairing code is needed: pass --code - or --ticket - and give it on standard input, set FERRY_CODE or FERRY_TICKET, or pass --code CODE / --ticket TICKET (as shown on the old device)",
         ));
     }
     eprint!("Pairing code shown on {sender}: ");

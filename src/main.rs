@@ -83,7 +83,9 @@ async fn run(command: Command) -> Result<(), Failure> {
         Command::Send(f) => {
             let rep = Reporter::new(f.json);
             let settings = send::SendSettings {
-                code: f.code.as_deref().map(common::parse_code).transpose()?,
+                // The sender's own code is never taken from FERRY_CODE (that names the code shown
+                // by the other device).
+                code: common::code_arg(f.code.as_deref(), None, &mut false)?,
                 listen: f
                     .listen
                     .as_deref()
@@ -133,17 +135,12 @@ async fn run(command: Command) -> Result<(), Failure> {
         }
         Command::Receive(f) => {
             let rep = Reporter::new(f.json);
-            let ticket = f
-                .ticket
-                .as_deref()
-                .map(|t| {
-                    t.trim()
-                        .parse()
-                        .map_err(|e| Failure::new(Exit::Usage, format!("bad ticket: {e}")))
-                })
-                .transpose()?;
+            let mut stdin_taken = false;
+            // FERRY_TICKET only when no address is given either.
+            let ticket_env = f.connect.is_none().then_some("FERRY_TICKET");
+            let ticket = common::ticket_arg(f.ticket.as_deref(), ticket_env, &mut stdin_taken)?;
             let settings = receive::ReceiveSettings {
-                code: f.code.as_deref().map(common::parse_code).transpose()?,
+                code: common::code_arg(f.code.as_deref(), Some("FERRY_CODE"), &mut stdin_taken)?,
                 connect: f.connect.as_deref().map(common::parse_addr).transpose()?,
                 ticket,
                 yes: f.yes,

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use ferry_sync::store::verify_dest;
-use ferry_transport::{doctor, AcceptError, DoctorConfig, MdnsConfig, PeerStore, Ticket};
+use ferry_transport::{doctor, AcceptError, DoctorConfig, MdnsConfig, PeerStore};
 use serde_json::json;
 
 use crate::cli::{DoctorFlags, PairFlags, PeersFlags, VerifyFlags};
@@ -141,29 +141,33 @@ pub async fn pair(f: PairFlags) -> Result<(), Failure> {
         .map(common::parse_addr)
         .transpose()?
         .and_then(|v| v.first().copied());
+    let mut stdin_taken = false;
+    // FERRY_TICKET only when no address is given either.
+    let ticket_env = f.connect.is_none().then_some("FERRY_TICKET");
+    let ticket = common::ticket_arg(f.ticket.as_deref(), ticket_env, &mut stdin_taken)?;
     let ep = common::endpoint(&dirs, f.name.as_deref(), listen)?;
-    let conn = if let Some(t) = &f.ticket {
-        let t: Ticket = t
-            .trim()
-            .parse()
-            .map_err(|e| Failure::new(Exit::Usage, format!("bad ticket: {e}")))?;
-        ep.connect_ticket(&t)
+    let connecting = ticket.is_some() || f.connect.is_some();
+    let conn = if let Some(t) = &ticket {
+        ep.connect_ticket(t)
             .await
             .map_err(|e| Failure::new(Exit::Pairing, format!("pairing failed: {e}")))?
     } else if let Some(addr) = &f.connect {
         let addrs = common::parse_addr(addr)?;
-        let code = match &f.code {
-            Some(c) => common::parse_code(c)?,
+        let code = match common::code_arg(f.code.as_deref(), Some("FERRY_CODE"), &mut stdin_taken)?
+        {
+            Some(c) => c,
             None => common::prompt_code(addr)?,
         };
         ep.connect_with_code(&addrs, code)
             .await
             .map_err(|e| Failure::new(Exit::Pairing, format!("pairing failed: {e}")))?
     } else {
-        let code = match &f.code {
+        // Waiting: a code of our own choosing is never taken from FERRY_CODE.
+        let code = match common::code_arg(f.code.as_deref(), None, &mut stdin_taken)? {
             Some(c) => {
-                let c = common::parse_code(c)?;
-                ep.set_pairing_code(c);
+                rep.say("warning: a chosen pairing code is weaker than a random one; prefer the default");
+                ep.set_pairing_code(c)
+                    .map_err(|e| Failure::new(Exit::Internal, e.to_string()))?;
                 c
             }
             None => ep
@@ -179,7 +183,7 @@ pub async fn pair(f: PairFlags) -> Result<(), Failure> {
             json!({"addrs": addrs, "code": code.to_string(), "ticket": ticket.to_string()}),
         );
         rep.say(&format!(
-            "pairing code: {code}\nticket: {ticket}\nlistening on {}",
+            "pairing code: {code}\nticket: {ticket}\nlistening on {}\nthe ticket carries the code: show it only to the other device until it has paired",
             addrs.join(", ")
         ));
         loop {
@@ -212,7 +216,12 @@ pub async fn pair(f: PairFlags) -> Result<(), Failure> {
         },
         ferry_transport::DEFAULT_PAIRING_TTL.as_secs() / 86_400
     ));
-    // Both sides pinned each other before `accept`/`connect` returned; let the peer see the close.
+    // The connecting side pinned the other before sending its last message (`Done`); closing at
+    // once could discard that message before it arrives (the waiting side then fails with
+    // "closed by peer"), so it lets the waiting side, which has read it, close first.
+    if connecting {
+        let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+    }
     conn.close(0x100, b"paired");
     let _ = tokio::time::timeout(Duration::from_millis(500), conn.closed()).await;
     ep.close(0, b"done").await;

@@ -546,12 +546,13 @@ pub async fn run(
     round_cfg.max_rounds = round_cfg.max_rounds.saturating_add(base_rounds - 1);
 
     let ep = sender_endpoint(&s, &pinning)?;
-    let mut code = match s.code {
+    let code = match s.code {
         Some(c) => {
             rep.say(
                 "warning: a chosen pairing code is weaker than a random one; prefer the default",
             );
-            ep.set_pairing_code(c);
+            ep.set_pairing_code(c)
+                .map_err(|e| Failure::new(Exit::Internal, e.to_string()))?;
             c
         }
         None => ep
@@ -573,7 +574,8 @@ pub async fn run(
         if let Ok(qr) = ticket.to_qr_unicode() {
             rep.say(&format!("\n{qr}"));
         }
-        rep.say("on the new device run: ferry receive <FOLDER> (and type the code), or ferry receive <FOLDER> --ticket <TICKET>");
+        rep.say("the ticket and the QR code carry the pairing code: like the code, show them only to the new device until it has paired");
+        rep.say("on the new device run: ferry receive <FOLDER> (and type the code), or ferry receive <FOLDER> --ticket - (and paste the ticket)");
         Ok(ticket)
     };
     let ticket = announce(code)?;
@@ -627,11 +629,21 @@ pub async fn run(
     // A connection that arrived while a session was running and replaces it.
     let mut next: Option<PeerConnection> = None;
     let mut stop = stop_rx.clone();
+    let mut codes = CodeKeeper::new();
     loop {
         let accepted = match next.take() {
             Some(c) => Ok(c),
             None => tokio::select! {
                 a = ep.accept() => a,
+                () = sleep_until_some(codes.reissue) => {
+                    codes.reissue(&ep, rep, &announce)?;
+                    continue;
+                }
+                () = codes.enter_pressed() => {
+                    ep.resume_pairing();
+                    codes.reissue(&ep, rep, &announce)?;
+                    continue;
+                }
                 _ = stopped(&mut stop) => {
                     return Err(Failure::new(Exit::Interrupted, STOPPED));
                 }
@@ -654,11 +666,7 @@ pub async fn run(
                     json!({"kind": "pairing", "message": format!("wrong code from {addr}")}),
                 );
                 if sessions == 0 {
-                    code = ep
-                        .issue_pairing_code()
-                        .map_err(|e| Failure::new(Exit::Internal, e.to_string()))?;
-                    rep.say("new pairing code issued:");
-                    announce(code)?;
+                    codes.after_failure(&ep, rep, &announce)?;
                 }
                 continue;
             }
@@ -671,12 +679,10 @@ pub async fn run(
             }
             Err(e) => {
                 tracing::info!("refused a connection: {e}");
-                if !ep.pairing_open() && sessions == 0 {
-                    // The code was used by a failed attempt: issue a fresh one so pairing can be retried.
-                    code = ep
-                        .issue_pairing_code()
-                        .map_err(|e| Failure::new(Exit::Internal, e.to_string()))?;
-                    announce(code)?;
+                if sessions == 0 {
+                    // The code may have been used by a failed attempt, or expired: issue a
+                    // fresh one (when the back-off allows) so pairing can be retried.
+                    codes.after_failure(&ep, rep, &announce)?;
                 }
                 continue;
             }
@@ -898,6 +904,153 @@ pub async fn run(
                     break;
                 }
             }
+        }
+    }
+}
+
+/// Resolves at `at` (never when `None`).
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Keeps a pairing code on offer while no receiver has connected: after a failed attempt it
+/// issues a new code once the endpoint's back-off allows, and when pairing is paused (too
+/// many failed attempts in a row) it tells the user and waits for Enter (on a terminal) or the
+/// end of the pause.
+struct CodeKeeper {
+    /// When to issue the next code.
+    reissue: Option<tokio::time::Instant>,
+    /// The pause was announced (once per pause).
+    pause_said: bool,
+    /// Lines typed on the terminal while paused (Enter = new code).
+    enter: Option<tokio::sync::mpsc::Receiver<()>>,
+}
+
+impl CodeKeeper {
+    fn new() -> Self {
+        CodeKeeper {
+            reissue: None,
+            pause_said: false,
+            enter: None,
+        }
+    }
+
+    /// Resolves when the user pressed Enter during a pause (never otherwise).
+    async fn enter_pressed(&mut self) {
+        match (&mut self.enter, self.pause_said) {
+            (Some(rx), true) => {
+                if rx.recv().await.is_none() {
+                    self.enter = None;
+                    std::future::pending::<()>().await;
+                }
+            }
+            _ => std::future::pending().await,
+        }
+    }
+
+    /// After a failed or refused attempt: if the code is gone, schedule the next one (and
+    /// announce a pause).
+    fn after_failure<F>(
+        &mut self,
+        ep: &Endpoint,
+        rep: &Reporter,
+        announce: &F,
+    ) -> Result<(), Failure>
+    where
+        F: Fn(PairingCode) -> Result<Ticket, Failure>,
+    {
+        if ep.pairing_open() || self.reissue.is_some() {
+            return Ok(());
+        }
+        let gate = ep.pairing_gate();
+        if gate.retry_in.is_zero() {
+            return self.reissue(ep, rep, announce);
+        }
+        self.reissue = Some(tokio::time::Instant::now() + gate.retry_in);
+        let secs = gate.retry_in.as_secs_f64().ceil() as u64;
+        if gate.paused {
+            self.pause(gate.failures, secs, rep);
+        } else {
+            rep.say(&format!(
+                "{} failed pairing attempts in a row: a new code in {secs} s",
+                gate.failures
+            ));
+            rep.event(
+                "pairing_backoff",
+                json!({"failures": gate.failures, "retry_in_s": secs}),
+            );
+        }
+        Ok(())
+    }
+
+    fn pause(&mut self, failures: u32, secs: u64, rep: &Reporter) {
+        if self.pause_said {
+            return;
+        }
+        self.pause_said = true;
+        use std::io::IsTerminal;
+        let interactive = !rep.is_json() && std::io::stdin().is_terminal();
+        if interactive && self.enter.is_none() {
+            // A plain thread: a read blocked on the terminal must not hold up the exit.
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            std::thread::spawn(move || {
+                let mut line = String::new();
+                while std::io::stdin().read_line(&mut line).is_ok_and(|n| n > 0) {
+                    line.clear();
+                    if tx.blocking_send(()).is_err() {
+                        break;
+                    }
+                }
+            });
+            self.enter = Some(rx);
+        }
+        // Only Enter pressed after this announcement resumes.
+        if let Some(rx) = &mut self.enter {
+            while rx.try_recv().is_ok() {}
+        }
+        let minutes = secs.div_ceil(60);
+        let how = if interactive {
+            format!("Press Enter for a new code (or wait {minutes} min, or restart ferry send)")
+        } else {
+            format!("A new code is issued in {minutes} min; restart ferry send for one now")
+        };
+        rep.say(&format!(
+            "{failures} failed pairing attempts in a row: pairing paused. If that was not you, someone nearby is guessing the code. {how}. Devices already paired can still connect."
+        ));
+        rep.event(
+            "pairing_paused",
+            json!({"failures": failures, "retry_in_s": secs, "resume": if interactive { "enter" } else { "wait" }}),
+        );
+    }
+
+    /// Issues and announces a new code, or reschedules when the endpoint still backs off.
+    fn reissue<F>(&mut self, ep: &Endpoint, rep: &Reporter, announce: &F) -> Result<(), Failure>
+    where
+        F: Fn(PairingCode) -> Result<Ticket, Failure>,
+    {
+        self.reissue = None;
+        match ep.issue_pairing_code() {
+            Ok(c) => {
+                self.pause_said = false;
+                rep.say("new pairing code issued:");
+                announce(c)?;
+                Ok(())
+            }
+            Err(PairingError::Throttled {
+                failures,
+                paused,
+                retry_in,
+            }) => {
+                self.reissue = Some(tokio::time::Instant::now() + retry_in);
+                if paused {
+                    self.pause(failures, retry_in.as_secs_f64().ceil() as u64, rep);
+                }
+                Ok(())
+            }
+            Err(e) => Err(Failure::new(Exit::Internal, e.to_string())),
         }
     }
 }

@@ -1,5 +1,11 @@
 //! A wrong pairing code: the receiver fails with exit 3 and writes nothing; the sender keeps
-//! running with a fresh code that then works.
+//! running with a fresh code that then works. Code guessing from many addresses pauses
+//! pairing after 5 wrong codes (a paired device still connects); device names with control
+//! characters pair; codes and tickets can be given without showing them on the command line.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use ferry_testkit::assert_histories_equal;
 
@@ -56,10 +62,292 @@ fn wrong_code_exits_3_commits_nothing_and_sender_issues_a_new_code() {
     let mut r = new.receive(&stale, &addr2, Some(&code), &[]);
     r.expect_exit(3, LONG);
     let code3 = listening(&s.wait_event("listening", LONG)).1;
+    // Two wrong codes in a row from 127.0.0.1: that address is barred for 4 s (the new code
+    // stays valid for other addresses meanwhile); wait it out.
+    std::thread::sleep(Duration::from_secs(5));
     let mut r = new.receive(&dest, &addr2, Some(&code3), &[]);
     let done = r.wait_event("done", LONG);
     r.expect_exit(0, LONG);
     assert_eq!(s.wait_event("done", LONG)["root"], done["root"]);
     s.expect_exit(0, LONG);
     assert_histories_equal(src, &dest).unwrap();
+}
+
+/// `ferry pair` waiting on 127.0.0.1 for `dev`: (process, address, code, ticket).
+fn pair_waiting(dev: &Device, extra: &[&str]) -> (Ferry, String, String, String) {
+    let mut args = vec!["pair", "--listen", "127.0.0.1:0", "--json"];
+    args.extend_from_slice(extra);
+    let mut w = dev.spawn("pair-wait", args);
+    let ev = w.wait_event("listening", LONG);
+    let (addr, code) = listening(&ev);
+    let ticket = ev["ticket"].as_str().expect("ticket").to_string();
+    (w, addr, code, ticket)
+}
+
+/// The names `ferry peers --json` lists for `dev`.
+fn peer_names(dev: &Device) -> Vec<String> {
+    let (code, p) = dev.run("peers", ["peers", "--json"], LONG);
+    assert_eq!(code, 0, "ferry peers: {}", p.stderr());
+    p.seen_named("peer")
+        .iter()
+        .map(|e| {
+            e["peer"]
+                .as_str()
+                .or(e["name"].as_str())
+                .expect("name")
+                .to_string()
+        })
+        .collect()
+}
+
+/// Issue 14, finding 8: a tab in one name and an escape sequence in the other used to fail
+/// every pairing with "wrong code" (each side hashed its raw name, the other the sanitised
+/// one). Both sides now send and hash the same sanitised name.
+#[test]
+fn control_characters_in_device_names_pair_and_the_sanitised_names_are_stored() {
+    let (old, new) = (Device::new("old"), Device::new("new"));
+    let (mut w, addr, code, _) = pair_waiting(&old, &["--name", "old\u{1b}[2Jphone"]);
+    let (rc, c) = new.run(
+        "pair",
+        [
+            "pair",
+            "--connect",
+            &addr,
+            "--code",
+            &code,
+            "--name",
+            "new\tphone",
+            "--json",
+        ],
+        LONG,
+    );
+    assert_eq!(rc, 0, "pairing failed: {}", c.stderr());
+    assert_eq!(c.seen_named("paired")[0]["peer"], "old [2Jphone");
+    w.expect_exit(0, LONG);
+    assert_eq!(w.seen_named("paired")[0]["peer"], "new phone");
+    assert_eq!(peer_names(&old), vec!["new phone".to_string()]);
+    assert_eq!(peer_names(&new), vec!["old [2Jphone".to_string()]);
+}
+
+/// Issue 14, finding 4: 100 wrong codes fired as fast as possible, each from its own loopback
+/// address (so the per-address limit does not help): at most 5 get a verdict, then the sender
+/// pauses pairing and says so (`pairing_paused`), and a device paired before still connects
+/// and migrates. Before the fix every attempt got a verdict (the sender re-issued a code
+/// after each).
+#[test]
+fn wrong_codes_from_100_addresses_get_at_most_5_verdicts_then_pairing_pauses() {
+    let src = shared_history(4, 14);
+    let (old, new) = (Device::new("old"), Device::new("new"));
+    // Pair old and new first (no transfer).
+    let (mut w, addr, code, _) = pair_waiting(&old, &[]);
+    let (rc, c) = new.run("pair", ["pair", "--connect", &addr, "--code", &code], LONG);
+    assert_eq!(rc, 0, "pairing failed: {}", c.stderr());
+    w.expect_exit(0, LONG);
+
+    let (mut s, addr, code) = start_sender(&old, src, "127.0.0.1:0");
+    let guess = if code == "0000-0000" {
+        "0000-0001"
+    } else {
+        "0000-0000"
+    };
+    // Guesses run until at least 100 were made and 20 more after the sender paused (at most
+    // 1000, or 3 minutes), 4 at a time, each from its own address.
+    const MIN_ATTEMPTS: usize = 100;
+    const AFTER_PAUSE: usize = 20;
+    const WORKERS: usize = 4;
+    let next = AtomicUsize::new(0);
+    let paused_at: Mutex<Option<usize>> = Mutex::new(None);
+    let started = Instant::now();
+    let (outcomes, paused) = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..WORKERS)
+            .map(|wk| {
+                let (addr, next, paused_at) = (&addr, &next, &paused_at);
+                scope.spawn(move || {
+                    let mallory = Device::new(&format!("mallory{wk}"));
+                    let mut out = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::SeqCst);
+                        let enough = match *paused_at.lock().unwrap() {
+                            Some(p) => i >= MIN_ATTEMPTS.max(p + AFTER_PAUSE),
+                            None => false,
+                        };
+                        if enough || i >= 1000 || started.elapsed() > Duration::from_secs(180) {
+                            return out;
+                        }
+                        let from = format!("127.0.{}.{}:0", i / 250, i % 250 + 2);
+                        let (rc, p) = mallory.run(
+                            "guess",
+                            [
+                                "pair",
+                                "--connect",
+                                addr,
+                                "--code",
+                                guess,
+                                "--listen",
+                                &from,
+                            ],
+                            LONG,
+                        );
+                        out.push((rc, p.stderr()));
+                    }
+                })
+            })
+            .collect();
+        let paused = s.wait_event("pairing_paused", Duration::from_secs(180));
+        let pause_secs = started.elapsed().as_secs_f64();
+        *paused_at.lock().unwrap() = Some(next.load(Ordering::SeqCst));
+        let outcomes: Vec<(i32, String)> = workers
+            .into_iter()
+            .flat_map(|h| h.join().expect("worker"))
+            .collect();
+        (outcomes, (paused, pause_secs))
+    });
+    let (paused, pause_secs) = paused;
+    let elapsed = started.elapsed();
+    let attempts = outcomes.len();
+    let verdicts = outcomes
+        .iter()
+        .filter(|(_, err)| err.contains("wrong code (the code is now used up"))
+        .count();
+    println!(
+        "FIGURE code guessing: {attempts} wrong codes from {attempts} addresses in {:.1} s: {verdicts} verdicts, paused after {:.1} s",
+        elapsed.as_secs_f64(),
+        pause_secs
+    );
+    assert!(attempts >= MIN_ATTEMPTS, "{attempts} attempts");
+    for (rc, err) in &outcomes {
+        assert_eq!(*rc, 3, "a guess did not fail with exit 3: {err}");
+    }
+    assert!(
+        (1..=5).contains(&verdicts),
+        "{verdicts} of {attempts} guesses got a verdict in {elapsed:?}"
+    );
+    assert!(u64_of(&paused, "failures") >= 5, "{paused}");
+    assert!(u64_of(&paused, "retry_in_s") >= 60, "{paused}");
+    assert_eq!(paused["resume"], "wait");
+    assert!(s.running());
+
+    // The paired device connects by its pinned key during the pause and migrates.
+    let work = tempdir("dest");
+    let dest = work.path().join("history");
+    let mut r = new.receive(&dest, &addr, None, &[]);
+    let done = r.wait_event("done", LONG);
+    r.expect_exit(0, LONG);
+    assert_eq!(s.wait_event("done", LONG)["root"], done["root"]);
+    s.expect_exit(0, LONG);
+    // The sender saw the same wrong codes (a report may come just after the pause: the pause
+    // is announced at the first refusal after the fifth failure), and issued no code since.
+    let wrong = s
+        .seen_named("error")
+        .iter()
+        .filter(|e| {
+            e["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("wrong code"))
+        })
+        .count();
+    assert_eq!(wrong, verdicts);
+    let issued = s.seen_named("listening").len();
+    assert!(issued <= 5, "{issued} codes issued");
+    assert_histories_equal(src, &dest).unwrap();
+}
+
+/// The command line of a running process, as other local users see it.
+fn cmdline(pid: u32) -> String {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).expect("read /proc/PID/cmdline");
+    String::from_utf8_lossy(&raw).replace('\0', " ")
+}
+
+/// Issue 14, finding 11: the code and the ticket can come from standard input (`-`) or from
+/// FERRY_CODE / FERRY_TICKET, so they never appear in /proc/PID/cmdline; `--help` says so.
+#[test]
+fn codes_and_tickets_from_stdin_or_the_environment_stay_off_the_command_line() {
+    let digits = |c: &str| c.replace('-', "");
+    // --ticket -: the process waits for standard input; its command line holds no secret.
+    let (old, new) = (Device::new("old"), Device::new("new"));
+    let (mut w, _addr, code, ticket) = pair_waiting(&old, &[]);
+    let mut c = Ferry::spawn_opts(
+        "pair-stdin",
+        new.home.path(),
+        &[],
+        &[],
+        true,
+        ["pair", "--ticket", "-", "--listen", "127.0.0.1:0", "--json"],
+    );
+    let seen = cmdline(c.pid());
+    assert!(
+        !seen.contains(&ticket) && !seen.contains(&digits(&code)[..4]),
+        "{seen}"
+    );
+    c.write_stdin(format!("{ticket}\n").as_bytes());
+    c.expect_exit(0, LONG);
+    w.expect_exit(0, LONG);
+
+    // --code - with --connect.
+    let (old, new) = (Device::new("old2"), Device::new("new2"));
+    let (mut w, addr, code, _) = pair_waiting(&old, &[]);
+    let mut c = Ferry::spawn_opts(
+        "pair-stdin-code",
+        new.home.path(),
+        &[],
+        &[],
+        true,
+        ["pair", "--connect", &addr, "--code", "-", "--json"],
+    );
+    assert!(!cmdline(c.pid()).contains(&digits(&code)[..4]));
+    c.write_stdin(format!("{code}\n").as_bytes());
+    c.expect_exit(0, LONG);
+    w.expect_exit(0, LONG);
+
+    // FERRY_TICKET (ferry pair, no --ticket or --connect) and FERRY_CODE (ferry receive).
+    let (old, new) = (Device::new("old3"), Device::new("new3"));
+    let (mut w, _, _, ticket) = pair_waiting(&old, &[]);
+    let mut c = Ferry::spawn_opts(
+        "pair-env",
+        new.home.path(),
+        &[],
+        &[("FERRY_TICKET", &ticket)],
+        false,
+        ["pair", "--listen", "127.0.0.1:0", "--json"],
+    );
+    c.expect_exit(0, LONG);
+    w.expect_exit(0, LONG);
+
+    let src = shared_history(2, 11);
+    let (old, new) = (Device::new("old4"), Device::new("new4"));
+    let (mut s, addr, code) = start_sender(&old, src, "127.0.0.1:0");
+    let work = tempdir("dest");
+    let dest = work.path().join("history");
+    let mut r = Ferry::spawn_opts(
+        "receive-env",
+        new.home.path(),
+        &[],
+        &[("FERRY_CODE", &code)],
+        false,
+        [
+            "receive".as_ref(),
+            dest.as_os_str(),
+            "--connect".as_ref(),
+            addr.as_ref(),
+            "--json".as_ref(),
+        ],
+    );
+    r.expect_exit(0, LONG);
+    s.expect_exit(0, LONG);
+    assert_histories_equal(src, &dest).unwrap();
+
+    for cmd in ["receive", "pair"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args([cmd, "--help"])
+            .output()
+            .expect("ferry --help");
+        assert!(out.status.success());
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        for word in ["FERRY_CODE", "FERRY_TICKET", "standard input"] {
+            assert!(
+                text.contains(word),
+                "ferry {cmd} --help lacks {word}: {text}"
+            );
+        }
+    }
 }

@@ -5,7 +5,7 @@
 //! Every wait has a timeout and fails with the events and stderr seen so far.
 
 use std::ffi::OsString;
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -176,6 +176,23 @@ impl Ferry {
         I: IntoIterator<Item = S>,
         S: Into<OsString>,
     {
+        Ferry::spawn_opts(label, home, wrapper, &[], false, args)
+    }
+
+    /// [`Ferry::spawn_with`] with extra environment variables, and standard input a pipe (write
+    /// to it with [`Ferry::write_stdin`]) when `stdin` is true, else empty.
+    pub fn spawn_opts<I, S>(
+        label: &str,
+        home: &Path,
+        wrapper: &[&str],
+        env: &[(&str, &str)],
+        stdin: bool,
+        args: I,
+    ) -> Ferry
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString>,
+    {
         let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
         let mut cmd = match wrapper.split_first() {
             Some((prog, rest)) => {
@@ -189,7 +206,10 @@ impl Ferry {
             .args(&args)
             .env("FERRY_HOME", home)
             .env_remove("FERRY_LOG")
-            .stdin(Stdio::null())
+            .env_remove("FERRY_CODE")
+            .env_remove("FERRY_TICKET")
+            .envs(env.iter().copied())
+            .stdin(if stdin { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -238,6 +258,12 @@ impl Ferry {
             status: None,
             stdout_closed: false,
         }
+    }
+
+    /// Writes `data` to the process's standard input and closes it (spawned with `stdin`).
+    pub fn write_stdin(&mut self, data: &[u8]) {
+        let mut pipe = self.child.stdin.take().expect("stdin is a pipe");
+        pipe.write_all(data).expect("write to stdin");
     }
 
     /// What the process wrote to stderr so far; all of it once the process has exited.

@@ -10,7 +10,7 @@ use quinn::VarInt;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
-use crate::identity::{DeviceId, Identity};
+use crate::identity::{sanitize_device_name, DeviceId, Identity};
 use crate::pairing::{
     self, Binding, ClientMsg, HelloReply, PairingCode, PairingError, RejectReason, ServerMsg,
 };
@@ -80,6 +80,63 @@ pub struct EndpointConfig {
     /// Serve only this device (`ferry send --to`): any other key is refused at admission, before
     /// pairing (so it cannot use the code either).
     pub serve_only: Option<DeviceId>,
+    /// How failed pairing attempts slow down and pause the pairing window.
+    pub pairing_limits: PairingLimits,
+}
+
+/// How the pairing window resists online code guessing. Every attempt that used up a code
+/// without completing pairing (a wrong code, or an attempt abandoned after the code was taken)
+/// is a failure.
+///
+/// - After the n-th failure in a row (n ≥ 2), no new code can be issued for
+///   `backoff · 2^(n-2)` (1, 2, 4 s by default).
+/// - After `pause_after` failures in a row, pairing is **paused**: no code can be issued for
+///   `pause`, or until the user acts ([`Endpoint::resume_pairing`]). Each further failure pauses
+///   it again. So an attacker gets at most `pause_after` guesses, then one per `pause`.
+/// - Per source address (an IPv4 address, an IPv6 /64): after its k-th failure (k ≥ 2) the
+///   address is barred for `addr_backoff · 2^(k-2)`, at most `addr_backoff_max`; a barred
+///   address is told there is no code, and the active code stays valid for everyone else.
+///   At most `max_addrs` addresses are remembered.
+///
+/// A successful pairing clears the failures in a row. Pinned peers are never affected.
+#[derive(Debug, Clone)]
+pub struct PairingLimits {
+    /// Failures in a row that pause pairing.
+    pub pause_after: u32,
+    /// First global back-off (doubles with each failure in a row).
+    pub backoff: Duration,
+    /// How long pairing stays paused without user action.
+    pub pause: Duration,
+    /// First per-address back-off (doubles with each failure from that address).
+    pub addr_backoff: Duration,
+    /// Longest per-address back-off.
+    pub addr_backoff_max: Duration,
+    /// Addresses remembered at most.
+    pub max_addrs: usize,
+}
+
+impl Default for PairingLimits {
+    fn default() -> Self {
+        Self {
+            pause_after: 5,
+            backoff: Duration::from_secs(1),
+            pause: Duration::from_secs(600),
+            addr_backoff: Duration::from_secs(4),
+            addr_backoff_max: Duration::from_secs(3600),
+            max_addrs: 1024,
+        }
+    }
+}
+
+/// The state of the pairing window's guessing defence ([`Endpoint::pairing_gate`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PairingGate {
+    /// Failed pairing attempts in a row.
+    pub failures: u32,
+    /// Pairing is paused (too many failures in a row): it needs the user, or `retry_in`.
+    pub paused: bool,
+    /// Time until a new code can be issued (zero: now).
+    pub retry_in: Duration,
 }
 
 impl Default for EndpointConfig {
@@ -103,6 +160,7 @@ impl Default for EndpointConfig {
             retry_above_pending: 4,
             pairing_ttl: DEFAULT_PAIRING_TTL,
             serve_only: None,
+            pairing_limits: PairingLimits::default(),
         }
     }
 }
@@ -283,28 +341,197 @@ struct ActiveCode {
     expires: Instant,
 }
 
+/// Failures from one source address.
+struct Strikes {
+    count: u32,
+    barred_until: Instant,
+}
+
+/// The pairing window: the active code, and the guessing defence ([`PairingLimits`]).
+struct Window {
+    active: Option<ActiveCode>,
+    /// Failures in a row (any address).
+    failures: u32,
+    /// No code may be issued before this.
+    not_before: Instant,
+    addrs: HashMap<IpAddr, Strikes>,
+}
+
+/// What per-address limits count as one address: an IPv4 address, or an IPv6 /64 (one host
+/// can use a whole /64).
+fn addr_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+    }
+}
+
+/// `base · 2^exp`, saturating, at most `max`.
+fn doubled(base: Duration, exp: u32, max: Duration) -> Duration {
+    base.checked_mul(1u32 << exp.min(20))
+        .unwrap_or(max)
+        .min(max)
+}
+
+impl Window {
+    fn new(now: Instant) -> Self {
+        Self {
+            active: None,
+            failures: 0,
+            not_before: now,
+            addrs: HashMap::new(),
+        }
+    }
+
+    fn gate(&self, limits: &PairingLimits, now: Instant) -> PairingGate {
+        PairingGate {
+            failures: self.failures,
+            paused: self.failures >= limits.pause_after && now < self.not_before,
+            retry_in: self.not_before.saturating_duration_since(now),
+        }
+    }
+
+    fn open(
+        &mut self,
+        code: PairingCode,
+        ttl: Duration,
+        limits: &PairingLimits,
+        now: Instant,
+    ) -> Result<(), PairingError> {
+        let gate = self.gate(limits, now);
+        if !gate.retry_in.is_zero() {
+            return Err(PairingError::Throttled {
+                failures: gate.failures,
+                paused: gate.paused,
+                retry_in: gate.retry_in,
+            });
+        }
+        self.active = Some(ActiveCode {
+            code,
+            expires: now + ttl,
+        });
+        Ok(())
+    }
+
+    fn is_open(&self, now: Instant) -> bool {
+        matches!(&self.active, Some(a) if a.expires > now)
+    }
+
+    /// Takes (burns) the active code for an attempt from `ip`; `None` when there is none or
+    /// `ip` is barred (then the code stays for others).
+    fn take(&mut self, ip: IpAddr, now: Instant) -> Option<PairingCode> {
+        if matches!(self.addrs.get(&addr_key(ip)), Some(s) if s.barred_until > now) {
+            return None;
+        }
+        self.active
+            .take()
+            .filter(|a| a.expires > now)
+            .map(|a| a.code)
+    }
+
+    fn failed(&mut self, ip: IpAddr, limits: &PairingLimits, now: Instant) {
+        self.failures = self.failures.saturating_add(1);
+        let wait = if self.failures >= limits.pause_after {
+            limits.pause
+        } else if self.failures >= 2 {
+            doubled(limits.backoff, self.failures - 2, limits.pause)
+        } else {
+            Duration::ZERO
+        };
+        self.not_before = self.not_before.max(now + wait);
+        let key = addr_key(ip);
+        if !self.addrs.contains_key(&key) && self.addrs.len() >= limits.max_addrs {
+            self.addrs.retain(|_, s| s.barred_until > now);
+            if self.addrs.len() >= limits.max_addrs {
+                let soonest = self
+                    .addrs
+                    .iter()
+                    .min_by_key(|(_, s)| s.barred_until)
+                    .map(|(k, _)| *k);
+                if let Some(k) = soonest {
+                    self.addrs.remove(&k);
+                }
+            }
+        }
+        let s = self.addrs.entry(key).or_insert(Strikes {
+            count: 0,
+            barred_until: now,
+        });
+        s.count = s.count.saturating_add(1);
+        if s.count >= 2 {
+            s.barred_until =
+                now + doubled(limits.addr_backoff, s.count - 2, limits.addr_backoff_max);
+        }
+    }
+
+    fn succeeded(&mut self, ip: IpAddr) {
+        self.failures = 0;
+        self.addrs.remove(&addr_key(ip));
+    }
+
+    fn resume(&mut self, now: Instant) {
+        self.failures = 0;
+        self.not_before = now;
+    }
+}
+
+/// One pairing attempt that took the code: a failure unless marked done, also when the
+/// session is cancelled (timeout, dropped connection).
+struct Attempt<'a> {
+    sh: &'a Shared,
+    ip: IpAddr,
+    done: bool,
+}
+
+impl Attempt<'_> {
+    fn succeeded(mut self) {
+        self.done = true;
+        self.sh.window().succeeded(self.ip);
+    }
+}
+
+impl Drop for Attempt<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            let limits = &self.sh.config.pairing_limits;
+            self.sh.window().failed(self.ip, limits, Instant::now());
+        }
+    }
+}
+
 struct Shared {
     quinn: quinn::Endpoint,
     identity: Identity,
     peers: PeerStore,
     config: EndpointConfig,
-    window: Mutex<Option<ActiveCode>>,
+    window: Mutex<Window>,
     client_transport: Arc<quinn::TransportConfig>,
 }
 
 impl Shared {
-    fn window(&self) -> std::sync::MutexGuard<'_, Option<ActiveCode>> {
+    fn window(&self) -> std::sync::MutexGuard<'_, Window> {
         self.window.lock().unwrap_or_else(|p| p.into_inner())
     }
     fn window_open(&self) -> bool {
-        matches!(&*self.window(), Some(a) if a.expires > Instant::now())
+        self.window().is_open(Instant::now())
     }
-    /// Takes (burns) the active code.
-    fn take_code(&self) -> Option<PairingCode> {
-        self.window()
-            .take()
-            .filter(|a| a.expires > Instant::now())
-            .map(|a| a.code)
+    /// Takes (burns) the active code for an attempt from `addr`.
+    fn take_code(&self, addr: SocketAddr) -> Option<(PairingCode, Attempt<'_>)> {
+        let code = self.window().take(addr.ip(), Instant::now())?;
+        Some((
+            code,
+            Attempt {
+                sh: self,
+                ip: addr.ip(),
+                done: false,
+            },
+        ))
     }
 }
 
@@ -427,7 +654,7 @@ impl Endpoint {
             identity,
             peers,
             config,
-            window: Mutex::new(None),
+            window: Mutex::new(Window::new(Instant::now())),
             client_transport,
         });
         let accept_task = tokio::spawn(accept_loop(shared.clone(), tx));
@@ -485,23 +712,45 @@ impl Endpoint {
 
     /// Opens the pairing window with a fresh one-time code (replacing any previous code). While
     /// it is active and unused, unknown keys may connect to attempt pairing; the first attempt
-    /// burns it.
+    /// burns it. After failed attempts this fails with [`PairingError::Throttled`] until the
+    /// back-off or pause has passed ([`Endpoint::pairing_gate`], [`PairingLimits`]).
     pub fn issue_pairing_code(&self) -> Result<PairingCode, PairingError> {
         let code = PairingCode::random()?;
-        self.set_pairing_code(code);
+        self.set_pairing_code(code)?;
         Ok(code)
     }
 
     /// Opens the pairing window with a code chosen by the caller (`ferry send --code`). A chosen
-    /// code is weaker than a random one: warn the user.
-    pub fn set_pairing_code(&self, code: PairingCode) {
-        let expires = Instant::now() + self.shared.config.pairing_code_ttl;
-        *self.shared.window() = Some(ActiveCode { code, expires });
+    /// code is weaker than a random one: warn the user. Throttled like
+    /// [`Endpoint::issue_pairing_code`].
+    pub fn set_pairing_code(&self, code: PairingCode) -> Result<(), PairingError> {
+        let sh = &self.shared;
+        sh.window().open(
+            code,
+            sh.config.pairing_code_ttl,
+            &sh.config.pairing_limits,
+            Instant::now(),
+        )
     }
 
     /// Closes the pairing window without using the code.
     pub fn revoke_pairing_code(&self) {
-        *self.shared.window() = None;
+        self.shared.window().active = None;
+    }
+
+    /// Failed pairing attempts in a row, whether pairing is paused, and when a new code can be
+    /// issued.
+    pub fn pairing_gate(&self) -> PairingGate {
+        self.shared
+            .window()
+            .gate(&self.shared.config.pairing_limits, Instant::now())
+    }
+
+    /// The user asked for a new code after a pause (they know the failed attempts were theirs,
+    /// or want to try again anyway): clears the failures in a row and the global back-off.
+    /// Addresses that failed repeatedly stay barred for their own back-off.
+    pub fn resume_pairing(&self) {
+        self.shared.window().resume(Instant::now());
     }
 
     /// Whether a pairing code is active and unused.
@@ -740,7 +989,9 @@ async fn client_session(
         ServerMsg::Rejected(r) => return Err(r.into()),
         ServerMsg::Confirm(_) => return Err(PairingError::Protocol("unexpected confirm".into())),
     };
-    let server_name = sanitize_name(&server_name);
+    // The transcript hashes the name exactly as received (what the server hashed); what is
+    // stored and shown is its sanitised form.
+    let shown_name = sanitize_device_name(&server_name);
     match (reply, spake, client_msg) {
         (HelloReply::Accepted, _, _) => {
             // The server says it knows us; we must know it too, as a sender we may use.
@@ -754,7 +1005,7 @@ async fn client_session(
                 )
                 .map_err(|_| PairingError::NotPaired)?;
             let _ = send.finish();
-            Ok((server_id, server_name, false, rec.paired_at))
+            Ok((server_id, shown_name, false, rec.paired_at))
         }
         (HelloReply::Pake(server_msg), Some((state, _)), Some(client_msg)) => {
             let key = state
@@ -782,14 +1033,14 @@ async fn client_session(
             let now = now_unix();
             sh.peers.upsert(PeerRecord::paired(
                 server_id,
-                server_name.clone(),
+                shown_name.clone(),
                 Some(conn.remote_address()),
                 PeerRole::Sender,
                 now,
             ))?;
             pairing::write_frame(&mut send, &ClientMsg::Done).await?;
             let _ = send.finish();
-            Ok((server_id, server_name, true, now))
+            Ok((server_id, shown_name, true, now))
         }
         (HelloReply::Pake(_), _, _) => Err(PairingError::Protocol("unsolicited pairing".into())),
     }
@@ -811,13 +1062,6 @@ fn closed_by_peer(conn: &quinn::Connection) -> Option<PairingError> {
         }
         _ => None,
     }
-}
-
-fn sanitize_name(name: &str) -> String {
-    name.chars()
-        .filter(|c| !c.is_control())
-        .take(crate::identity::MAX_DEVICE_NAME)
-        .collect()
 }
 
 /// Who may start a handshake: at most `max_pending` connections being handshaken (or
@@ -1100,7 +1344,8 @@ async fn server_session(
     if magic != pairing::magic() {
         return Err(protocol("bad magic/version"));
     }
-    let client_name = sanitize_name(&name);
+    // Stored and shown sanitised; hashed into the transcript exactly as received.
+    let client_name = sanitize_device_name(&name);
     let me = &sh.identity;
     let Some(client_msg) = pake else {
         let Some(paired_at) = pinned_at else {
@@ -1114,8 +1359,9 @@ async fn server_session(
         let _ = send.finish();
         return Ok((client_name, false, paired_at));
     };
-    // Burn the code now: one online guess per code.
-    let Some(code) = sh.take_code() else {
+    // Burn the code now: one online guess per code. From here on, anything but a completed
+    // pairing counts as a failed attempt (back-off, pause).
+    let Some((code, attempt)) = sh.take_code(conn.remote_address()) else {
         return Err((
             PairingError::NoPairingCode,
             Some(RejectReason::NoPairingCode),
@@ -1135,7 +1381,7 @@ async fn server_session(
         server: me.device_id(),
         client: client_id,
         server_name: me.name(),
-        client_name: &client_name,
+        client_name: &name,
         client_msg: &client_msg,
         server_msg: &server_msg,
     };
@@ -1165,11 +1411,12 @@ async fn server_session(
             now,
         ))
         .map_err(|e| (e.into(), None))?;
+    attempt.succeeded();
     Ok((client_name, true, now))
 }
 
 #[cfg(test)]
-mod tests {
+mod admission_tests {
     use super::*;
 
     /// A quinn server with ferry's server transport and TLS, and a connected client (any
@@ -1310,5 +1557,108 @@ mod tests {
             source_ip("[::ffff:127.0.0.2]:9".parse().unwrap()),
             source_ip("127.0.0.2:9".parse().unwrap())
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    /// Attempts from 100 addresses, as fast as codes are issued, with a clock that advances
+    /// 100 ms per attempt: 5 attempts get a code, then pairing is paused; resuming allows more.
+    #[test]
+    fn wrong_codes_back_off_then_pause_and_bar_repeating_addresses() {
+        let l = PairingLimits::default();
+        let ttl = Duration::from_secs(600);
+        let code = PairingCode::from_u32(1).unwrap();
+        let t0 = Instant::now();
+        let mut w = Window::new(t0);
+        let mut guesses = 0;
+        let mut now = t0;
+        for i in 0..100u32 {
+            now += Duration::from_millis(100);
+            let _ = w.open(code, ttl, &l, now);
+            let from = ip(&format!("10.0.{}.{}", i / 200, i % 200 + 1));
+            if w.take(from, now).is_some() {
+                guesses += 1;
+                w.failed(from, &l, now);
+            }
+        }
+        assert_eq!(guesses, 5);
+        let g = w.gate(&l, now);
+        assert!(g.paused && g.failures == 5, "{g:?}");
+        assert!(g.retry_in > Duration::from_secs(590), "{g:?}");
+        assert!(matches!(
+            w.open(code, ttl, &l, now),
+            Err(PairingError::Throttled { paused: true, .. })
+        ));
+        // The pause ends by itself; the next failure pauses again at once.
+        now += l.pause;
+        w.open(code, ttl, &l, now).unwrap();
+        assert!(w.take(ip("10.9.9.9"), now).is_some());
+        w.failed(ip("10.9.9.9"), &l, now);
+        assert!(w.gate(&l, now).paused);
+        // The user resumes: a code at once.
+        w.resume(now);
+        w.open(code, ttl, &l, now).unwrap();
+        assert!(!w.gate(&l, now).paused);
+    }
+
+    #[test]
+    fn back_off_doubles_and_a_repeating_address_is_barred_without_burning_the_code() {
+        let l = PairingLimits::default();
+        let ttl = Duration::from_secs(600);
+        let code = PairingCode::from_u32(1).unwrap();
+        let t0 = Instant::now();
+        let mut w = Window::new(t0);
+        let a = ip("192.168.1.7");
+        // First failure: a new code at once, and the same address may try once more.
+        w.open(code, ttl, &l, t0).unwrap();
+        assert!(w.take(a, t0).is_some());
+        w.failed(a, &l, t0);
+        assert_eq!(w.gate(&l, t0).retry_in, Duration::ZERO);
+        w.open(code, ttl, &l, t0).unwrap();
+        assert!(w.take(a, t0).is_some());
+        w.failed(a, &l, t0);
+        // Second: 1 s global back-off, the address barred for 4 s.
+        assert_eq!(w.gate(&l, t0).retry_in, Duration::from_secs(1));
+        assert!(w.open(code, ttl, &l, t0).is_err());
+        let t1 = t0 + Duration::from_secs(1);
+        w.open(code, ttl, &l, t1).unwrap();
+        assert!(w.take(a, t1).is_none(), "a barred address took the code");
+        assert!(w.is_open(t1), "the barred attempt burned the code");
+        // Another address of the same IPv6 /64 counts as the same one; another /64 does not.
+        let v6a = ip("2001:db8:1:2::1");
+        let v6b = ip("2001:db8:1:2:ffff::9");
+        assert_eq!(addr_key(v6a), addr_key(v6b));
+        assert_ne!(addr_key(v6a), addr_key(ip("2001:db8:1:3::1")));
+        // Someone else pairs: the failures in a row are cleared.
+        let b = ip("192.168.1.8");
+        assert!(w.take(b, t1).is_some());
+        w.succeeded(b);
+        assert_eq!(w.gate(&l, t1).failures, 0);
+        // The address stays barred for its own back-off, then may try again.
+        w.open(code, ttl, &l, t1).unwrap();
+        assert!(w.take(a, t1 + Duration::from_secs(2)).is_none());
+        assert!(w.take(a, t0 + Duration::from_secs(4)).is_some());
+    }
+
+    #[test]
+    fn remembered_addresses_are_bounded() {
+        let l = PairingLimits {
+            max_addrs: 8,
+            ..PairingLimits::default()
+        };
+        let t0 = Instant::now();
+        let mut w = Window::new(t0);
+        for i in 0..1000u32 {
+            w.failed(IpAddr::from(i.to_be_bytes()), &l, t0);
+            w.resume(t0);
+        }
+        assert!(w.addrs.len() <= 8);
     }
 }

@@ -200,6 +200,36 @@ impl Clone for Identity {
     }
 }
 
+/// The form of a device name that is stored, sent and shown: control characters (tab, newline,
+/// escape…) become spaces, invisible formatting and bidirectional overrides (which could make
+/// a name look like another on screen) are dropped, surrounding space is trimmed, and the
+/// result is cut to [`MAX_DEVICE_NAME`] bytes on a character boundary. Idempotent.
+///
+/// A device sanitises its own name once (when it is set or loaded), so the name it sends and
+/// the one it hashes into the pairing transcript are the same bytes; a name received from a
+/// peer is sanitised again before it is stored or shown, since the peer may not have.
+pub fn sanitize_device_name(name: &str) -> String {
+    let mapped: String = name
+        .chars()
+        .filter(|c| !is_invisible_format(*c))
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    let trimmed = mapped.trim();
+    let mut end = trimmed.len().min(MAX_DEVICE_NAME);
+    while !trimmed.is_char_boundary(end) {
+        end -= 1;
+    }
+    trimmed[..end].trim_end().to_string()
+}
+
+/// Zero-width and bidirectional formatting characters (Unicode category Cf, the ones that
+/// change how surrounding text is displayed).
+fn is_invisible_format(c: char) -> bool {
+    matches!(c,
+        '\u{00AD}' | '\u{061C}' | '\u{180E}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
+        | '\u{2060}'..='\u{2069}' | '\u{FEFF}' | '\u{FFF9}'..='\u{FFFB}')
+}
+
 fn check_name(name: &str) -> Result<(), IdentityError> {
     if name.trim().is_empty() || name.len() > MAX_DEVICE_NAME {
         return Err(IdentityError::BadName);
@@ -210,6 +240,8 @@ fn check_name(name: &str) -> Result<(), IdentityError> {
 impl Identity {
     /// A fresh identity held only in memory (tests, throwaway endpoints).
     pub fn generate(name: &str) -> Result<Self, IdentityError> {
+        check_name(name)?;
+        let name = &sanitize_device_name(name);
         check_name(name)?;
         let key = rcgen::KeyPair::generate().map_err(|e| IdentityError::Crypto(e.to_string()))?;
         Self::from_key(key, name)
@@ -239,11 +271,13 @@ impl Identity {
         let cert_path = config_dir.join(CERT_FILE);
         let name_path = config_dir.join(NAME_FILE);
         let name = match fs::read_to_string(&name_path) {
-            Ok(n) => n.trim().to_string(),
+            // A name stored by an older version may hold control characters.
+            Ok(n) => sanitize_device_name(&n),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                check_name(default_name)?;
-                write_private(&name_path, default_name.as_bytes())?;
-                default_name.to_string()
+                let name = sanitize_device_name(default_name);
+                check_name(&name)?;
+                write_private(&name_path, name.as_bytes())?;
+                name
             }
             Err(source) => {
                 return Err(IdentityError::Io {
@@ -293,7 +327,10 @@ impl Identity {
     }
 
     /// Changes the device name (and persists it when `config_dir` is given).
+    /// The name is sanitised first ([`sanitize_device_name`]): that is the name stored and sent.
     pub fn set_name(&mut self, name: &str, config_dir: Option<&Path>) -> Result<(), IdentityError> {
+        check_name(name)?;
+        let name = &sanitize_device_name(name);
         check_name(name)?;
         if let Some(dir) = config_dir {
             write_private(&dir.join(NAME_FILE), name.as_bytes())?;
@@ -388,6 +425,25 @@ pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> Result<(), IdentityErr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_are_sanitised_once_and_stay_so() {
+        assert_eq!(sanitize_device_name("new\tphone"), "new phone");
+        assert_eq!(sanitize_device_name(" a\x1b[31mred\n"), "a [31mred");
+        assert_eq!(sanitize_device_name("evil\u{202E}gnp.exe"), "evilgnp.exe");
+        let long = "é".repeat(100);
+        let cut = sanitize_device_name(&long);
+        assert!(cut.len() <= MAX_DEVICE_NAME && cut.chars().all(|c| c == 'é'));
+        for n in ["new\tphone", "x\u{200B}\ty ", &long] {
+            let once = sanitize_device_name(n);
+            assert_eq!(sanitize_device_name(&once), once);
+        }
+        let mut id = Identity::generate("new\tphone").unwrap();
+        assert_eq!(id.name(), "new phone");
+        id.set_name("old\r\nphone", None).unwrap();
+        assert_eq!(id.name(), "old  phone");
+        assert!(Identity::generate("\t\u{202E}").is_err());
+    }
 
     #[test]
     fn device_id_round_trip_and_typo_detection() {

@@ -46,8 +46,8 @@ pub use discovery::{
 };
 pub use doctor::{doctor, DoctorConfig, DoctorReport, InterfaceReport, MdnsSelfTest};
 pub use endpoint::{
-    AcceptError, BindError, Congestion, ConnectError, Endpoint, EndpointConfig, PeerConnection,
-    PeerInfo,
+    AcceptError, BindError, Congestion, ConnectError, Endpoint, EndpointConfig, PairingGate,
+    PairingLimits, PeerConnection, PeerInfo,
 };
 pub use identity::{DeviceId, DeviceIdError, Identity, IdentityError};
 pub use pairing::{PairingCode, PairingCodeError, PairingError};

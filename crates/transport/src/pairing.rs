@@ -132,9 +132,21 @@ pub enum PairingError {
     /// Key confirmation failed: wrong code (or a relayed/tampered session). The code is burned.
     #[error("pairing failed: wrong code (the code is now used up; issue a new one)")]
     WrongCode,
-    /// The server has no active unused pairing code.
-    #[error("the other device has no active pairing code (expired or already used)")]
+    /// The server has no active unused pairing code (or refuses this address for now after
+    /// its wrong codes).
+    #[error("the other device has no active pairing code for us (expired, already used, or pairing is paused after wrong codes: look at its screen, and wait a few seconds before trying again)")]
     NoPairingCode,
+    /// No new code can be issued yet: failed attempts in a row slow pairing down, and after a
+    /// few pause it (see [`crate::endpoint::PairingLimits`]).
+    #[error("{failures} failed pairing attempts in a row: {} a new code can be issued in {} s", if *.paused { "pairing is paused;" } else { "backing off;" }, .retry_in.as_secs_f64().ceil())]
+    Throttled {
+        /// Failed attempts in a row.
+        failures: u32,
+        /// Paused (rather than a short back-off).
+        paused: bool,
+        /// Time until a code can be issued.
+        retry_in: std::time::Duration,
+    },
     /// The peer is not paired and no code was offered.
     #[error("not paired with this device; pair with a code or ticket first")]
     NotPaired,

@@ -102,7 +102,9 @@ async fn lan_role() {
                             ..
                         } = e
                         {
-                            // As `ferry send` does: the burned code is replaced.
+                            // As `ferry send` does: the burned code is replaced once the
+                            // back-off after failures in a row allows.
+                            tokio::time::sleep(ep.pairing_gate().retry_in).await;
                             println!("CODE {}", ep.issue_pairing_code().unwrap());
                         }
                     }
@@ -399,8 +401,20 @@ fn lan_attacker_gets_no_pairing_and_no_data() {
     sender.settle(Duration::from_millis(500));
     assert_eq!(sender.count("ACCEPTED"), 0, "{:#?}", sender.lines);
     assert!(sender.count("ACCEPT_ERR") >= 3, "{:#?}", sender.lines);
-    // The first code was burned by the guess; the sender shows a new one.
+    // The first code was burned by the guess; the sender shows a new one (after each wrong
+    // code, once the back-off for failures in a row allows: wait for the last).
+    let wrong = sender
+        .lines
+        .iter()
+        .filter(|l| l.starts_with("ACCEPT_ERR") && l.contains("wrong code"))
+        .count();
+    while sender.count("CODE ") < 1 + wrong {
+        sender.wait("CODE ");
+    }
     let code = sender.last("CODE ").unwrap();
+    // The relay below runs on the attacker's host: its address made two wrong guesses in a row
+    // and is barred from pairing for 4 s (per-address limit); the real pair waits that out.
+    std::thread::sleep(Duration::from_secs(5));
 
     // 4. The real receiver, through the attacker's relay; it first meets the fake on mDNS.
     let flag = homes.path().join("replay-now");
