@@ -33,10 +33,10 @@ fn escape_sequences_in_a_senders_file_names_and_device_name_are_escaped_on_the_r
         &old,
         &src,
         "127.0.0.1:0",
-        // A right-to-left override: "evil<RLO>gpj.exe" would show as "evilexe.jpg". (A name
-        // with control characters cannot pair yet: the transport drops them from the name
-        // before the pairing transcript, finding 8.)
-        &["--name", "evil\u{202e}gpj.exe"],
+        // A title-setting OSC and a right-to-left override ("evil<RLO>gpj.exe" would show as
+        // "evilexe.jpg"). Device names are sanitised once, on both sides of pairing (controls
+        // become spaces, overrides are dropped), and whatever reaches the screen is escaped.
+        &["--name", "evil\u{1b}]0;t\u{7}\u{202e}gpj.exe"],
     );
     // Human mode (no --json), with info logs.
     let args: Vec<OsString> = vec![
@@ -68,8 +68,8 @@ fn escape_sequences_in_a_senders_file_names_and_device_name_are_escaped_on_the_r
         "the blocked file is not named (escaped):\n{err}"
     );
     assert!(
-        err.contains("evil\\u{202e}gpj.exe"),
-        "the sender's name is not shown escaped:\n{err}"
+        err.contains("paired with evil") && err.contains("gpj.exe ("),
+        "the sender's name is not shown (sanitised):\n{err}"
     );
     assert!(!err.contains('\u{202e}'), "raw override on stderr:\n{err}");
     for line in &stdout {
