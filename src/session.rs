@@ -195,6 +195,7 @@ pub async fn receive_with(
     // differ only in case: such a manifest is refused before anything is written.
     let mut cfg = cfg;
     cfg.limits.case_insensitive = store.folds_case();
+    cfg.limits.normalization_insensitive = store.normalizes();
     let r = run_receiver(Receiver::new(cfg), store, ctl_recv, ctl_send, rx, on_event).await;
     acceptor.abort();
     r

@@ -229,6 +229,24 @@ fn wrong_codes_from_100_addresses_get_at_most_5_verdicts_then_pairing_pauses() {
     assert_eq!(paused["resume"], "wait");
     assert!(s.running());
 
+    // The sender reports each wrong code when that handshake has ended, which may be after
+    // the guesser read its verdict: wait for every report before the migration (a sender that
+    // finished and exited would never print the last one).
+    let wrong_codes = |s: &Ferry| {
+        s.seen_named("error")
+            .iter()
+            .filter(|e| {
+                e["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("wrong code"))
+            })
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while wrong_codes(&s) < verdicts && Instant::now() < deadline {
+        let _ = s.next_event(Duration::from_millis(200));
+    }
+
     // The paired device connects by its pinned key during the pause and migrates.
     let work = tempdir("dest");
     let dest = work.path().join("history");
@@ -239,15 +257,7 @@ fn wrong_codes_from_100_addresses_get_at_most_5_verdicts_then_pairing_pauses() {
     s.expect_exit(0, LONG);
     // The sender saw the same wrong codes (a report may come just after the pause: the pause
     // is announced at the first refusal after the fifth failure), and issued no code since.
-    let wrong = s
-        .seen_named("error")
-        .iter()
-        .filter(|e| {
-            e["message"]
-                .as_str()
-                .is_some_and(|m| m.contains("wrong code"))
-        })
-        .count();
+    let wrong = wrong_codes(&s);
     assert_eq!(wrong, verdicts);
     let issued = s.seen_named("listening").len();
     assert!(issued <= 5, "{issued} codes issued");

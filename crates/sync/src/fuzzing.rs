@@ -53,6 +53,7 @@ fn small_limits() -> ManifestLimits {
         max_memory: 64 << 20,
         available_space: None,
         case_insensitive: false,
+        normalization_insensitive: false,
     }
 }
 
@@ -65,6 +66,7 @@ pub fn manifest(data: &[u8]) {
     for case_insensitive in [false, true] {
         let mut b = ManifestBuilder::new(ManifestLimits {
             case_insensitive,
+            normalization_insensitive: case_insensitive,
             ..small_limits()
         });
         let mut accepted = Vec::new();

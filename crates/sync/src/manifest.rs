@@ -200,6 +200,9 @@ pub struct ManifestLimits {
     pub available_space: Option<u64>,
     /// Refuse paths that differ only by case (set when the destination folds case).
     pub case_insensitive: bool,
+    /// Refuse paths that differ only by Unicode normalisation, `é` as one code point or as `e`
+    /// and a combining accent (set when the destination normalises names, as APFS and HFS+ do).
+    pub normalization_insensitive: bool,
 }
 
 /// The default [`ManifestLimits::max_memory`]: 1 GiB. About 300 bytes per file of a typical
@@ -216,6 +219,7 @@ impl Default for ManifestLimits {
             max_memory: DEFAULT_MANIFEST_MEMORY,
             available_space: None,
             case_insensitive: false,
+            normalization_insensitive: false,
         }
     }
 }
@@ -230,7 +234,7 @@ pub enum ManifestError {
     OutOfOrder { path: String },
     #[error("entry {path:?} lies under {ancestor:?}, which is not a directory in the manifest")]
     AncestorNotDir { path: String, ancestor: String },
-    #[error("entry {path:?} collides with {other:?} on a case-insensitive destination")]
+    #[error("entry {path:?} collides with {other:?} on a destination that does not tell their names apart (case or Unicode normalisation)")]
     CaseCollision { path: String, other: String },
     #[error("symlink {path:?} points outside the destination ({target:?})")]
     SymlinkEscapes { path: String, target: String },
@@ -517,6 +521,22 @@ fn case_key(path: &str) -> String {
     path.to_uppercase().to_lowercase()
 }
 
+/// The name under which the destination may find `path`: [`case_key`] where it folds case,
+/// then the canonical decomposition (NFD) where it normalises (both spellings of `é` meet).
+fn fold_key(path: &str, case: bool, normalization: bool) -> String {
+    use unicode_normalization::UnicodeNormalization;
+    let folded = if case {
+        case_key(path)
+    } else {
+        path.to_owned()
+    };
+    if normalization {
+        folded.nfd().collect()
+    } else {
+        folded
+    }
+}
+
 /// Builds a [`Manifest`] entry by entry, validating each as it arrives (entries come from an
 /// untrusted peer, in bounded frames).
 #[derive(Debug)]
@@ -671,9 +691,13 @@ impl ManifestBuilder {
             }
             anc = path::parent(a);
         }
-        let folded = match self.limits.case_insensitive {
+        let (case, norm) = (
+            self.limits.case_insensitive,
+            self.limits.normalization_insensitive,
+        );
+        let folded = match case || norm {
             true => {
-                let folded = case_key(&e.path);
+                let folded = fold_key(&e.path, case, norm);
                 if let Some(&other) = self.folded.get(&folded) {
                     return Err(ManifestError::CaseCollision {
                         path: e.path,
@@ -1019,6 +1043,21 @@ mod tests {
             ci.push(file("photo.jpg", b"1")),
             Err(ManifestError::CaseCollision { .. })
         ));
+        // Names that differ only by normalisation, on a destination that normalises (APFS):
+        // refused; on one that does not (ext4, NTFS), both arrive.
+        let (nfc, nfd) = ("caf\u{e9}.jpg", "cafe\u{301}.jpg");
+        let mut norm = ManifestBuilder::new(ManifestLimits {
+            normalization_insensitive: true,
+            ..Default::default()
+        });
+        norm.push(file(nfd, b"1")).unwrap();
+        assert!(matches!(
+            norm.push(file(nfc, b"2")),
+            Err(ManifestError::CaseCollision { .. })
+        ));
+        let mut plain = ManifestBuilder::new(ManifestLimits::default());
+        plain.push(file(nfd, b"1")).unwrap();
+        plain.push(file(nfc, b"2")).unwrap();
         // Pairs an upper-casing file system (exFAT) merges although their lower cases differ.
         for (a, b) in [
             ("s.txt", "ſ.txt"),

@@ -224,6 +224,7 @@ pub struct FsStore {
     umask: u32,
     /// DEST's file system treats names that differ only in case as the same name.
     folds_case: bool,
+    normalizes: bool,
     _lock: File,
     prepared: Mutex<Option<Arc<Prepared>>>,
     open: Mutex<Open>,
@@ -282,6 +283,7 @@ impl FsStore {
             Err(fs::TryLockError::Error(e)) => return Err(StoreError::io(&lock_path, e)),
         }
         let folds_case = ctx(&state, probe_case_folding(&state))?;
+        let normalizes = ctx(&state, probe_normalization(&state))?;
         Ok(FsStore {
             dest: dest.to_path_buf(),
             dest_dir,
@@ -289,6 +291,7 @@ impl FsStore {
             staging,
             umask: private::umask(),
             folds_case,
+            normalizes,
             _lock: lock_file,
             prepared: Mutex::new(None),
             open: Mutex::new(Open::default()),
@@ -307,6 +310,13 @@ impl FsStore {
     /// one file would silently replace the other.
     pub fn folds_case(&self) -> bool {
         self.folds_case
+    }
+
+    /// Whether DEST's file system finds a name under another Unicode normalisation of it (APFS,
+    /// HFS+): then names that differ only so must be refused
+    /// ([`crate::manifest::ManifestLimits::normalization_insensitive`]).
+    pub fn normalizes(&self) -> bool {
+        self.normalizes
     }
 
     /// Whether `dest` holds an unfinished ferry migration.
@@ -1271,8 +1281,19 @@ fn open_file_at(dir: &File, name: &str) -> io::Result<File> {
 /// upper-case one. (Not by inode: FUSE file systems such as exfat-fuse give each spelling its
 /// own node number.)
 fn probe_case_folding(dir: &Path) -> io::Result<bool> {
-    let lower = dir.join("case-probe");
-    let upper = dir.join("CASE-PROBE");
+    probe_same_name(dir, "case-probe", "CASE-PROBE")
+}
+
+/// Whether the file system holding `dir` finds a name under another Unicode normalisation:
+/// a probe named with a precomposed `é` (NFC) is looked up with `e` + U+0301 (NFD).
+fn probe_normalization(dir: &Path) -> io::Result<bool> {
+    probe_same_name(dir, "norm-probe-\u{e9}", "norm-probe-e\u{301}")
+}
+
+/// Creates `dir/created` (neither name present first) and says whether `dir/other` then exists.
+fn probe_same_name(dir: &Path, created: &str, other: &str) -> io::Result<bool> {
+    let lower = dir.join(created);
+    let upper = dir.join(other);
     for p in [&upper, &lower] {
         match fs::remove_file(p) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
@@ -1511,6 +1532,10 @@ mod tests {
         assert_eq!(mode(&dest.join(STATE_DIR).join("lock")), 0o600);
         // The probe leaves nothing behind; tmpfs and ext4 tell case apart.
         assert!(!store.folds_case());
+        assert!(
+            !store.normalizes(),
+            "ext4 and tmpfs keep both spellings of é apart"
+        );
         let names: Vec<_> = fs::read_dir(dest.join(STATE_DIR))
             .unwrap()
             .map(|e| e.unwrap().file_name())
