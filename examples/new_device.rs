@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use ferry::session;
+use ferry_migrate::session;
 use ferry_sync::proto::RecvEvent;
 use ferry_sync::store::{verify_dest, FsStore};
 use ferry_transport::{Endpoint, EndpointConfig, Identity, PeerStore, Ticket};

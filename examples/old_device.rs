@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use ferry::session;
+use ferry_migrate::session;
 use ferry_sync::compress::CompressPolicy;
 use ferry_sync::scan::{scan, ScanConfig};
 use ferry_sync::source::Source;
@@ -48,8 +48,8 @@ async fn main() -> anyhow::Result<()> {
         match result {
             Ok(()) => {
                 println!("done: {} bytes on the wire", stats.wire_bytes);
-                conn.close(session::CLOSE_DONE, b"done");
-                ep.close(0, b"done").await;
+                conn.close(ferry_transport::close::COMPLETE, b"done");
+                ep.close(ferry_transport::close::DONE, b"done").await;
                 return Ok(());
             }
             Err(e) if e.is_retryable() => println!("interrupted ({e}); waiting for the receiver"),

@@ -10,14 +10,14 @@ use ferry_testkit::{assert_histories_equal, generate, HistorySpec};
 use ferry_transport::FerryDirs;
 use serde_json::json;
 
-use crate::cli::DemoFlags;
-use crate::exit::{Exit, Failure};
-use crate::output::{human_bytes, parse_size, Reporter};
-use crate::receive::{self, ReceiveSettings};
-use crate::send::{self, SendSettings};
+use ferry_migrate::{Compress, Error, ErrorKind, Event, Migration};
 
-pub async fn run(f: DemoFlags) -> Result<(), Failure> {
-    let size = parse_size(&f.size).map_err(|e| Failure::new(Exit::Usage, e))?;
+use crate::cli::DemoFlags;
+use crate::output::{human_bytes, parse_size, Reporter};
+use crate::render::Side;
+
+pub async fn run(f: DemoFlags) -> Result<(), Error> {
+    let size = parse_size(&f.size).map_err(|e| Error::new(ErrorKind::Usage, e))?;
     let tmp;
     let work: PathBuf = match &f.dir {
         Some(d) => d.clone(),
@@ -26,8 +26,8 @@ pub async fn run(f: DemoFlags) -> Result<(), Failure> {
                 .prefix("ferry-demo-")
                 .tempdir()
                 .map_err(|e| {
-                    Failure::new(
-                        Exit::Destination,
+                    Error::new(
+                        ErrorKind::Destination,
                         format!("cannot create a temporary folder: {e}"),
                     )
                 })?;
@@ -43,8 +43,8 @@ pub async fn run(f: DemoFlags) -> Result<(), Failure> {
     let src = work.join("old-phone").join("chat-history");
     let dest = work.join("new-phone").join("chat-history");
     if src.exists() || dest.exists() {
-        return Err(Failure::new(
-            Exit::Usage,
+        return Err(Error::new(
+            ErrorKind::Usage,
             format!(
                 "{} already holds a demo; pass an empty --dir",
                 work.display()
@@ -60,10 +60,10 @@ pub async fn run(f: DemoFlags) -> Result<(), Failure> {
     let src2 = src.clone();
     let report = tokio::task::spawn_blocking(move || generate(&src2, &spec))
         .await
-        .map_err(|e| Failure::new(Exit::Internal, e.to_string()))?
+        .map_err(|e| Error::new(ErrorKind::Internal, e.to_string()))?
         .map_err(|e| {
-            Failure::new(
-                Exit::Internal,
+            Error::new(
+                ErrorKind::Internal,
                 format!("generating the sample history failed: {e:#}"),
             )
         })?;
@@ -81,63 +81,77 @@ pub async fn run(f: DemoFlags) -> Result<(), Failure> {
     // Two devices on one machine: separate state folders.
     let old_dirs = FerryDirs::under(work.join("old-phone").join("ferry-home"));
     let new_dirs = FerryDirs::under(work.join("new-phone").join("ferry-home"));
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let send_settings = SendSettings {
-        dir: src.clone(),
-        code: None,
-        listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
-        mdns: false,
-        name: Some("old phone".into()),
-        dirs: old_dirs,
-        congestion: ferry_transport::Congestion::default(),
-        limit_rate: None,
+    let (sender, mut sent_events) = Migration::send(&src)
+        .dirs(old_dirs)
+        .listen(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .mdns(false)
+        .name("old phone")
         // The two "phones" stand in for devices on a network: compress as ferry would there
         // (auto would not, both ends being on this machine).
-        compress: send::Compress::Always,
-        rounds: send::RoundSettings::default(),
-        to: None,
-        pairing_ttl: ferry_transport::DEFAULT_PAIRING_TTL,
+        .compress(Compress::Always)
+        .start();
+    let ticket = loop {
+        match sent_events.next().await {
+            Some(Event::Listening { ticket, .. }) => break ticket,
+            Some(_) => {}
+            None => {
+                sender.wait().await?;
+                return Err(Error::new(ErrorKind::Internal, "the sender did not start"));
+            }
+        }
     };
-    let sender = tokio::spawn(async move {
-        let rep = Reporter::demo_side("old phone", true);
-        send::run(send_settings, &rep, Some(tx)).await
-    });
-    let ticket = rx
-        .await
-        .map_err(|_| Failure::new(Exit::Internal, "the sender did not start"))?;
+    let addrs: Vec<String> = ticket.addrs.iter().map(|a| a.to_string()).collect();
     say(&format!(
-        "old phone: listening on {:?}, pairing code {}",
-        ticket.addrs, ticket.code
+        "old phone: listening on {}, pairing code {}",
+        addrs.join(", "),
+        ticket.code
     ));
     say(&format!("new phone: typing code {} …", ticket.code));
+    let src2 = src.clone();
+    let sending = tokio::spawn(async move {
+        let rep = Reporter::demo_side("old phone", true);
+        crate::drive(sender, sent_events, &rep, Side::Send, &src2, |_, _| {}).await
+    });
     let started = Instant::now();
-    let settings = ReceiveSettings {
-        dest: dest.clone(),
-        code: Some(ticket.code),
-        connect: Some(ticket.addrs.clone()),
-        ticket: None,
-        yes: false,
-        give_up: Duration::from_secs(60),
-        name: Some("new phone".into()),
-        dirs: new_dirs,
-        interrupt_at: (!f.no_interrupt).then_some(0.5),
-        pairing_ttl: ferry_transport::DEFAULT_PAIRING_TTL,
-    };
+    let (receiver, events) = Migration::receive(&dest)
+        .dirs(new_dirs)
+        .code(ticket.code)
+        .connect(ticket.addrs.clone())
+        .give_up_after(Duration::from_secs(60))
+        .name("new phone")
+        .start();
     let rrep = Reporter::demo_side("new phone", false);
-    let received = receive::run(settings, &rrep).await?;
+    let mut cut = f.no_interrupt;
+    let received = crate::drive(receiver, events, &rrep, Side::Receive, &dest, |ev, h| {
+        // Cut the link once, halfway, to show resume.
+        if let Event::Progress {
+            bytes_done,
+            bytes_total,
+            ..
+        } = ev
+        {
+            if !cut && *bytes_total > 0 && bytes_done * 2 >= *bytes_total {
+                cut = true;
+                rrep.say("demo: cutting the link now to show resume");
+                h.cut_link();
+            }
+        }
+    })
+    .await?;
+    rrep.finish_progress();
     let elapsed = started.elapsed();
-    let sent = sender
+    let sent = sending
         .await
-        .map_err(|e| Failure::new(Exit::Internal, e.to_string()))??;
+        .map_err(|e| Error::new(ErrorKind::Internal, e.to_string()))??;
 
     say("verifying: re-hashing every file against the receipt and comparing with the original…");
     let dest2 = dest.clone();
     let verify = tokio::task::spawn_blocking(move || verify_dest(&dest2))
         .await
-        .map_err(|e| Failure::new(Exit::Internal, e.to_string()))??;
+        .map_err(|e| Error::new(ErrorKind::Internal, e.to_string()))??;
     if !verify.mismatched.is_empty() {
-        return Err(Failure::new(
-            Exit::Integrity,
+        return Err(Error::new(
+            ErrorKind::Integrity,
             format!(
                 "verification failed for {} paths: {:?}",
                 verify.mismatched.len(),
@@ -146,15 +160,15 @@ pub async fn run(f: DemoFlags) -> Result<(), Failure> {
         ));
     }
     assert_histories_equal(&src, &dest).map_err(|e| {
-        Failure::new(
-            Exit::Integrity,
+        Error::new(
+            ErrorKind::Integrity,
             format!("the copy differs from the original: {e:#}"),
         )
     })?;
     let rate = received.bytes as f64 / elapsed.as_secs_f64().max(1e-9) / 1e6;
     main.event(
         "demo",
-        json!({"files": received.files, "bytes": received.bytes, "wire_bytes": sent.wire_bytes, "elapsed_s": elapsed.as_secs_f64(), "rate_mb_s": rate, "interruptions": received.interruptions, "root": received.root, "verified": true}),
+        json!({"files": received.files, "bytes": received.bytes, "wire_bytes": sent.wire_bytes, "elapsed_s": elapsed.as_secs_f64(), "rate_mb_s": rate, "interruptions": received.interruptions, "root": received.root.to_hex(), "verified": true}),
     );
     say(&format!(
         "\nferry demo: {} files ({}) moved from \"old phone\" to \"new phone\" over QUIC on loopback",
@@ -164,7 +178,7 @@ pub async fn run(f: DemoFlags) -> Result<(), Failure> {
     say(&format!(
         "  paired with {} by a one-time code; scanned in {:.2} s; link cut {} time(s), {} session(s), resumed with {} already verified",
         received.sender,
-        sent.scan_secs,
+        sent.scan_s,
         received.interruptions,
         sent.sessions,
         human_bytes(received.resumed_bytes)
@@ -177,7 +191,7 @@ pub async fn run(f: DemoFlags) -> Result<(), Failure> {
     ));
     say(&format!(
         "  verified: every file matches root {} and the original byte for byte",
-        &received.root[..16]
+        &received.root.to_hex()[..16]
     ));
     if f.dir.is_some() {
         say(&format!(

@@ -3,20 +3,20 @@
 use std::time::Duration;
 
 use ferry_sync::store::verify_dest;
-use ferry_transport::{doctor, AcceptError, DoctorConfig, MdnsConfig, PeerStore};
+use ferry_transport::{doctor, AcceptError, DoctorConfig, MdnsConfig};
 use serde_json::json;
 
 use crate::cli::{DoctorFlags, PairFlags, PeersFlags, VerifyFlags};
-use crate::common;
-use crate::exit::{Exit, Failure};
+use crate::args;
+use ferry_migrate::{Error, ErrorKind};
 use crate::output::{self, escape, escape_lines, human_bytes, Reporter};
 
-pub async fn verify(f: VerifyFlags) -> Result<(), Failure> {
+pub async fn verify(f: VerifyFlags) -> Result<(), Error> {
     let rep = Reporter::new(f.json);
     let dir = f.dir.clone();
     let r = tokio::task::spawn_blocking(move || verify_dest(&dir))
         .await
-        .map_err(|e| Failure::new(Exit::Internal, e.to_string()))??;
+        .map_err(|e| Error::new(ErrorKind::Internal, e.to_string()))??;
     rep.event(
         "verify",
         json!({"root": r.root.to_hex(), "files": r.files, "bytes": r.bytes, "ok": r.mismatched.is_empty(), "mismatched": r.mismatched}),
@@ -33,8 +33,8 @@ pub async fn verify(f: VerifyFlags) -> Result<(), Failure> {
         for p in r.mismatched.iter().take(50) {
             rep.say(&format!("MISMATCH {}", escape(p)));
         }
-        Err(Failure::new(
-            Exit::Integrity,
+        Err(Error::new(
+            ErrorKind::Integrity,
             format!(
                 "{} of {} entries in {} do not match the receipt; receive again into the same folder to repair them",
                 r.mismatched.len(),
@@ -45,22 +45,17 @@ pub async fn verify(f: VerifyFlags) -> Result<(), Failure> {
     }
 }
 
-pub async fn peers(f: PeersFlags) -> Result<(), Failure> {
+pub async fn peers(f: PeersFlags) -> Result<(), Error> {
     let rep = Reporter::new(f.json);
-    let dirs = common::dirs()?;
-    let store = PeerStore::open(&dirs.config).map_err(|e| {
-        Failure::new(
-            Exit::Internal,
-            format!("cannot open the paired-devices list: {e}"),
-        )
-    })?;
+    let dirs = ferry_migrate::dirs_from_env()?;
+    let store = ferry_migrate::peer_store(&dirs)?;
     if let Some(which) = f.forget {
-        let p = common::find_peer(&store, &which)?;
+        let p = ferry_migrate::find_peer(&store, &which)?;
         // Takes effect at once in running senders and receivers: they read the list again
         // before admitting or connecting to anyone.
         store
             .forget(&p.device_id)
-            .map_err(|e| Failure::new(Exit::Internal, e.to_string()))?;
+            .map_err(|e| Error::new(ErrorKind::Internal, e.to_string()))?;
         rep.event(
             "forgot",
             json!({"device_id": p.device_id.to_string(), "name": p.name}),
@@ -69,8 +64,8 @@ pub async fn peers(f: PeersFlags) -> Result<(), Failure> {
         return Ok(());
     }
     let list = store.load().map_err(|e| {
-        Failure::new(
-            Exit::Internal,
+        Error::new(
+            ErrorKind::Internal,
             format!("cannot read the paired-devices list: {e}"),
         )
     })?;
@@ -96,7 +91,7 @@ pub async fn peers(f: PeersFlags) -> Result<(), Failure> {
     Ok(())
 }
 
-pub async fn doctor_cmd(f: DoctorFlags) -> Result<(), Failure> {
+pub async fn doctor_cmd(f: DoctorFlags) -> Result<(), Error> {
     let rep = Reporter::new(f.json);
     let cfg = DoctorConfig {
         mdns: (!f.no_multicast_test).then(MdnsConfig::default),
@@ -104,7 +99,7 @@ pub async fn doctor_cmd(f: DoctorFlags) -> Result<(), Failure> {
     };
     let report = tokio::task::spawn_blocking(move || doctor(&cfg))
         .await
-        .map_err(|e| Failure::new(Exit::Internal, e.to_string()))?;
+        .map_err(|e| Error::new(ErrorKind::Internal, e.to_string()))?;
     for i in &report.interfaces {
         let addrs: Vec<String> = i.addrs.iter().map(|a| a.to_string()).collect();
         rep.event("interface", json!({"name": i.name, "addrs": addrs, "up": i.up, "loopback": i.loopback, "multicast": i.multicast}));
@@ -132,51 +127,51 @@ pub async fn doctor_cmd(f: DoctorFlags) -> Result<(), Failure> {
     Ok(())
 }
 
-pub async fn pair(f: PairFlags) -> Result<(), Failure> {
+pub async fn pair(f: PairFlags) -> Result<(), Error> {
     let rep = Reporter::new(f.json);
-    let dirs = common::dirs()?;
+    let dirs = ferry_migrate::dirs_from_env()?;
     let listen = f
         .listen
         .as_deref()
-        .map(common::parse_addr)
+        .map(args::parse_addr)
         .transpose()?
         .and_then(|v| v.first().copied());
     let mut stdin_taken = false;
     // FERRY_TICKET only when no address is given either.
     let ticket_env = f.connect.is_none().then_some("FERRY_TICKET");
-    let ticket = common::ticket_arg(f.ticket.as_deref(), ticket_env, &mut stdin_taken)?;
-    let ep = common::endpoint(&dirs, f.name.as_deref(), listen)?;
+    let ticket = args::ticket_arg(f.ticket.as_deref(), ticket_env, &mut stdin_taken)?;
+    let ep = ferry_migrate::open_endpoint(&dirs, f.name.as_deref(), listen)?;
     let connecting = ticket.is_some() || f.connect.is_some();
     let conn = if let Some(t) = &ticket {
         ep.connect_ticket(t)
             .await
-            .map_err(|e| Failure::new(Exit::Pairing, format!("pairing failed: {e}")))?
+            .map_err(|e| Error::new(ErrorKind::Pairing, format!("pairing failed: {e}")))?
     } else if let Some(addr) = &f.connect {
-        let addrs = common::parse_addr(addr)?;
-        let code = match common::code_arg(f.code.as_deref(), Some("FERRY_CODE"), &mut stdin_taken)?
+        let addrs = args::parse_addr(addr)?;
+        let code = match args::code_arg(f.code.as_deref(), Some("FERRY_CODE"), &mut stdin_taken)?
         {
             Some(c) => c,
-            None => common::prompt_code(addr)?,
+            None => args::prompt_code(addr)?,
         };
         ep.connect_with_code(&addrs, code)
             .await
-            .map_err(|e| Failure::new(Exit::Pairing, format!("pairing failed: {e}")))?
+            .map_err(|e| Error::new(ErrorKind::Pairing, format!("pairing failed: {e}")))?
     } else {
         // Waiting: a code of our own choosing is never taken from FERRY_CODE.
-        let code = match common::code_arg(f.code.as_deref(), None, &mut stdin_taken)? {
+        let code = match args::code_arg(f.code.as_deref(), None, &mut stdin_taken)? {
             Some(c) => {
                 rep.say("warning: a chosen pairing code is weaker than a random one; prefer the default");
                 ep.set_pairing_code(c)
-                    .map_err(|e| Failure::new(Exit::Internal, e.to_string()))?;
+                    .map_err(|e| Error::new(ErrorKind::Internal, e.to_string()))?;
                 c
             }
             None => ep
                 .issue_pairing_code()
-                .map_err(|e| Failure::new(Exit::Internal, e.to_string()))?,
+                .map_err(|e| Error::new(ErrorKind::Internal, e.to_string()))?,
         };
         let ticket = ep
             .ticket(code)
-            .map_err(|e| Failure::new(Exit::Internal, e.to_string()))?;
+            .map_err(|e| Error::new(ErrorKind::Internal, e.to_string()))?;
         let addrs: Vec<String> = ticket.addrs.iter().map(|a| a.to_string()).collect();
         rep.event(
             "listening",
@@ -190,10 +185,10 @@ pub async fn pair(f: PairFlags) -> Result<(), Failure> {
             match ep.accept().await {
                 Ok(c) => break c,
                 Err(AcceptError::Pairing { addr, source }) => {
-                    return Err(Failure::new(Exit::Pairing, format!("pairing with {addr} failed: {source}; run `ferry pair` again for a new code")));
+                    return Err(Error::new(ErrorKind::Pairing, format!("pairing with {addr} failed: {source}; run `ferry pair` again for a new code")));
                 }
                 Err(AcceptError::EndpointClosed) => {
-                    return Err(Failure::new(Exit::Internal, "endpoint closed"))
+                    return Err(Error::new(ErrorKind::Internal, "endpoint closed"))
                 }
                 Err(e) => tracing::info!("refused: {e}"),
             }
@@ -222,8 +217,8 @@ pub async fn pair(f: PairFlags) -> Result<(), Failure> {
     if connecting {
         let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
     }
-    conn.close(0x100, b"paired");
+    conn.close(ferry_transport::close::COMPLETE, b"paired");
     let _ = tokio::time::timeout(Duration::from_millis(500), conn.closed()).await;
-    ep.close(0, b"done").await;
+    ep.close(ferry_transport::close::DONE, b"done").await;
     Ok(())
 }

@@ -1,13 +1,12 @@
 //! What ferry tells the person (a progress bar and plain lines on stderr) or the script
 //! (`--json`: one event object per line on stdout).
 
-use std::borrow::Cow;
 use std::io::{IsTerminal, Write};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 /// Event sink shared by the commands.
 pub struct Reporter {
@@ -67,24 +66,43 @@ impl Reporter {
         }
     }
 
-    /// Progress in bytes; throttled for JSON, drawn as a bar on a terminal.
-    /// `wire` is the chunk payload received so far by this process (for `--json`).
-    pub fn progress(&self, done: u64, total: u64, files_total: u64, wire: u64) {
-        if self.json {
+    /// An event of a migration as one JSON line (with --json).
+    pub fn json(&self, ev: &impl serde::Serialize) {
+        if !self.json {
+            return;
+        }
+        match serde_json::to_string(ev) {
+            Ok(line) => {
+                let mut out = std::io::stdout().lock();
+                let _ = writeln!(out, "{line}");
+                let _ = out.flush();
+            }
+            Err(e) => tracing::warn!("cannot serialise an event: {e}"),
+        }
+    }
+
+    /// A progress event as JSON, at most every half second (and always the last one).
+    pub fn progress_json(&self, ev: &ferry_migrate::Event) {
+        if let ferry_migrate::Event::Progress {
+            bytes_done,
+            bytes_total,
+            ..
+        } = ev
+        {
             let mut last = self.last_progress.lock().unwrap_or_else(|p| p.into_inner());
             let now = Instant::now();
-            if last.is_some_and(|t| now - t < Duration::from_millis(500)) && done < total {
+            if last.is_some_and(|t| now - t < Duration::from_millis(500)) && bytes_done < bytes_total
+            {
                 return;
             }
             *last = Some(now);
-            drop(last);
-            self.event(
-                "progress",
-                json!({"bytes_done": done, "bytes_total": total, "wire_bytes": wire}),
-            );
-            return;
         }
-        if self.quiet {
+        self.json(ev);
+    }
+
+    /// Progress in bytes, drawn as a bar on a terminal.
+    pub fn progress(&self, done: u64, total: u64, files_total: u64) {
+        if self.json || self.quiet {
             return;
         }
         let mut bar = self.bar.lock().unwrap_or_else(|p| p.into_inner());
@@ -115,44 +133,7 @@ impl Reporter {
     }
 }
 
-/// Whether a character must not reach a terminal raw: C0 and C1 controls and DEL (escape
-/// sequences start with ESC or CSI: set the title, clear the screen, move the cursor, or worse),
-/// and the invisible bidirectional overrides that reorder what a line appears to say.
-fn is_unsafe(c: char) -> bool {
-    c.is_control()
-        || matches!(
-            c,
-            '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
-        )
-}
-
-fn escape_where(s: &str, unsafe_char: impl Fn(char) -> bool) -> Cow<'_, str> {
-    if !s.chars().any(&unsafe_char) {
-        return Cow::Borrowed(s);
-    }
-    let mut out = String::with_capacity(s.len() + 16);
-    for c in s.chars() {
-        if unsafe_char(c) {
-            out.extend(c.escape_unicode());
-        } else {
-            out.push(c);
-        }
-    }
-    Cow::Owned(out)
-}
-
-/// A string from a peer or the network (a file name, a device name, a close reason), made safe
-/// for a terminal: every control character (newlines too) and bidirectional override is written
-/// as a visible `\u{..}` escape. JSON output needs none of this (serde escapes it).
-pub fn escape(s: &str) -> Cow<'_, str> {
-    escape_where(s, is_unsafe)
-}
-
-/// A whole message for the terminal: like [`escape`], but its own line breaks stay. Every
-/// line ferry writes for a person goes through this, whatever it embeds.
-pub fn escape_lines(s: &str) -> Cow<'_, str> {
-    escape_where(s, |c| c != '\n' && is_unsafe(c))
-}
+pub use ferry_migrate::text::{escape, escape_lines, human_bytes};
 
 /// A writer for log lines (tracing writes each event with one `write_all`): escapes what
 /// [`escape_lines`] does, so that peer text logged by any crate cannot drive the terminal.
@@ -167,22 +148,6 @@ impl<W: Write> Write for EscapingWriter<W> {
 
     fn flush(&mut self) -> std::io::Result<()> {
         self.0.flush()
-    }
-}
-
-/// "1.5 GiB"-style sizes.
-pub fn human_bytes(n: u64) -> String {
-    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < units.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", units[u])
     }
 }
 
@@ -243,56 +208,13 @@ mod time_tests {
 mod tests {
     use super::*;
 
-    /// No C0/C1 control other than a newline, no DEL, no bidi override.
-    fn terminal_safe(s: &str, newlines: bool) -> bool {
-        !s.chars().any(|c| is_unsafe(c) && !(newlines && c == '\n'))
-    }
-
-    #[test]
-    fn escapes_every_control_and_bidi_override() {
-        let hostile = "a\x1b]0;owned\x07b\x1b[2Jc\u{9b}31md\re\tf\u{7f}g\u{202e}h\nj";
-        let e = escape(hostile);
-        assert!(terminal_safe(&e, false), "{e:?}");
-        assert_eq!(
-            e,
-            "a\\u{1b}]0;owned\\u{7}b\\u{1b}[2Jc\\u{9b}31md\\u{d}e\\u{9}f\\u{7f}g\\u{202e}h\\u{a}j"
-        );
-        let l = escape_lines(hostile);
-        assert!(terminal_safe(&l, true), "{l:?}");
-        assert_eq!(l.lines().count(), 2);
-        // Ordinary text, accents and emoji pass unchanged (and unallocated).
-        assert!(matches!(escape("Fotos/été 🌞.jpg"), Cow::Borrowed(_)));
-    }
-
-    #[test]
-    fn a_peer_close_reason_is_escaped_in_the_failure_message() {
-        use ferry_sync::proto::{CloseCode, SessionError};
-        for code in [
-            Some(CloseCode::SourceError),
-            Some(CloseCode::ProtocolViolation),
-            Some(CloseCode::Cancelled),
-            None,
-        ] {
-            let e = SessionError::PeerClosed {
-                code,
-                reason: "bye\x1b]0;pwned\x07\x1b[2J\nforged line".into(),
-            };
-            let f = crate::exit::from_session(&e);
-            assert!(terminal_safe(&f.message, false), "{:?}", f.message);
-            assert!(f.message.contains("\\u{1b}]0;pwned"), "{:?}", f.message);
-        }
-        let d = ferry_sync::driver::DriveError::LinkLost("closed by peer: \x1b[2J".into());
-        let f = crate::exit::from_drive(&d);
-        assert!(terminal_safe(&f.message, false), "{:?}", f.message);
-    }
-
     #[test]
     fn log_lines_are_escaped() {
         let mut w = EscapingWriter(Vec::new());
         w.write_all(b"INFO peer \x1b]0;t\x07 said \xc2\x9b2J\n")
             .unwrap();
         let out = String::from_utf8(w.0).unwrap();
-        assert!(terminal_safe(&out, true), "{out:?}");
+        assert!(!out.chars().any(|c| c.is_control() && c != '\n'), "{out:?}");
         assert!(out.ends_with('\n'));
     }
 }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use ferry::session;
+use ferry_migrate::session;
 use ferry_sync::compress::CompressPolicy;
 use ferry_sync::driver::DriveError;
 use ferry_sync::proto::frame::{

@@ -77,6 +77,24 @@ pub mod close {
     /// The server serves only another device (`ferry send --to`).
     pub const NOT_SERVED: u32 = 6;
 
+    // Codes of the migration (`ferry-migrate`), from 0x100. Its crate docs say when each is
+    // used and what the other side makes of it.
+
+    /// The migration (or a pairing) is complete; the receiver waits for this before it exits.
+    pub const COMPLETE: u32 = 0x100;
+    /// The link was cut on purpose (`ferry demo`, tests): the receiver reconnects.
+    pub const LINK_CUT: u32 = 0x101;
+    /// Replaced: the same device connected again (the old connection is dead), or the sender
+    /// answers at another address.
+    pub const REPLACED: u32 = 0x102;
+    /// The sender is serving another device.
+    pub const BUSY: u32 = 0x103;
+    /// The receiver stopped holding a complete, verified round: nothing is unfinished.
+    pub const RECEIVER_STOPPED: u32 = 0x104;
+    /// This side stopped (or failed, with its reason sent first) before the migration ended;
+    /// the other keeps what it verified.
+    pub const STOPPED: u32 = 0x105;
+
     pub(crate) fn pairing_error(code: u32) -> Option<PairingError> {
         match code {
             NOT_PAIRED => Some(PairingError::NotPaired),

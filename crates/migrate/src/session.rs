@@ -1,8 +1,9 @@
-//! One migration session (one round) over an authenticated QUIC connection: the receiver opens
-//! the control stream, the sender opens the data streams. Catch-up rounds run one after the
-//! other on the same connection, each on new streams.
+//! One session (one round) of the sync protocol over an authenticated QUIC connection: the
+//! receiver opens the control stream, the sender opens [`DATA_LANES`] data streams. Catch-up
+//! rounds run one after the other on the same connection, each on new streams.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use ferry_sync::driver::{
@@ -21,14 +22,6 @@ use tokio::sync::mpsc;
 
 /// Data streams per session: enough to keep a fast link busy while one stream waits on loss.
 pub const DATA_LANES: usize = 4;
-/// QUIC application close code for "migration complete" (transport codes are below 0x100).
-pub const CLOSE_DONE: u32 = 0x100;
-/// The sender dropped this connection because the same receiver connected again.
-pub const CLOSE_SUPERSEDED: u32 = 0x102;
-/// The sender is serving another device.
-pub const CLOSE_BUSY: u32 = 0x103;
-/// The receiver stopped (Ctrl-C) holding a complete, verified round: nothing is unfinished.
-pub const CLOSE_RECEIVER_STOPPED: u32 = 0x104;
 
 /// A QUIC data stream as a [`DataSink`]: quinn takes the frame's buffers as they are, so chunk
 /// payloads are not copied into the stream's send buffer.
@@ -56,16 +49,16 @@ impl DataSink for QuicLane {
     }
 }
 
-/// A cap on the rate of data sent (`ferry send --limit-rate`), shared by a session's data lanes:
-/// each frame is paced to start no earlier than the previous frames allow at this rate.
+/// A cap on the rate of chunk data sent, shared by a session's data lanes: each frame is paced
+/// to start no earlier than the previous frames allow at this rate.
 #[derive(Clone, Debug)]
-pub struct RateLimit {
+pub(crate) struct RateLimit {
     bytes_per_sec: f64,
     next_free: Arc<std::sync::Mutex<Option<tokio::time::Instant>>>,
 }
 
 impl RateLimit {
-    pub fn new(bytes_per_sec: u64) -> Self {
+    pub(crate) fn new(bytes_per_sec: u64) -> Self {
         RateLimit {
             bytes_per_sec: bytes_per_sec.max(1) as f64,
             next_free: Arc::new(std::sync::Mutex::new(None)),
@@ -78,7 +71,7 @@ impl RateLimit {
             let mut next = self.next_free.lock().unwrap_or_else(|p| p.into_inner());
             let now = tokio::time::Instant::now();
             let start = next.map_or(now, |t| t.max(now));
-            *next = Some(start + std::time::Duration::from_secs_f64(n as f64 / self.bytes_per_sec));
+            *next = Some(start + Duration::from_secs_f64(n as f64 / self.bytes_per_sec));
             start
         };
         tokio::time::sleep_until(start).await;
@@ -89,7 +82,9 @@ fn lost(e: impl std::fmt::Display) -> DriveError {
     DriveError::LinkLost(e.to_string())
 }
 
-/// Serves a single-round session: the receiver's copy of `manifest` is final.
+/// Serves a single-round session (the receiver's copy of `manifest` is final): the building
+/// block for callers that manage connections themselves. [`crate::Migration`] runs whole
+/// migrations (rounds, reconnects, resume) on top of it.
 pub async fn serve(
     conn: &PeerConnection,
     manifest: Arc<Manifest>,
@@ -100,21 +95,29 @@ pub async fn serve(
         Verdict::<()>::Final
     })
     .await;
-    (
-        r.and_then(|end| match end {
-            SendEnd::Final | SendEnd::Next(()) => Ok(()),
-            SendEnd::SourceChanged { path } => Err(DriveError::Session(
-                ferry_sync::proto::SessionError::Source(format!(
-                    "{path} changed while it was being sent"
-                )),
+    let r = r.and_then(|end| match end {
+        SendEnd::Final | SendEnd::Next(()) => Ok(()),
+        SendEnd::SourceChanged { path } => Err(DriveError::Session(
+            ferry_sync::proto::SessionError::Source(format!(
+                "{path} changed while it was being sent"
             )),
-        }),
-        stats,
-    )
+        )),
+    });
+    (r, stats)
+}
+
+/// Runs one receiving session on a connection to the sender, with the default configuration:
+/// the counterpart of [`serve`].
+pub async fn receive(
+    conn: &PeerConnection,
+    store: Arc<FsStore>,
+    on_event: impl FnMut(&RecvEvent),
+) -> Result<RecvEnd, DriveError> {
+    receive_round(conn, store, ReceiverConfig::default(), on_event).await
 }
 
 /// Serves one round to a connected receiver; `decide` is awaited once the receiver verified it.
-pub async fn serve_round<T, F, Fut>(
+pub(crate) async fn serve_round<T, F, Fut>(
     conn: &PeerConnection,
     manifest: Arc<Manifest>,
     source: Arc<Source>,
@@ -142,10 +145,10 @@ where
 }
 
 /// Answers the receiver's next control stream with a hello and `Close{code, reason}`: the
-/// migration ends with a reason the receiver can show (and an exit code it can map).
-pub async fn refuse(conn: &PeerConnection, code: CloseCode, reason: &str) {
+/// migration ends with a reason the receiver can show (and an error class it can map).
+pub(crate) async fn refuse(conn: &PeerConnection, code: CloseCode, reason: &str) {
     let Ok(Ok((mut send, _recv))) =
-        tokio::time::timeout(std::time::Duration::from_secs(5), conn.accept_bi()).await
+        tokio::time::timeout(Duration::from_secs(5), conn.accept_bi()).await
     else {
         return;
     };
@@ -162,23 +165,14 @@ pub async fn refuse(conn: &PeerConnection, code: CloseCode, reason: &str) {
     let _ = send.write_all(&hello).await;
     let _ = send.write_all(&close).await;
     let _ = send.finish();
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), send.stopped()).await;
-}
-
-/// Runs one receiving session on a connection to the sender, with the default configuration.
-pub async fn receive(
-    conn: &PeerConnection,
-    store: Arc<FsStore>,
-    on_event: impl FnMut(&RecvEvent),
-) -> Result<RecvEnd, DriveError> {
-    receive_with(conn, store, ReceiverConfig::default(), on_event).await
+    let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
 }
 
 /// Runs one receiving session on a connection to the sender.
-pub async fn receive_with(
+pub(crate) async fn receive_round(
     conn: &PeerConnection,
     store: Arc<FsStore>,
-    cfg: ReceiverConfig,
+    mut cfg: ReceiverConfig,
     on_event: impl FnMut(&RecvEvent),
 ) -> Result<RecvEnd, DriveError> {
     let (ctl_send, ctl_recv) = conn.open_bi().await.map_err(lost)?;
@@ -193,7 +187,6 @@ pub async fn receive_with(
     });
     // A destination that folds case (exFAT, FAT, macOS, Windows) cannot hold two names that
     // differ only in case: such a manifest is refused before anything is written.
-    let mut cfg = cfg;
     cfg.limits.case_insensitive = store.folds_case();
     cfg.limits.normalization_insensitive = store.normalizes();
     let r = run_receiver(Receiver::new(cfg), store, ctl_recv, ctl_send, rx, on_event).await;

@@ -1,0 +1,288 @@
+//! What a running migration reports: a bounded stream of [`Event`]s.
+//!
+//! Each event serialises (serde) to one JSON object tagged by its name, `{"event": "paired",
+//! …}`: the CLI's `--json` output is exactly that, one object per line. Strings in events
+//! (device names, paths, reasons) come from the devices as they are; escape them before they
+//! reach a terminal ([`crate::text::escape`]).
+
+use std::net::SocketAddr;
+
+use ferry_sync::manifest::ChunkHash;
+use ferry_transport::{DeviceId, PairingCode, PeerRole, Ticket};
+use serde::{Serialize, Serializer};
+
+/// One thing that happened in a migration, in order. New variants may be added.
+#[derive(Clone, Debug, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Event {
+    // --- sender: the scan -------------------------------------------------------------
+    /// A path in the folder that is not sent (not UTF-8, a FIFO, a link leaving the folder…).
+    Skipped { path: String, reason: String },
+    /// A database that cannot be read through SQLite: sent as a plain file, checked for
+    /// changes while read.
+    Database {
+        path: String,
+        capture: &'static str,
+        reason: String,
+    },
+    /// How the databases were captured: consistent snapshots (`reused` unchanged since the
+    /// last scan) and raw copies.
+    Databases { snapshots: u64, reused: u64, raw: u64 },
+    /// A file that kept changing while read: left out of this round.
+    Unstable { path: String, reason: String },
+    /// The manifest of the history: on the sender after its scan, on the receiver as it
+    /// arrived.
+    Manifest(ManifestInfo),
+    /// `essentials_first`: the databases and small files go as round 1.
+    Essentials {
+        files: u64,
+        bytes: u64,
+        #[serde(serialize_with = "hex")]
+        root: ChunkHash,
+    },
+    /// The sender serves only this paired device (`to`).
+    ServingOnly {
+        peer: String,
+        #[serde(serialize_with = "display")]
+        device_id: DeviceId,
+    },
+    /// The pairing code was chosen by the caller: weaker than a random one.
+    ChosenCode,
+    /// The sender listens: its addresses, pairing code and ticket (`reissued` after a failed
+    /// attempt used up the previous code).
+    Listening {
+        addrs: Vec<SocketAddr>,
+        #[serde(serialize_with = "display")]
+        code: PairingCode,
+        #[serde(serialize_with = "display")]
+        ticket: Ticket,
+        #[serde(serialize_with = "display")]
+        device_id: DeviceId,
+        reissued: bool,
+    },
+    /// Local-network discovery (mDNS) is unavailable: the receiver needs the ticket or address.
+    DiscoveryUnavailable { reason: String },
+    /// Failed pairing attempts in a row: a new code after `retry_in_s`.
+    PairingBackoff { failures: u32, retry_in_s: u64 },
+    /// Too many failed attempts in a row: pairing paused (`resume`: `"enter"` when the caller
+    /// offered [`crate::Handle::resume_pairing`], else `"wait"`).
+    PairingPaused {
+        failures: u32,
+        retry_in_s: u64,
+        resume: &'static str,
+    },
+    /// A device tried a wrong code (that code is now void). Serialised as an `error` event
+    /// of kind `pairing`, as before.
+    #[serde(rename = "error")]
+    WrongCode {
+        kind: &'static str,
+        message: String,
+        addr: SocketAddr,
+    },
+    /// A paired device other than the `to` device connected and was refused.
+    Refused {
+        #[serde(serialize_with = "display")]
+        device_id: DeviceId,
+        addr: SocketAddr,
+    },
+
+    // --- receiver: finding the sender -------------------------------------------------
+    /// The destination holds an unfinished migration: it continues.
+    Unfinished,
+    /// The destination remembers its sender: reconnecting by its pinned key
+    /// (`code_needed: false`, no code asked).
+    KnownSender { code_needed: bool },
+    /// Looking for senders on the local network.
+    Looking,
+    /// A sender found on the local network.
+    Found { peer: String, addrs: Vec<SocketAddr> },
+
+    // --- both ends --------------------------------------------------------------------
+    /// The other device is authenticated (newly paired, or by its pinned key).
+    Paired(PeerEvent),
+    /// Part of the history was already here and verified.
+    Resumed {
+        bytes_have: u64,
+        bytes_total: u64,
+        round: u32,
+    },
+    /// Verified and durable bytes at the receiver (of `bytes_total`); `wire_bytes` is the
+    /// chunk payload received so far by this run.
+    Progress {
+        bytes_done: u64,
+        bytes_total: u64,
+        wire_bytes: u64,
+        files_total: u64,
+    },
+    /// The receiver verified and committed a round.
+    Verified {
+        round: u32,
+        #[serde(serialize_with = "hex")]
+        root: ChunkHash,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        files: Option<u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        bytes: Option<u64>,
+    },
+    /// Another round starts.
+    Round(RoundInfo),
+    /// The round limit ended the migration while the folder kept changing.
+    StillChanging {
+        rounds: u32,
+        added: u64,
+        changed: u64,
+        removed: u64,
+        paths: Vec<String>,
+    },
+    /// The session ended before the migration did: the sender waits for the receiver, the
+    /// receiver reconnects.
+    Interrupted { message: String, wire_bytes: u64 },
+    /// The receiver has a connection to its sender again.
+    Reconnected { addr: SocketAddr },
+    /// A sender announced itself at new addresses; the receiver tries them too.
+    SenderFound { addrs: Vec<String> },
+    /// A rescan of the folder failed (the migration goes on with the last good scan).
+    RescanFailed { message: String },
+    /// The sender did not confirm the end; everything at the receiver is verified.
+    Unconfirmed,
+    /// The sender could not be reached, but the destination already holds the finished
+    /// migration from it (every file verified again just now).
+    AlreadyComplete { reason: String },
+    /// The sender's migration ended.
+    #[serde(rename = "done")]
+    Sent(crate::SendSummary),
+    /// The receiver's migration ended: verified and committed.
+    #[serde(rename = "done")]
+    Received(crate::ReceiveSummary),
+}
+
+/// The manifest figures of [`Event::Manifest`].
+#[derive(Clone, Debug, Serialize)]
+pub struct ManifestInfo {
+    pub files: u64,
+    pub bytes: u64,
+    /// Distinct chunks.
+    pub chunks: u64,
+    #[serde(serialize_with = "hex")]
+    pub root: ChunkHash,
+    /// The sender's scan, when this is the sender's manifest.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub scan: Option<ScanInfo>,
+}
+
+/// What the sender's scan cost.
+#[derive(Clone, Debug, Serialize)]
+pub struct ScanInfo {
+    /// Bytes left to send after dedup.
+    pub unique_bytes: u64,
+    pub hashed_bytes: u64,
+    /// Files whose hashes came from the hash cache.
+    pub cached_files: u64,
+    pub scan_s: f64,
+    /// Paths not sent (the first 20 are reported as `skipped` events).
+    pub skipped: u64,
+}
+
+/// The other device, in [`Event::Paired`].
+#[derive(Clone, Debug, Serialize)]
+pub struct PeerEvent {
+    pub peer: String,
+    #[serde(serialize_with = "display")]
+    pub device_id: DeviceId,
+    pub addr: SocketAddr,
+    pub newly_paired: bool,
+    /// Unix seconds of the pairing that admitted it.
+    pub paired_at: u64,
+    /// The role it was paired in.
+    #[serde(serialize_with = "display")]
+    pub role: PeerRole,
+}
+
+/// Why a new round starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RoundReason {
+    /// The folder changed after the receiver verified the last round.
+    Changed,
+    /// A file changed under the sender's read: the round was cut short.
+    SourceChanged,
+}
+
+/// [`Event::Round`]: the sender knows the new manifest, the receiver the round it verified.
+#[derive(Clone, Debug, Serialize)]
+pub struct RoundInfo {
+    pub round: u32,
+    pub reason: RoundReason,
+    /// The file that changed (sender, `source-changed`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub files: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "opt_hex")]
+    pub root: Option<ChunkHash>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub files_added: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub files_changed: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub files_removed: Option<u64>,
+    /// The root of the round the receiver just verified.
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "opt_hex")]
+    pub verified_root: Option<ChunkHash>,
+    /// The receiver verified this many files in that round.
+    #[serde(skip)]
+    pub verified_files: Option<u64>,
+}
+
+impl RoundInfo {
+    pub(crate) fn new(round: u32, reason: RoundReason) -> Self {
+        RoundInfo {
+            round,
+            reason,
+            path: None,
+            files: None,
+            bytes: None,
+            root: None,
+            files_added: None,
+            files_changed: None,
+            files_removed: None,
+            verified_root: None,
+            verified_files: None,
+        }
+    }
+}
+
+/// How a migration ended (the `end` field of `done`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum End {
+    /// The folder stopped changing after the last round.
+    Quiescent,
+    /// The round limit ended it while the folder kept changing.
+    RoundLimit,
+    /// Stopped (the handle, Ctrl-C) after a verified round.
+    Stopped,
+    /// The receiver stopped following, holding a verified round.
+    ReceiverStopped,
+    /// The receiver holds the complete, verified migration.
+    Complete,
+}
+
+pub(crate) fn hex<S: Serializer>(h: &ChunkHash, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&h.to_hex())
+}
+
+fn opt_hex<S: Serializer>(h: &Option<ChunkHash>, s: S) -> Result<S::Ok, S::Error> {
+    match h {
+        Some(h) => s.serialize_str(&h.to_hex()),
+        None => s.serialize_none(),
+    }
+}
+
+fn display<T: std::fmt::Display, S: Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}

@@ -1,0 +1,431 @@
+//! Finding the sender: by ticket, by address, by the key a destination remembers, or on the
+//! local network; and finding it again after the link was lost or it moved.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_transport::{
+    ConnectError, DeviceId, DiscoveredSender, Discovery, DiscoveryError, Endpoint, MdnsConfig,
+    MdnsDiscovery, PairingCode, PairingError, PeerConnection, PeerRole,
+};
+
+use super::{ReceiveBuilder, STOPPED};
+use crate::error::{Cause, Error, ErrorKind};
+use crate::event::Event;
+use crate::handle::Emitter;
+use crate::send::stopped;
+use crate::text::escape;
+use crate::CodePrompt;
+
+/// The name of the file in the destination's state folder that names its sender.
+const SENDER_FILE: &str = "sender";
+/// How long a first connection keeps retrying a sender that refuses new connections for now.
+const REFUSED_RETRY_FOR: Duration = Duration::from_secs(30);
+/// Addresses kept for reconnecting: a roaming sender adds one per move.
+const MAX_SENDER_ADDRS: usize = 16;
+/// How long the receiver listens for senders' local-network announcements when it looks for
+/// its sender again.
+const REBROWSE_FOR: Duration = Duration::from_millis(1500);
+/// How long the receiver looks for senders on the local network at first.
+const BROWSE_FOR: Duration = Duration::from_secs(4);
+
+pub(crate) fn remembered_sender(dest: &Path) -> Option<DeviceId> {
+    let s = std::fs::read_to_string(super::state_dir(dest).join(SENDER_FILE)).ok()?;
+    s.lines().next()?.trim().parse().ok()
+}
+
+pub(crate) fn remember_sender(dest: &Path, id: &DeviceId) {
+    let _ = ferry_sync::private::write(
+        &super::state_dir(dest).join(SENDER_FILE),
+        format!("{id}\n").as_bytes(),
+    );
+}
+
+pub(crate) fn connect_failure(e: ConnectError) -> Error {
+    let (kind, message) = match &e {
+        ConnectError::Pairing(PairingError::WrongCode) => (
+            ErrorKind::Pairing,
+            "pairing failed: the code was wrong (or someone tried to intercept the connection). \
+             The old device now shows a new code; run the command again with it"
+                .to_string(),
+        ),
+        ConnectError::Pairing(p) => (ErrorKind::Pairing, format!("pairing failed: {p}")),
+        ConnectError::UnknownPeer(_) | ConnectError::NotUsable { .. } => (
+            ErrorKind::Pairing,
+            format!("{e}; pass the code shown by `ferry send` on that device (--code) or its --ticket"),
+        ),
+        other => (
+            ErrorKind::Unreachable,
+            format!(
+                "cannot reach the sender: {other}. Check that `ferry send` is running on the old device, \
+                 that both are on the same network, or use its --ticket; `ferry doctor` helps"
+            ),
+        ),
+    };
+    Error::with_cause(kind, message, Some(Cause::Connect(e)))
+}
+
+/// Runs `attempt` again, with backoff, while the sender answers but refuses new connections
+/// for now (it is busy with half-finished handshakes, e.g. of this receiver's earlier runs
+/// that were killed): a busy sender is not an unreachable one. Anything else is returned.
+async fn unless_refused<F, Fut>(mut attempt: F) -> Result<PeerConnection, ConnectError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<PeerConnection, ConnectError>>,
+{
+    let until = Instant::now() + REFUSED_RETRY_FOR;
+    let mut wait = Duration::from_millis(100);
+    loop {
+        match attempt().await {
+            Err(ConnectError::Refused(why)) if Instant::now() + wait < until => {
+                tracing::info!(?why, "the sender refused a new connection for now; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(2));
+            }
+            r => return r,
+        }
+    }
+}
+
+/// Where the sender can be reached.
+pub(crate) struct SenderAt {
+    /// The addresses it was reached at (the one it answered from is added once connected).
+    pub(crate) addrs: Vec<SocketAddr>,
+    /// Whether it was found on the local network (mDNS): then a reconnect that fails looks for
+    /// it there again. A sender that moved to a new address (roaming, a new DHCP lease, a
+    /// laptop that slept) announces the new one; QUIC cannot migrate the serving side, so the
+    /// old connection is lost, and its pinned key tells it apart from other senders.
+    browse: bool,
+}
+
+impl SenderAt {
+    pub(crate) fn fixed(addrs: &[SocketAddr]) -> Self {
+        SenderAt {
+            addrs: addrs.to_vec(),
+            browse: false,
+        }
+    }
+
+    /// Adds `a` unless known (the oldest goes when there are too many); whether it was new.
+    pub(crate) fn add(&mut self, a: SocketAddr) -> bool {
+        if self.addrs.contains(&a) {
+            return false;
+        }
+        if self.addrs.len() >= MAX_SENDER_ADDRS {
+            self.addrs.remove(0);
+        }
+        self.addrs.push(a);
+        true
+    }
+}
+
+/// Browses the local network for ferry senders for `wait` (off the async threads).
+async fn discover(wait: Duration) -> Result<Vec<DiscoveredSender>, Error> {
+    let found =
+        tokio::task::spawn_blocking(move || MdnsDiscovery::new(&MdnsConfig::default())?.browse(wait))
+            .await
+            .map_err(|e| Error::new(ErrorKind::Internal, e.to_string()))?;
+    found.map_err(|e: DiscoveryError| {
+        Error::with_cause(
+            ErrorKind::Unreachable,
+            format!("local-network discovery failed ({e}); use --ticket or --connect"),
+            Some(Cause::Discovery(e)),
+        )
+    })
+}
+
+/// Asks the caller's prompt for the code shown on `sender` (off the async threads).
+async fn ask_code(prompt: &Option<Arc<dyn CodePrompt>>, sender: &str) -> Result<PairingCode, Error> {
+    let Some(p) = prompt.clone() else {
+        return Err(Error::new(
+            ErrorKind::Usage,
+            format!("a pairing code is needed to pair with {}: give the code or the ticket shown by `ferry send` on the old device", escape(sender)),
+        ));
+    };
+    let sender = sender.to_string();
+    tokio::task::spawn_blocking(move || p.ask(&sender))
+        .await
+        .map_err(|e| Error::new(ErrorKind::Internal, e.to_string()))?
+}
+
+/// The first connection to the sender, and where to find it again.
+pub(crate) async fn first_connection(
+    ep: &Endpoint,
+    o: &ReceiveBuilder,
+    em: &Emitter,
+) -> Result<(PeerConnection, SenderAt), Error> {
+    // Only a device paired as our sender, and not expired, is reached by its key alone.
+    let usable = |id: &DeviceId| ep.usable(id, PeerRole::Sender).is_ok();
+    let remembered = remembered_sender(&o.dest).filter(usable);
+    if let Some(t) = &o.ticket {
+        let conn = if usable(&t.device_id) {
+            unless_refused(|| ep.connect_peer(t.device_id, &t.addrs)).await
+        } else {
+            unless_refused(|| ep.connect_ticket(t)).await
+        };
+        return conn
+            .map(|c| (c, SenderAt::fixed(&t.addrs)))
+            .map_err(connect_failure);
+    }
+    if let Some(addrs) = &o.connect {
+        return at_address(ep, o, addrs, remembered, em).await;
+    }
+    if let Some(id) = remembered {
+        em.emit(Event::KnownSender { code_needed: false }).await;
+        return unless_refused(|| ep.connect_peer(id, &[]))
+            .await
+            .map(|c| (c, SenderAt::fixed(&[])))
+            .map_err(connect_failure);
+    }
+    on_local_network(ep, o, em).await
+}
+
+/// The sender at an explicit address: by a pinned key when a paired sender answers there (no
+/// code needed, even when one was given), else by the code. Only that address is used.
+async fn at_address(
+    ep: &Endpoint,
+    o: &ReceiveBuilder,
+    addrs: &[SocketAddr],
+    remembered: Option<DeviceId>,
+    em: &Emitter,
+) -> Result<(PeerConnection, SenderAt), Error> {
+    let usable = |id: &DeviceId| ep.usable(id, PeerRole::Sender).is_ok();
+    let peers = ep.peers().list();
+    // The sender this destination remembers, else the one paired sender there is.
+    let pinned = remembered.or_else(|| {
+        let senders: Vec<DeviceId> = peers.iter().map(|p| p.device_id).filter(usable).collect();
+        (senders.len() == 1).then(|| senders[0])
+    });
+    if let Some(id) = pinned {
+        match unless_refused(|| ep.connect_peer(id, addrs)).await {
+            Ok(c) => {
+                em.emit(Event::KnownSender { code_needed: false }).await;
+                return Ok((c, SenderAt::fixed(addrs)));
+            }
+            // Another device answers there: pair with it by the code.
+            Err(e) if o.code.is_some() => tracing::info!("the paired sender is not there: {e}"),
+            Err(e) => return Err(connect_failure(e)),
+        }
+    }
+    let code = match o.code {
+        Some(c) => c,
+        None => {
+            // Paired devices that cannot be used without a code: say why with the question.
+            let why: Vec<String> = peers
+                .iter()
+                .filter_map(|p| {
+                    let e = ep.usable(&p.device_id, PeerRole::Sender).err()?;
+                    Some(format!("{} ({}): {e}", escape(&p.name), p.device_id.short()))
+                })
+                .collect();
+            match ask_code(&o.prompt, &addrs[0].to_string()).await {
+                Err(_) if !why.is_empty() => {
+                    return Err(Error::new(
+                        ErrorKind::Pairing,
+                        format!(
+                            "no paired device may send to this one without a code ({}); pass the code shown by `ferry send` (--code) or its --ticket",
+                            why.join("; ")
+                        ),
+                    ))
+                }
+                other => other?,
+            }
+        }
+    };
+    unless_refused(|| ep.connect_with_code(addrs, code))
+        .await
+        .map(|c| (c, SenderAt::fixed(addrs)))
+        .map_err(connect_failure)
+}
+
+/// The one sender on the local network, paired by the code.
+async fn on_local_network(
+    ep: &Endpoint,
+    o: &ReceiveBuilder,
+    em: &Emitter,
+) -> Result<(PeerConnection, SenderAt), Error> {
+    em.emit(Event::Looking).await;
+    let found = discover(BROWSE_FOR).await?;
+    let sender = match found.as_slice() {
+        [] => {
+            return Err(Error::new(
+                ErrorKind::Unreachable,
+                "no sender found on this network (multicast may be blocked). Use the ticket shown by \
+                 `ferry send` (--ticket) or its address (--connect HOST:PORT); `ferry doctor` explains what is blocked",
+            ))
+        }
+        [one] => one.clone(),
+        many => {
+            let names: Vec<String> = many
+                .iter()
+                .map(|d| {
+                    let addrs: Vec<String> = d.addrs.iter().map(|a| a.to_string()).collect();
+                    format!("{} at {}", escape(&d.name), addrs.join(", "))
+                })
+                .collect();
+            return Err(Error::new(
+                ErrorKind::Usage,
+                format!(
+                    "several senders found: {}; choose one with --connect HOST:PORT",
+                    names.join("; ")
+                ),
+            ));
+        }
+    };
+    em.emit(Event::Found {
+        peer: sender.name.clone(),
+        addrs: sender.addrs.clone(),
+    })
+    .await;
+    let code = match o.code {
+        Some(c) => c,
+        None => ask_code(&o.prompt, &sender.name).await?,
+    };
+    ep.connect_with_code(&sender.addrs, code)
+        .await
+        .map(|c| {
+            let at = SenderAt {
+                addrs: sender.addrs.clone(),
+                browse: true,
+            };
+            (c, at)
+        })
+        .map_err(connect_failure)
+}
+
+/// Adds the addresses senders announce on the local network to `at` (when it was found there);
+/// reports the new ones.
+async fn rediscover(at: &mut SenderAt, em: &Emitter) {
+    if !at.browse {
+        return;
+    }
+    let found = match discover(REBROWSE_FOR).await {
+        Ok(senders) => senders.into_iter().flat_map(|d| d.addrs).collect(),
+        Err(e) => {
+            tracing::info!("local-network discovery failed: {e}");
+            Vec::new()
+        }
+    };
+    let new: Vec<String> = found
+        .into_iter()
+        .filter(|a| at.add(*a))
+        .map(|a| a.to_string())
+        .collect();
+    if !new.is_empty() {
+        em.emit(Event::SenderFound { addrs: new }).await;
+    }
+}
+
+/// One connection attempt to the sender at every known address; when it was found on the
+/// local network, also looks for it there meanwhile and, when that shows new addresses,
+/// starts again with them.
+async fn attempt_once(
+    ep: &Endpoint,
+    id: DeviceId,
+    at: &mut SenderAt,
+    em: &Emitter,
+) -> Result<PeerConnection, ConnectError> {
+    let connect = |addrs: Vec<SocketAddr>| async move { ep.connect_peer(id, &addrs).await };
+    let mut attempt = Box::pin(connect(at.addrs.clone()));
+    if !at.browse {
+        return attempt.await;
+    }
+    let known = at.addrs.len();
+    {
+        let look = rediscover(at, em);
+        tokio::pin!(look);
+        tokio::select! {
+            r = &mut attempt => return r,
+            () = &mut look => {}
+        }
+    }
+    if at.addrs.len() != known {
+        attempt = Box::pin(connect(at.addrs.clone()));
+    }
+    attempt.await
+}
+
+/// How long the link to the sender may be silent (not a datagram; both ends send keep-alives
+/// every [`crate::device::KEEP_ALIVE`]) before the receiver tries the sender's other addresses.
+const SILENT_FOR: Duration = Duration::from_millis(crate::device::KEEP_ALIVE.as_millis() as u64 * 6);
+/// How long a try at another address may take (a handshake on a working path takes one RTT).
+const PROBE_WITHIN: Duration = Duration::from_secs(3);
+
+/// Resolves with a new connection to the sender when this one has gone silent for
+/// [`SILENT_FOR`] and the sender answers at another of its addresses: it moved (roaming, a new
+/// lease), and since QUIC cannot migrate the serving side the old connection would only end at
+/// the idle timeout. A silent link to a sender with no other address (a blackout) is left to
+/// recover by itself, keeping what is in flight. Never resolves otherwise.
+pub(crate) async fn sender_elsewhere(
+    ep: &Endpoint,
+    id: DeviceId,
+    at: &mut SenderAt,
+    conn: &PeerConnection,
+    em: &Emitter,
+) -> PeerConnection {
+    let q = conn.quinn();
+    let mut seen = q.stats().udp_rx.datagrams;
+    let mut heard = Instant::now();
+    loop {
+        tokio::time::sleep(crate::device::KEEP_ALIVE).await;
+        let now = q.stats().udp_rx.datagrams;
+        if now != seen || heard.elapsed() < SILENT_FOR {
+            if now != seen {
+                seen = now;
+                heard = Instant::now();
+            }
+            continue;
+        }
+        rediscover(at, em).await;
+        let current = q.remote_address();
+        let others: Vec<SocketAddr> = at.addrs.iter().copied().filter(|a| *a != current).collect();
+        if others.is_empty() || q.stats().udp_rx.datagrams != seen {
+            continue;
+        }
+        tracing::info!("no word from the sender for {:?}: trying {others:?}", heard.elapsed());
+        if let Ok(Ok(c)) = tokio::time::timeout(PROBE_WITHIN, ep.connect_peer(id, &others)).await {
+            return c;
+        }
+    }
+}
+
+/// Reconnects to the sender with back-off until `give_up` has passed without a connection (or
+/// the migration is stopped).
+pub(crate) async fn reconnect(
+    ep: &Endpoint,
+    id: DeviceId,
+    at: &mut SenderAt,
+    give_up: Duration,
+    em: &Emitter,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<PeerConnection, Error> {
+    let start = Instant::now();
+    let mut delay = Duration::from_millis(200);
+    loop {
+        let attempt = tokio::select! {
+            r = attempt_once(ep, id, at, em) => r,
+            () = stopped(&mut stop) => return Err(Error::new(ErrorKind::Interrupted, STOPPED)),
+        };
+        match attempt {
+            Ok(c) => {
+                at.add(c.peer().addr);
+                em.emit(Event::Reconnected { addr: c.peer().addr }).await;
+                return Ok(c);
+            }
+            Err(e) => {
+                tracing::info!("reconnect failed: {e}");
+                if start.elapsed() >= give_up {
+                    return Err(Error::with_cause(
+                        ErrorKind::Interrupted,
+                        format!("the sender has been unreachable for {} s ({e}); everything verified so far is kept: run the same command to continue", give_up.as_secs()),
+                        Some(Cause::Connect(e)),
+                    ));
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(3));
+            }
+        }
+    }
+}
