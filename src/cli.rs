@@ -11,7 +11,8 @@ use clap::{Args, Parser, Subcommand};
     about = "Move a chat history from an old device to a new one over your own network: resumable, verified, fast.",
     after_help = "Exit codes: 0 ok, 1 internal error, 2 usage, 3 pairing failed, 4 peer unreachable, \
                   5 interrupted (run the same command again to continue), 6 destination problem, \
-                  7 integrity failure, 8 source problem, 9 protocol/version mismatch."
+                  7 integrity failure, 8 source problem, 9 protocol/version mismatch, \
+                  10 incomplete (finished, but files that kept changing were not sent)."
 )]
 pub struct Cli {
     /// More logging (-v info, -vv debug) on stderr.

@@ -6,10 +6,10 @@ use ferry_sync::store::verify_dest;
 use ferry_transport::{doctor, AcceptError, DoctorConfig, MdnsConfig};
 use serde_json::json;
 
-use crate::cli::{DoctorFlags, PairFlags, PeersFlags, VerifyFlags};
 use crate::args;
-use ferry_migrate::{Error, ErrorKind};
+use crate::cli::{DoctorFlags, PairFlags, PeersFlags, VerifyFlags};
 use crate::output::{self, escape, escape_lines, human_bytes, Reporter};
+use ferry_migrate::{Error, ErrorKind};
 
 pub async fn verify(f: VerifyFlags) -> Result<(), Error> {
     let rep = Reporter::new(f.json);
@@ -148,8 +148,7 @@ pub async fn pair(f: PairFlags) -> Result<(), Error> {
             .map_err(|e| Error::new(ErrorKind::Pairing, format!("pairing failed: {e}")))?
     } else if let Some(addr) = &f.connect {
         let addrs = args::parse_addr(addr)?;
-        let code = match args::code_arg(f.code.as_deref(), Some("FERRY_CODE"), &mut stdin_taken)?
-        {
+        let code = match args::code_arg(f.code.as_deref(), Some("FERRY_CODE"), &mut stdin_taken)? {
             Some(c) => c,
             None => args::prompt_code(addr)?,
         };

@@ -91,7 +91,8 @@ impl Reporter {
         {
             let mut last = self.last_progress.lock().unwrap_or_else(|p| p.into_inner());
             let now = Instant::now();
-            if last.is_some_and(|t| now - t < Duration::from_millis(500)) && bytes_done < bytes_total
+            if last.is_some_and(|t| now - t < Duration::from_millis(500))
+                && bytes_done < bytes_total
             {
                 return;
             }

@@ -191,7 +191,11 @@ fn line(ev: &Event) -> Option<String> {
 }
 
 fn addr_list(addrs: &[std::net::SocketAddr]) -> String {
-    addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", ")
+    addrs
+        .iter()
+        .map(|a| a.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn listening(rep: &Reporter, ev: &Event) {

@@ -363,3 +363,45 @@ fn codes_and_tickets_from_stdin_or_the_environment_stay_off_the_command_line() {
         }
     }
 }
+
+/// An explicit `--connect` is the only address used: a receiver paired with a sender before,
+/// run into a new folder with a wrong `--code` and the sender's new address, reaches that
+/// sender by its pinned key (no code needed) — it does not fall back to the address of the
+/// earlier migration. Against a sender it is not paired with, the wrong code is exit 3.
+#[test]
+fn explicit_connect_is_used_a_pinned_sender_needs_no_code_and_a_wrong_code_elsewhere_is_exit_3() {
+    let src = shared_history(4, 21);
+    let (old, new, stranger) = (
+        Device::new("old"),
+        Device::new("new"),
+        Device::new("stranger"),
+    );
+    let work = tempdir("dest");
+    // The first migration pairs the two devices.
+    let (mut s, addr, code) = start_sender(&old, src, "127.0.0.1:0");
+    let mut r = new.receive(&work.path().join("first"), &addr, Some(&code), &[]);
+    r.expect_exit(0, LONG);
+    s.expect_exit(0, LONG);
+    // The same sender again, on another port.
+    let (mut s, addr2, code2) = start_sender(&old, src, "127.0.0.1:0");
+    assert_ne!(addr, addr2);
+    let dest = work.path().join("second");
+    let mut r = new.receive(&dest, &addr2, Some(&wrong(&code2)), &[]);
+    let paired = r.wait_event("paired", LONG);
+    assert_eq!(paired["newly_paired"], false, "{paired}");
+    assert_eq!(paired["addr"], addr2.as_str(), "{paired}");
+    r.expect_exit(0, LONG);
+    s.expect_exit(0, LONG);
+    assert_histories_equal(src, &dest).expect("trees equal");
+    // A sender this device never paired with, at an explicit address: the code decides.
+    let (mut s, addr3, code3) = start_sender(&stranger, src, "127.0.0.1:0");
+    let mut r = new.receive(
+        &work.path().join("third"),
+        &addr3,
+        Some(&wrong(&code3)),
+        &[],
+    );
+    r.expect_exit(3, LONG);
+    assert!(r.stderr().contains("code was wrong"), "{}", r.stderr());
+    assert!(s.running());
+}

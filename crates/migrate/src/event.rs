@@ -28,7 +28,11 @@ pub enum Event {
     },
     /// How the databases were captured: consistent snapshots (`reused` unchanged since the
     /// last scan) and raw copies.
-    Databases { snapshots: u64, reused: u64, raw: u64 },
+    Databases {
+        snapshots: u64,
+        reused: u64,
+        raw: u64,
+    },
     /// A file that kept changing while read: left out of this round.
     Unstable { path: String, reason: String },
     /// The manifest of the history: on the sender after its scan, on the receiver as it
@@ -96,7 +100,10 @@ pub enum Event {
     /// Looking for senders on the local network.
     Looking,
     /// A sender found on the local network.
-    Found { peer: String, addrs: Vec<SocketAddr> },
+    Found {
+        peer: String,
+        addrs: Vec<SocketAddr>,
+    },
 
     // --- both ends --------------------------------------------------------------------
     /// The other device is authenticated (newly paired, or by its pinned key).

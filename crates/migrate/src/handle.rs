@@ -155,6 +155,18 @@ impl Emitter {
         }
     }
 
+    /// Waits (at most a second) until the caller has taken every event sent so far: before a
+    /// question to the person, so that it comes after the lines that led to it.
+    pub(crate) async fn drained(&self) {
+        self.flush().await;
+        let until = tokio::time::Instant::now() + std::time::Duration::from_secs(1);
+        while self.tx.capacity() < self.tx.max_capacity() && tokio::time::Instant::now() < until {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        // The last event taken may still be being shown.
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+
     /// Sends what waits in the overflow queue.
     pub(crate) async fn flush(&self) {
         loop {

@@ -225,7 +225,10 @@ fn receiver_config(dest: &Path) -> ReceiverConfig {
         });
     cfg.limits.available_space = ferry_sync::platform::fs_space(dest).map(|sp| {
         let empty = std::fs::read_dir(dest)
-            .map(|rd| rd.flatten().all(|e| e.file_name() == ferry_sync::path::STATE_DIR))
+            .map(|rd| {
+                rd.flatten()
+                    .all(|e| e.file_name() == ferry_sync::path::STATE_DIR)
+            })
             .unwrap_or(false);
         if empty && !FsStore::has_leftovers(dest) && !FsStore::has_receipt(dest) {
             sp.available
@@ -509,13 +512,24 @@ impl Receiving<'_> {
                 let c = match moved.take() {
                     Some(c) => {
                         self.at.add(c.peer().addr);
-                        self.em.emit(Event::Reconnected { addr: c.peer().addr }).await;
+                        self.em
+                            .emit(Event::Reconnected {
+                                addr: c.peer().addr,
+                            })
+                            .await;
                         c
                     }
                     None => {
                         let stop = self.ctl.stop_signal();
-                        find::reconnect(&self.ep, self.sender.device_id, &mut self.at, self.o.give_up, self.em, stop)
-                            .await?
+                        find::reconnect(
+                            &self.ep,
+                            self.sender.device_id,
+                            &mut self.at,
+                            self.o.give_up,
+                            self.em,
+                            stop,
+                        )
+                        .await?
                     }
                 };
                 Ok(Step::Continue(c))
@@ -581,7 +595,9 @@ impl Receiving<'_> {
         }
         self.rounds += 1;
         let m = ferry_sync::store::receipt_summary(&self.o.dest)?;
-        Ok(Step::Done(self.finish(m.root, m.files, m.bytes, End::Stopped).await))
+        Ok(Step::Done(
+            self.finish(m.root, m.files, m.bytes, End::Stopped).await,
+        ))
     }
 
     /// A session that ended well: another round follows, or the migration is complete.
@@ -622,7 +638,9 @@ impl Receiving<'_> {
                 self.em.emit(Event::Unconfirmed).await;
             }
         }
-        Ok(Step::Done(self.finish(m.root, m.files, m.bytes, End::Complete).await))
+        Ok(Step::Done(
+            self.finish(m.root, m.files, m.bytes, End::Complete).await,
+        ))
     }
 
     /// Tells a sender that may have missed our Done (it was restarted as we finished) that the
@@ -684,7 +702,9 @@ impl Receiving<'_> {
 /// Waits (briefly) for the sender to close the connection saying it saw our Done.
 async fn sender_confirmed(conn: &PeerConnection) -> bool {
     match tokio::time::timeout(Duration::from_secs(3), conn.closed()).await {
-        Ok(ConnectionError::ApplicationClosed(c)) => c.error_code == VarInt::from_u32(close::COMPLETE),
+        Ok(ConnectionError::ApplicationClosed(c)) => {
+            c.error_code == VarInt::from_u32(close::COMPLETE)
+        }
         _ => false,
     }
 }

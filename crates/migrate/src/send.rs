@@ -297,8 +297,8 @@ async fn run(o: SendBuilder, em: &Emitter, ctl: Arc<Control>) -> Result<SendSumm
         () = stopped(&mut stop) => return Err(interrupted(STOPPED)),
     };
     let scan_secs = started.elapsed().as_secs_f64();
-    let mut serving = Serving::prepare(o, dirs, pinning, scanner, scanned, scan_secs, em, ctl)
-        .await?;
+    let mut serving =
+        Serving::prepare(o, dirs, pinning, scanner, scanned, scan_secs, em, ctl).await?;
     serving.started = started;
     serving.serve().await
 }
@@ -339,7 +339,11 @@ fn last_port_file(dirs: &FerryDirs) -> PathBuf {
 /// last time when that is free: a sender restarted after a crash or a reboot is then found at
 /// the address the receiver (and its ticket) already know, and the receiver resumes on its
 /// own. Otherwise on any free port.
-fn sender_endpoint(o: &SendBuilder, dirs: &FerryDirs, pinning: &Pinning) -> Result<Endpoint, Error> {
+fn sender_endpoint(
+    o: &SendBuilder,
+    dirs: &FerryDirs,
+    pinning: &Pinning,
+) -> Result<Endpoint, Error> {
     let name = o.name.as_deref();
     let open = |at| device::endpoint_with(dirs, name, at, o.congestion, pinning);
     if o.listen.is_some() {
@@ -835,7 +839,11 @@ impl<'e> Serving<'e> {
                 self.rounds_done += 1;
                 conn.close(close::COMPLETE, b"done");
                 let stopped_now = stopping || *self.ctl.stop_signal().borrow();
-                let limited = self.limited.lock().unwrap_or_else(|p| p.into_inner()).take();
+                let limited = self
+                    .limited
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take();
                 let how = if stopped_now {
                     End::Stopped
                 } else if limited.is_some() {
@@ -903,7 +911,8 @@ impl<'e> Serving<'e> {
         self.adopt(out).await;
         let m = *self.manifest.summary();
         let mut r = RoundInfo::new(self.rounds_done + 1, RoundReason::SourceChanged);
-        (r.path, r.files, r.bytes, r.root) = (Some(path), Some(m.files), Some(m.bytes), Some(m.root));
+        (r.path, r.files, r.bytes, r.root) =
+            (Some(path), Some(m.files), Some(m.bytes), Some(m.root));
         self.em.emit(Event::Round(r)).await;
         Ok(())
     }
@@ -920,7 +929,9 @@ impl<'e> Serving<'e> {
         if receiver_stopped(conn).await {
             // The receiver stopped following, holding a verified round.
             let rounds = self.rounds_done + u32::from(verified);
-            let s = self.finish(rounds, End::ReceiverStopped, &conn.peer().name).await;
+            let s = self
+                .finish(rounds, End::ReceiverStopped, &conn.peer().name)
+                .await;
             return Ok(RoundOutcome::Finished(s));
         }
         let message = e.to_string();
@@ -986,9 +997,8 @@ async fn offer_code(
     chosen: Option<PairingCode>,
     em: &Emitter,
 ) -> Result<PairingCode, Error> {
-    let internal = |e: PairingError| {
-        Error::with_cause(ErrorKind::Internal, e.to_string(), Some(e.into()))
-    };
+    let internal =
+        |e: PairingError| Error::with_cause(ErrorKind::Internal, e.to_string(), Some(e.into()));
     match chosen {
         Some(c) => {
             em.emit(Event::ChosenCode).await;
@@ -1020,4 +1030,3 @@ impl SendSummary {
         })
     }
 }
-

@@ -80,7 +80,10 @@ where
     loop {
         match attempt().await {
             Err(ConnectError::Refused(why)) if Instant::now() + wait < until => {
-                tracing::info!(?why, "the sender refused a new connection for now; retrying");
+                tracing::info!(
+                    ?why,
+                    "the sender refused a new connection for now; retrying"
+                );
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(Duration::from_secs(2));
             }
@@ -123,10 +126,11 @@ impl SenderAt {
 
 /// Browses the local network for ferry senders for `wait` (off the async threads).
 async fn discover(wait: Duration) -> Result<Vec<DiscoveredSender>, Error> {
-    let found =
-        tokio::task::spawn_blocking(move || MdnsDiscovery::new(&MdnsConfig::default())?.browse(wait))
-            .await
-            .map_err(|e| Error::new(ErrorKind::Internal, e.to_string()))?;
+    let found = tokio::task::spawn_blocking(move || {
+        MdnsDiscovery::new(&MdnsConfig::default())?.browse(wait)
+    })
+    .await
+    .map_err(|e| Error::new(ErrorKind::Internal, e.to_string()))?;
     found.map_err(|e: DiscoveryError| {
         Error::with_cause(
             ErrorKind::Unreachable,
@@ -137,13 +141,18 @@ async fn discover(wait: Duration) -> Result<Vec<DiscoveredSender>, Error> {
 }
 
 /// Asks the caller's prompt for the code shown on `sender` (off the async threads).
-async fn ask_code(prompt: &Option<Arc<dyn CodePrompt>>, sender: &str) -> Result<PairingCode, Error> {
+async fn ask_code(
+    prompt: &Option<Arc<dyn CodePrompt>>,
+    sender: &str,
+    em: &Emitter,
+) -> Result<PairingCode, Error> {
     let Some(p) = prompt.clone() else {
         return Err(Error::new(
             ErrorKind::Usage,
             format!("a pairing code is needed to pair with {}: give the code or the ticket shown by `ferry send` on the old device", escape(sender)),
         ));
     };
+    em.drained().await;
     let sender = sender.to_string();
     tokio::task::spawn_blocking(move || p.ask(&sender))
         .await
@@ -217,10 +226,14 @@ async fn at_address(
                 .iter()
                 .filter_map(|p| {
                     let e = ep.usable(&p.device_id, PeerRole::Sender).err()?;
-                    Some(format!("{} ({}): {e}", escape(&p.name), p.device_id.short()))
+                    Some(format!(
+                        "{} ({}): {e}",
+                        escape(&p.name),
+                        p.device_id.short()
+                    ))
                 })
                 .collect();
-            match ask_code(&o.prompt, &addrs[0].to_string()).await {
+            match ask_code(&o.prompt, &addrs[0].to_string(), em).await {
                 Err(_) if !why.is_empty() => {
                     return Err(Error::new(
                         ErrorKind::Pairing,
@@ -281,7 +294,7 @@ async fn on_local_network(
     .await;
     let code = match o.code {
         Some(c) => c,
-        None => ask_code(&o.prompt, &sender.name).await?,
+        None => ask_code(&o.prompt, &sender.name, em).await?,
     };
     ep.connect_with_code(&sender.addrs, code)
         .await
@@ -349,7 +362,8 @@ async fn attempt_once(
 
 /// How long the link to the sender may be silent (not a datagram; both ends send keep-alives
 /// every [`crate::device::KEEP_ALIVE`]) before the receiver tries the sender's other addresses.
-const SILENT_FOR: Duration = Duration::from_millis(crate::device::KEEP_ALIVE.as_millis() as u64 * 6);
+const SILENT_FOR: Duration =
+    Duration::from_millis(crate::device::KEEP_ALIVE.as_millis() as u64 * 6);
 /// How long a try at another address may take (a handshake on a working path takes one RTT).
 const PROBE_WITHIN: Duration = Duration::from_secs(3);
 
@@ -384,7 +398,10 @@ pub(crate) async fn sender_elsewhere(
         if others.is_empty() || q.stats().udp_rx.datagrams != seen {
             continue;
         }
-        tracing::info!("no word from the sender for {:?}: trying {others:?}", heard.elapsed());
+        tracing::info!(
+            "no word from the sender for {:?}: trying {others:?}",
+            heard.elapsed()
+        );
         if let Ok(Ok(c)) = tokio::time::timeout(PROBE_WITHIN, ep.connect_peer(id, &others)).await {
             return c;
         }
@@ -411,7 +428,10 @@ pub(crate) async fn reconnect(
         match attempt {
             Ok(c) => {
                 at.add(c.peer().addr);
-                em.emit(Event::Reconnected { addr: c.peer().addr }).await;
+                em.emit(Event::Reconnected {
+                    addr: c.peer().addr,
+                })
+                .await;
                 return Ok(c);
             }
             Err(e) => {
