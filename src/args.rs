@@ -140,7 +140,8 @@ impl CodePrompt for TerminalPrompt {
     }
 }
 
-/// Asks for the pairing code on the terminal.
+/// Asks for the pairing code on the terminal; a line that is not a code (empty, mistyped) is
+/// asked again — nothing was tried with it, so no code is used up.
 pub fn prompt_code(sender: &str) -> Result<PairingCode, Error> {
     use std::io::{BufRead, IsTerminal, Write};
     if !std::io::stdin().is_terminal() {
@@ -149,14 +150,28 @@ pub fn prompt_code(sender: &str) -> Result<PairingCode, Error> {
             "a pairing code is needed: pass --code - or --ticket - and give it on standard input, set FERRY_CODE or FERRY_TICKET, or pass --code CODE / --ticket TICKET (as shown on the old device)",
         ));
     }
-    eprint!("Pairing code shown on {}: ", crate::output::escape(sender));
-    let _ = std::io::stderr().flush();
-    let mut line = String::new();
-    std::io::stdin()
-        .lock()
-        .read_line(&mut line)
-        .map_err(|e| Error::new(ErrorKind::Usage, format!("cannot read the code: {e}")))?;
-    parse_code(line.trim())
+    loop {
+        eprint!("Pairing code shown on {}: ", crate::output::escape(sender));
+        let _ = std::io::stderr().flush();
+        let mut line = String::new();
+        let n = std::io::stdin()
+            .lock()
+            .read_line(&mut line)
+            .map_err(|e| Error::new(ErrorKind::Usage, format!("cannot read the code: {e}")))?;
+        if n == 0 {
+            return Err(Error::new(
+                ErrorKind::Usage,
+                "no pairing code given (end of input); run the command again and type the code shown on the old device",
+            ));
+        }
+        match parse_code(line.trim()) {
+            Ok(c) => return Ok(c),
+            Err(_) if line.trim().is_empty() => {
+                eprintln!("(type the 8 digits shown on the old device, like 1234-5678)")
+            }
+            Err(e) => eprintln!("{e}; try again (nothing was sent, the code is still valid)"),
+        }
+    }
 }
 
 /// A polling interval in seconds (0.05 s to one day).

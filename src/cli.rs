@@ -58,6 +58,7 @@ pub struct SendFlags {
     #[arg(long)]
     pub name: Option<String>,
     /// One JSON event per line on stdout.
+    /// One JSON event per line on stdout.
     #[arg(long)]
     pub json: bool,
     /// Congestion controller for the data this device sends: bbr (default; holds up under
@@ -117,6 +118,7 @@ pub struct ReceiveFlags {
     #[arg(long)]
     pub yes: bool,
     /// One JSON event per line on stdout.
+    /// One JSON event per line on stdout.
     #[arg(long)]
     pub json: bool,
     /// Give up reconnecting after this many seconds without a connection.
@@ -150,6 +152,7 @@ pub struct PairFlags {
     /// The name the other device sees.
     #[arg(long)]
     pub name: Option<String>,
+    /// One JSON event per line on stdout.
     #[arg(long)]
     pub json: bool,
 }
@@ -159,6 +162,7 @@ pub struct PeersFlags {
     /// Forget this device (its id, or its name).
     #[arg(long)]
     pub forget: Option<String>,
+    /// One JSON event per line on stdout.
     #[arg(long)]
     pub json: bool,
 }
@@ -167,12 +171,14 @@ pub struct PeersFlags {
 pub struct VerifyFlags {
     /// A folder that received a history.
     pub dir: PathBuf,
+    /// One JSON event per line on stdout.
     #[arg(long)]
     pub json: bool,
 }
 
 #[derive(Debug, Args)]
 pub struct DoctorFlags {
+    /// One JSON event per line on stdout.
     #[arg(long)]
     pub json: bool,
     /// Skip the multicast self-test (it sends mDNS packets on your local network).
@@ -194,6 +200,7 @@ pub struct DemoFlags {
     /// Do not interrupt the link midway.
     #[arg(long)]
     pub no_interrupt: bool,
+    /// One JSON event per line on stdout.
     #[arg(long)]
     pub json: bool,
 }

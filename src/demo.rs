@@ -78,29 +78,40 @@ pub async fn run(f: DemoFlags) -> Result<(), Error> {
             format!("the copy differs from the original: {e:#}"),
         )
     })?;
-    let rate = received.bytes as f64 / elapsed.as_secs_f64().max(1e-9) / 1e6;
+    let rate = received.bytes as f64 / elapsed.as_secs_f64().max(1e-9);
     main.event(
         "demo",
-        json!({"files": received.files, "bytes": received.bytes, "wire_bytes": sent.wire_bytes, "elapsed_s": elapsed.as_secs_f64(), "rate_mb_s": rate, "interruptions": received.interruptions, "root": received.root.to_hex(), "verified": true}),
+        json!({"files": received.files, "bytes": received.bytes, "wire_bytes": sent.wire_bytes, "elapsed_s": elapsed.as_secs_f64(), "rate_mb_s": rate / 1e6, "interruptions": received.interruptions, "root": received.root.to_hex(), "verified": true}),
     );
     say(&format!(
         "\nferry demo: {} files ({}) moved from \"old phone\" to \"new phone\" over QUIC on loopback",
         received.files,
         human_bytes(received.bytes)
     ));
+    let cut = if f.no_interrupt {
+        String::new()
+    } else {
+        format!(
+            "; link cut {} time(s) and resumed with {} already verified",
+            received.interruptions,
+            human_bytes(received.resumed_bytes)
+        )
+    };
     say(&format!(
-        "  paired with {} by a one-time code; scanned in {:.2} s; link cut {} time(s), {} session(s), resumed with {} already verified",
-        received.sender,
-        sent.scan_s,
-        received.interruptions,
-        sent.sessions,
-        human_bytes(received.resumed_bytes)
+        "  paired with {} by a one-time code; scanned in {:.2} s{cut}",
+        received.sender, sent.scan_s
     ));
     say(&format!(
-        "  {:.2} s, {:.0} MB/s; {} sent (zstd on text, dedup of forwarded media; counts what was queued when the link was cut)",
+        "  {:.2} s, {}/s; {} crossed the link for a {} history (zstd on text and dedup of forwarded media save; {})",
         elapsed.as_secs_f64(),
-        rate,
-        human_bytes(sent.wire_bytes)
+        human_bytes(rate as u64),
+        human_bytes(sent.wire_bytes),
+        human_bytes(received.bytes),
+        if f.no_interrupt {
+            "nothing was sent twice"
+        } else {
+            "the cut re-sends what was in flight"
+        }
     ));
     say(&format!(
         "  verified: every file matches root {} and the original byte for byte",

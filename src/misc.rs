@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use ferry_sync::store::verify_dest;
-use ferry_transport::{doctor, AcceptError, DoctorConfig, MdnsConfig};
+use ferry_transport::{doctor, AcceptError, DoctorConfig, MdnsConfig, MdnsSelfTest};
 use serde_json::json;
 
 use crate::args;
@@ -116,7 +116,18 @@ pub async fn doctor_cmd(f: DoctorFlags) -> Result<(), Error> {
     }
     rep.event("mdns", json!({"self_test": format!("{:?}", report.mdns)}));
     if !rep.is_json() {
-        println!("mDNS self-test: {:?}", report.mdns);
+        let said = match &report.mdns {
+            MdnsSelfTest::Skipped => "not run".to_string(),
+            MdnsSelfTest::SawItself => {
+                "works (this device's own announcement came back)".to_string()
+            }
+            MdnsSelfTest::NotSeen => {
+                "blocked (this device's own announcement did not come back)".to_string()
+            }
+            MdnsSelfTest::Failed(e) => format!("could not run ({})", escape(e)),
+            other => format!("{other:?}"),
+        };
+        println!("mDNS self-test: {said}");
     }
     for a in &report.advice {
         rep.event("advice", json!({"text": a}));

@@ -14,7 +14,39 @@ pub struct Reporter {
     quiet: bool,
     bar: Mutex<Option<ProgressBar>>,
     last_progress: Mutex<Option<Instant>>,
+    rate: Mutex<Rate>,
     prefix: String,
+}
+
+/// The rate shown with the bar: verified bytes over the last [`Rate::WINDOW`] of this
+/// connection only, so bytes already present at a resume or a time without a link are not
+/// counted as speed.
+#[derive(Default)]
+struct Rate {
+    samples: std::collections::VecDeque<(Instant, u64)>,
+}
+
+impl Rate {
+    const WINDOW: Duration = Duration::from_secs(5);
+
+    fn add(&mut self, now: Instant, done: u64) {
+        self.samples.push_back((now, done));
+        while self
+            .samples
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) > Self::WINDOW)
+            && self.samples.len() > 2
+        {
+            self.samples.pop_front();
+        }
+    }
+
+    /// Bytes per second, once there is a second of samples.
+    fn per_sec(&self) -> Option<f64> {
+        let ((t0, d0), (t1, d1)) = (self.samples.front()?, self.samples.back()?);
+        let secs = t1.duration_since(*t0).as_secs_f64();
+        (secs >= 1.0).then(|| d1.saturating_sub(*d0) as f64 / secs)
+    }
 }
 
 impl Reporter {
@@ -24,6 +56,7 @@ impl Reporter {
             quiet: false,
             bar: Mutex::new(None),
             last_progress: Mutex::new(None),
+            rate: Mutex::new(Rate::default()),
             prefix: String::new(),
         }
     }
@@ -101,7 +134,8 @@ impl Reporter {
         self.json(ev);
     }
 
-    /// Progress in bytes, drawn as a bar on a terminal.
+    /// Progress in bytes, drawn as a bar on a terminal, with the recent rate and the time
+    /// left at that rate.
     pub fn progress(&self, done: u64, total: u64, files_total: u64) {
         if self.json || self.quiet {
             return;
@@ -114,16 +148,39 @@ impl Reporter {
             }
             b.set_style(
                 ProgressStyle::with_template(
-                    "{prefix}{bar:30.cyan/blue} {bytes}/{total_bytes} {msg} {bytes_per_sec} ETA {eta}",
+                    "{prefix}{bar:30.cyan/blue} {bytes}/{total_bytes} {msg}",
                 )
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
             );
             b.set_prefix(self.prefix.clone());
-            b.set_message(format!("{files_total} files"));
             b
         });
+        let mut rate = self.rate.lock().unwrap_or_else(|p| p.into_inner());
+        rate.add(Instant::now(), done);
+        let speed = match rate.per_sec() {
+            Some(r) if r >= 1.0 => format!(
+                "{}/s ETA {}",
+                human_bytes(r as u64),
+                eta(total.saturating_sub(done) as f64 / r)
+            ),
+            Some(_) => "waiting for data".to_string(),
+            None => String::new(),
+        };
+        b.set_message(format!("{files_total} files {speed}"));
         b.set_length(total);
         b.set_position(done);
+    }
+
+    /// The link is silent or lost: the bar says so, and the rate starts again afterwards.
+    pub fn link_down(&self, what: &str) {
+        self.rate
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .samples
+            .clear();
+        if let Some(b) = self.bar.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            b.set_message(what.to_string());
+        }
     }
 
     /// Removes the progress bar.
@@ -217,5 +274,15 @@ mod tests {
         let out = String::from_utf8(w.0).unwrap();
         assert!(!out.chars().any(|c| c.is_control() && c != '\n'), "{out:?}");
         assert!(out.ends_with('\n'));
+    }
+}
+
+/// A time left for people: `45s`, `12m`, `3h 05m`.
+fn eta(secs: f64) -> String {
+    let s = secs.max(0.0).round() as u64;
+    match s {
+        0..=99 => format!("{s}s"),
+        100..=5999 => format!("{}m", s.div_ceil(60)),
+        _ => format!("{}h {:02}m", s / 3600, s % 3600 / 60),
     }
 }

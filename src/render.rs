@@ -54,10 +54,23 @@ pub fn show(rep: &Reporter, ev: &Event, side: Side, place: &Path) {
             ),
         }),
         Event::Round(r) => round(rep, r, side),
-        Event::Interrupted { message, .. } => rep.say(&match side {
-            Side::Send => format!("session ended: {}; waiting for the receiver to reconnect", escape(message)),
-            Side::Receive => format!("connection lost ({}); reconnecting…", escape(message)),
-        }),
+        Event::Stalled { silent_s } => {
+            rep.link_down(&format!("no word from the sender for {silent_s:.0} s: waiting for the link…"));
+        }
+        Event::Interrupted { message, .. } => {
+            rep.link_down("reconnecting…");
+            // The reason often says no more than "connection lost" itself.
+            let why = match message.as_str() {
+                "" | "connection lost" | "the connection was lost" => String::new(),
+                m => format!(" ({})", escape(m)),
+            };
+            rep.say(&match side {
+                Side::Send => format!(
+                    "the connection to the receiver was lost{why}; waiting for it to reconnect"
+                ),
+                Side::Receive => format!("connection lost{why}; reconnecting…"),
+            });
+        }
         Event::Sent(s) => sent(rep, s),
         Event::Received(s) => received(rep, s, place),
         Event::Manifest(m) => match &m.scan {
@@ -150,6 +163,9 @@ fn line(ev: &Event) -> Option<String> {
             "connecting to the paired sender by its key (no code needed)".into()
         }
         Event::Looking => "looking for senders on the local network…".into(),
+        Event::Waiting { give_up_s, .. } => format!(
+            "waiting for the old device: start `ferry send` there (still looking; giving up after {give_up_s} s, --give-up-after)"
+        ),
         Event::Found { peer, addrs } => format!("found {} at {}", escape(peer), addr_list(addrs)),
         Event::Resumed {
             bytes_have,
@@ -204,6 +220,7 @@ fn listening(rep: &Reporter, ev: &Event) {
         code,
         ticket,
         reissued,
+        mdns,
         ..
     } = ev
     else {
@@ -219,7 +236,12 @@ fn listening(rep: &Reporter, ev: &Event) {
         rep.say(&format!("\n{qr}"));
     }
     rep.say("the ticket and the QR code carry the pairing code: like the code, show them only to the new device until it has paired");
-    rep.say("on the new device run: ferry receive <FOLDER> (and type the code), or ferry receive <FOLDER> --ticket - (and paste the ticket)");
+    if *mdns {
+        rep.say("on the new device run: ferry receive <FOLDER> (and type the code), or ferry receive <FOLDER> --ticket - (and paste the ticket)");
+    } else if let Some(a) = addrs.first() {
+        // Not announced: the new device needs the ticket or the address.
+        rep.say(&format!("on the new device run: ferry receive <FOLDER> --ticket - (and paste the ticket), or ferry receive <FOLDER> --connect {a} (and type the code)"));
+    }
 }
 
 fn round(rep: &Reporter, r: &RoundInfo, side: Side) {
@@ -258,7 +280,7 @@ fn sent(rep: &Reporter, s: &SendSummary) {
         rep.say("the receiver stopped; it holds the last verified round");
     }
     rep.say(&format!(
-        "{}: {} verified by {} ({} on the wire, {:.1} s)",
+        "{}: {} verified by {} ({} on the wire in {:.1} s, {}/s on average)",
         if s.unstable.is_empty() {
             "done"
         } else {
@@ -267,7 +289,8 @@ fn sent(rep: &Reporter, s: &SendSummary) {
         human_bytes(s.bytes),
         escape(&s.peer),
         human_bytes(s.wire_bytes),
-        s.elapsed_s
+        s.elapsed_s,
+        human_bytes(rate(s.wire_bytes, s.elapsed_s))
     ));
     if let Some(n) = s.database_rows_added.filter(|&n| n != 0) {
         rep.say(&format!(
@@ -292,12 +315,13 @@ fn received(rep: &Reporter, s: &ReceiveSummary, dest: &Path) {
         rep.say("stopped; the last round is verified and complete here");
     }
     rep.say(&format!(
-        "done: {} files, {} verified and committed in {} ({:.1} s, {} received)",
+        "done: {} files, {} verified and committed in {} ({} received in {:.1} s, {}/s on average)",
         s.files,
         human_bytes(s.bytes),
         dest.display(),
+        human_bytes(s.wire_bytes),
         s.elapsed_s,
-        human_bytes(s.wire_bytes)
+        human_bytes(rate(s.wire_bytes, s.elapsed_s))
     ));
     if s.rounds > 1 {
         rep.say(&format!(
@@ -309,4 +333,9 @@ fn received(rep: &Reporter, s: &ReceiveSummary, dest: &Path) {
             human_bytes(s.catchup_wire_bytes)
         ));
     }
+}
+
+/// Bytes per second over `secs`.
+fn rate(bytes: u64, secs: f64) -> u64 {
+    (bytes as f64 / secs.max(1e-3)) as u64
 }

@@ -292,7 +292,10 @@ impl Error {
 impl From<StoreError> for Error {
     fn from(e: StoreError) -> Self {
         let kind = match e {
-            StoreError::BadReceipt { .. } | StoreError::NoReceipt(_) => ErrorKind::Integrity,
+            StoreError::BadReceipt { .. } => ErrorKind::Integrity,
+            // Not tampering: a folder no migration finished in (the wrong folder, or one still
+            // receiving) has nothing to check against.
+            StoreError::NoReceipt(_) => ErrorKind::Usage,
             _ => ErrorKind::Destination,
         };
         // Store errors name destination paths, which came from the sender.
@@ -384,5 +387,13 @@ pub(crate) fn from_drive(e: DriveError) -> Error {
             Error::with_cause(ErrorKind::Interrupted, message, Some(Cause::LinkLost(why)))
         }
         other => Error::new(ErrorKind::Internal, escape(&other.to_string())),
+    }
+}
+
+/// What ended a session, for an `interrupted` event: a lost link's own reason, or the error.
+pub(crate) fn interruption(e: &DriveError) -> String {
+    match e {
+        DriveError::LinkLost(why) => why.clone(),
+        other => other.to_string(),
     }
 }

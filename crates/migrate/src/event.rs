@@ -64,6 +64,8 @@ pub enum Event {
         #[serde(serialize_with = "display")]
         device_id: DeviceId,
         reissued: bool,
+        /// Announced on the local network (mDNS): a receiver can find it without the ticket.
+        mdns: bool,
     },
     /// Local-network discovery (mDNS) is unavailable: the receiver needs the ticket or address.
     DiscoveryUnavailable { reason: String },
@@ -97,6 +99,9 @@ pub enum Event {
     /// The destination remembers its sender: reconnecting by its pinned key
     /// (`code_needed: false`, no code asked).
     KnownSender { code_needed: bool },
+    /// The sender is not there (yet): the receiver keeps looking until `give_up_s` seconds
+    /// have passed (`reason`: what the last attempt found).
+    Waiting { reason: String, give_up_s: u64 },
     /// Looking for senders on the local network.
     Looking,
     /// A sender found on the local network.
@@ -145,6 +150,10 @@ pub enum Event {
     /// The session ended before the migration did: the sender waits for the receiver, the
     /// receiver reconnects.
     Interrupted { message: String, wire_bytes: u64 },
+    /// Nothing has come from the sender for `silent_s` seconds (three keep-alives or more):
+    /// the link is down or the sender stopped; the receiver keeps the connection a little
+    /// longer, then reconnects. Said once per silence; progress resumes when the link does.
+    Stalled { silent_s: f64 },
     /// The receiver has a connection to its sender again.
     Reconnected { addr: SocketAddr },
     /// A sender announced itself at new addresses; the receiver tries them too.

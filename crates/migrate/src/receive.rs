@@ -21,7 +21,7 @@ use ferry_transport::{
 use serde::Serialize;
 
 use crate::device::{self, Pinning};
-use crate::error::{from_drive, Error, ErrorKind};
+use crate::error::{from_drive, interruption, Error, ErrorKind};
 use crate::event::{End, Event, ManifestInfo, PeerEvent, RoundInfo, RoundReason};
 use crate::handle::{self, Control, Emitter, Events, Handle};
 use crate::send::stopped;
@@ -274,20 +274,9 @@ async fn run(o: ReceiveBuilder, em: &Emitter, ctl: Arc<Control>) -> Result<Recei
         ferry_transport::Congestion::default(),
         &pinning,
     )?;
-    let mut stop = ctl.stop_signal();
-    let first = tokio::select! {
-        r = find::first_connection(&ep, &o, em) => r,
-        () = stopped(&mut stop) => Err(Error::new(ErrorKind::Interrupted, STOPPED)),
-    };
-    let (conn, mut at) = match first {
-        Ok(c) => c,
-        Err(f) if f.kind() == ErrorKind::Unreachable => {
-            return match complete_without_sender(&o.dest, &f, started, em).await {
-                Some(s) => Ok(s),
-                None => Err(f),
-            };
-        }
-        Err(f) => return Err(f),
+    let (conn, mut at) = match wait_for_sender(&ep, &o, em, &ctl, started).await? {
+        Found::Sender(conn, at) => (conn, at),
+        Found::AlreadyComplete(s) => return Ok(s),
     };
     let sender = conn.peer().clone();
     find::remember_sender(&o.dest, &sender.device_id);
@@ -309,7 +298,8 @@ async fn run(o: ReceiveBuilder, em: &Emitter, ctl: Arc<Control>) -> Result<Recei
         store,
         sender,
         at,
-        started,
+        // The migration's time: not the time spent finding the sender or at the code prompt.
+        started: Instant::now(),
         rounds: 0,
         wire_bytes: 0,
         catchup_wire_bytes: 0,
@@ -318,6 +308,72 @@ async fn run(o: ReceiveBuilder, em: &Emitter, ctl: Arc<Control>) -> Result<Recei
         first: None,
     };
     r.receive(conn).await
+}
+
+/// What looking for the sender came to.
+enum Found {
+    Sender(PeerConnection, SenderAt),
+    /// The sender is gone, but DEST already holds the finished migration.
+    AlreadyComplete(ReceiveSummary),
+}
+
+/// Whether a failure to reach the sender may be a sender not started yet (worth waiting for).
+fn not_there_yet(e: &Error) -> bool {
+    use ferry_transport::ConnectError;
+    e.kind() == ErrorKind::Unreachable
+        && match e.cause() {
+            None => true,
+            Some(crate::Cause::Connect(c)) => matches!(
+                c,
+                ConnectError::Timeout | ConnectError::AllFailed(_) | ConnectError::Refused(_)
+            ),
+            Some(_) => false,
+        }
+}
+
+/// The first connection to the sender. A sender that is not there yet (the receiver was
+/// started first) is waited for, up to `give_up_after`, after saying so; a destination that
+/// already holds the finished migration from an unreachable sender is complete.
+async fn wait_for_sender(
+    ep: &Endpoint,
+    o: &ReceiveBuilder,
+    em: &Emitter,
+    ctl: &Control,
+    started: Instant,
+) -> Result<Found, Error> {
+    let mut stop = ctl.stop_signal();
+    let mut waiting = false;
+    loop {
+        let first = tokio::select! {
+            r = find::first_connection(ep, o, em, waiting) => r,
+            () = stopped(&mut stop) => Err(Error::new(ErrorKind::Interrupted, STOPPED)),
+        };
+        let f = match first {
+            Ok((conn, at)) => return Ok(Found::Sender(conn, at)),
+            Err(f) if f.kind() == ErrorKind::Unreachable => f,
+            Err(f) => return Err(f),
+        };
+        if !waiting {
+            if let Some(s) = complete_without_sender(&o.dest, &f, started, em).await {
+                return Ok(Found::AlreadyComplete(s));
+            }
+        }
+        if !not_there_yet(&f) || started.elapsed() >= o.give_up {
+            return Err(f);
+        }
+        if !waiting {
+            waiting = true;
+            em.emit(Event::Waiting {
+                reason: f.message().to_string(),
+                give_up_s: o.give_up.as_secs(),
+            })
+            .await;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            () = stopped(&mut stop) => return Err(Error::new(ErrorKind::Interrupted, STOPPED)),
+        }
+    }
 }
 
 /// The sender cannot be reached, but DEST holds a finished migration from it: a receipt,
@@ -392,6 +448,38 @@ struct Receiving<'e> {
     resumed: u64,
     /// The tree of the first verified round (its receipt), to say what changed since.
     first: Option<Manifest>,
+}
+
+/// Notices when nothing has come from the sender for three keep-alives.
+struct Silence {
+    seen: u64,
+    heard: Instant,
+    said: bool,
+}
+
+impl Silence {
+    fn new(conn: &PeerConnection) -> Self {
+        Silence {
+            seen: conn.quinn().stats().udp_rx.datagrams,
+            heard: Instant::now(),
+            said: false,
+        }
+    }
+
+    /// The silence so far, once, when it reaches three keep-alives.
+    fn check(&mut self, conn: &PeerConnection) -> Option<f64> {
+        let now = conn.quinn().stats().udp_rx.datagrams;
+        if now != self.seen {
+            (self.seen, self.heard, self.said) = (now, Instant::now(), false);
+            return None;
+        }
+        let silent = self.heard.elapsed();
+        if self.said || silent < device::KEEP_ALIVE * 3 {
+            return None;
+        }
+        self.said = true;
+        Some((silent.as_secs_f64() * 10.0).round() / 10.0)
+    }
 }
 
 /// What the session callbacks saw.
@@ -505,7 +593,7 @@ impl Receiving<'_> {
                 self.interruptions += 1;
                 self.em
                     .emit(Event::Interrupted {
-                        message: e.to_string(),
+                        message: interruption(&e),
                         wire_bytes: self.wire_bytes,
                     })
                     .await;
@@ -562,9 +650,16 @@ impl Receiving<'_> {
         let elsewhere = find::sender_elsewhere(&self.ep, self.sender.device_id, at, conn, self.em);
         tokio::pin!(elsewhere);
         let mut stop = self.ctl.stop_signal();
+        let mut silence = Silence::new(conn);
+        let mut tick = tokio::time::interval(device::KEEP_ALIVE);
         loop {
             tokio::select! {
                 r = &mut fut => return (r, moved, stop_now),
+                _ = tick.tick() => {
+                    if let Some(silent_s) = silence.check(conn) {
+                        self.em.emit_now(Event::Stalled { silent_s });
+                    }
+                }
                 c = &mut elsewhere, if moved.is_none() => {
                     // The old path is dead (the sender took the new connection in its place):
                     // end this session, which commits what it verified, and go on over the

@@ -32,7 +32,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::device::{self, Pinning};
-use crate::error::{from_drive, Error, ErrorKind};
+use crate::error::{from_drive, interruption, Error, ErrorKind};
 use crate::event::{End, Event, ManifestInfo, PeerEvent, RoundInfo, RoundReason, ScanInfo};
 use crate::handle::{self, Control, Emitter, Events, Handle};
 use crate::session::{self, RateLimit};
@@ -299,7 +299,6 @@ async fn run(o: SendBuilder, em: &Emitter, ctl: Arc<Control>) -> Result<SendSumm
     let scan_secs = started.elapsed().as_secs_f64();
     let mut serving =
         Serving::prepare(o, dirs, pinning, scanner, scanned, scan_secs, em, ctl).await?;
-    serving.started = started;
     serving.serve().await
 }
 
@@ -538,7 +537,9 @@ struct Serving<'e> {
     /// Rounds that carry the migration itself rather than changes made during it.
     base_rounds: u32,
     rules: RoundRules,
-    started: Instant,
+    /// When the first receiver was served: the migration's time is the scan and what follows
+    /// that, not the wait for a receiver.
+    served_from: Option<Instant>,
     scan_secs: f64,
     wire_bytes: u64,
     catchup_wire_bytes: u64,
@@ -624,13 +625,13 @@ impl<'e> Serving<'e> {
         };
         let ep = sender_endpoint(&o, &dirs, &pinning)?;
         let code = offer_code(&ep, o.code, em).await?;
-        let ticket = codes::announce(&ep, code, false, em).await?;
+        let ticket = codes::announce(&ep, code, false, o.mdns, em).await?;
         let mdns = if o.mdns {
             advertise(&ep, ticket.addrs.first().map_or(0, |a| a.port()), em).await
         } else {
             None
         };
-        let codes = CodeKeeper::new(o.resumable_pause);
+        let codes = CodeKeeper::new(o.resumable_pause, o.mdns);
         Ok(Serving {
             o,
             em,
@@ -645,7 +646,7 @@ impl<'e> Serving<'e> {
             first_rows,
             base_rounds,
             rules,
-            started: Instant::now(),
+            served_from: None,
             scan_secs,
             wire_bytes: 0,
             catchup_wire_bytes: 0,
@@ -675,6 +676,7 @@ impl<'e> Serving<'e> {
             // Who is served, before any data flows: a device admitted by its pinned key says
             // when it was paired, so an unexpected one stands out.
             self.em.emit(paired_event(&conn)).await;
+            self.served_from.get_or_insert_with(Instant::now);
             loop {
                 match self.round(&conn, &mut next).await? {
                     RoundOutcome::Finished(summary) => {
@@ -703,7 +705,13 @@ impl<'e> Serving<'e> {
                 self.codes.reissue(&self.ep, self.em).await?;
                 return Ok(None);
             }
-            () = stopped(&mut stop) => return Err(interrupted(STOPPED)),
+            () = stopped(&mut stop) => {
+                return Err(interrupted(if self.served_from.is_none() {
+                    "stopped before any device connected; nothing was sent"
+                } else {
+                    STOPPED
+                }));
+            }
         };
         match accepted {
             Ok(conn) => Ok(Some(conn)),
@@ -934,7 +942,7 @@ impl<'e> Serving<'e> {
                 .await;
             return Ok(RoundOutcome::Finished(s));
         }
-        let message = e.to_string();
+        let message = interruption(&e);
         let f = from_drive(e);
         if f.kind() == ErrorKind::Source {
             // The session queued a Close frame naming the file; closing the connection at once
@@ -971,7 +979,7 @@ impl<'e> Serving<'e> {
             files: fin.files,
             bytes: fin.bytes,
             wire_bytes: self.wire_bytes,
-            elapsed_s: self.started.elapsed().as_secs_f64(),
+            elapsed_s: self.scan_secs + self.served_from.map_or(0.0, |t| t.elapsed().as_secs_f64()),
             rounds,
             catchup_wire_bytes: self.catchup_wire_bytes,
             files_added: diff.added,

@@ -28,6 +28,8 @@ const MAX_SENDER_ADDRS: usize = 16;
 /// How long the receiver listens for senders' local-network announcements when it looks for
 /// its sender again.
 const REBROWSE_FOR: Duration = Duration::from_millis(1500);
+/// Paired senders tried by their keys at an address before the code is used.
+const MAX_PINNED_TRIES: usize = 8;
 /// How long the receiver looks for senders on the local network at first.
 const BROWSE_FOR: Duration = Duration::from_secs(4);
 
@@ -160,10 +162,12 @@ async fn ask_code(
 }
 
 /// The first connection to the sender, and where to find it again.
+/// `again`: a later attempt while waiting for the sender (its steps are not announced again).
 pub(crate) async fn first_connection(
     ep: &Endpoint,
     o: &ReceiveBuilder,
     em: &Emitter,
+    again: bool,
 ) -> Result<(PeerConnection, SenderAt), Error> {
     // Only a device paired as our sender, and not expired, is reached by its key alone.
     let usable = |id: &DeviceId| ep.usable(id, PeerRole::Sender).is_ok();
@@ -179,78 +183,118 @@ pub(crate) async fn first_connection(
             .map_err(connect_failure);
     }
     if let Some(addrs) = &o.connect {
-        return at_address(ep, o, addrs, remembered, em).await;
+        let label = addrs.first().map(|a| a.to_string()).unwrap_or_default();
+        return at_address(ep, o, SenderAt::fixed(addrs), &label, remembered, em).await;
     }
     if let Some(id) = remembered {
-        em.emit(Event::KnownSender { code_needed: false }).await;
+        if !again {
+            em.emit(Event::KnownSender { code_needed: false }).await;
+        }
         return unless_refused(|| ep.connect_peer(id, &[]))
             .await
             .map(|c| (c, SenderAt::fixed(&[])))
             .map_err(connect_failure);
     }
-    on_local_network(ep, o, em).await
+    on_local_network(ep, o, em, again).await
 }
 
-/// The sender at an explicit address: by a pinned key when a paired sender answers there (no
-/// code needed, even when one was given), else by the code. Only that address is used.
+/// A sender at known addresses (given, or found on the local network): by a pinned key when
+/// a sender paired with this device answers there (no code needed, even when one was given),
+/// else by the code (asked for when none was given). Only these addresses are used. `label`
+/// names the sender in the question.
 async fn at_address(
     ep: &Endpoint,
     o: &ReceiveBuilder,
-    addrs: &[SocketAddr],
+    at: SenderAt,
+    label: &str,
     remembered: Option<DeviceId>,
     em: &Emitter,
 ) -> Result<(PeerConnection, SenderAt), Error> {
-    let usable = |id: &DeviceId| ep.usable(id, PeerRole::Sender).is_ok();
+    let addrs = at.addrs.clone();
     let peers = ep.peers().list();
-    // The sender this destination remembers, else the one paired sender there is.
-    let pinned = remembered.or_else(|| {
-        let senders: Vec<DeviceId> = peers.iter().map(|p| p.device_id).filter(usable).collect();
-        (senders.len() == 1).then(|| senders[0])
-    });
-    if let Some(id) = pinned {
-        match unless_refused(|| ep.connect_peer(id, addrs)).await {
-            Ok(c) => {
-                em.emit(Event::KnownSender { code_needed: false }).await;
-                return Ok((c, SenderAt::fixed(addrs)));
-            }
-            // Another device answers there: pair with it by the code.
-            Err(e) if o.code.is_some() => tracing::info!("the paired sender is not there: {e}"),
-            Err(e) => return Err(connect_failure(e)),
+    let verdict = match by_pinned_key(ep, remembered, &addrs).await {
+        Ok(c) => {
+            em.emit(Event::KnownSender { code_needed: false }).await;
+            return Ok((c, at));
         }
+        Err(v) => v,
+    };
+    if let (Some(e), None) = (verdict, o.code) {
+        return Err(connect_failure(e));
     }
     let code = match o.code {
         Some(c) => c,
-        None => {
-            // Paired devices that cannot be used without a code: say why with the question.
+        None => ask_code(&o.prompt, label, em).await.map_err(|q| {
+            // Nobody to ask: say why the code is needed.
             let why: Vec<String> = peers
                 .iter()
                 .filter_map(|p| {
                     let e = ep.usable(&p.device_id, PeerRole::Sender).err()?;
-                    Some(format!(
-                        "{} ({}): {e}",
-                        escape(&p.name),
-                        p.device_id.short()
-                    ))
+                    Some(format!("{} ({}): {e}", escape(&p.name), p.device_id.short()))
                 })
                 .collect();
-            match ask_code(&o.prompt, &addrs[0].to_string(), em).await {
-                Err(_) if !why.is_empty() => {
-                    return Err(Error::new(
-                        ErrorKind::Pairing,
-                        format!(
-                            "no paired device may send to this one without a code ({}); pass the code shown by `ferry send` (--code) or its --ticket",
-                            why.join("; ")
-                        ),
-                    ))
-                }
-                other => other?,
+            if !why.is_empty() {
+                Error::new(
+                    ErrorKind::Pairing,
+                    format!(
+                        "no paired device may send to this one without a code ({}); pass the code shown by `ferry send` (--code) or its --ticket",
+                        why.join("; ")
+                    ),
+                )
+            } else if !peers.is_empty() {
+                Error::new(
+                    ErrorKind::Pairing,
+                    format!(
+                        "{} is not a sender this device is paired with, so it needs the code it shows; pass it (--code) or its --ticket",
+                        escape(label)
+                    ),
+                )
+            } else {
+                q
             }
-        }
+        })?,
     };
-    unless_refused(|| ep.connect_with_code(addrs, code))
+    unless_refused(|| ep.connect_with_code(&addrs, code))
         .await
-        .map(|c| (c, SenderAt::fixed(addrs)))
+        .map(|c| (c, at))
         .map_err(connect_failure)
+}
+
+/// Tries the sender this destination remembers, else every sender paired with this device, at
+/// `addrs` by its pinned key. Without success, why the key did not get in when that says
+/// something: the paired sender refused it (it forgot this device, or never paired it this
+/// way), or nothing answered.
+async fn by_pinned_key(
+    ep: &Endpoint,
+    remembered: Option<DeviceId>,
+    addrs: &[SocketAddr],
+) -> Result<PeerConnection, Option<ConnectError>> {
+    let pinned: Vec<DeviceId> = match remembered {
+        Some(id) => vec![id],
+        None => ep
+            .peers()
+            .list()
+            .iter()
+            .map(|p| p.device_id)
+            .filter(|id| ep.usable(id, PeerRole::Sender).is_ok())
+            .take(MAX_PINNED_TRIES)
+            .collect(),
+    };
+    let mut verdict = None;
+    for id in pinned {
+        match unless_refused(|| ep.connect_peer(id, addrs)).await {
+            Ok(c) => return Ok(c),
+            Err(
+                e @ (ConnectError::Pairing(_)
+                | ConnectError::UnknownPeer(_)
+                | ConnectError::NotUsable { .. }
+                | ConnectError::Timeout),
+            ) => verdict = Some(e),
+            // Another device answers there: not this paired one.
+            Err(e) => tracing::info!("the paired sender {id} is not there: {e}"),
+        }
+    }
+    Err(verdict)
 }
 
 /// The one sender on the local network, paired by the code.
@@ -258,8 +302,11 @@ async fn on_local_network(
     ep: &Endpoint,
     o: &ReceiveBuilder,
     em: &Emitter,
+    again: bool,
 ) -> Result<(PeerConnection, SenderAt), Error> {
-    em.emit(Event::Looking).await;
+    if !again {
+        em.emit(Event::Looking).await;
+    }
     let found = discover(BROWSE_FOR).await?;
     let sender = match found.as_slice() {
         [] => {
@@ -271,6 +318,23 @@ async fn on_local_network(
         }
         [one] => one.clone(),
         many => {
+            // A sender paired with this device is preferred: it needs no code, and no code is
+            // ever tried against a device the person did not choose.
+            for d in many {
+                if let Ok(c) = by_pinned_key(ep, None, &d.addrs).await {
+                    em.emit(Event::Found {
+                        peer: d.name.clone(),
+                        addrs: d.addrs.clone(),
+                    })
+                    .await;
+                    em.emit(Event::KnownSender { code_needed: false }).await;
+                    let at = SenderAt {
+                        addrs: d.addrs.clone(),
+                        browse: true,
+                    };
+                    return Ok((c, at));
+                }
+            }
             let names: Vec<String> = many
                 .iter()
                 .map(|d| {
@@ -292,20 +356,12 @@ async fn on_local_network(
         addrs: sender.addrs.clone(),
     })
     .await;
-    let code = match o.code {
-        Some(c) => c,
-        None => ask_code(&o.prompt, &sender.name, em).await?,
+    // A sender paired with this device is reached by its key, even into a new folder.
+    let at = SenderAt {
+        addrs: sender.addrs.clone(),
+        browse: true,
     };
-    ep.connect_with_code(&sender.addrs, code)
-        .await
-        .map(|c| {
-            let at = SenderAt {
-                addrs: sender.addrs.clone(),
-                browse: true,
-            };
-            (c, at)
-        })
-        .map_err(connect_failure)
+    at_address(ep, o, at, &sender.name, None, em).await
 }
 
 /// Adds the addresses senders announce on the local network to `at` (when it was found there);

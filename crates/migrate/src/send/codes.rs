@@ -18,6 +18,8 @@ pub(crate) struct CodeKeeper {
     pub(crate) pause_said: bool,
     /// The caller can resume a pause (`resume: "enter"` in the event).
     resumable: bool,
+    /// The sender announces itself on the local network.
+    mdns: bool,
 }
 
 /// Announces a (new) code: builds its ticket and emits `listening`.
@@ -25,6 +27,7 @@ pub(crate) async fn announce(
     ep: &Endpoint,
     code: PairingCode,
     reissued: bool,
+    mdns: bool,
     em: &Emitter,
 ) -> Result<Ticket, Error> {
     let ticket = ep.ticket(code).map_err(|e| {
@@ -40,17 +43,19 @@ pub(crate) async fn announce(
         ticket: ticket.clone(),
         device_id: ep.identity().device_id(),
         reissued,
+        mdns,
     })
     .await;
     Ok(ticket)
 }
 
 impl CodeKeeper {
-    pub(crate) fn new(resumable: bool) -> Self {
+    pub(crate) fn new(resumable: bool, mdns: bool) -> Self {
         CodeKeeper {
             reissue: None,
             pause_said: false,
             resumable,
+            mdns,
         }
     }
 
@@ -97,7 +102,7 @@ impl CodeKeeper {
         match ep.issue_pairing_code() {
             Ok(c) => {
                 self.pause_said = false;
-                announce(ep, c, true, em).await?;
+                announce(ep, c, true, self.mdns, em).await?;
                 Ok(())
             }
             Err(PairingError::Throttled {
