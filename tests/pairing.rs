@@ -405,3 +405,50 @@ fn explicit_connect_is_used_a_pinned_sender_needs_no_code_and_a_wrong_code_elsew
     assert!(r.stderr().contains("code was wrong"), "{}", r.stderr());
     assert!(s.running());
 }
+
+/// A receiver started before its sender says it waits and keeps looking (here at a fixed
+/// address with a chosen code), then migrates once the sender starts.
+#[test]
+fn a_receiver_started_first_waits_for_the_sender_then_migrates() {
+    let src = shared_history(4, 22);
+    let (old, new) = (Device::new("old"), Device::new("new"));
+    let work = tempdir("dest");
+    let dest = work.path().join("history");
+    let addr = format!("127.0.0.1:{}", free_udp_port());
+    let code = "2718-2818";
+    let mut r = new.receive(&dest, &addr, Some(code), &["--give-up-after", "120"]);
+    let waiting = r.wait_event("waiting", LONG);
+    assert_eq!(u64_of(&waiting, "give_up_s"), 120, "{waiting}");
+    assert!(r.running(), "the receiver gave up at once: {}", r.stderr());
+    let mut s = old.send(src, &addr, &["--code", code]);
+    let done = r.wait_event("done", LONG);
+    r.expect_exit(0, LONG);
+    s.expect_exit(0, LONG);
+    assert_eq!(done["end"], "complete", "{done}");
+    assert_histories_equal(src, &dest).expect("trees equal");
+}
+
+/// A device paired with one sender that connects to another sender without a code is told
+/// that this sender needs its code (not a failed TLS handshake), exit 3, nothing written.
+#[test]
+fn another_sender_at_connect_without_a_code_asks_for_its_code() {
+    let src = shared_history(4, 23);
+    let (old, new, other) = (Device::new("old"), Device::new("new"), Device::new("other"));
+    let work = tempdir("dest");
+    let (mut s, addr, code) = start_sender(&old, src, "127.0.0.1:0");
+    let mut r = new.receive(&work.path().join("first"), &addr, Some(&code), &[]);
+    r.expect_exit(0, LONG);
+    s.expect_exit(0, LONG);
+    let (s, addr2, _) = start_sender(&other, src, "127.0.0.1:0");
+    let dest = work.path().join("second");
+    let mut r = new.receive(&dest, &addr2, None, &[]);
+    r.expect_exit(3, LONG);
+    let err = r.stderr();
+    assert!(
+        err.contains("is not a sender this device is paired with, so it needs the code"),
+        "{err}"
+    );
+    assert!(!err.contains("handshake"), "{err}");
+    assert!(!dest.join("media").exists());
+    drop(s);
+}

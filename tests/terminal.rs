@@ -79,3 +79,123 @@ fn escape_sequences_in_a_senders_file_names_and_device_name_are_escaped_on_the_r
     eprintln!("receiver (exit {exit}):\n{err}");
     s.interrupt();
 }
+
+/// A terminal in tmux running one shell command, driven the way a person meets it.
+struct Tmux {
+    name: String,
+}
+
+impl Tmux {
+    /// Starts `command` in a detached tmux session (None, with the reason printed, without
+    /// tmux).
+    fn start(command: &str) -> Option<Tmux> {
+        let ok = std::process::Command::new("tmux")
+            .arg("-V")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !ok {
+            println!("SKIP: tmux is not installed (scripts/install-test-deps.sh installs it)");
+            return None;
+        }
+        let name = format!("ferry-test-{}-{}", std::process::id(), free_udp_port());
+        let status = std::process::Command::new("tmux")
+            .args(["new-session", "-d", "-s", &name, "-x", "200", "-y", "50"])
+            .arg(command)
+            .status()
+            .expect("tmux new-session");
+        assert!(status.success(), "tmux new-session failed");
+        Some(Tmux { name })
+    }
+
+    /// Types `keys` and Enter.
+    fn type_line(&self, keys: &str) {
+        let status = std::process::Command::new("tmux")
+            .args(["send-keys", "-t", &self.name, "-l", keys])
+            .status()
+            .expect("tmux send-keys");
+        assert!(status.success());
+        let status = std::process::Command::new("tmux")
+            .args(["send-keys", "-t", &self.name, "Enter"])
+            .status()
+            .expect("tmux send-keys");
+        assert!(status.success());
+    }
+
+    /// What the screen shows (with its scrollback).
+    fn screen(&self) -> String {
+        let out = std::process::Command::new("tmux")
+            .args(["capture-pane", "-p", "-J", "-S", "-500", "-t", &self.name])
+            .output()
+            .expect("tmux capture-pane");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Waits until the screen shows `text` `times` times.
+    fn wait_for(&self, text: &str, times: usize) -> String {
+        let deadline = std::time::Instant::now() + LONG;
+        loop {
+            let screen = self.screen();
+            if screen.matches(text).count() >= times {
+                return screen;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the screen never showed {text:?} {times} time(s):\n{screen}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("tmux")
+            .args(["kill-session", "-t", &self.name])
+            .status();
+    }
+}
+
+/// At the code prompt a mistyped or empty code is asked again (nothing was tried with it, so
+/// the sender's code is not used up), the right one then migrates; the time shown is the
+/// migration's, not the time spent at the prompt.
+#[test]
+fn the_code_prompt_asks_again_after_a_mistyped_code_and_times_only_the_migration() {
+    let src = shared_history(4, 25);
+    let (old, new) = (Device::new("old"), Device::new("new"));
+    let work = tempdir("tty");
+    let dest = work.path().join("history");
+    let (mut s, addr, code) = start_sender(&old, src, "127.0.0.1:0");
+    let command = format!(
+        "FERRY_HOME={} {} receive {} --connect {addr}; echo EXIT=$?; sleep 600",
+        new.home.path().display(),
+        env!("CARGO_BIN_EXE_ferry"),
+        dest.display()
+    );
+    let Some(tty) = Tmux::start(&command) else {
+        return;
+    };
+    tty.wait_for("Pairing code shown on", 1);
+    tty.type_line("12");
+    let screen = tty.wait_for("Pairing code shown on", 2);
+    assert!(screen.contains("try again"), "{screen}");
+    tty.type_line("");
+    tty.wait_for("Pairing code shown on", 3);
+    // Time at the prompt is not the migration's.
+    std::thread::sleep(std::time::Duration::from_secs(8));
+    tty.type_line(&code);
+    let screen = tty.wait_for("EXIT=", 1);
+    assert!(screen.contains("EXIT=0"), "{screen}");
+    s.expect_exit(0, LONG);
+    let done = screen
+        .lines()
+        .find(|l| l.starts_with("done: "))
+        .unwrap_or_else(|| panic!("no done line:\n{screen}"));
+    let secs: f64 = done
+        .split(" in ")
+        .nth(2)
+        .and_then(|t| t.split(" s").next())
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("no time in {done:?}"));
+    assert!(secs < 8.0, "the prompt's time was counted: {done}");
+    ferry_testkit::assert_histories_equal(src, &dest).expect("trees equal");
+}

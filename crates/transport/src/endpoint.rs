@@ -826,7 +826,7 @@ impl Endpoint {
             quinn::ClientConfig::new(Arc::new(tls::client_crypto(&sh.identity, expected)?));
         client.transport_config(sh.client_transport.clone());
         let budget = sh.config.handshake_timeout;
-        let (conn, addr) = tokio::time::timeout(budget, race(sh, &client, addrs))
+        let (conn, addr) = tokio::time::timeout(budget, race(sh, &client, addrs, expected))
             .await
             .map_err(|_| ConnectError::Timeout)??;
         // The certificate verifier already refused any other key; check again on the
@@ -913,10 +913,14 @@ fn raise_limits(conn: &quinn::Connection, cfg: &EndpointConfig) {
 
 /// Happy-eyeballs: start an attempt per address, `stagger` apart; first TLS-authenticated
 /// connection wins, the rest are closed.
+/// Connects to the first of `addrs` that completes a handshake. When none does and a device
+/// answered but its certificate was refused (its key is not the `expected` one), that is
+/// [`ConnectError::WrongKey`]: another device is there, not a dead address.
 async fn race(
     sh: &Shared,
     client: &quinn::ClientConfig,
     addrs: &[SocketAddr],
+    expected: Option<DeviceId>,
 ) -> Result<(quinn::Connection, SocketAddr), ConnectError> {
     let mut set = JoinSet::new();
     let mut errors = Vec::new();
@@ -936,6 +940,7 @@ async fn race(
     }
     let mut winner = None;
     let mut refused = false;
+    let mut other_key = false;
     while let Some(joined) = set.join_next().await {
         match joined {
             Ok((addr, Ok(conn))) => {
@@ -945,6 +950,9 @@ async fn race(
             Ok((addr, Err(e))) => {
                 refused |= matches!(&e, quinn::ConnectionError::ConnectionClosed(c)
                     if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED);
+                // A TLS alert raised here: the certificate that answered was refused.
+                other_key |= matches!(&e, quinn::ConnectionError::TransportError(t)
+                    if (0x100..0x200).contains(&u64::from(t.code)));
                 errors.push((addr, e.to_string()));
             }
             Err(e) => errors.push((SocketAddr::from(([0, 0, 0, 0], 0)), e.to_string())),
@@ -956,10 +964,13 @@ async fn race(
             loser.close(VarInt::from_u32(close::SUPERSEDED), b"another path won");
         }
     }
-    winner.ok_or(if refused {
-        ConnectError::Refused(errors)
-    } else {
-        ConnectError::AllFailed(errors)
+    winner.ok_or(match (refused, other_key, expected) {
+        (true, _, _) => ConnectError::Refused(errors),
+        (false, true, Some(expected)) => ConnectError::WrongKey {
+            expected,
+            presented: None,
+        },
+        _ => ConnectError::AllFailed(errors),
     })
 }
 

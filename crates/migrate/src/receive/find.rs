@@ -284,14 +284,12 @@ async fn by_pinned_key(
     for id in pinned {
         match unless_refused(|| ep.connect_peer(id, addrs)).await {
             Ok(c) => return Ok(c),
-            Err(
-                e @ (ConnectError::Pairing(_)
-                | ConnectError::UnknownPeer(_)
-                | ConnectError::NotUsable { .. }
-                | ConnectError::Timeout),
-            ) => verdict = Some(e),
             // Another device answers there: not this paired one.
-            Err(e) => tracing::info!("the paired sender {id} is not there: {e}"),
+            Err(e @ ConnectError::WrongKey { .. }) => {
+                tracing::info!("the paired sender {id} is not there: {e}");
+            }
+            // It refused this device's key, or nothing answered: no other key will do better.
+            Err(e) => verdict = Some(e),
         }
     }
     Err(verdict)
