@@ -4,7 +4,7 @@
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::Duration;
 
-use ferry_migrate::{CodePrompt, Error, ErrorKind};
+use ferry_migrate::{Candidate, CodePrompt, Error, ErrorKind, SenderChooser};
 use ferry_transport::{PairingCode, Ticket};
 
 pub fn parse_addr(s: &str) -> Result<Vec<SocketAddr>, Error> {
@@ -137,6 +137,43 @@ pub struct TerminalPrompt;
 impl CodePrompt for TerminalPrompt {
     fn ask(&self, sender: &str) -> Result<PairingCode, Error> {
         prompt_code(sender)
+    }
+}
+
+/// Asks on the terminal which of several senders found is the old device.
+pub struct TerminalChooser;
+
+impl SenderChooser for TerminalChooser {
+    fn choose(&self, candidates: &[Candidate]) -> Result<usize, Error> {
+        use std::io::{BufRead, Write};
+        eprintln!("Several devices offer a history here; which one is your old device?");
+        for (i, c) in candidates.iter().enumerate() {
+            let addrs: Vec<String> = c.addrs.iter().map(|a| a.to_string()).collect();
+            eprintln!(
+                "  {}) {}  ({})",
+                i + 1,
+                crate::output::escape(&c.name),
+                addrs.join(", ")
+            );
+        }
+        loop {
+            eprint!("Number (1-{}): ", candidates.len());
+            let _ = std::io::stderr().flush();
+            let mut line = String::new();
+            let n = std::io::stdin().lock().read_line(&mut line).map_err(|e| {
+                Error::new(ErrorKind::Usage, format!("cannot read the choice: {e}"))
+            })?;
+            if n == 0 {
+                return Err(Error::new(
+                    ErrorKind::Usage,
+                    "no sender chosen (end of input)",
+                ));
+            }
+            match line.trim().parse::<usize>() {
+                Ok(k) if (1..=candidates.len()).contains(&k) => return Ok(k - 1),
+                _ => eprintln!("type one of the numbers shown"),
+            }
+        }
     }
 }
 

@@ -114,6 +114,11 @@ pub struct ReceiveFlags {
     /// --connect, the FERRY_TICKET environment variable is used.
     #[arg(long, value_name = "TICKET|-")]
     pub ticket: Option<String>,
+    /// When several senders are on the local network: the one with this name (or the paired
+    /// device with this name or id). Without it, a paired sender is chosen, else you are asked
+    /// (on a terminal).
+    #[arg(long, value_name = "NAME|ID", conflicts_with_all = ["connect", "ticket"])]
+    pub from: Option<String>,
     /// Receive into a folder that already holds other files (ferry never deletes them).
     #[arg(long)]
     pub yes: bool,

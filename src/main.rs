@@ -161,6 +161,12 @@ async fn receive(f: ReceiveFlags) -> Result<(), Error> {
         .give_up_after(Duration::from_secs(f.give_up_after))
         .pairing_ttl(args::parse_pairing_ttl(f.pairing_ttl)?)
         .prompt(Arc::new(args::TerminalPrompt));
+    if !f.json && std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+        m = m.chooser(Arc::new(args::TerminalChooser));
+    }
+    if let Some(w) = f.from {
+        m = m.from(w);
+    }
     if let Some(t) = ticket {
         m = m.ticket(t);
     }

@@ -307,3 +307,98 @@ fn lan_delayed_jittered_reordering_link_completes_byte_equal() {
     assert!(n(&st.overtakes) > 0, "no datagram was reordered");
     assert!(n(&st.dropped_loss) > 0, "no datagram was dropped");
 }
+
+/// Two senders announce themselves on one network (in namespaces). A receiver that is paired
+/// with neither and cannot be asked (`--json`) lists both as data and exits 2 without trying a
+/// code anywhere; `--from NAME` picks one by its name; afterwards, into a new folder and with
+/// no code, the paired one is chosen by itself (issue 18, items 1 and 4).
+#[test]
+fn lan_two_senders_the_paired_one_is_chosen_and_from_picks_by_name() {
+    let test = "lan_two_senders_the_paired_one_is_chosen_and_from_picks_by_name";
+    if let Some(reason) = netns::skip_reason() {
+        println!("SKIP {test}: {reason}");
+        return;
+    }
+    let lab = match Lab::new(3) {
+        Ok(l) => l,
+        Err(e) => {
+            println!("SKIP {test}: cannot create namespaces: {e}");
+            return;
+        }
+    };
+    let src = shared_history(4, 26);
+    let (phone, tablet, new) = (
+        Device::new("phone"),
+        Device::new("tablet"),
+        Device::new("new"),
+    );
+    let work = tempdir("lan-two");
+    let in_ns = |dev: &Device, i: usize, label: &str, args: Vec<std::ffi::OsString>| {
+        Ferry::spawn_with(
+            label,
+            dev.home.path(),
+            &["ip", "netns", "exec", &lab.hosts[i].ns],
+            args,
+        )
+    };
+    let sender = |dev: &Device, i: usize, name: &str| {
+        let args = vec![
+            "send".into(),
+            src.into(),
+            "--json".into(),
+            "--name".into(),
+            name.into(),
+        ];
+        let mut s = in_ns(dev, i, "send", args);
+        let ev = s.wait_event("listening", LONG);
+        let code = ev["code"].as_str().expect("code").to_string();
+        (s, code)
+    };
+    let receive = |dest: &Path, extra: &[&str]| {
+        let mut args: Vec<std::ffi::OsString> =
+            vec!["receive".into(), dest.into(), "--json".into()];
+        args.extend(extra.iter().map(std::ffi::OsString::from));
+        in_ns(&new, 2, "receive", args)
+    };
+    let (mut a, _) = sender(&phone, 0, "Old phone");
+    let (mut b, b_code) = sender(&tablet, 1, "Tablet");
+
+    // Nobody to ask: the candidates as data, exit 2, no code tried.
+    let mut r = receive(&work.path().join("x"), &[]);
+    let listed = r.wait_event("candidates", LONG);
+    let names: Vec<&str> = listed["senders"]
+        .as_array()
+        .expect("senders")
+        .iter()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    assert!(
+        names.contains(&"Old phone") && names.contains(&"Tablet"),
+        "{listed}"
+    );
+    r.expect_exit(2, LONG);
+    assert!(r.stderr().contains("--from"), "{}", r.stderr());
+    assert!(a.seen_named("error").is_empty() && b.seen_named("error").is_empty());
+
+    // --from picks the tablet; its code pairs.
+    let first = work.path().join("first");
+    let mut r = receive(&first, &["--from", "Tablet", "--code", &b_code]);
+    let paired = r.wait_event("paired", LONG);
+    assert_eq!(paired["peer"], "Tablet", "{paired}");
+    r.expect_exit(0, LONG);
+    b.expect_exit(0, LONG);
+    assert_histories_equal(src, &first).expect("trees equal");
+
+    // The tablet again; into a new folder, no code, no --from: the paired tablet is chosen.
+    let (mut b, _) = sender(&tablet, 1, "Tablet");
+    let second = work.path().join("second");
+    let mut r = receive(&second, &[]);
+    let paired = r.wait_event("paired", LONG);
+    assert_eq!(paired["peer"], "Tablet", "{paired}");
+    assert_eq!(paired["newly_paired"], false, "{paired}");
+    assert!(!r.seen_named("known_sender").is_empty());
+    r.expect_exit(0, LONG);
+    b.expect_exit(0, LONG);
+    assert_histories_equal(src, &second).expect("trees equal");
+    assert!(a.running(), "the phone's sender stopped");
+}

@@ -104,6 +104,9 @@ pub enum Event {
     Waiting { reason: String, give_up_s: u64 },
     /// Looking for senders on the local network.
     Looking,
+    /// Several senders were found and none is paired with this device: these are offered to
+    /// the chooser (or listed in the error without one).
+    Candidates { senders: Vec<crate::Candidate> },
     /// A sender found on the local network.
     Found {
         peer: String,

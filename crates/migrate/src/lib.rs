@@ -150,6 +150,21 @@ impl Migration {
     }
 }
 
+/// A sender found on the local network, offered to a [`SenderChooser`] (the name is what the
+/// device announces: not authenticated until pairing).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Candidate {
+    pub name: String,
+    pub addrs: Vec<std::net::SocketAddr>,
+}
+
+/// Lets a person pick the sender when several are found and none is paired with this device.
+/// Called off the async threads: it may block.
+pub trait SenderChooser: Send + Sync {
+    /// The index of the chosen candidate; an error ends the migration with it.
+    fn choose(&self, candidates: &[Candidate]) -> Result<usize, Error>;
+}
+
 /// Asks a person for the pairing code shown on the other device, when one is needed and none
 /// was given. Called off the async threads: it may block (the CLI reads the terminal).
 pub trait CodePrompt: Send + Sync {

@@ -26,7 +26,7 @@ use crate::event::{End, Event, ManifestInfo, PeerEvent, RoundInfo, RoundReason};
 use crate::handle::{self, Control, Emitter, Events, Handle};
 use crate::send::stopped;
 use crate::session;
-use crate::CodePrompt;
+use crate::{CodePrompt, SenderChooser};
 use find::SenderAt;
 
 /// Said when the receiver is stopped before the end.
@@ -60,6 +60,8 @@ pub struct ReceiveBuilder {
     dirs: Option<FerryDirs>,
     pairing_ttl: Duration,
     prompt: Option<Arc<dyn CodePrompt>>,
+    from: Option<String>,
+    chooser: Option<Arc<dyn SenderChooser>>,
 }
 
 impl std::fmt::Debug for ReceiveBuilder {
@@ -86,6 +88,8 @@ impl ReceiveBuilder {
             dirs: None,
             pairing_ttl: ferry_transport::DEFAULT_PAIRING_TTL,
             prompt: None,
+            from: None,
+            chooser: None,
         }
     }
 
@@ -134,6 +138,20 @@ impl ReceiveBuilder {
     /// terminal). Without one, a needed code is an [`Error::Usage`].
     pub fn prompt(mut self, prompt: Arc<dyn CodePrompt>) -> Self {
         self.prompt = Some(prompt);
+        self
+    }
+
+    /// Among the senders found on the local network, the one with this name (or the paired
+    /// device with this name or id).
+    pub fn from(mut self, which: impl Into<String>) -> Self {
+        self.from = Some(which.into());
+        self
+    }
+    /// Who picks the sender when several are found on the local network and none is paired
+    /// with this device (the CLI asks on the terminal). Without one, that is an
+    /// [`Error::Usage`] listing them (after a `candidates` event).
+    pub fn chooser(mut self, chooser: Arc<dyn SenderChooser>) -> Self {
+        self.chooser = Some(chooser);
         self
     }
 

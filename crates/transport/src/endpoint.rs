@@ -437,6 +437,10 @@ impl Window {
 
     fn failed(&mut self, ip: IpAddr, limits: &PairingLimits, now: Instant) {
         self.failures = self.failures.saturating_add(1);
+        // A code issued while this attempt was still running (its code already taken) did
+        // not wait for this verdict's back-off: void it, or one more guess than the limit
+        // allows gets a verdict. The sender issues the next code when the back-off allows.
+        self.active = None;
         let wait = if self.failures >= limits.pause_after {
             limits.pause
         } else if self.failures >= 2 {
@@ -1617,6 +1621,43 @@ mod tests {
         w.resume(now);
         w.open(code, ttl, &l, now).unwrap();
         assert!(!w.gate(&l, now).paused);
+    }
+
+    /// The race a loaded sender met: a code is issued while an attempt that took the previous
+    /// code is still running (another connection was refused meanwhile and the back-off said
+    /// "now"). Each verdict voids such a code, so guesses stay within the limit however the
+    /// attempts interleave.
+    #[test]
+    fn a_code_issued_while_an_attempt_runs_is_void_at_its_verdict() {
+        let l = PairingLimits::default();
+        let ttl = Duration::from_secs(600);
+        let code = PairingCode::from_u32(1).unwrap();
+        let t0 = Instant::now();
+        let mut w = Window::new(t0);
+        let mut now = t0;
+        let mut verdicts = 0;
+        for i in 0..100u32 {
+            now += Duration::from_millis(100);
+            let (a, b) = (
+                ip(&format!("10.1.0.{}", i + 1)),
+                ip(&format!("10.2.0.{}", i + 1)),
+            );
+            // A takes a code; while it runs, a new code is issued (when the gate allows).
+            let _ = w.open(code, ttl, &l, now);
+            let took_a = w.take(a, now).is_some();
+            let _ = w.open(code, ttl, &l, now);
+            // A's verdict; then B tries whatever code is left.
+            if took_a {
+                verdicts += 1;
+                w.failed(a, &l, now);
+            }
+            if w.take(b, now).is_some() {
+                verdicts += 1;
+                w.failed(b, &l, now);
+            }
+        }
+        assert_eq!(verdicts, 5, "guesses got verdicts beyond the limit");
+        assert!(w.gate(&l, now).paused);
     }
 
     #[test]

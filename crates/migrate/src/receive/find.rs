@@ -306,48 +306,21 @@ async fn on_local_network(
         em.emit(Event::Looking).await;
     }
     let found = discover(BROWSE_FOR).await?;
-    let sender = match found.as_slice() {
-        [] => {
-            return Err(Error::new(
-                ErrorKind::Unreachable,
-                "no sender found on this network (multicast may be blocked). Use the ticket shown by \
-                 `ferry send` (--ticket) or its address (--connect HOST:PORT); `ferry doctor` explains what is blocked",
-            ))
+    let sender = match choose_sender(ep, o, em, found).await? {
+        Chosen::Paired(d, c) => {
+            em.emit(Event::Found {
+                peer: d.name.clone(),
+                addrs: d.addrs.clone(),
+            })
+            .await;
+            em.emit(Event::KnownSender { code_needed: false }).await;
+            let at = SenderAt {
+                addrs: d.addrs.clone(),
+                browse: true,
+            };
+            return Ok((c, at));
         }
-        [one] => one.clone(),
-        many => {
-            // A sender paired with this device is preferred: it needs no code, and no code is
-            // ever tried against a device the person did not choose.
-            for d in many {
-                if let Ok(c) = by_pinned_key(ep, None, &d.addrs).await {
-                    em.emit(Event::Found {
-                        peer: d.name.clone(),
-                        addrs: d.addrs.clone(),
-                    })
-                    .await;
-                    em.emit(Event::KnownSender { code_needed: false }).await;
-                    let at = SenderAt {
-                        addrs: d.addrs.clone(),
-                        browse: true,
-                    };
-                    return Ok((c, at));
-                }
-            }
-            let names: Vec<String> = many
-                .iter()
-                .map(|d| {
-                    let addrs: Vec<String> = d.addrs.iter().map(|a| a.to_string()).collect();
-                    format!("{} at {}", escape(&d.name), addrs.join(", "))
-                })
-                .collect();
-            return Err(Error::new(
-                ErrorKind::Usage,
-                format!(
-                    "several senders found: {}; choose one with --connect HOST:PORT",
-                    names.join("; ")
-                ),
-            ));
-        }
+        Chosen::Other(d) => d,
     };
     em.emit(Event::Found {
         peer: sender.name.clone(),
@@ -360,6 +333,111 @@ async fn on_local_network(
         browse: true,
     };
     at_address(ep, o, at, &sender.name, None, em).await
+}
+
+/// The sender picked among those found on the local network.
+enum Chosen {
+    /// A sender paired with this device, connected by its key.
+    Paired(DiscoveredSender, PeerConnection),
+    /// A sender to pair with by the code.
+    Other(DiscoveredSender),
+}
+
+/// Picks the sender among those found: the ones `from` names (by name, or a paired device's
+/// id or name); then a sender paired with this device (connected by its key: no code, and no
+/// code is ever tried against a device the person did not choose); then the only one left;
+/// else the person chooses ([`crate::SenderChooser`]), or the candidates are listed.
+async fn choose_sender(
+    ep: &Endpoint,
+    o: &ReceiveBuilder,
+    em: &Emitter,
+    mut found: Vec<DiscoveredSender>,
+) -> Result<Chosen, Error> {
+    let mut pinned_only = None;
+    if let Some(which) = &o.from {
+        // A paired device named by its id or name is tried by its key wherever it answers.
+        let paired = crate::device::find_peer(ep.peers(), which).ok();
+        if let Some(p) = &paired {
+            pinned_only = Some(p.device_id);
+        }
+        if paired.is_none() {
+            found.retain(|d| d.name == *which);
+        }
+    }
+    if found.is_empty() {
+        let message = match &o.from {
+            Some(w) => format!("no sender called {} found on this network; the ones found: none match (--from)", escape(w)),
+            None => "no sender found on this network (multicast may be blocked). Use the ticket shown by \
+                     `ferry send` (--ticket) or its address (--connect HOST:PORT); `ferry doctor` explains what is blocked".into(),
+        };
+        return Err(Error::new(ErrorKind::Unreachable, message));
+    }
+    let paired_senders = ep
+        .peers()
+        .list()
+        .iter()
+        .any(|p| ep.usable(&p.device_id, PeerRole::Sender).is_ok());
+    let mut tried = 0;
+    // A paired sender that has only just started may miss the first look: look once more.
+    for look_again in [true, false] {
+        for d in &found[tried..] {
+            if let Ok(c) = by_pinned_key(ep, pinned_only, &d.addrs).await {
+                return Ok(Chosen::Paired(d.clone(), c));
+            }
+        }
+        tried = found.len();
+        if !(look_again && paired_senders && o.from.is_none()) {
+            break;
+        }
+        if let Ok(more) = discover(REBROWSE_FOR).await {
+            for d in more {
+                if !found.iter().any(|f| f.session == d.session) {
+                    found.push(d);
+                }
+            }
+        }
+    }
+    if found.len() == 1 || pinned_only.is_some() {
+        return Ok(Chosen::Other(found.swap_remove(0)));
+    }
+    let candidates: Vec<crate::Candidate> = found
+        .iter()
+        .map(|d| crate::Candidate {
+            name: d.name.clone(),
+            addrs: d.addrs.clone(),
+        })
+        .collect();
+    em.emit(Event::Candidates {
+        senders: candidates.clone(),
+    })
+    .await;
+    let listed = || {
+        candidates
+            .iter()
+            .map(|c| {
+                let addrs: Vec<String> = c.addrs.iter().map(|a| a.to_string()).collect();
+                format!("{} at {}", escape(&c.name), addrs.join(", "))
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    let Some(chooser) = o.chooser.clone() else {
+        return Err(Error::new(
+            ErrorKind::Usage,
+            format!(
+                "several senders found: {}; choose one with --from NAME (or --connect HOST:PORT)",
+                listed()
+            ),
+        ));
+    };
+    em.drained().await;
+    let choice = tokio::task::spawn_blocking(move || chooser.choose(&candidates))
+        .await
+        .map_err(|e| Error::new(ErrorKind::Internal, e.to_string()))??;
+    if choice >= found.len() {
+        return Err(Error::new(ErrorKind::Usage, "no such sender"));
+    }
+    Ok(Chosen::Other(found.swap_remove(choice)))
 }
 
 /// Adds the addresses senders announce on the local network to `at` (when it was found there);
