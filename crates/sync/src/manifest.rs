@@ -659,6 +659,46 @@ impl ManifestBuilder {
 
     /// Validates and adds the next entry.
     pub fn push(&mut self, e: WireEntry) -> Result<(), ManifestError> {
+        let folded = self.check_place(&e)?;
+        let expected_chunks = expected_chunks(&e)?;
+        if expected_chunks != e.hashes.len() as u64 {
+            return Err(ManifestError::ChunkCount {
+                path: e.path,
+                expected: expected_chunks,
+                got: e.hashes.len() as u64,
+            });
+        }
+        let total = self.check_totals(&e, expected_chunks)?;
+        self.reserve_for(&e, folded)?;
+        // Hash the canonical encoding into the root.
+        self.scratch.clear();
+        let encoded = postcard::to_extend(&e, std::mem::take(&mut self.scratch))
+            .map_err(|_| ManifestError::SummaryMismatch)?;
+        self.hasher.update(&(encoded.len() as u64).to_le_bytes());
+        self.hasher.update(&encoded);
+        self.scratch = encoded;
+
+        let first_slot = self.slots.len() as u32;
+        if let EntryKind::File { chunk_shift } = e.kind {
+            self.files += 1;
+            self.add_slots(&e.hashes, e.size, chunk_shift);
+        }
+        self.bytes = total;
+        self.entries.push(Entry {
+            path: e.path,
+            kind: e.kind,
+            size: e.size,
+            mode: e.mode,
+            mtime: e.mtime,
+            first_slot,
+        });
+        Ok(())
+    }
+
+    /// Checks where `e` goes: the entry limit, a safe path, sorted after the previous entry,
+    /// under directories only, and no name the destination would merge with an earlier one.
+    /// Returns the folded name to remember when the destination folds names.
+    fn check_place(&self, e: &WireEntry) -> Result<Option<String>, ManifestError> {
         let limits = &self.limits;
         if self.entries.len() as u64 >= limits.max_entries {
             return Err(ManifestError::TooLarge {
@@ -672,7 +712,9 @@ impl ManifestBuilder {
         })?;
         if let Some(prev) = self.entries.last() {
             if prev.path.as_bytes() >= e.path.as_bytes() {
-                return Err(ManifestError::OutOfOrder { path: e.path });
+                return Err(ManifestError::OutOfOrder {
+                    path: e.path.clone(),
+                });
             }
         }
         // Every ancestor that the manifest names must be a directory: a file or symlink "a"
@@ -681,70 +723,33 @@ impl ManifestBuilder {
         while let Some(a) = anc {
             if let Some(i) = self.find(a) {
                 if self.entries[i].kind != EntryKind::Dir {
-                    let ancestor = a.to_string();
                     return Err(ManifestError::AncestorNotDir {
-                        path: e.path,
-                        ancestor,
+                        path: e.path.clone(),
+                        ancestor: a.to_string(),
                     });
                 }
                 break; // its own ancestors were checked when it was added
             }
             anc = path::parent(a);
         }
-        let (case, norm) = (
-            self.limits.case_insensitive,
-            self.limits.normalization_insensitive,
-        );
-        let folded = match case || norm {
-            true => {
-                let folded = fold_key(&e.path, case, norm);
-                if let Some(&other) = self.folded.get(&folded) {
-                    return Err(ManifestError::CaseCollision {
-                        path: e.path,
-                        other: self.entries[other as usize].path.clone(),
-                    });
-                }
-                Some(folded)
-            }
-            false => None,
-        };
-        let expected_chunks = match &e.kind {
-            EntryKind::File { chunk_shift } => {
-                if !(MIN_CHUNK_SHIFT..=MAX_CHUNK_SHIFT).contains(chunk_shift) {
-                    return Err(ManifestError::BadChunkSize {
-                        path: e.path,
-                        shift: *chunk_shift,
-                    });
-                }
-                chunk_count(e.size, *chunk_shift)
-            }
-            EntryKind::Symlink { target } => {
-                if !path::symlink_stays_inside(&e.path, target) {
-                    return Err(ManifestError::SymlinkEscapes {
-                        target: target.clone(),
-                        path: e.path,
-                    });
-                }
-                if e.size != 0 {
-                    return Err(ManifestError::NonFileSize { path: e.path });
-                }
-                0
-            }
-            EntryKind::Dir => {
-                if e.size != 0 {
-                    return Err(ManifestError::NonFileSize { path: e.path });
-                }
-                0
-            }
-        };
-        if expected_chunks != e.hashes.len() as u64 {
-            return Err(ManifestError::ChunkCount {
-                path: e.path,
-                expected: expected_chunks,
-                got: e.hashes.len() as u64,
+        let (case, norm) = (limits.case_insensitive, limits.normalization_insensitive);
+        if !(case || norm) {
+            return Ok(None);
+        }
+        let folded = fold_key(&e.path, case, norm);
+        if let Some(&other) = self.folded.get(&folded) {
+            return Err(ManifestError::CaseCollision {
+                path: e.path.clone(),
+                other: self.entries[other as usize].path.clone(),
             });
         }
-        if self.slots.len() as u64 + expected_chunks > self.limits.max_slots {
+        Ok(Some(folded))
+    }
+
+    /// The chunk and byte limits, and the room at the destination, with `e` added. Returns the
+    /// file bytes declared with `e`.
+    fn check_totals(&self, e: &WireEntry, chunks: u64) -> Result<u64, ManifestError> {
+        if self.slots.len() as u64 + chunks > self.limits.max_slots {
             return Err(ManifestError::TooLarge {
                 what: "chunks",
                 limit: self.limits.max_slots,
@@ -765,8 +770,13 @@ impl ManifestBuilder {
                 });
             }
         }
-        // Memory, before anything is allocated for this entry: what the tables hold once grown
-        // for it (every chunk counted as new, the most it can cost) and its strings.
+        Ok(total)
+    }
+
+    /// Memory, before anything is allocated for `e`: what the tables hold once grown for it
+    /// (every chunk counted as new, the most it can cost) and its strings. Within the budget,
+    /// the tables are grown and the folded name is remembered.
+    fn reserve_for(&mut self, e: &WireEntry, folded: Option<String>) -> Result<(), ManifestError> {
         let n = e.hashes.len();
         let strings = e.path.capacity() as u64
             + match &e.kind {
@@ -804,60 +814,44 @@ impl ManifestBuilder {
             self.folded.insert(f, self.entries.len() as u32);
         }
         self.string_bytes += strings;
-
-        // Hash the canonical encoding into the root.
-        self.scratch.clear();
-        let encoded = postcard::to_extend(&e, std::mem::take(&mut self.scratch))
-            .map_err(|_| ManifestError::SummaryMismatch)?;
-        self.hasher.update(&(encoded.len() as u64).to_le_bytes());
-        self.hasher.update(&encoded);
-        self.scratch = encoded;
-
-        let first_slot = self.slots.len() as u32;
-        if let EntryKind::File { chunk_shift } = e.kind {
-            self.files += 1;
-            let csize = 1u64 << chunk_shift;
-            for (i, h) in e.hashes.iter().enumerate() {
-                let len = if i + 1 == n {
-                    e.size - csize * (n as u64 - 1)
-                } else {
-                    csize
-                } as u32;
-                let slot = self.slots.len() as u32;
-                let uid = match self.by_hash.get(&(*h, len)) {
-                    Some(&uid) => {
-                        let last = self.last_same[uid as usize];
-                        self.next_same[last as usize] = slot;
-                        self.last_same[uid as usize] = slot;
-                        uid
-                    }
-                    None => {
-                        let uid = self.unique.len() as u32;
-                        self.unique.push(UniqueChunk {
-                            hash: *h,
-                            len,
-                            first_slot: slot,
-                        });
-                        self.last_same.push(slot);
-                        self.by_hash.insert((*h, len), uid);
-                        self.unique_bytes += u64::from(len);
-                        uid
-                    }
-                };
-                self.slots.push(uid);
-                self.next_same.push(u32::MAX);
-            }
-        }
-        self.bytes = total;
-        self.entries.push(Entry {
-            path: e.path,
-            kind: e.kind,
-            size: e.size,
-            mode: e.mode,
-            mtime: e.mtime,
-            first_slot,
-        });
         Ok(())
+    }
+
+    /// Adds the chunk slots of a file of `size` bytes (room is reserved): each names a unique
+    /// chunk, new or shared with an earlier slot of the same hash and length.
+    fn add_slots(&mut self, hashes: &[ChunkHash], size: u64, chunk_shift: u8) {
+        let n = hashes.len();
+        let csize = 1u64 << chunk_shift;
+        for (i, h) in hashes.iter().enumerate() {
+            let len = if i + 1 == n {
+                size - csize * (n as u64 - 1)
+            } else {
+                csize
+            } as u32;
+            let slot = self.slots.len() as u32;
+            let uid = match self.by_hash.get(&(*h, len)) {
+                Some(&uid) => {
+                    let last = self.last_same[uid as usize];
+                    self.next_same[last as usize] = slot;
+                    self.last_same[uid as usize] = slot;
+                    uid
+                }
+                None => {
+                    let uid = self.unique.len() as u32;
+                    self.unique.push(UniqueChunk {
+                        hash: *h,
+                        len,
+                        first_slot: slot,
+                    });
+                    self.last_same.push(slot);
+                    self.by_hash.insert((*h, len), uid);
+                    self.unique_bytes += u64::from(len);
+                    uid
+                }
+            };
+            self.slots.push(uid);
+            self.next_same.push(u32::MAX);
+        }
     }
 
     fn find(&self, path: &str) -> Option<usize> {
@@ -900,6 +894,44 @@ impl ManifestBuilder {
             unique: self.unique,
             next_same: self.next_same,
             summary,
+        }
+    }
+}
+
+/// How many chunk hashes entry `e` must carry; checks its kind (chunk size in range, symlink
+/// inside the destination, size 0 for anything but a file).
+fn expected_chunks(e: &WireEntry) -> Result<u64, ManifestError> {
+    match &e.kind {
+        EntryKind::File { chunk_shift } => {
+            if !(MIN_CHUNK_SHIFT..=MAX_CHUNK_SHIFT).contains(chunk_shift) {
+                return Err(ManifestError::BadChunkSize {
+                    path: e.path.clone(),
+                    shift: *chunk_shift,
+                });
+            }
+            Ok(chunk_count(e.size, *chunk_shift))
+        }
+        EntryKind::Symlink { target } => {
+            if !path::symlink_stays_inside(&e.path, target) {
+                return Err(ManifestError::SymlinkEscapes {
+                    target: target.clone(),
+                    path: e.path.clone(),
+                });
+            }
+            if e.size != 0 {
+                return Err(ManifestError::NonFileSize {
+                    path: e.path.clone(),
+                });
+            }
+            Ok(0)
+        }
+        EntryKind::Dir => {
+            if e.size != 0 {
+                return Err(ManifestError::NonFileSize {
+                    path: e.path.clone(),
+                });
+            }
+            Ok(0)
         }
     }
 }
