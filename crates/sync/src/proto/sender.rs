@@ -103,7 +103,6 @@ pub struct Sender {
     manifest_done: bool,
     control: VecDeque<Transmit>,
     data: VecDeque<(u32, Transmit)>,
-    io: VecDeque<SendIo>,
     events: VecDeque<SendEvent>,
     want: VecDeque<ChunkRange>,
     verify: HashSet<u32>,
@@ -132,7 +131,6 @@ impl Sender {
             manifest_done: false,
             control,
             data: VecDeque::new(),
-            io: VecDeque::new(),
             events: VecDeque::new(),
             want: VecDeque::new(),
             verify: HashSet::new(),
@@ -430,9 +428,6 @@ impl Sender {
     /// The next read to perform.
     #[must_use]
     pub fn poll_io(&mut self) -> Option<SendIo> {
-        if let Some(io) = self.io.pop_front() {
-            return Some(io);
-        }
         if self.state != State::Serving
             || self.reads >= self.cfg.max_reads
             || self.ahead_bytes >= self.cfg.read_ahead_bytes
