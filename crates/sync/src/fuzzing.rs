@@ -137,8 +137,9 @@ impl MemStore {
                 slots,
             } => {
                 let Some(u) = m.and_then(|m| m.unique(chunk)) else {
+                    // As the real store answers a chunk outside its manifest.
                     return RecvIoDone::Failed {
-                        error: "store for a chunk outside the manifest".into(),
+                        error: Arc::new(crate::store::StoreError::NotPrepared),
                     };
                 };
                 match decode_verified(encoding, payload, u.len, &u.hash) {

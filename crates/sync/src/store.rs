@@ -103,6 +103,44 @@ pub enum StoreError {
     },
 }
 
+/// Two store errors are equal when they are the same failure at the same path (an I/O error
+/// by its kind and message), so that session errors carrying one compare.
+impl PartialEq for StoreError {
+    fn eq(&self, other: &Self) -> bool {
+        use StoreError as E;
+        match (self, other) {
+            (E::NoSpace { path: a }, E::NoSpace { path: b })
+            | (E::PermissionDenied { path: a }, E::PermissionDenied { path: b })
+            | (E::ReadOnly { path: a }, E::ReadOnly { path: b })
+            | (E::Locked(a), E::Locked(b))
+            | (E::NoReceipt(a), E::NoReceipt(b)) => a == b,
+            (E::Io { path: a, source: x }, E::Io { path: b, source: y }) => {
+                a == b && x.kind() == y.kind() && x.to_string() == y.to_string()
+            }
+            (E::Conflict { path: a, why: x }, E::Conflict { path: b, why: y })
+            | (E::BadReceipt { path: a, why: x }, E::BadReceipt { path: b, why: y }) => {
+                a == b && x == y
+            }
+            (E::NotPrepared, E::NotPrepared) => true,
+            (
+                E::InsufficientSpace {
+                    path: a,
+                    needed: n,
+                    available: v,
+                },
+                E::InsufficientSpace {
+                    path: b,
+                    needed: m,
+                    available: w,
+                },
+            ) => a == b && n == m && v == w,
+            _ => false,
+        }
+    }
+}
+
+impl Eq for StoreError {}
+
 impl StoreError {
     fn io(path: &Path, source: io::Error) -> Self {
         match source.kind() {
@@ -410,9 +448,7 @@ impl FsStore {
                 }
             }),
         };
-        r.unwrap_or_else(|e| RecvIoDone::Failed {
-            error: e.to_string(),
-        })
+        r.unwrap_or_else(|e| RecvIoDone::Failed { error: Arc::new(e) })
     }
 
     fn prepared(&self) -> Result<Arc<Prepared>, StoreError> {

@@ -63,6 +63,8 @@ pub mod frame;
 mod receiver;
 mod sender;
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 
 pub use frame::{
@@ -169,8 +171,10 @@ pub enum SessionError {
     Integrity(String),
     #[error("source problem: {0}")]
     Source(String),
+    /// The receiver's store failed: match the [`StoreError`](crate::store::StoreError) for its
+    /// kind (no space, read-only, I/O error, …).
     #[error("destination problem: {0}")]
-    Destination(String),
+    Destination(Arc<crate::store::StoreError>),
 }
 
 impl SessionError {

@@ -11,6 +11,7 @@ use super::sender::frame_name;
 use super::{close_frame, CloseCode, SessionError, Transmit};
 use crate::compress::Encoding;
 use crate::manifest::{ManifestBuilder, ManifestLimits, ManifestSummary};
+use crate::store::StoreError;
 use crate::Manifest;
 
 /// Tuning for the receiver.
@@ -101,9 +102,9 @@ pub enum RecvIoDone {
         damaged: Vec<u32>,
     },
     Finalized,
-    /// The store failed; the session ends with a destination error.
+    /// The store failed; the session ends with a destination error carrying it.
     Failed {
-        error: String,
+        error: Arc<StoreError>,
     },
 }
 
@@ -883,4 +884,93 @@ fn slot_path(m: &Manifest, slot: u32) -> String {
     m.locate(slot)
         .and_then(|l| m.entry(l.entry))
         .map_or_else(|| format!("slot {slot}"), |e| e.path.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::{ChunkHash, EntryKind, Mtime, WireEntry};
+    use std::path::PathBuf;
+
+    /// A receiver that has the manifest of one small file and asked its store to prepare.
+    fn preparing() -> Receiver {
+        let data = b"hello";
+        let m = Manifest::from_wire_entries(vec![WireEntry {
+            path: "a.txt".into(),
+            kind: EntryKind::File { chunk_shift: 17 },
+            size: data.len() as u64,
+            mode: 0o644,
+            mtime: Mtime::default(),
+            hashes: vec![ChunkHash::of(data)],
+        }])
+        .unwrap();
+        let mut r = Receiver::new(ReceiverConfig::default());
+        r.handle_frame(Frame::Hello(Hello {
+            version: frame::PROTOCOL_VERSION,
+            role: Role::Sender,
+        }));
+        r.handle_frame(Frame::Message(Message::Manifest(vec![m
+            .wire_entry(0)
+            .unwrap()])));
+        r.handle_frame(Frame::Message(Message::ManifestEnd(*m.summary())));
+        assert!(matches!(r.poll_io(), Some(RecvIo::Prepare { .. })));
+        r
+    }
+
+    #[test]
+    fn store_failures_stay_typed_up_to_the_session_error() {
+        let path = PathBuf::from("/dest/a.txt");
+        let kinds = [
+            StoreError::NoSpace { path: path.clone() },
+            StoreError::ReadOnly { path: path.clone() },
+            StoreError::Io {
+                path: path.clone(),
+                source: std::io::Error::other("disk on fire"),
+            },
+        ];
+        for kind in kinds {
+            let shown = format!("destination problem: {kind}");
+            let mut r = preparing();
+            r.handle_io_done(RecvIoDone::Failed {
+                error: Arc::new(kind),
+            });
+            let failed = std::iter::from_fn(|| r.poll_event())
+                .find_map(|e| match e {
+                    RecvEvent::Failed(e) => Some(e),
+                    _ => None,
+                })
+                .unwrap();
+            let SessionError::Destination(store) = &failed else {
+                panic!("{failed:?}");
+            };
+            // The kind survives, and so does the text users see.
+            assert!(
+                matches!(
+                    (&**store, shown.as_str()),
+                    (StoreError::NoSpace { .. }, s) if s.contains("no space left")
+                ) || matches!(
+                    (&**store, shown.as_str()),
+                    (StoreError::ReadOnly { .. }, s) if s.contains("read-only file system")
+                ) || matches!(
+                    (&**store, shown.as_str()),
+                    (StoreError::Io { source, .. }, s)
+                        if s.contains("disk on fire") && source.to_string() == "disk on fire"
+                )
+            );
+            assert_eq!(failed.to_string(), shown);
+            assert_eq!(failed.close_code(), CloseCode::DestinationError);
+            // The sender hears the same text as the close reason.
+            let close = std::iter::from_fn(|| r.poll_transmit())
+                .filter_map(|t| {
+                    let mut b = bytes::BytesMut::from(&t.head[..]);
+                    frame::decode_frame(&mut b).ok().flatten()
+                })
+                .find_map(|f| match f {
+                    Frame::Message(Message::Close { code, reason }) => Some((code, reason)),
+                    _ => None,
+                })
+                .unwrap();
+            assert_eq!(close, (CloseCode::DestinationError as u16, shown));
+        }
+    }
 }
