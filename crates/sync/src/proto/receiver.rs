@@ -140,14 +140,32 @@ pub enum RecvEvent {
 
 #[derive(Debug)]
 enum State {
-    AwaitHello,
-    Manifest(Box<ManifestBuilder>),
+    /// `last_frame_at`: when the last frame arrived (the stall clock until the manifest is in).
+    AwaitHello {
+        last_frame_at: Option<Instant>,
+    },
+    Manifest {
+        builder: Box<ManifestBuilder>,
+        last_frame_at: Option<Instant>,
+    },
     Preparing,
-    Transferring,
-    Finalizing,
+    Transferring(Transfer),
+    /// The transfer's bookkeeping is kept: damage found by finalize resumes the transfer.
+    Finalizing(Transfer),
     Done,
     /// Link lost or failed: finish outstanding I/O, commit, stop.
     Draining,
+}
+
+/// What only the transfer (and a finalize that may resume it) tracks.
+#[derive(Debug, Default)]
+struct Transfer {
+    /// Local copies still to issue: (chunk, durable source slot, slots to write).
+    copies: VecDeque<(u32, u32, Vec<u32>)>,
+    /// Verification failures per chunk.
+    rejects: HashMap<u32, u32>,
+    /// When the last chunk arrived (the stall clock while chunks are wanted).
+    last_chunk_at: Option<Instant>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -188,7 +206,6 @@ pub struct Receiver {
     control: VecDeque<Transmit>,
     io: VecDeque<RecvIo>,
     events: VecDeque<RecvEvent>,
-    copies: VecDeque<(u32, u32, Vec<u32>)>,
     /// I/O issued (store, copy) and not answered, in bytes and count.
     busy_bytes: u64,
     busy: usize,
@@ -196,12 +213,8 @@ pub struct Receiver {
     uncommitted_bytes: u64,
     uncommitted_since: Option<Instant>,
     committing: bool,
-    rejects: HashMap<u32, u32>,
     bytes_done: u64,
     now: Option<Instant>,
-    last_chunk_at: Option<Instant>,
-    /// When the last frame arrived (the hello and manifest phases' stall clock).
-    last_frame_at: Option<Instant>,
     wanted_left: u64,
     wire_bytes: u64,
     /// Prepare or Finalize outstanding (they must finish before the store is used again).
@@ -232,7 +245,9 @@ impl Receiver {
         })));
         Receiver {
             cfg,
-            state: State::AwaitHello,
+            state: State::AwaitHello {
+                last_frame_at: None,
+            },
             manifest: None,
             have: BitSet::default(),
             wanted: BitSet::default(),
@@ -241,18 +256,14 @@ impl Receiver {
             control,
             io: VecDeque::new(),
             events: VecDeque::new(),
-            copies: VecDeque::new(),
             busy_bytes: 0,
             busy: 0,
             uncommitted: Vec::new(),
             uncommitted_bytes: 0,
             uncommitted_since: None,
             committing: false,
-            rejects: HashMap::new(),
             bytes_done: 0,
             now: None,
-            last_chunk_at: None,
-            last_frame_at: None,
             wanted_left: 0,
             wire_bytes: 0,
             exclusive_io: false,
@@ -275,7 +286,7 @@ impl Receiver {
     /// [`ManifestBuilder::held_bytes`]); `None` outside the manifest phase.
     pub fn manifest_held_bytes(&self) -> Option<u64> {
         match &self.state {
-            State::Manifest(b) => Some(b.held_bytes()),
+            State::Manifest { builder, .. } => Some(builder.held_bytes()),
             _ => None,
         }
     }
@@ -330,8 +341,12 @@ impl Receiver {
             }
             return;
         }
-        if self.now.is_some() {
-            self.last_frame_at = self.now;
+        if let (
+            Some(now),
+            State::AwaitHello { last_frame_at } | State::Manifest { last_frame_at, .. },
+        ) = (self.now, &mut self.state)
+        {
+            *last_frame_at = Some(now);
         }
         if let Err(e) = self.on_frame(frame) {
             self.fail(e);
@@ -356,7 +371,6 @@ impl Receiver {
     pub fn handle_link_lost(&mut self) {
         if !matches!(self.state, State::Done | State::Draining) {
             self.state = State::Draining;
-            self.copies.clear();
             self.flush_commit();
         }
     }
@@ -367,42 +381,43 @@ impl Receiver {
             self.events
                 .push_back(RecvEvent::Failed(SessionError::PeerClosed { code, reason }));
             self.state = State::Draining;
-            self.copies.clear();
             self.flush_commit();
             return Ok(());
         }
         if let Frame::Message(Message::NextRound) = frame {
-            if matches!(self.state, State::AwaitHello) {
+            if matches!(self.state, State::AwaitHello { .. }) {
                 return Err(SessionError::Protocol("next-round before hello".into()));
             }
             self.verdict = Some(RoundVerdict::NextRound);
-            if !matches!(self.state, State::Finalizing) {
+            if !matches!(self.state, State::Finalizing(_)) {
                 // Keep every verified chunk (commit it), ask for nothing more. A finalize
                 // already running completes: its tree is verified either way.
                 self.events.push_back(RecvEvent::Restarted);
                 self.state = State::Draining;
-                self.copies.clear();
                 self.flush_commit();
             }
             return Ok(());
         }
         match (&mut self.state, frame) {
-            (State::AwaitHello, Frame::Hello(h)) => {
+            (State::AwaitHello { last_frame_at }, Frame::Hello(h)) => {
                 if h.role != Role::Sender {
                     return Err(SessionError::Protocol("peer is not a sender".into()));
                 }
-                self.state =
-                    State::Manifest(Box::new(ManifestBuilder::new(self.cfg.limits.clone())));
+                self.state = State::Manifest {
+                    builder: Box::new(ManifestBuilder::new(self.cfg.limits.clone())),
+                    last_frame_at: *last_frame_at,
+                };
                 Ok(())
             }
-            (State::Manifest(b), Frame::Message(Message::Manifest(entries))) => {
+            (State::Manifest { builder, .. }, Frame::Message(Message::Manifest(entries))) => {
                 for e in entries {
-                    b.push(e)?;
+                    builder.push(e)?;
                 }
                 Ok(())
             }
-            (State::Manifest(_), Frame::Message(Message::ManifestEnd(summary))) => {
-                let State::Manifest(b) = std::mem::replace(&mut self.state, State::Preparing)
+            (State::Manifest { .. }, Frame::Message(Message::ManifestEnd(summary))) => {
+                let State::Manifest { builder: b, .. } =
+                    std::mem::replace(&mut self.state, State::Preparing)
                 else {
                     return Err(SessionError::Protocol("internal state".into()));
                 };
@@ -420,7 +435,7 @@ impl Receiver {
                 Ok(())
             }
             (
-                State::Transferring,
+                State::Transferring(_),
                 Frame::Chunk {
                     id,
                     encoding,
@@ -469,7 +484,9 @@ impl Receiver {
         self.wanted.set(id, false);
         self.wanted_left = self.wanted_left.saturating_sub(1);
         self.wire_bytes += payload.len() as u64;
-        self.last_chunk_at = self.now;
+        if let State::Transferring(t) = &mut self.state {
+            t.last_chunk_at = self.now;
+        }
         let slots: Vec<u32> = m.slots_of(id).filter(|&s| !self.durable.get(s)).collect();
         self.busy += 1;
         self.busy_bytes += u64::from(u.len);
@@ -518,10 +535,14 @@ impl Receiver {
                 if matches!(self.state, State::Draining | State::Done) {
                     return;
                 }
-                let n = {
-                    let n = self.rejects.entry(chunk).or_insert(0);
-                    *n += 1;
-                    *n
+                let n = match &mut self.state {
+                    State::Transferring(t) | State::Finalizing(t) => {
+                        let n = t.rejects.entry(chunk).or_insert(0);
+                        *n += 1;
+                        *n
+                    }
+                    // Stores are only issued while transferring.
+                    _ => 1,
                 };
                 if n > self.cfg.max_rejects_per_chunk {
                     let path = slot_path(&m, m.unique(chunk).map_or(0, |u| u.first_slot));
@@ -564,8 +585,8 @@ impl Receiver {
             }
             RecvIoDone::Damaged { slots } => {
                 self.exclusive_io = false;
-                if matches!(self.state, State::Finalizing) {
-                    self.state = State::Transferring;
+                if let State::Finalizing(t) = &mut self.state {
+                    self.state = State::Transferring(std::mem::take(t));
                 }
                 self.on_damaged(&m, slots);
             }
@@ -613,8 +634,10 @@ impl Receiver {
         chunks.dedup();
         // Queued copies of these chunks would read a slot that no longer holds them: the chunk
         // arrives from the sender instead and is written to every slot still missing it.
-        self.copies
-            .retain(|(c, _, _)| chunks.binary_search(c).is_err());
+        if let State::Transferring(t) | State::Finalizing(t) = &mut self.state {
+            t.copies
+                .retain(|(c, _, _)| chunks.binary_search(c).is_err());
+        }
         for c in chunks {
             self.have.set(c, false);
             if !self.wanted.get(c) {
@@ -645,6 +668,7 @@ impl Receiver {
         if !matches!(self.state, State::Preparing) {
             return;
         }
+        let mut transfer = Transfer::default();
         for s in durable {
             if (s as usize) < m.slot_count() as usize && !self.durable.get(s) {
                 self.durable.set(s, true);
@@ -683,7 +707,7 @@ impl Receiver {
                 Some(f) => {
                     self.have.set(id, true);
                     if !missing.is_empty() {
-                        self.copies.push_back((id, f, missing));
+                        transfer.copies.push_back((id, f, missing));
                     }
                 }
                 None => {
@@ -718,7 +742,7 @@ impl Receiver {
             chunks: want_chunks,
             bytes: want_bytes,
         });
-        self.state = State::Transferring;
+        self.state = State::Transferring(transfer);
         self.maybe_finalize(m);
     }
 
@@ -737,7 +761,11 @@ impl Receiver {
     }
 
     fn all_stored(&self) -> bool {
-        self.wanted_left == 0 && self.busy == 0 && self.copies.is_empty()
+        let no_copies = match &self.state {
+            State::Transferring(t) | State::Finalizing(t) => t.copies.is_empty(),
+            _ => true,
+        };
+        self.wanted_left == 0 && self.busy == 0 && no_copies
     }
 
     fn flush_commit(&mut self) {
@@ -752,13 +780,15 @@ impl Receiver {
     }
 
     fn maybe_finalize(&mut self, m: &Manifest) {
-        if matches!(self.state, State::Transferring)
+        if matches!(self.state, State::Transferring(_))
             && self.slots_durable == u64::from(m.slot_count())
             && self.all_stored()
             && !self.committing
             && self.uncommitted.is_empty()
         {
-            self.state = State::Finalizing;
+            if let State::Transferring(t) = &mut self.state {
+                self.state = State::Finalizing(std::mem::take(t));
+            }
             self.io.push_back(RecvIo::Finalize);
             self.exclusive_io = true;
         }
@@ -769,7 +799,6 @@ impl Receiver {
             .push_back(close_frame(e.close_code(), &e.to_string()));
         self.events.push_back(RecvEvent::Failed(e));
         self.state = State::Draining;
-        self.copies.clear();
         self.flush_commit();
     }
 
@@ -781,11 +810,13 @@ impl Receiver {
                 self.flush_commit();
             }
         }
-        if matches!(self.state, State::AwaitHello | State::Manifest(_)) {
-            match self.last_frame_at {
-                None => self.last_frame_at = Some(now),
+        if let State::AwaitHello { last_frame_at } | State::Manifest { last_frame_at, .. } =
+            &mut self.state
+        {
+            match *last_frame_at {
+                None => *last_frame_at = Some(now),
                 Some(t) if now >= t + self.cfg.stall_timeout => {
-                    self.stalled(if matches!(self.state, State::AwaitHello) {
+                    self.stalled(if matches!(self.state, State::AwaitHello { .. }) {
                         "no hello"
                     } else {
                         "no manifest data"
@@ -794,9 +825,9 @@ impl Receiver {
                 Some(_) => {}
             }
         }
-        if matches!(self.state, State::Transferring) && self.wanted_left > 0 {
-            match self.last_chunk_at {
-                None => self.last_chunk_at = Some(now),
+        if let (State::Transferring(tr), true) = (&mut self.state, self.wanted_left > 0) {
+            match tr.last_chunk_at {
+                None => tr.last_chunk_at = Some(now),
                 Some(t) if now >= t + self.cfg.stall_timeout => self.stalled("no data"),
                 Some(_) => {}
             }
@@ -817,7 +848,6 @@ impl Receiver {
             &format!("stalled: {what} received"),
         ));
         self.state = State::Draining;
-        self.copies.clear();
         self.flush_commit();
     }
 
@@ -831,12 +861,12 @@ impl Receiver {
             true => None,
             false => self.uncommitted_since.map(|t| t + self.cfg.commit_interval),
         };
-        let stall = match self.state {
-            State::Transferring if self.wanted_left > 0 => {
-                self.last_chunk_at.map(|t| t + self.cfg.stall_timeout)
+        let stall = match &self.state {
+            State::Transferring(tr) if self.wanted_left > 0 => {
+                tr.last_chunk_at.map(|t| t + self.cfg.stall_timeout)
             }
-            State::AwaitHello | State::Manifest(_) => {
-                self.last_frame_at.map(|t| t + self.cfg.stall_timeout)
+            State::AwaitHello { last_frame_at } | State::Manifest { last_frame_at, .. } => {
+                last_frame_at.map(|t| t + self.cfg.stall_timeout)
             }
             _ => None,
         };
@@ -858,9 +888,11 @@ impl Receiver {
         if let Some(io) = self.io.pop_front() {
             return Some(io);
         }
-        if matches!(self.state, State::Transferring) && self.busy_bytes < self.cfg.max_pending_bytes
-        {
-            let (chunk, from, to) = self.copies.pop_front()?;
+        if let State::Transferring(t) = &mut self.state {
+            if self.busy_bytes >= self.cfg.max_pending_bytes {
+                return None;
+            }
+            let (chunk, from, to) = t.copies.pop_front()?;
             let len = self
                 .manifest
                 .as_ref()
