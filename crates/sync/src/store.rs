@@ -1,6 +1,6 @@
 //! The receiver's crash-safe store.
 //!
-//! Everything ferry keeps for an unfinished migration lives in `DEST/.ferry/`:
+//! Everything ferry keeps for an unfinished migration lives in `DEST/.ferry/` ([`STATE_DIR`]):
 //! ```text
 //! .ferry/lock            held (flock) while a receiver uses DEST
 //! .ferry/staging/<key>   one file per manifest file, preallocated to its size; key = BLAKE3(path)
@@ -58,7 +58,7 @@ use rustix::io::Errno;
 
 use crate::compress::{decode_verified, ChunkError, Encoding};
 use crate::manifest::{ChunkHash, EntryKind, Manifest, ManifestBuilder, ManifestLimits, Mtime};
-use crate::path::STATE_DIR;
+pub use crate::path::STATE_DIR;
 use crate::private;
 use crate::proto::frame::{self, Frame, Message, MANIFEST_FRAME_TARGET};
 use crate::proto::{RecvIo, RecvIoDone};

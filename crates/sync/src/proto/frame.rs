@@ -3,9 +3,11 @@
 //! ```text
 //! frame   := len:u32le body            (len = body length, 1 ..= MAX_FRAME_BODY)
 //! body    := 0x00 hello | 0x01 message | 0x02 chunk
-//! hello   := magic "FRRY" version:u16le role:u8
+//! hello   := magic "FRRY" version:u16le role:u8        (role: 1 sender, 2 receiver)
 //! message := postcard(Message)
-//! chunk   := id:u32le encoding:u8 payload…
+//! chunk   := id:u32le encoding:u8 raw_len:u32le payload…
+//!            (id: unique-chunk id; encoding: 0 raw, 1 zstd; raw_len: the chunk's length
+//!             before encoding; payload: the rest of the body)
 //! ```
 //! The hello has a fixed layout so that any future version can still read and refuse it; chunk
 //! payloads bypass postcard so they are neither copied nor re-encoded. Decoding never panics and
@@ -394,6 +396,44 @@ mod tests {
         raw[5] = b'X';
         let mut b = BytesMut::from(&raw[..]);
         assert_eq!(decode_frame(&mut b), Err(FrameError::BadMagic));
+    }
+
+    #[test]
+    fn the_encoder_writes_the_grammar_of_the_module_docs() {
+        let hello = encode_hello(&Hello {
+            version: 2,
+            role: Role::Receiver,
+        });
+        assert_eq!(
+            &hello[..],
+            &[8, 0, 0, 0, 0, b'F', b'R', b'R', b'Y', 2, 0, 2]
+        );
+        let mut chunk = encode_chunk_header(0x0403_0201, Encoding::Zstd, 0x0807_0605, 3).to_vec();
+        chunk.extend_from_slice(b"abc");
+        let body_len = 1 + 4 + 1 + 4 + 3;
+        assert_eq!(
+            chunk,
+            [
+                &(body_len as u32).to_le_bytes()[..],
+                &[TAG_CHUNK],
+                &[1, 2, 3, 4],
+                &[Encoding::Zstd as u8],
+                &[5, 6, 7, 8],
+                b"abc",
+            ]
+            .concat()
+        );
+        let message = encode_message(&Message::NextRound).unwrap();
+        let body = postcard::to_allocvec(&Message::NextRound).unwrap();
+        assert_eq!(
+            message.to_vec(),
+            [
+                &((1 + body.len()) as u32).to_le_bytes()[..],
+                &[TAG_MESSAGE],
+                &body
+            ]
+            .concat()
+        );
     }
 
     #[test]
