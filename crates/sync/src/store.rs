@@ -71,19 +71,19 @@ const RECEIPT_MAGIC: &[u8; 8] = b"FRRYRCP1";
 /// window of thousands of tiny files never needs a descriptor each (`ulimit -n 256` is enough).
 const MAX_OPEN_FILES: usize = 128;
 
-/// A store failure. Each kind tells the user what to do.
+/// A store failure. The text states what happened and where; what the user should do about it
+/// (and which command to run then) is the application's to say, by kind. Whatever the kind,
+/// everything the store had committed stays committed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
-    #[error("no space left on the destination while writing {path}: free some space and run the same command again")]
+    #[error("no space left on the destination while writing {path}")]
     NoSpace { path: PathBuf },
-    #[error("permission denied on {path}: fix the destination's permissions and run the same command again")]
+    #[error("permission denied on {path}")]
     PermissionDenied { path: PathBuf },
-    #[error("{path} is on a read-only file system: make it writable (remount it read-write, or choose another destination) and run the same command again (what already arrived is kept)")]
+    #[error("{path} is on a read-only file system")]
     ReadOnly { path: PathBuf },
-    #[error(
-        "{path}: {source}; fix it and run the same command again (what already arrived is kept)"
-    )]
+    #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
     #[error("{path} is in the way: {why}")]
     Conflict { path: PathBuf, why: String },
@@ -95,7 +95,7 @@ pub enum StoreError {
     BadReceipt { path: PathBuf, why: String },
     #[error("{0} has no ferry receipt: it does not hold a completed migration")]
     NoReceipt(PathBuf),
-    #[error("not enough space at {}: the rest of the history needs {} more, only {} is free; free up at least {} and run the same command again (what already arrived is kept)", path.display(), mib(*needed), mib(*available), mib(needed.saturating_sub(*available)))]
+    #[error("not enough space at {}: the rest of the history needs {} more, only {} is free", path.display(), mib(*needed), mib(*available))]
     InsufficientSpace {
         path: PathBuf,
         needed: u64,
@@ -173,7 +173,8 @@ fn staging_key(path: &str) -> [u8; 16] {
     k
 }
 
-fn mib(n: u64) -> String {
+/// `n` bytes in MiB with one decimal, as store messages show sizes.
+pub fn mib(n: u64) -> String {
     format!("{:.1} MiB", n as f64 / 1048576.0)
 }
 
@@ -1310,7 +1311,7 @@ impl FsStore {
                 Err(Errno::LOOP | Errno::NOTDIR) => {
                     return Err(StoreError::Conflict {
                         path: shown,
-                        why: "a file or symlink exists where the history has a directory; move it away and run again".into(),
+                        why: "a file or symlink exists where the history has a directory".into(),
                     })
                 }
                 Err(e) => return Err(StoreError::io(&shown, e.into())),
@@ -1489,7 +1490,7 @@ fn probe_same_name(dir: &Path, created: &str, other: &str) -> io::Result<bool> {
 fn dir_in_the_way(final_path: &Path) -> StoreError {
     StoreError::Conflict {
         path: final_path.to_path_buf(),
-        why: "a directory exists where the history has a file; move it away and run again".into(),
+        why: "a directory exists where the history has a file".into(),
     }
 }
 
