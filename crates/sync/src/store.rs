@@ -57,7 +57,10 @@ use rustix::fs::{AtFlags, Mode, OFlags};
 use rustix::io::Errno;
 
 use crate::compress::{decode_verified, ChunkError, Encoding};
-use crate::manifest::{ChunkHash, EntryKind, Manifest, ManifestBuilder, ManifestLimits, Mtime};
+use crate::manifest::{
+    ChunkHash, ChunkId, EntryId, EntryKind, Manifest, ManifestBuilder, ManifestLimits, Mtime,
+    SlotId,
+};
 pub use crate::path::STATE_DIR;
 use crate::private;
 use crate::proto::frame::{self, Frame, Message, MANIFEST_FRAME_TARGET};
@@ -239,13 +242,13 @@ struct Prepared {
 /// What [`FsStore::prepare`] found before writing anything.
 struct Survey {
     /// Slots already durable (journaled in staging, or in a file complete in place).
-    durable: Vec<u32>,
+    durable: Vec<SlotId>,
     /// Journal records that stay true for this manifest.
     keep: Vec<Record>,
     /// Per entry.
     homes: Vec<Home>,
     /// Entries with chunks at their final path to copy into staging, and those slots.
-    local: Vec<(usize, Vec<u32>)>,
+    local: Vec<(usize, Vec<SlotId>)>,
     /// Names of the staging files this manifest uses.
     wanted_keys: HashSet<String>,
 }
@@ -257,9 +260,9 @@ fn journaled_slots(
     e: &crate::manifest::Entry,
     key: [u8; 16],
     records: &HashMap<([u8; 16], u64), Record>,
-) -> Vec<(u32, Record)> {
+) -> Vec<(SlotId, Record)> {
     let mut found = Vec::new();
-    for slot in e.first_slot..e.first_slot + e.chunks() {
+    for slot in e.slots() {
         let (Some(loc), Some(hash)) = (m.locate(slot), m.slot_hash(slot)) else {
             continue;
         };
@@ -278,8 +281,8 @@ fn journaled_slots(
 
 #[derive(Default)]
 struct Open {
-    files: HashMap<u32, Arc<File>>,
-    dirty: HashSet<u32>,
+    files: HashMap<EntryId, Arc<File>>,
+    dirty: HashSet<EntryId>,
     created: bool,
 }
 
@@ -466,7 +469,7 @@ impl FsStore {
     /// older receipt is retired, every file is surveyed (journal, then final paths), the free
     /// space is checked, chunks found at final paths are copied into staging, stale staging
     /// files go, and the journal is compacted before anything new is written.
-    pub fn prepare(&self, manifest: &Arc<Manifest>) -> Result<Vec<u32>, StoreError> {
+    pub fn prepare(&self, manifest: &Arc<Manifest>) -> Result<Vec<SlotId>, StoreError> {
         *lock(&self.journal) = None;
         *lock(&self.open) = Open::default();
         if let Some(durable) = self.prepare_complete(manifest) {
@@ -498,7 +501,7 @@ impl FsStore {
     /// Already complete (a session that finished but could not tell the sender): the receipt
     /// names this root and every entry is in place with the size and mtime finalize gave it.
     /// Then every slot is durable.
-    fn prepare_complete(&self, manifest: &Arc<Manifest>) -> Option<Vec<u32>> {
+    fn prepare_complete(&self, manifest: &Arc<Manifest>) -> Option<Vec<SlotId>> {
         if !(read_receipt(&self.dest).is_ok_and(|r| r.root() == manifest.root())
             && self.in_place_by_metadata(manifest))
         {
@@ -509,7 +512,7 @@ impl FsStore {
             homes: Mutex::new(vec![Home::InPlace; manifest.entries().len()]),
             complete: true,
         }));
-        Some((0..manifest.slot_count()).collect())
+        Some((0..manifest.slot_count()).map(SlotId).collect())
     }
 
     /// A receipt for other content stops being true as soon as files start to change. It is
@@ -578,7 +581,7 @@ impl FsStore {
             };
             let reusable = match by_receipt {
                 Some(r) => Some(r),
-                None => self.reusable_in_place(manifest, i as u32)?,
+                None => self.reusable_in_place(manifest, EntryId(i as u32))?,
             };
             if let Some((reuse, same_size)) = reusable {
                 if reuse.len() == n as usize && same_size && staged_len.is_none() {
@@ -597,16 +600,17 @@ impl FsStore {
     fn check_space(
         &self,
         manifest: &Manifest,
-        durable: &[u32],
+        durable: &[SlotId],
         homes: &[Home],
     ) -> Result<(), StoreError> {
-        let durable_set: HashSet<u32> = durable.iter().copied().collect();
+        let durable_set: HashSet<SlotId> = durable.iter().copied().collect();
         let mut needed: u64 = 16 << 20;
         for (i, e) in manifest.entries().iter().enumerate() {
             if !e.is_file() || homes[i] == Home::InPlace {
                 continue;
             }
-            let have: u64 = (e.first_slot..e.first_slot + e.chunks())
+            let have: u64 = e
+                .slots()
                 .filter(|s| durable_set.contains(s))
                 .filter_map(|s| manifest.locate(s))
                 .map(|l| u64::from(l.len))
@@ -631,9 +635,9 @@ impl FsStore {
     fn copy_local(
         &self,
         manifest: &Manifest,
-        local: Vec<(usize, Vec<u32>)>,
+        local: Vec<(usize, Vec<SlotId>)>,
         keep: &mut Vec<Record>,
-        durable: &mut Vec<u32>,
+        durable: &mut Vec<SlotId>,
     ) -> Result<(), StoreError> {
         for (i, reuse) in local {
             let e = &manifest.entries()[i];
@@ -734,7 +738,7 @@ impl FsStore {
         pi: usize,
         m: &Manifest,
         i: usize,
-    ) -> Option<(Vec<u32>, bool)> {
+    ) -> Option<(Vec<SlotId>, bool)> {
         use std::os::unix::fs::MetadataExt;
         let pe = prev.entries().get(pi)?;
         let e = m.entries().get(i)?;
@@ -752,7 +756,7 @@ impl FsStore {
         }
         let mut out = Vec::new();
         for c in 0..e.chunks().min(pe.chunks()) {
-            let (slot, pslot) = (e.first_slot + c, pe.first_slot + c);
+            let (slot, pslot) = (SlotId(e.first_slot.0 + c), SlotId(pe.first_slot.0 + c));
             let (Some(l), Some(pl)) = (m.locate(slot), prev.locate(pslot)) else {
                 continue;
             };
@@ -773,8 +777,8 @@ impl FsStore {
     fn reusable_in_place(
         &self,
         m: &Manifest,
-        entry: u32,
-    ) -> Result<Option<(Vec<u32>, bool)>, StoreError> {
+        entry: EntryId,
+    ) -> Result<Option<(Vec<SlotId>, bool)>, StoreError> {
         let Some(e) = m.entry(entry) else {
             return Ok(None);
         };
@@ -792,7 +796,7 @@ impl FsStore {
         let mut out = Vec::new();
         let mut buf = vec![0u8; e.chunk_size() as usize];
         for c in 0..e.chunks() {
-            let slot = e.first_slot + c;
+            let slot = SlotId(e.first_slot.0 + c);
             let (Some(loc), Some(hash)) = (m.locate(slot), m.slot_hash(slot)) else {
                 continue;
             };
@@ -842,7 +846,7 @@ impl FsStore {
         Ok((f, false))
     }
 
-    fn staging_file(&self, m: &Manifest, entry: u32) -> Result<Arc<File>, StoreError> {
+    fn staging_file(&self, m: &Manifest, entry: EntryId) -> Result<Arc<File>, StoreError> {
         let mut open = lock(&self.open);
         if let Some(f) = open.files.get(&entry) {
             return Ok(Arc::clone(f));
@@ -861,7 +865,7 @@ impl FsStore {
         Ok(f)
     }
 
-    fn write_slots(&self, p: &Prepared, data: &[u8], slots: &[u32]) -> Result<(), StoreError> {
+    fn write_slots(&self, p: &Prepared, data: &[u8], slots: &[SlotId]) -> Result<(), StoreError> {
         for &slot in slots {
             let loc = p.manifest.locate(slot).ok_or(StoreError::NotPrepared)?;
             let f = self.staging_file(&p.manifest, loc.entry)?;
@@ -875,10 +879,10 @@ impl FsStore {
     /// Verifies a received chunk and writes it to `slots` (not yet durable).
     pub fn store_chunk(
         &self,
-        chunk: u32,
+        chunk: ChunkId,
         encoding: Encoding,
         payload: Bytes,
-        slots: &[u32],
+        slots: &[SlotId],
     ) -> Result<Result<(), ChunkError>, StoreError> {
         let p = self.prepared()?;
         let u = *p.manifest.unique(chunk).ok_or(StoreError::NotPrepared)?;
@@ -895,15 +899,15 @@ impl FsStore {
     /// place: that file is then staged and fetched whole).
     pub fn copy_chunk(
         &self,
-        chunk: u32,
-        from: u32,
-        to: &[u32],
-    ) -> Result<Result<(), Vec<u32>>, StoreError> {
+        chunk: ChunkId,
+        from: SlotId,
+        to: &[SlotId],
+    ) -> Result<Result<(), Vec<SlotId>>, StoreError> {
         let p = self.prepared()?;
         let u = *p.manifest.unique(chunk).ok_or(StoreError::NotPrepared)?;
         let loc = p.manifest.locate(from).ok_or(StoreError::NotPrepared)?;
         let e = p.manifest.entry(loc.entry).ok_or(StoreError::NotPrepared)?;
-        let home = lock(&p.homes)[loc.entry as usize];
+        let home = lock(&p.homes)[loc.entry.index()];
         let src = match home {
             Home::InPlace => self.dest.join(&e.path),
             Home::Staging => self.staging_path(&e.path),
@@ -920,18 +924,18 @@ impl FsStore {
 
     /// The durable slots to fetch again when `slots` were found damaged: a file trusted in place
     /// is moved back to staging and all its slots go, since staging holds none of its data.
-    fn damaged(&self, p: &Prepared, slots: &[u32]) -> Vec<u32> {
+    fn damaged(&self, p: &Prepared, slots: &[SlotId]) -> Vec<SlotId> {
         let mut homes = lock(&p.homes);
         let mut out = Vec::new();
         for &s in slots {
             let Some(loc) = p.manifest.locate(s) else {
                 continue;
             };
-            match homes.get_mut(loc.entry as usize) {
+            match homes.get_mut(loc.entry.index()) {
                 Some(h @ Home::InPlace) => {
                     *h = Home::Staging;
                     if let Some(e) = p.manifest.entry(loc.entry) {
-                        out.extend(e.first_slot..e.first_slot + e.chunks());
+                        out.extend(e.slots());
                     }
                 }
                 _ => out.push(s),
@@ -943,16 +947,16 @@ impl FsStore {
     }
 
     /// Makes `slots` durable: data first, then the journal.
-    pub fn commit(&self, slots: &[u32]) -> Result<(), StoreError> {
+    pub fn commit(&self, slots: &[SlotId]) -> Result<(), StoreError> {
         let p = self.prepared()?;
         let (dirty, created) = {
             let mut open = lock(&self.open);
             let open = &mut *open;
-            let ids: Vec<u32> = open.dirty.drain().collect();
+            let ids: Vec<EntryId> = open.dirty.drain().collect();
             // Handles only for the few files synced one by one: a syncfs needs none, and holding
             // them while it runs would let the stores meanwhile open as many again.
             let few = ids.len() <= SYNCFS_ABOVE;
-            let dirty: Vec<(u32, Option<Arc<File>>)> = ids
+            let dirty: Vec<(EntryId, Option<Arc<File>>)> = ids
                 .into_iter()
                 .map(|e| (e, open.files.get(&e).filter(|_| few).map(Arc::clone)))
                 .collect();
@@ -1012,7 +1016,7 @@ impl FsStore {
     /// times are set through handles opened without following symlinks: someone who can write
     /// into a folder of DEST cannot redirect a rename, a `chmod` or a new folder elsewhere by
     /// swapping a folder or file for a symlink.
-    pub fn finalize(&self) -> Result<Vec<u32>, StoreError> {
+    pub fn finalize(&self) -> Result<Vec<SlotId>, StoreError> {
         let p = self.prepared()?;
         if p.complete {
             // Nothing to move; clear what an interrupted earlier run may have left.
@@ -1511,7 +1515,7 @@ fn file_times(mtime: Mtime) -> fs::FileTimes {
 
 /// Checks files against a manifest chunk by chunk; returns the slots that do not match.
 /// `path_of(i)` names where entry `i`'s bytes are.
-fn verify_files(m: &Manifest, path_of: impl Fn(usize) -> PathBuf + Sync) -> Vec<u32> {
+fn verify_files(m: &Manifest, path_of: impl Fn(usize) -> PathBuf + Sync) -> Vec<SlotId> {
     verify_and_stamp(m, path_of, |_| false, 0).0
 }
 
@@ -1523,7 +1527,7 @@ fn verify_and_stamp(
     path_of: impl Fn(usize) -> PathBuf + Sync,
     stamp: impl Fn(usize) -> bool + Sync,
     umask: u32,
-) -> (Vec<u32>, Vec<bool>) {
+) -> (Vec<SlotId>, Vec<bool>) {
     let files: Vec<usize> = (0..m.entries().len())
         .filter(|&i| m.entries()[i].is_file())
         .collect();
@@ -1564,9 +1568,14 @@ fn verify_and_stamp(
 }
 
 /// Verifies entry `i` at `path`: the slots that do not match, and the open file.
-fn verify_file(m: &Manifest, i: usize, path: &Path, buf: &mut Vec<u8>) -> (Vec<u32>, Option<File>) {
+fn verify_file(
+    m: &Manifest,
+    i: usize,
+    path: &Path,
+    buf: &mut Vec<u8>,
+) -> (Vec<SlotId>, Option<File>) {
     let e = &m.entries()[i];
-    let all = || (e.first_slot..e.first_slot + e.chunks()).collect::<Vec<u32>>();
+    let all = || e.slots().collect::<Vec<SlotId>>();
     let Ok(f) = open_nofollow(path) else {
         return (all(), None);
     };
@@ -1577,7 +1586,7 @@ fn verify_file(m: &Manifest, i: usize, path: &Path, buf: &mut Vec<u8>) -> (Vec<u
     let mut bad = Vec::new();
     buf.resize(e.chunk_size() as usize, 0);
     for c in 0..e.chunks() {
-        let slot = e.first_slot + c;
+        let slot = SlotId(e.first_slot.0 + c);
         let (Some(loc), Some(hash)) = (m.locate(slot), m.slot_hash(slot)) else {
             continue;
         };

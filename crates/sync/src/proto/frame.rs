@@ -17,7 +17,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 
 use crate::compress::Encoding;
-use crate::manifest::{ChunkHash, ManifestSummary, WireEntry, MAX_CHUNK_SIZE};
+use crate::manifest::{ChunkHash, ChunkId, ManifestSummary, WireEntry, MAX_CHUNK_SIZE};
 
 /// Magic number opening every hello.
 pub const MAGIC: [u8; 4] = *b"FRRY";
@@ -55,8 +55,8 @@ pub struct Hello {
 /// A half-open range of unique-chunk ids.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChunkRange {
-    pub start: u32,
-    pub end: u32,
+    pub start: ChunkId,
+    pub end: ChunkId,
 }
 
 /// Control messages.
@@ -71,7 +71,7 @@ pub enum Message {
     /// Receiver → sender: the want list is complete; `chunks` and `bytes` total it.
     WantEnd { chunks: u64, bytes: u64 },
     /// Receiver → sender: a chunk failed verification; it is wanted again.
-    Rejected { chunk: u32 },
+    Rejected { chunk: ChunkId },
     /// Receiver → sender: everything is verified and committed under this root.
     Done { root: ChunkHash },
     /// Either side: the session ends, with a reason.
@@ -88,7 +88,7 @@ pub enum Frame {
     Hello(Hello),
     Message(Message),
     Chunk {
-        id: u32,
+        id: ChunkId,
         encoding: Encoding,
         raw_len: u32,
         payload: Bytes,
@@ -142,11 +142,16 @@ pub fn encode_message(m: &Message) -> Result<Bytes, FrameError> {
 }
 
 /// Encodes the header of a chunk frame; the payload follows it on the wire unchanged.
-pub fn encode_chunk_header(id: u32, encoding: Encoding, raw_len: u32, payload_len: usize) -> Bytes {
+pub fn encode_chunk_header(
+    id: ChunkId,
+    encoding: Encoding,
+    raw_len: u32,
+    payload_len: usize,
+) -> Bytes {
     let mut b = BytesMut::with_capacity(CHUNK_HEADER);
     b.put_u32_le((CHUNK_HEADER - 4 + payload_len) as u32);
     b.put_u8(TAG_CHUNK);
-    b.put_u32_le(id);
+    b.put_u32_le(id.0);
     b.put_u8(encoding as u8);
     b.put_u32_le(raw_len);
     b.freeze()
@@ -212,7 +217,7 @@ pub fn decode_body(mut body: Bytes) -> Result<Frame, FrameError> {
             if body.len() < CHUNK_HEADER - 5 {
                 return Err(FrameError::BadChunk);
             }
-            let id = body.get_u32_le();
+            let id = ChunkId(body.get_u32_le());
             let encoding = Encoding::from_u8(body.get_u8()).ok_or(FrameError::BadChunk)?;
             let raw_len = body.get_u32_le();
             Ok(Frame::Chunk {
@@ -294,12 +299,17 @@ mod tests {
             )),
             prop::collection::vec((any::<u32>(), any::<u32>()), 0..20).prop_map(|v| Message::Want(
                 v.into_iter()
-                    .map(|(start, end)| ChunkRange { start, end })
+                    .map(|(start, end)| ChunkRange {
+                        start: ChunkId(start),
+                        end: ChunkId(end)
+                    })
                     .collect()
             )),
             (any::<u64>(), any::<u64>())
                 .prop_map(|(chunks, bytes)| Message::WantEnd { chunks, bytes }),
-            any::<u32>().prop_map(|chunk| Message::Rejected { chunk }),
+            any::<u32>().prop_map(|chunk| Message::Rejected {
+                chunk: ChunkId(chunk)
+            }),
             arb_hash().prop_map(|root| Message::Done { root }),
             Just(Message::NextRound),
             (any::<u16>(), ".{0,30}").prop_map(|(code, reason)| Message::Close { code, reason }),
@@ -322,7 +332,7 @@ mod tests {
                 prop::collection::vec(any::<u8>(), 0..300)
             )
                 .prop_map(|(id, z, raw_len, p)| Frame::Chunk {
-                    id,
+                    id: ChunkId(id),
                     encoding: if z { Encoding::Zstd } else { Encoding::Raw },
                     raw_len,
                     payload: Bytes::from(p),
@@ -408,7 +418,8 @@ mod tests {
             &hello[..],
             &[8, 0, 0, 0, 0, b'F', b'R', b'R', b'Y', 2, 0, 2]
         );
-        let mut chunk = encode_chunk_header(0x0403_0201, Encoding::Zstd, 0x0807_0605, 3).to_vec();
+        let mut chunk =
+            encode_chunk_header(ChunkId(0x0403_0201), Encoding::Zstd, 0x0807_0605, 3).to_vec();
         chunk.extend_from_slice(b"abc");
         let body_len = 1 + 4 + 1 + 4 + 3;
         assert_eq!(
@@ -434,6 +445,22 @@ mod tests {
             ]
             .concat()
         );
+    }
+
+    #[test]
+    fn ids_cross_the_wire_as_their_integers() {
+        // Postcard: the variant index, then varints, exactly as when the ids were plain u32s.
+        let rejected = encode_message(&Message::Rejected {
+            chunk: ChunkId(300),
+        })
+        .unwrap();
+        assert_eq!(&rejected[..], &[4, 0, 0, 0, TAG_MESSAGE, 4, 0xac, 0x02]);
+        let want = encode_message(&Message::Want(vec![ChunkRange {
+            start: ChunkId(1),
+            end: ChunkId(2),
+        }]))
+        .unwrap();
+        assert_eq!(&want[..], &[5, 0, 0, 0, TAG_MESSAGE, 2, 1, 1, 2]);
     }
 
     #[test]

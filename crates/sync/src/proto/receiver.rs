@@ -10,7 +10,7 @@ use super::frame::{self, ChunkRange, Frame, Hello, Message, Role, MAX_RANGES_PER
 use super::sender::frame_name;
 use super::{close_frame, CloseCode, SessionError, Transmit};
 use crate::compress::Encoding;
-use crate::manifest::{ManifestBuilder, ManifestLimits, ManifestSummary};
+use crate::manifest::{ChunkId, ManifestBuilder, ManifestLimits, ManifestSummary, SlotId};
 use crate::store::StoreError;
 use crate::Manifest;
 
@@ -59,16 +59,20 @@ pub enum RecvIo {
     /// Verify a received chunk (decode within its declared length, check its hash) and write it
     /// to `slots`. Answer `Stored` or `Corrupt`. Nothing is durable yet.
     Store {
-        chunk: u32,
+        chunk: ChunkId,
         encoding: Encoding,
         payload: Bytes,
-        slots: Vec<u32>,
+        slots: Vec<SlotId>,
     },
     /// Read durable slot `from`, verify it, write it to `to`. Answer `Stored`, or `CopyFailed`
     /// when the source no longer holds the chunk (it is then fetched from the sender).
-    Copy { chunk: u32, from: u32, to: Vec<u32> },
+    Copy {
+        chunk: ChunkId,
+        from: SlotId,
+        to: Vec<SlotId>,
+    },
     /// Make `slots` durable: fsync their data, then append them to the journal and fsync it.
-    Commit { slots: Vec<u32> },
+    Commit { slots: Vec<SlotId> },
     /// Every slot is durable: verify each file from disk, move it into place, write the receipt.
     /// Answer `Finalized`, or `Damaged` with slots that failed verification.
     Finalize,
@@ -78,28 +82,28 @@ pub enum RecvIo {
 #[derive(Clone, Debug)]
 pub enum RecvIoDone {
     Prepared {
-        durable: Vec<u32>,
+        durable: Vec<SlotId>,
     },
     Stored {
-        chunk: u32,
-        slots: Vec<u32>,
+        chunk: ChunkId,
+        slots: Vec<SlotId>,
     },
     Corrupt {
-        chunk: u32,
+        chunk: ChunkId,
         error: String,
     },
     Committed {
-        slots: Vec<u32>,
+        slots: Vec<SlotId>,
     },
     /// Finalize found these durable slots not holding their chunk (disk damage); fetch them again.
     Damaged {
-        slots: Vec<u32>,
+        slots: Vec<SlotId>,
     },
     /// A local copy's durable source no longer holds the chunk; `damaged` slots (the source, or
     /// a whole file that was trusted in place) are fetched again.
     CopyFailed {
-        chunk: u32,
-        damaged: Vec<u32>,
+        chunk: ChunkId,
+        damaged: Vec<SlotId>,
     },
     Finalized,
     /// The store failed; the session ends with a destination error carrying it.
@@ -161,27 +165,51 @@ enum State {
 #[derive(Debug, Default)]
 struct Transfer {
     /// Local copies still to issue: (chunk, durable source slot, slots to write).
-    copies: VecDeque<(u32, u32, Vec<u32>)>,
+    copies: VecDeque<(ChunkId, SlotId, Vec<SlotId>)>,
     /// Verification failures per chunk.
-    rejects: HashMap<u32, u32>,
+    rejects: HashMap<ChunkId, u32>,
     /// When the last chunk arrived (the stall clock while chunks are wanted).
     last_chunk_at: Option<Instant>,
 }
 
-#[derive(Debug, Default, Clone)]
-struct BitSet(Vec<u64>);
+/// A set of ids (chunks or slots), one bit each.
+#[derive(Debug, Clone)]
+struct BitSet<I>(Vec<u64>, std::marker::PhantomData<I>);
 
-impl BitSet {
+impl<I> Default for BitSet<I> {
+    fn default() -> Self {
+        BitSet(Vec::new(), std::marker::PhantomData)
+    }
+}
+
+/// An id a [`BitSet`] holds.
+trait BitIndex: Copy {
+    fn bit(self) -> usize;
+}
+
+impl BitIndex for ChunkId {
+    fn bit(self) -> usize {
+        self.index()
+    }
+}
+
+impl BitIndex for SlotId {
+    fn bit(self) -> usize {
+        self.index()
+    }
+}
+
+impl<I: BitIndex> BitSet<I> {
     fn new(n: usize) -> Self {
-        BitSet(vec![0; n.div_ceil(64)])
+        BitSet(vec![0; n.div_ceil(64)], std::marker::PhantomData)
     }
-    fn get(&self, i: u32) -> bool {
-        self.0
-            .get(i as usize / 64)
-            .is_some_and(|w| w >> (i % 64) & 1 == 1)
+    fn get(&self, i: I) -> bool {
+        let i = i.bit();
+        self.0.get(i / 64).is_some_and(|w| w >> (i % 64) & 1 == 1)
     }
-    fn set(&mut self, i: u32, v: bool) {
-        if let Some(w) = self.0.get_mut(i as usize / 64) {
+    fn set(&mut self, i: I, v: bool) {
+        let i = i.bit();
+        if let Some(w) = self.0.get_mut(i / 64) {
             if v {
                 *w |= 1 << (i % 64);
             } else {
@@ -198,10 +226,10 @@ pub struct Receiver {
     state: State,
     manifest: Option<Arc<Manifest>>,
     /// Unique chunks verified and written (maybe not yet durable).
-    have: BitSet,
+    have: BitSet<ChunkId>,
     /// Unique chunks asked of the sender and not yet arrived.
-    wanted: BitSet,
-    durable: BitSet,
+    wanted: BitSet<ChunkId>,
+    durable: BitSet<SlotId>,
     slots_durable: u64,
     control: VecDeque<Transmit>,
     io: VecDeque<RecvIo>,
@@ -209,7 +237,7 @@ pub struct Receiver {
     /// I/O issued (store, copy) and not answered, in bytes and count.
     busy_bytes: u64,
     busy: usize,
-    uncommitted: Vec<u32>,
+    uncommitted: Vec<SlotId>,
     uncommitted_bytes: u64,
     uncommitted_since: Option<Instant>,
     committing: bool,
@@ -452,7 +480,7 @@ impl Receiver {
 
     fn on_chunk(
         &mut self,
-        id: u32,
+        id: ChunkId,
         encoding: Encoding,
         raw_len: u32,
         payload: Bytes,
@@ -487,7 +515,7 @@ impl Receiver {
         if let State::Transferring(t) = &mut self.state {
             t.last_chunk_at = self.now;
         }
-        let slots: Vec<u32> = m.slots_of(id).filter(|&s| !self.durable.get(s)).collect();
+        let slots: Vec<SlotId> = m.slots_of(id).filter(|&s| !self.durable.get(s)).collect();
         self.busy += 1;
         self.busy_bytes += u64::from(u.len);
         self.io.push_back(RecvIo::Store {
@@ -545,7 +573,7 @@ impl Receiver {
                     _ => 1,
                 };
                 if n > self.cfg.max_rejects_per_chunk {
-                    let path = slot_path(&m, m.unique(chunk).map_or(0, |u| u.first_slot));
+                    let path = slot_path(&m, m.unique(chunk).map_or(SlotId(0), |u| u.first_slot));
                     self.fail(SessionError::Integrity(format!(
                         "{path}: chunk {chunk} failed verification {n} times ({error})"
                     )));
@@ -612,7 +640,7 @@ impl Receiver {
         }
     }
 
-    fn on_damaged(&mut self, m: &Manifest, slots: Vec<u32>) {
+    fn on_damaged(&mut self, m: &Manifest, slots: Vec<SlotId>) {
         if matches!(self.state, State::Draining | State::Done) {
             return;
         }
@@ -646,13 +674,13 @@ impl Receiver {
         }
     }
 
-    fn settle(&mut self, m: &Manifest, chunk: u32) {
+    fn settle(&mut self, m: &Manifest, chunk: ChunkId) {
         self.busy = self.busy.saturating_sub(1);
         let len = m.unique(chunk).map_or(0, |u| u64::from(u.len));
         self.busy_bytes = self.busy_bytes.saturating_sub(len);
     }
 
-    fn want_again(&mut self, chunk: u32, rejected: bool) {
+    fn want_again(&mut self, chunk: ChunkId, rejected: bool) {
         self.wanted.set(chunk, true);
         self.wanted_left += 1;
         if rejected {
@@ -660,17 +688,17 @@ impl Receiver {
         }
         self.send(&Message::Want(vec![ChunkRange {
             start: chunk,
-            end: chunk + 1,
+            end: chunk.next(),
         }]));
     }
 
-    fn on_prepared(&mut self, m: &Arc<Manifest>, durable: Vec<u32>) {
+    fn on_prepared(&mut self, m: &Arc<Manifest>, durable: Vec<SlotId>) {
         if !matches!(self.state, State::Preparing) {
             return;
         }
         let mut transfer = Transfer::default();
         for s in durable {
-            if (s as usize) < m.slot_count() as usize && !self.durable.get(s) {
+            if s.0 < m.slot_count() && !self.durable.get(s) {
                 self.durable.set(s, true);
                 self.slots_durable += 1;
                 if let Some(l) = m.locate(s) {
@@ -685,8 +713,9 @@ impl Receiver {
         let mut seen = BitSet::new(m.unique_chunks().len());
         let ids = m.transfer_order().into_iter().flat_map(|i| {
             let e = m.entry(i);
-            let (first, n) = e.map_or((0, 0), |e| (e.first_slot, e.chunks()));
-            (first..first + n).filter_map(|s| m.slot_chunk(s))
+            e.into_iter()
+                .flat_map(|e| e.slots())
+                .filter_map(|s| m.slot_chunk(s))
         });
         for id in ids {
             if seen.get(id) {
@@ -715,10 +744,10 @@ impl Receiver {
                     want_chunks += 1;
                     want_bytes += u64::from(u.len);
                     match ranges.last_mut() {
-                        Some(r) if r.end == id => r.end = id + 1,
+                        Some(r) if r.end == id => r.end = id.next(),
                         _ => ranges.push(ChunkRange {
                             start: id,
-                            end: id + 1,
+                            end: id.next(),
                         }),
                     }
                 }
@@ -912,7 +941,7 @@ impl Receiver {
     }
 }
 
-fn slot_path(m: &Manifest, slot: u32) -> String {
+fn slot_path(m: &Manifest, slot: SlotId) -> String {
     m.locate(slot)
         .and_then(|l| m.entry(l.entry))
         .map_or_else(|| format!("slot {slot}"), |e| e.path.clone())

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use super::frame::{self, ChunkRange, Frame, Hello, Message, Role, MANIFEST_FRAME_TARGET};
 use super::{close_frame, CloseCode, Lane, SessionError, Transmit};
 use crate::compress::Encoding;
-use crate::manifest::{ChunkHash, Manifest};
+use crate::manifest::{ChunkHash, ChunkId, EntryId, Manifest};
 
 /// Tuning for the sender.
 #[derive(Clone, Debug)]
@@ -39,8 +39,8 @@ pub enum SendIo {
     /// [`crate::compress::encode_chunk`]). With `verify`, also check them against `hash` and
     /// answer [`SendIoDone::Changed`] on a mismatch.
     Read {
-        chunk: u32,
-        entry: u32,
+        chunk: ChunkId,
+        entry: EntryId,
         offset: u64,
         len: u32,
         hash: ChunkHash,
@@ -52,16 +52,16 @@ pub enum SendIo {
 #[derive(Clone, Debug)]
 pub enum SendIoDone {
     Read {
-        chunk: u32,
+        chunk: ChunkId,
         encoding: Encoding,
         payload: Bytes,
     },
     /// The source no longer holds the content the manifest promised.
     Changed {
-        chunk: u32,
+        chunk: ChunkId,
     },
     Failed {
-        chunk: u32,
+        chunk: ChunkId,
         error: String,
     },
 }
@@ -101,7 +101,7 @@ struct Serving {
     /// Chunk ranges the receiver wants and that were not read yet, in its order.
     want: VecDeque<ChunkRange>,
     /// Chunks the receiver rejected: their next read is checked against the manifest.
-    verify: HashSet<u32>,
+    verify: HashSet<ChunkId>,
     /// Chunks asked for so far (at most the manifest's plus `max_rerequests`).
     requested: u64,
 }
@@ -248,13 +248,13 @@ impl Sender {
             (State::Serving(s), Frame::Message(Message::Want(ranges))) => {
                 let n = self.manifest.unique_chunks().len() as u64;
                 for r in ranges {
-                    if r.start >= r.end || u64::from(r.end) > n {
+                    if r.start >= r.end || u64::from(r.end.0) > n {
                         return Err(SessionError::Protocol(format!(
                             "want range {}..{} outside the manifest's {n} chunks",
                             r.start, r.end
                         )));
                     }
-                    s.requested += u64::from(r.end - r.start);
+                    s.requested += u64::from(r.end.0 - r.start.0);
                     if s.requested > n + self.cfg.max_rerequests {
                         return Err(SessionError::Protocol(format!(
                             "receiver asked for {} chunks; the manifest has {n}",
@@ -270,7 +270,7 @@ impl Sender {
                 Ok(())
             }
             (State::Serving(s), Frame::Message(Message::Rejected { chunk })) => {
-                if chunk as usize >= self.manifest.unique_chunks().len() {
+                if chunk.index() >= self.manifest.unique_chunks().len() {
                     return Err(SessionError::Protocol(format!(
                         "rejected unknown chunk {chunk}"
                     )));
@@ -424,7 +424,7 @@ impl Sender {
         }
         let r = s.want.front_mut()?;
         let chunk = r.start;
-        r.start += 1;
+        r.start = r.start.next();
         if r.start >= r.end {
             s.want.pop_front();
         }
