@@ -72,7 +72,35 @@ impl From<StoreError> for Failure {
             _ => Exit::Destination,
         };
         // Store errors name destination paths, which came from the sender.
-        Failure::new(exit, escape(&e.to_string()))
+        Failure::new(
+            exit,
+            format!("{}{}", escape(&e.to_string()), store_advice(&e)),
+        )
+    }
+}
+
+/// What to do about a store failure: ferry-sync states what happened, the command line says
+/// what to do next.
+fn store_advice(e: &StoreError) -> String {
+    const KEPT: &str = " (what already arrived is kept)";
+    match e {
+        StoreError::NoSpace { .. } => ": free some space and run the same command again".into(),
+        StoreError::PermissionDenied { .. } => {
+            ": fix the destination's permissions and run the same command again".into()
+        }
+        StoreError::ReadOnly { .. } => format!(
+            ": make it writable (remount it read-write, or choose another destination) and run \
+             the same command again{KEPT}"
+        ),
+        StoreError::Io { .. } => format!("; fix it and run the same command again{KEPT}"),
+        StoreError::InsufficientSpace {
+            needed, available, ..
+        } => format!(
+            "; free up at least {} and run the same command again{KEPT}",
+            ferry_sync::store::mib(needed.saturating_sub(*available))
+        ),
+        StoreError::Conflict { .. } => "; move it away and run again".into(),
+        _ => String::new(),
     }
 }
 
@@ -138,11 +166,14 @@ pub fn from_session(e: &SessionError) -> Failure {
         ),
         SessionError::Integrity(_) => (Exit::Integrity, ""),
         SessionError::Source(_) => (Exit::Source, ""),
-        // Store errors already say what to do.
         SessionError::Destination(_) => (Exit::Destination, ""),
         _ => (Exit::Internal, ""),
     };
-    Failure::new(exit, format!("{}{hint}", escape(&e.to_string())))
+    let advice = match e {
+        SessionError::Destination(store) => store_advice(store),
+        _ => String::new(),
+    };
+    Failure::new(exit, format!("{}{hint}{advice}", escape(&e.to_string())))
 }
 
 pub fn from_drive(e: &DriveError) -> Failure {

@@ -356,7 +356,7 @@ impl Sender {
                         self.fail(SessionError::Source(format!("cannot read {path}: {error}")));
                     }
                     _ => self.fail(SessionError::Source(format!(
-                        "{path} changed while it was being sent"
+                        "{path} changed while it was being sent; run ferry send again to rescan"
                     ))),
                 }
             }
