@@ -299,8 +299,33 @@ impl From<StoreError> for Error {
             _ => ErrorKind::Destination,
         };
         // Store errors name destination paths, which came from the sender.
-        let message = escape(&e.to_string()).into_owned();
+        let message = format!("{}{}", escape(&e.to_string()), store_advice(&e));
         Error::with_cause(kind, message, Some(Cause::Store(e)))
+    }
+}
+
+/// What to do about a store failure: ferry-sync states what happened, the migration says what
+/// to do next.
+fn store_advice(e: &StoreError) -> String {
+    const KEPT: &str = " (what already arrived is kept)";
+    match e {
+        StoreError::NoSpace { .. } => ": free some space and run the same command again".into(),
+        StoreError::PermissionDenied { .. } => {
+            ": fix the destination's permissions and run the same command again".into()
+        }
+        StoreError::ReadOnly { .. } => format!(
+            ": make it writable (remount it read-write, or choose another destination) and run \
+             the same command again{KEPT}"
+        ),
+        StoreError::Io { .. } => format!("; fix it and run the same command again{KEPT}"),
+        StoreError::InsufficientSpace {
+            needed, available, ..
+        } => format!(
+            "; free up at least {} and run the same command again{KEPT}",
+            ferry_sync::store::mib(needed.saturating_sub(*available))
+        ),
+        StoreError::Conflict { .. } => "; move it away and run again".into(),
+        _ => String::new(),
     }
 }
 
@@ -331,7 +356,11 @@ pub(crate) fn from_session(e: SessionError) -> Error {
         return Error::with_cause(ErrorKind::Destination, message, Some(Cause::Session(e)));
     }
     let (kind, hint) = session_class(&e);
-    let message = format!("{}{hint}", escape(&e.to_string()));
+    let advice = match &e {
+        SessionError::Destination(store) => store_advice(store),
+        _ => String::new(),
+    };
+    let message = format!("{}{hint}{advice}", escape(&e.to_string()));
     Error::with_cause(kind, message, Some(Cause::Session(e)))
 }
 
@@ -369,7 +398,6 @@ fn session_class(e: &SessionError) -> (ErrorKind, &'static str) {
         ),
         SessionError::Integrity(_) => (ErrorKind::Integrity, ""),
         SessionError::Source(_) => (ErrorKind::Source, ""),
-        // Store errors already say what to do.
         SessionError::Destination(_) => (ErrorKind::Destination, ""),
         _ => (ErrorKind::Internal, ""),
     }

@@ -403,83 +403,22 @@ where
         in_tx,
         Some("the peer closed the control stream"),
     );
-
-    // Data writers share one bounded queue; each takes the next frame when it is free.
-    let lanes = data.len().max(1);
-    let (data_tx, data_rx) = mpsc::channel::<Transmit>(lanes * 2);
-    let data_rx = Arc::new(Mutex::new(data_rx));
-    let (werr_tx, mut werr_rx) = mpsc::channel::<String>(lanes);
-    let mut writers = Vec::new();
-    for mut w in data {
-        let rx = Arc::clone(&data_rx);
-        let err = werr_tx.clone();
-        writers.push(tokio::spawn(async move {
-            loop {
-                let next = rx.lock().await.recv().await;
-                let Some(t) = next else { break };
-                if let Err(e) = w.send_frame(t.head, t.body).await {
-                    let _ = err.send(e.to_string()).await;
-                    return;
-                }
-            }
-            w.finish().await;
-        }));
-    }
-    drop(werr_tx);
-
+    let mut lanes = spawn_data_writers(data);
     let max_reads = 64;
     let (io_tx, mut io_rx) = mpsc::channel::<Vec<SendIoDone>>(max_reads);
-    let mut stats = SendStats::default();
     let mut result: Option<Result<SendEnd<T>, DriveError>> = None;
-    let mut data_tx = Some(data_tx);
 
-    'outer: loop {
+    loop {
         // Drain the machine.
-        while let Some(t) = sender.poll_transmit() {
-            match t.lane {
-                Lane::Control => {
-                    if let Err(e) = write_transmit(&mut control_write, &t).await {
-                        result.get_or_insert(Err(DriveError::LinkLost(e.to_string())));
-                        break 'outer;
-                    }
-                }
-                Lane::Data => {
-                    let Some(tx) = data_tx.as_ref() else { continue };
-                    tokio::select! {
-                        r = tx.send(t) => if r.is_err() {
-                            result.get_or_insert(Err(DriveError::LinkLost("data streams closed".into())));
-                            break 'outer;
-                        },
-                        Some(e) = werr_rx.recv() => {
-                            result.get_or_insert(Err(DriveError::LinkLost(e)));
-                            break 'outer;
-                        }
-                    }
-                }
-            }
+        if let Err(e) = send_transmits(&mut sender, &mut control_write, &mut lanes).await {
+            result.get_or_insert(Err(e));
+            break;
         }
         let reads: Vec<_> = std::iter::from_fn(|| sender.poll_io()).collect();
         if !reads.is_empty() {
             spawn_io_batches(&io_tx, &source, reads, read_size, Source::execute);
         }
-        while let Some(ev) = sender.poll_event() {
-            on_event(&ev);
-            match ev {
-                SendEvent::Done { .. } => {
-                    if sender.is_closed() {
-                        // A version-1 receiver: the sender closed with Done at once.
-                        result.get_or_insert(Ok(SendEnd::Final));
-                    }
-                }
-                SendEvent::SourceChanged { path } => {
-                    result.get_or_insert(Ok(SendEnd::SourceChanged { path }));
-                }
-                SendEvent::Failed(e) => {
-                    result.get_or_insert(Err(DriveError::Session(e)));
-                }
-                SendEvent::Wanted { .. } => {}
-            }
-        }
+        sender_events(&mut sender, &mut on_event, &mut result);
         if sender.is_awaiting_verdict() {
             // Everything queued for the data streams was verified by the receiver already.
             let Some(decide) = decide.take() else {
@@ -487,44 +426,22 @@ where
                 result.get_or_insert(Ok(SendEnd::Final));
                 continue;
             };
-            let verdict = decide();
-            tokio::pin!(verdict);
-            let verdict = loop {
-                tokio::select! {
-                    v = &mut verdict => break Some(v),
-                    input = in_rx.recv() => match input {
-                        Some(Input::Frame(f)) => {
-                            sender.handle_frame(f);
-                            if sender.is_closed() {
-                                break None;
-                            }
-                        }
-                        Some(Input::FrameError(e)) => {
-                            sender.handle_frame_error(e);
-                            break None;
-                        }
-                        Some(Input::Closed(why) | Input::End(why)) => {
-                            result.get_or_insert(Err(DriveError::LinkLost(why)));
-                            break None;
-                        }
-                        None => {
-                            result.get_or_insert(Err(DriveError::LinkLost("control stream ended".into())));
-                            break None;
-                        }
-                    },
-                }
-            };
-            match verdict {
-                Some(Verdict::Final) => {
+            match await_verdict(&mut sender, &mut in_rx, decide).await {
+                Awaited::Verdict(Verdict::Final) => {
                     sender.finish();
                     result.get_or_insert(Ok(SendEnd::Final));
                 }
-                Some(Verdict::Next(t)) => {
+                Awaited::Verdict(Verdict::Next(t)) => {
                     sender.next_round();
                     result.get_or_insert(Ok(SendEnd::Next(t)));
                 }
-                None if result.is_some() && !sender.is_closed() => break,
-                None => {}
+                Awaited::LinkLost(e) => {
+                    result.get_or_insert(Err(e));
+                    if !sender.is_closed() {
+                        break;
+                    }
+                }
+                Awaited::Closed => {}
             }
             continue;
         }
@@ -551,18 +468,171 @@ where
                 }
             },
             Some(done) = io_rx.recv() => done.into_iter().for_each(|d| sender.handle_io_done(d)),
-            Some(e) = werr_rx.recv() => {
+            Some(e) = lanes.errors.recv() => {
                 result.get_or_insert(Err(DriveError::LinkLost(e)));
                 break;
             }
         }
     }
-    stats.wire_bytes = sender.wire_bytes();
-    stats.raw_bytes = sender.raw_bytes_sent();
-    stats.chunks = sender.chunks_sent();
+    let stats = SendStats {
+        wire_bytes: sender.wire_bytes(),
+        raw_bytes: sender.raw_bytes_sent(),
+        chunks: sender.chunks_sent(),
+    };
+    let result = end_sender_session(&sender, result, lanes, control_write, &mut in_rx).await;
+    (result, stats)
+}
+
+/// The sender's data streams: writer tasks that share one bounded queue, each taking the next
+/// frame when it is free.
+struct DataLanes {
+    frames: mpsc::Sender<Transmit>,
+    /// A writer that failed reports here (and stops).
+    errors: mpsc::Receiver<String>,
+    writers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+fn spawn_data_writers<DW: DataSink>(data: Vec<DW>) -> DataLanes {
+    let lanes = data.len().max(1);
+    let (frames, data_rx) = mpsc::channel::<Transmit>(lanes * 2);
+    let data_rx = Arc::new(Mutex::new(data_rx));
+    let (werr_tx, errors) = mpsc::channel::<String>(lanes);
+    let mut writers = Vec::new();
+    for mut w in data {
+        let rx = Arc::clone(&data_rx);
+        let err = werr_tx.clone();
+        writers.push(tokio::spawn(async move {
+            loop {
+                let next = rx.lock().await.recv().await;
+                let Some(t) = next else { break };
+                if let Err(e) = w.send_frame(t.head, t.body).await {
+                    let _ = err.send(e.to_string()).await;
+                    return;
+                }
+            }
+            w.finish().await;
+        }));
+    }
+    DataLanes {
+        frames,
+        errors,
+        writers,
+    }
+}
+
+/// Writes every frame the sender has ready: control frames on the control stream, chunks to
+/// the data lanes (waiting while they are full). An error means the link is gone.
+async fn send_transmits<CW: AsyncWrite + Unpin>(
+    sender: &mut Sender,
+    control_write: &mut CW,
+    lanes: &mut DataLanes,
+) -> Result<(), DriveError> {
+    while let Some(t) = sender.poll_transmit() {
+        match t.lane {
+            Lane::Control => write_transmit(control_write, &t)
+                .await
+                .map_err(|e| DriveError::LinkLost(e.to_string()))?,
+            Lane::Data => {
+                tokio::select! {
+                    r = lanes.frames.send(t) => if r.is_err() {
+                        return Err(DriveError::LinkLost("data streams closed".into()));
+                    },
+                    Some(e) = lanes.errors.recv() => return Err(DriveError::LinkLost(e)),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Hands the sender's events to `on_event` and notes in `result` how the round ends.
+fn sender_events<T>(
+    sender: &mut Sender,
+    on_event: &mut impl FnMut(&SendEvent),
+    result: &mut Option<Result<SendEnd<T>, DriveError>>,
+) {
+    while let Some(ev) = sender.poll_event() {
+        on_event(&ev);
+        match ev {
+            SendEvent::Done { .. } => {
+                if sender.is_closed() {
+                    // A version-1 receiver: the sender closed with Done at once.
+                    result.get_or_insert(Ok(SendEnd::Final));
+                }
+            }
+            SendEvent::SourceChanged { path } => {
+                result.get_or_insert(Ok(SendEnd::SourceChanged { path }));
+            }
+            SendEvent::Failed(e) => {
+                result.get_or_insert(Err(DriveError::Session(e)));
+            }
+            SendEvent::Wanted { .. } => {}
+        }
+    }
+}
+
+/// How waiting for the application's verdict ended.
+enum Awaited<T> {
+    Verdict(Verdict<T>),
+    /// A frame (or a broken one) from the receiver closed the sender meanwhile.
+    Closed,
+    /// The receiver went away meanwhile.
+    LinkLost(DriveError),
+}
+
+/// Awaits `decide` while still reading the control stream: the receiver may close the session
+/// or go away while the application decides.
+async fn await_verdict<T, F, Fut>(
+    sender: &mut Sender,
+    in_rx: &mut mpsc::Receiver<Input>,
+    decide: F,
+) -> Awaited<T>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Verdict<T>>,
+{
+    let verdict = decide();
+    tokio::pin!(verdict);
+    loop {
+        tokio::select! {
+            v = &mut verdict => return Awaited::Verdict(v),
+            input = in_rx.recv() => match input {
+                Some(Input::Frame(f)) => {
+                    sender.handle_frame(f);
+                    if sender.is_closed() {
+                        return Awaited::Closed;
+                    }
+                }
+                Some(Input::FrameError(e)) => {
+                    sender.handle_frame_error(e);
+                    return Awaited::Closed;
+                }
+                Some(Input::Closed(why) | Input::End(why)) => {
+                    return Awaited::LinkLost(DriveError::LinkLost(why));
+                }
+                None => {
+                    return Awaited::LinkLost(DriveError::LinkLost("control stream ended".into()));
+                }
+            },
+        }
+    }
+}
+
+/// Ends a sender session: on success the data writers finish what was queued and close their
+/// streams, and a final verdict waits for the receiver's confirmation; on failure they stop at
+/// once.
+async fn end_sender_session<T, CW: AsyncWrite + Unpin>(
+    sender: &Sender,
+    mut result: Option<Result<SendEnd<T>, DriveError>>,
+    lanes: DataLanes,
+    mut control_write: CW,
+    in_rx: &mut mpsc::Receiver<Input>,
+) -> Result<SendEnd<T>, DriveError> {
+    let DataLanes {
+        frames, writers, ..
+    } = lanes;
     // Let the data writers finish what was queued (on success) and close their streams.
-    data_tx = None;
-    drop(data_tx);
+    drop(frames);
     if matches!(result, Some(Ok(_))) {
         for w in writers {
             let _ = w.await;
@@ -598,10 +668,7 @@ where
         // connection.
         let _ = control_write.flush().await;
     }
-    (
-        result.unwrap_or(Err(DriveError::LinkLost("session ended".into()))),
-        stats,
-    )
+    result.unwrap_or(Err(DriveError::LinkLost("session ended".into())))
 }
 
 /// Hands one input from the data streams to the receiver; false when the link is gone.
@@ -713,66 +780,14 @@ where
                 }
             }
         }
-        // Prepare, commit and finalize are ordered by the machine (one at a time) and each
-        // gets a task of its own; stores and copies run side by side in batches on at most
-        // STORE_TASKS tasks, bounded in bytes by the machine's pending-bytes limit.
-        while let Some(io) = receiver.poll_io() {
-            if matches!(io, RecvIo::Store { .. } | RecvIo::Copy { .. }) {
-                stores.waiting.push_back(io);
-            } else {
-                spawn_io_batch(&io_tx, &store, vec![io], FsStore::execute);
-            }
-        }
-        stores.pump(&io_tx, &store);
-        while let Some(ev) = receiver.poll_event() {
-            on_event(&ev);
-            match ev {
-                RecvEvent::Done(s) => {
-                    result.get_or_insert(Ok(s));
-                }
-                RecvEvent::Failed(e) => {
-                    result.get_or_insert(Err(DriveError::Session(e)));
-                }
-                _ => {}
-            }
-        }
+        start_store_io(&mut receiver, &mut stores, &io_tx, &store);
+        receiver_events(&mut receiver, &mut on_event, &mut result);
         if receiver.is_done() && receiver.is_idle() {
-            if !link_up {
-                // Complete and committed here, but the sender was not told: a new session
-                // finds the receipt and tells it at once.
-                result = Some(Err(DriveError::LinkLost(
-                    "the link dropped as the migration completed".into(),
-                )));
-                break;
-            }
-            // Flush the Done frame, wait for the sender's verdict, close our side cleanly.
-            let mut confirmed = true;
-            while let Some(t) = receiver.poll_transmit() {
-                if write_transmit(&mut control_write, &t).await.is_err() {
-                    confirmed = false;
-                }
-            }
-            let _ = control_write.flush().await;
-            if !confirmed && receiver.verdict().is_none() {
-                result = Some(Err(DriveError::LinkLost(
-                    "the link dropped while confirming".into(),
-                )));
-                break;
-            }
-            while receiver.verdict().is_none() {
-                match in_rx.recv().await {
-                    Some(Input::Frame(f)) => receiver.handle_frame(f),
-                    _ => break,
-                }
-            }
-            let _ = control_write.shutdown().await;
-            if let Some(Ok(s)) = result.take() {
-                end = Some(Ok(match receiver.verdict() {
-                    Some(RoundVerdict::Final) => RecvEnd::Final(s),
-                    Some(RoundVerdict::NextRound) => RecvEnd::Next(s),
-                    None => RecvEnd::Unconfirmed(s),
-                }));
-            }
+            let r = result.take();
+            end = Some(
+                close_completed_round(&mut receiver, &mut control_write, &mut in_rx, link_up, r)
+                    .await,
+            );
             break;
         }
         if receiver.is_idle() {
@@ -789,20 +804,9 @@ where
             .min(tokio::time::Instant::now() + tick);
         let accept = link_up && receiver.can_accept_chunk();
         tokio::select! {
-            input = in_rx.recv(), if link_up => match input {
-                Some(Input::Frame(f)) => receiver.handle_frame(f),
-                Some(Input::FrameError(e)) => receiver.handle_frame_error(e),
-                Some(Input::Closed(why) | Input::End(why)) => {
-                    link_up = false;
-                    result.get_or_insert(Err(DriveError::LinkLost(why)));
-                    receiver.handle_link_lost();
-                }
-                None => {
-                    link_up = false;
-                    result.get_or_insert(Err(DriveError::LinkLost("control stream ended".into())));
-                    receiver.handle_link_lost();
-                }
-            },
+            input = in_rx.recv(), if link_up => {
+                control_input(&mut receiver, input, &mut link_up, &mut result);
+            }
             input = chunk_rx.recv(), if accept => {
                 // Take what else has arrived too (up to a batch), so that its stores go to
                 // the disk threads together.
@@ -842,5 +846,114 @@ where
         Some(Err(e)) => Err(e),
         // `Done` is only returned through the verdict above.
         Some(Ok(_)) | None => Err(DriveError::LinkLost("session ended".into())),
+    }
+}
+
+/// Hands the receiver's I/O to the store: prepare, commit and finalize are ordered by the
+/// machine (one at a time) and each gets a task of its own; stores and copies run side by side
+/// in batches on at most [`STORE_TASKS`] tasks, bounded in bytes by the machine's pending-bytes
+/// limit.
+fn start_store_io(
+    receiver: &mut Receiver,
+    stores: &mut StoreQueue,
+    io_tx: &mpsc::Sender<Vec<RecvIoDone>>,
+    store: &Arc<FsStore>,
+) {
+    while let Some(io) = receiver.poll_io() {
+        if matches!(io, RecvIo::Store { .. } | RecvIo::Copy { .. }) {
+            stores.waiting.push_back(io);
+        } else {
+            spawn_io_batch(io_tx, store, vec![io], FsStore::execute);
+        }
+    }
+    stores.pump(io_tx, store);
+}
+
+/// Hands the receiver's events to `on_event` and notes in `result` how the round went.
+fn receiver_events(
+    receiver: &mut Receiver,
+    on_event: &mut impl FnMut(&RecvEvent),
+    result: &mut Option<Result<ManifestSummary, DriveError>>,
+) {
+    while let Some(ev) = receiver.poll_event() {
+        on_event(&ev);
+        match ev {
+            RecvEvent::Done(s) => {
+                result.get_or_insert(Ok(s));
+            }
+            RecvEvent::Failed(e) => {
+                result.get_or_insert(Err(DriveError::Session(e)));
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Hands one input from the control stream to the receiver (`None`: the stream's reader ended).
+fn control_input(
+    receiver: &mut Receiver,
+    input: Option<Input>,
+    link_up: &mut bool,
+    result: &mut Option<Result<ManifestSummary, DriveError>>,
+) {
+    match input {
+        Some(Input::Frame(f)) => receiver.handle_frame(f),
+        Some(Input::FrameError(e)) => receiver.handle_frame_error(e),
+        Some(Input::Closed(why) | Input::End(why)) => {
+            *link_up = false;
+            result.get_or_insert(Err(DriveError::LinkLost(why)));
+            receiver.handle_link_lost();
+        }
+        None => {
+            *link_up = false;
+            result.get_or_insert(Err(DriveError::LinkLost("control stream ended".into())));
+            receiver.handle_link_lost();
+        }
+    }
+}
+
+/// The round is complete, committed and idle: flush the `Done` frame, wait for the sender's
+/// verdict, close our side cleanly. `result` is how the session went so far.
+async fn close_completed_round<CW: AsyncWrite + Unpin>(
+    receiver: &mut Receiver,
+    control_write: &mut CW,
+    in_rx: &mut mpsc::Receiver<Input>,
+    link_up: bool,
+    result: Option<Result<ManifestSummary, DriveError>>,
+) -> Result<RecvEnd, DriveError> {
+    if !link_up {
+        // Complete and committed here, but the sender was not told: a new session finds the
+        // receipt and tells it at once.
+        return Err(DriveError::LinkLost(
+            "the link dropped as the migration completed".into(),
+        ));
+    }
+    let mut confirmed = true;
+    while let Some(t) = receiver.poll_transmit() {
+        if write_transmit(control_write, &t).await.is_err() {
+            confirmed = false;
+        }
+    }
+    let _ = control_write.flush().await;
+    if !confirmed && receiver.verdict().is_none() {
+        return Err(DriveError::LinkLost(
+            "the link dropped while confirming".into(),
+        ));
+    }
+    while receiver.verdict().is_none() {
+        match in_rx.recv().await {
+            Some(Input::Frame(f)) => receiver.handle_frame(f),
+            _ => break,
+        }
+    }
+    let _ = control_write.shutdown().await;
+    match result {
+        Some(Ok(s)) => Ok(match receiver.verdict() {
+            Some(RoundVerdict::Final) => RecvEnd::Final(s),
+            Some(RoundVerdict::NextRound) => RecvEnd::Next(s),
+            None => RecvEnd::Unconfirmed(s),
+        }),
+        // `Done` is only returned through the verdict above.
+        _ => Err(DriveError::LinkLost("session ended".into())),
     }
 }

@@ -21,8 +21,8 @@ use bytes::{Bytes, BytesMut};
 
 use crate::compress::{decode_verified, encode_chunk, CompressPolicy};
 use crate::manifest::{
-    chunk_shift_for, ChunkHash, EntryKind, ManifestBuilder, ManifestLimits, ManifestSummary, Mtime,
-    WireEntry,
+    chunk_shift_for, ChunkHash, ChunkId, EntryKind, ManifestBuilder, ManifestLimits,
+    ManifestSummary, Mtime, WireEntry,
 };
 use crate::path::{check_relative_path, symlink_stays_inside};
 use crate::proto::frame::{decode_frame, encode_frame, Frame};
@@ -100,10 +100,10 @@ fn check_manifest(m: &Manifest, accepted: &[WireEntry]) {
         prev = Some(&e.path);
         assert_eq!(m.wire_entry(i).as_ref(), Some(&accepted[i]));
         let mut covered = 0u64;
-        for s in e.first_slot..e.first_slot + e.chunks() {
+        for s in e.slots() {
             let loc = m.locate(s);
             assert!(
-                loc.is_some_and(|l| l.entry as usize == i && l.offset + u64::from(l.len) <= e.size)
+                loc.is_some_and(|l| l.entry.index() == i && l.offset + u64::from(l.len) <= e.size)
             );
             covered += loc.map_or(0, |l| u64::from(l.len));
         }
@@ -113,8 +113,8 @@ fn check_manifest(m: &Manifest, accepted: &[WireEntry]) {
     }
     for (id, u) in m.unique_chunks().iter().enumerate() {
         let mut n = 0;
-        for s in m.slots_of(id as u32) {
-            assert_eq!(m.slot_chunk(s), Some(id as u32));
+        for s in m.slots_of(ChunkId(id as u32)) {
+            assert_eq!(m.slot_chunk(s), Some(ChunkId(id as u32)));
             n += 1;
             assert!(n <= m.slot_count());
         }
@@ -137,8 +137,9 @@ impl MemStore {
                 slots,
             } => {
                 let Some(u) = m.and_then(|m| m.unique(chunk)) else {
+                    // As the real store answers a chunk outside its manifest.
                     return RecvIoDone::Failed {
-                        error: "store for a chunk outside the manifest".into(),
+                        error: Arc::new(crate::store::StoreError::NotPrepared),
                     };
                 };
                 match decode_verified(encoding, payload, u.len, &u.hash) {

@@ -76,6 +76,53 @@ impl fmt::Display for ChunkHash {
     }
 }
 
+/// Defines an id newtype over `u32`: the three numberings of a manifest (entries, chunk slots,
+/// unique chunks) cannot be mixed up. On the wire an id is its integer (`serde(transparent)`).
+macro_rules! id_type {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(
+            Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize,
+        )]
+        #[serde(transparent)]
+        pub struct $name(pub u32);
+
+        impl $name {
+            /// The id as an index into a table.
+            pub fn index(self) -> usize {
+                self.0 as usize
+            }
+
+            /// The id after this one.
+            pub fn next(self) -> Self {
+                $name(self.0 + 1)
+            }
+        }
+
+        /// The integer (messages say what kind of id it is).
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                self.0.fmt(f)
+            }
+        }
+    };
+}
+
+id_type!(
+    /// An entry of a manifest: its position in path order.
+    EntryId
+);
+id_type!(
+    /// A chunk slot: one chunk of one file, numbered through the manifest in entry order (a
+    /// chunk stored in two files has two slots).
+    SlotId
+);
+id_type!(
+    /// A unique chunk: its position in the unique-chunk table (in order of first appearance).
+    /// The protocol names chunks by it.
+    ChunkId
+);
+
 /// The chunk size (as a power of two) for a file of `size` bytes.
 pub fn chunk_shift_for(size: u64) -> u8 {
     let wanted = size.div_ceil(TARGET_CHUNKS_PER_FILE).max(1);
@@ -123,11 +170,16 @@ pub struct Entry {
     pub size: u64,
     pub mode: u32,
     pub mtime: Mtime,
-    /// Index of this file's first chunk slot.
-    pub first_slot: u32,
+    /// This file's first chunk slot.
+    pub first_slot: SlotId,
 }
 
 impl Entry {
+    /// The chunk slots of this file, in order.
+    pub fn slots(&self) -> impl Iterator<Item = SlotId> + Clone {
+        (self.first_slot.0..self.first_slot.0 + self.chunks()).map(SlotId)
+    }
+
     /// Number of chunk slots (0 for anything but a non-empty file).
     pub fn chunks(&self) -> u32 {
         match self.kind {
@@ -156,14 +208,14 @@ pub struct UniqueChunk {
     pub hash: ChunkHash,
     pub len: u32,
     /// First slot holding this chunk.
-    pub first_slot: u32,
+    pub first_slot: SlotId,
 }
 
 /// Where a chunk slot lies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SlotLocation {
-    /// Index of the file entry.
-    pub entry: u32,
+    /// The file entry.
+    pub entry: EntryId,
     pub offset: u64,
     pub len: u32,
 }
@@ -270,7 +322,7 @@ pub enum ManifestError {
 pub struct Manifest {
     entries: Vec<Entry>,
     /// Unique-chunk id of every slot.
-    slots: Vec<u32>,
+    slots: Vec<ChunkId>,
     unique: Vec<UniqueChunk>,
     /// Next slot holding the same unique chunk (`u32::MAX` ends the list).
     next_same: Vec<u32>,
@@ -292,8 +344,8 @@ impl Manifest {
         &self.entries
     }
 
-    pub fn entry(&self, i: u32) -> Option<&Entry> {
-        self.entries.get(i as usize)
+    pub fn entry(&self, i: EntryId) -> Option<&Entry> {
+        self.entries.get(i.index())
     }
 
     pub fn summary(&self) -> &ManifestSummary {
@@ -313,32 +365,32 @@ impl Manifest {
         &self.unique
     }
 
-    pub fn unique(&self, id: u32) -> Option<&UniqueChunk> {
-        self.unique.get(id as usize)
+    pub fn unique(&self, id: ChunkId) -> Option<&UniqueChunk> {
+        self.unique.get(id.index())
     }
 
     /// Unique-chunk id of a slot.
-    pub fn slot_chunk(&self, slot: u32) -> Option<u32> {
-        self.slots.get(slot as usize).copied()
+    pub fn slot_chunk(&self, slot: SlotId) -> Option<ChunkId> {
+        self.slots.get(slot.index()).copied()
     }
 
     /// Hash of a slot.
-    pub fn slot_hash(&self, slot: u32) -> Option<ChunkHash> {
+    pub fn slot_hash(&self, slot: SlotId) -> Option<ChunkHash> {
         self.slot_chunk(slot)
             .and_then(|u| self.unique(u))
             .map(|u| u.hash)
     }
 
     /// Every slot holding unique chunk `id`, in order.
-    pub fn slots_of(&self, id: u32) -> SlotsOf<'_> {
+    pub fn slots_of(&self, id: ChunkId) -> SlotsOf<'_> {
         SlotsOf {
-            next: self.unique(id).map_or(u32::MAX, |u| u.first_slot),
+            next: self.unique(id).map_or(u32::MAX, |u| u.first_slot.0),
             manifest: self,
         }
     }
 
     /// File entry, offset and length of a slot.
-    pub fn locate(&self, slot: u32) -> Option<SlotLocation> {
+    pub fn locate(&self, slot: SlotId) -> Option<SlotLocation> {
         let uid = self.slot_chunk(slot)?;
         let len = self.unique(uid)?.len;
         let idx = self
@@ -346,12 +398,12 @@ impl Manifest {
             .partition_point(|e| e.first_slot <= slot)
             .checked_sub(1)?;
         let e = &self.entries[idx];
-        let index = slot.checked_sub(e.first_slot)?;
+        let index = slot.0.checked_sub(e.first_slot.0)?;
         if index >= e.chunks() {
             return None;
         }
         Some(SlotLocation {
-            entry: idx as u32,
+            entry: EntryId(idx as u32),
             offset: u64::from(index) * e.chunk_size(),
             len,
         })
@@ -360,10 +412,10 @@ impl Manifest {
     /// The wire form of entry `i` (with its chunk hashes).
     pub fn wire_entry(&self, i: usize) -> Option<WireEntry> {
         let e = self.entries.get(i)?;
-        let first = e.first_slot as usize;
+        let first = e.first_slot.index();
         let hashes = self.slots[first..first + e.chunks() as usize]
             .iter()
-            .map(|&u| self.unique[u as usize].hash)
+            .map(|&u| self.unique[u.index()].hash)
             .collect();
         Some(WireEntry {
             path: e.path.clone(),
@@ -379,12 +431,13 @@ impl Manifest {
     /// [`looks_like_database`]), then the other files smallest first, ties by path. The new
     /// device thus holds a usable history early and large media arrive last. A pure function
     /// of the entries; it does not touch chunk ids or the root hash.
-    pub fn transfer_order(&self) -> Vec<u32> {
-        let mut order: Vec<u32> = (0..self.entries.len() as u32)
-            .filter(|&i| self.entries[i as usize].chunks() > 0)
+    pub fn transfer_order(&self) -> Vec<EntryId> {
+        let mut order: Vec<EntryId> = (0..self.entries.len() as u32)
+            .map(EntryId)
+            .filter(|&i| self.entries[i.index()].chunks() > 0)
             .collect();
         order.sort_by_key(|&i| {
-            let e = &self.entries[i as usize];
+            let e = &self.entries[i.index()];
             (!looks_like_database(&e.path), e.size, i)
         });
         order
@@ -416,9 +469,7 @@ impl Manifest {
                 size: e.size,
                 mode: e.mode,
                 mtime: e.mtime,
-                hashes: (e.first_slot..e.first_slot + e.chunks())
-                    .filter_map(|s| self.slot_hash(s))
-                    .collect(),
+                hashes: e.slots().filter_map(|s| self.slot_hash(s)).collect(),
             })
             .collect();
         Manifest::from_wire_entries(wire).ok()
@@ -438,12 +489,7 @@ impl Manifest {
         let content = |m: &Manifest, e: &Entry| -> Option<(u64, Vec<ChunkHash>)> {
             match &e.kind {
                 EntryKind::Dir => None,
-                _ => Some((
-                    e.size,
-                    (e.first_slot..e.first_slot + e.chunks())
-                        .filter_map(|s| m.slot_hash(s))
-                        .collect(),
-                )),
+                _ => Some((e.size, e.slots().filter_map(|s| m.slot_hash(s)).collect())),
             }
         };
         let mut d = ManifestDiff::default();
@@ -496,8 +542,8 @@ pub struct SlotsOf<'a> {
 }
 
 impl Iterator for SlotsOf<'_> {
-    type Item = u32;
-    fn next(&mut self) -> Option<u32> {
+    type Item = SlotId;
+    fn next(&mut self) -> Option<SlotId> {
         if self.next == u32::MAX {
             return None;
         }
@@ -508,7 +554,7 @@ impl Iterator for SlotsOf<'_> {
             .get(cur as usize)
             .copied()
             .unwrap_or(u32::MAX);
-        Some(cur)
+        Some(SlotId(cur))
     }
 }
 
@@ -543,11 +589,11 @@ fn fold_key(path: &str, case: bool, normalization: bool) -> String {
 pub struct ManifestBuilder {
     limits: ManifestLimits,
     entries: Vec<Entry>,
-    slots: Vec<u32>,
+    slots: Vec<ChunkId>,
     unique: Vec<UniqueChunk>,
     next_same: Vec<u32>,
     last_same: Vec<u32>,
-    by_hash: HashMap<(ChunkHash, u32), u32>,
+    by_hash: HashMap<(ChunkHash, u32), ChunkId>,
     folded: HashMap<String, u32>,
     hasher: blake3::Hasher,
     files: u64,
@@ -659,6 +705,46 @@ impl ManifestBuilder {
 
     /// Validates and adds the next entry.
     pub fn push(&mut self, e: WireEntry) -> Result<(), ManifestError> {
+        let folded = self.check_place(&e)?;
+        let expected_chunks = expected_chunks(&e)?;
+        if expected_chunks != e.hashes.len() as u64 {
+            return Err(ManifestError::ChunkCount {
+                path: e.path,
+                expected: expected_chunks,
+                got: e.hashes.len() as u64,
+            });
+        }
+        let total = self.check_totals(&e, expected_chunks)?;
+        self.reserve_for(&e, folded)?;
+        // Hash the canonical encoding into the root.
+        self.scratch.clear();
+        let encoded = postcard::to_extend(&e, std::mem::take(&mut self.scratch))
+            .map_err(|_| ManifestError::SummaryMismatch)?;
+        self.hasher.update(&(encoded.len() as u64).to_le_bytes());
+        self.hasher.update(&encoded);
+        self.scratch = encoded;
+
+        let first_slot = SlotId(self.slots.len() as u32);
+        if let EntryKind::File { chunk_shift } = e.kind {
+            self.files += 1;
+            self.add_slots(&e.hashes, e.size, chunk_shift);
+        }
+        self.bytes = total;
+        self.entries.push(Entry {
+            path: e.path,
+            kind: e.kind,
+            size: e.size,
+            mode: e.mode,
+            mtime: e.mtime,
+            first_slot,
+        });
+        Ok(())
+    }
+
+    /// Checks where `e` goes: the entry limit, a safe path, sorted after the previous entry,
+    /// under directories only, and no name the destination would merge with an earlier one.
+    /// Returns the folded name to remember when the destination folds names.
+    fn check_place(&self, e: &WireEntry) -> Result<Option<String>, ManifestError> {
         let limits = &self.limits;
         if self.entries.len() as u64 >= limits.max_entries {
             return Err(ManifestError::TooLarge {
@@ -672,7 +758,9 @@ impl ManifestBuilder {
         })?;
         if let Some(prev) = self.entries.last() {
             if prev.path.as_bytes() >= e.path.as_bytes() {
-                return Err(ManifestError::OutOfOrder { path: e.path });
+                return Err(ManifestError::OutOfOrder {
+                    path: e.path.clone(),
+                });
             }
         }
         // Every ancestor that the manifest names must be a directory: a file or symlink "a"
@@ -681,70 +769,33 @@ impl ManifestBuilder {
         while let Some(a) = anc {
             if let Some(i) = self.find(a) {
                 if self.entries[i].kind != EntryKind::Dir {
-                    let ancestor = a.to_string();
                     return Err(ManifestError::AncestorNotDir {
-                        path: e.path,
-                        ancestor,
+                        path: e.path.clone(),
+                        ancestor: a.to_string(),
                     });
                 }
                 break; // its own ancestors were checked when it was added
             }
             anc = path::parent(a);
         }
-        let (case, norm) = (
-            self.limits.case_insensitive,
-            self.limits.normalization_insensitive,
-        );
-        let folded = match case || norm {
-            true => {
-                let folded = fold_key(&e.path, case, norm);
-                if let Some(&other) = self.folded.get(&folded) {
-                    return Err(ManifestError::CaseCollision {
-                        path: e.path,
-                        other: self.entries[other as usize].path.clone(),
-                    });
-                }
-                Some(folded)
-            }
-            false => None,
-        };
-        let expected_chunks = match &e.kind {
-            EntryKind::File { chunk_shift } => {
-                if !(MIN_CHUNK_SHIFT..=MAX_CHUNK_SHIFT).contains(chunk_shift) {
-                    return Err(ManifestError::BadChunkSize {
-                        path: e.path,
-                        shift: *chunk_shift,
-                    });
-                }
-                chunk_count(e.size, *chunk_shift)
-            }
-            EntryKind::Symlink { target } => {
-                if !path::symlink_stays_inside(&e.path, target) {
-                    return Err(ManifestError::SymlinkEscapes {
-                        target: target.clone(),
-                        path: e.path,
-                    });
-                }
-                if e.size != 0 {
-                    return Err(ManifestError::NonFileSize { path: e.path });
-                }
-                0
-            }
-            EntryKind::Dir => {
-                if e.size != 0 {
-                    return Err(ManifestError::NonFileSize { path: e.path });
-                }
-                0
-            }
-        };
-        if expected_chunks != e.hashes.len() as u64 {
-            return Err(ManifestError::ChunkCount {
-                path: e.path,
-                expected: expected_chunks,
-                got: e.hashes.len() as u64,
+        let (case, norm) = (limits.case_insensitive, limits.normalization_insensitive);
+        if !(case || norm) {
+            return Ok(None);
+        }
+        let folded = fold_key(&e.path, case, norm);
+        if let Some(&other) = self.folded.get(&folded) {
+            return Err(ManifestError::CaseCollision {
+                path: e.path.clone(),
+                other: self.entries[other as usize].path.clone(),
             });
         }
-        if self.slots.len() as u64 + expected_chunks > self.limits.max_slots {
+        Ok(Some(folded))
+    }
+
+    /// The chunk and byte limits, and the room at the destination, with `e` added. Returns the
+    /// file bytes declared with `e`.
+    fn check_totals(&self, e: &WireEntry, chunks: u64) -> Result<u64, ManifestError> {
+        if self.slots.len() as u64 + chunks > self.limits.max_slots {
             return Err(ManifestError::TooLarge {
                 what: "chunks",
                 limit: self.limits.max_slots,
@@ -765,8 +816,13 @@ impl ManifestBuilder {
                 });
             }
         }
-        // Memory, before anything is allocated for this entry: what the tables hold once grown
-        // for it (every chunk counted as new, the most it can cost) and its strings.
+        Ok(total)
+    }
+
+    /// Memory, before anything is allocated for `e`: what the tables hold once grown for it
+    /// (every chunk counted as new, the most it can cost) and its strings. Within the budget,
+    /// the tables are grown and the folded name is remembered.
+    fn reserve_for(&mut self, e: &WireEntry, folded: Option<String>) -> Result<(), ManifestError> {
         let n = e.hashes.len();
         let strings = e.path.capacity() as u64
             + match &e.kind {
@@ -804,60 +860,44 @@ impl ManifestBuilder {
             self.folded.insert(f, self.entries.len() as u32);
         }
         self.string_bytes += strings;
-
-        // Hash the canonical encoding into the root.
-        self.scratch.clear();
-        let encoded = postcard::to_extend(&e, std::mem::take(&mut self.scratch))
-            .map_err(|_| ManifestError::SummaryMismatch)?;
-        self.hasher.update(&(encoded.len() as u64).to_le_bytes());
-        self.hasher.update(&encoded);
-        self.scratch = encoded;
-
-        let first_slot = self.slots.len() as u32;
-        if let EntryKind::File { chunk_shift } = e.kind {
-            self.files += 1;
-            let csize = 1u64 << chunk_shift;
-            for (i, h) in e.hashes.iter().enumerate() {
-                let len = if i + 1 == n {
-                    e.size - csize * (n as u64 - 1)
-                } else {
-                    csize
-                } as u32;
-                let slot = self.slots.len() as u32;
-                let uid = match self.by_hash.get(&(*h, len)) {
-                    Some(&uid) => {
-                        let last = self.last_same[uid as usize];
-                        self.next_same[last as usize] = slot;
-                        self.last_same[uid as usize] = slot;
-                        uid
-                    }
-                    None => {
-                        let uid = self.unique.len() as u32;
-                        self.unique.push(UniqueChunk {
-                            hash: *h,
-                            len,
-                            first_slot: slot,
-                        });
-                        self.last_same.push(slot);
-                        self.by_hash.insert((*h, len), uid);
-                        self.unique_bytes += u64::from(len);
-                        uid
-                    }
-                };
-                self.slots.push(uid);
-                self.next_same.push(u32::MAX);
-            }
-        }
-        self.bytes = total;
-        self.entries.push(Entry {
-            path: e.path,
-            kind: e.kind,
-            size: e.size,
-            mode: e.mode,
-            mtime: e.mtime,
-            first_slot,
-        });
         Ok(())
+    }
+
+    /// Adds the chunk slots of a file of `size` bytes (room is reserved): each names a unique
+    /// chunk, new or shared with an earlier slot of the same hash and length.
+    fn add_slots(&mut self, hashes: &[ChunkHash], size: u64, chunk_shift: u8) {
+        let n = hashes.len();
+        let csize = 1u64 << chunk_shift;
+        for (i, h) in hashes.iter().enumerate() {
+            let len = if i + 1 == n {
+                size - csize * (n as u64 - 1)
+            } else {
+                csize
+            } as u32;
+            let slot = self.slots.len() as u32;
+            let uid = match self.by_hash.get(&(*h, len)) {
+                Some(&uid) => {
+                    let last = self.last_same[uid.index()];
+                    self.next_same[last as usize] = slot;
+                    self.last_same[uid.index()] = slot;
+                    uid
+                }
+                None => {
+                    let uid = ChunkId(self.unique.len() as u32);
+                    self.unique.push(UniqueChunk {
+                        hash: *h,
+                        len,
+                        first_slot: SlotId(slot),
+                    });
+                    self.last_same.push(slot);
+                    self.by_hash.insert((*h, len), uid);
+                    self.unique_bytes += u64::from(len);
+                    uid
+                }
+            };
+            self.slots.push(uid);
+            self.next_same.push(u32::MAX);
+        }
     }
 
     fn find(&self, path: &str) -> Option<usize> {
@@ -900,6 +940,44 @@ impl ManifestBuilder {
             unique: self.unique,
             next_same: self.next_same,
             summary,
+        }
+    }
+}
+
+/// How many chunk hashes entry `e` must carry; checks its kind (chunk size in range, symlink
+/// inside the destination, size 0 for anything but a file).
+fn expected_chunks(e: &WireEntry) -> Result<u64, ManifestError> {
+    match &e.kind {
+        EntryKind::File { chunk_shift } => {
+            if !(MIN_CHUNK_SHIFT..=MAX_CHUNK_SHIFT).contains(chunk_shift) {
+                return Err(ManifestError::BadChunkSize {
+                    path: e.path.clone(),
+                    shift: *chunk_shift,
+                });
+            }
+            Ok(chunk_count(e.size, *chunk_shift))
+        }
+        EntryKind::Symlink { target } => {
+            if !path::symlink_stays_inside(&e.path, target) {
+                return Err(ManifestError::SymlinkEscapes {
+                    target: target.clone(),
+                    path: e.path.clone(),
+                });
+            }
+            if e.size != 0 {
+                return Err(ManifestError::NonFileSize {
+                    path: e.path.clone(),
+                });
+            }
+            Ok(0)
+        }
+        EntryKind::Dir => {
+            if e.size != 0 {
+                return Err(ManifestError::NonFileSize {
+                    path: e.path.clone(),
+                });
+            }
+            Ok(0)
         }
     }
 }
@@ -975,15 +1053,18 @@ mod tests {
         // "hello" twice shares one unique chunk; big has 3 chunks.
         assert_eq!(m.slot_count(), 5);
         assert_eq!(m.unique_chunks().len(), 4);
-        let hello = m.slot_chunk(0).unwrap();
-        assert_eq!(m.slots_of(hello).collect::<Vec<_>>(), vec![0, 4]);
-        let loc = m.locate(3).unwrap();
-        assert_eq!(m.entries()[loc.entry as usize].path, "b/x");
+        let hello = m.slot_chunk(SlotId(0)).unwrap();
+        assert_eq!(
+            m.slots_of(hello).collect::<Vec<_>>(),
+            vec![SlotId(0), SlotId(4)]
+        );
+        let loc = m.locate(SlotId(3)).unwrap();
+        assert_eq!(m.entries()[loc.entry.index()].path, "b/x");
         assert_eq!(loc.offset, 2 << 17);
         assert_eq!(loc.len as usize, 300_000 - (2 << 17));
-        let loc = m.locate(4).unwrap();
-        assert_eq!(m.entries()[loc.entry as usize].path, "c");
-        assert!(m.locate(5).is_none());
+        let loc = m.locate(SlotId(4)).unwrap();
+        assert_eq!(m.entries()[loc.entry.index()].path, "c");
+        assert!(m.locate(SlotId(5)).is_none());
         assert_eq!(m.summary().files, 4);
         assert_eq!(m.summary().bytes, 300_010);
     }

@@ -292,6 +292,11 @@ fn mtime_of(k: &FileKey) -> Mtime {
 }
 
 /// Scans `root` into a manifest, using and refreshing `cache` when given.
+///
+/// In order: the walk records every entry (files with their walk-time metadata); SQLite
+/// databases are captured as snapshots when configured; files the cache knows keep their
+/// hashes; the rest are hashed with change detection; the cache is refreshed with what the
+/// manifest now says.
 pub fn scan(
     root: &Path,
     cache: Option<&mut HashCache>,
@@ -304,284 +309,24 @@ pub fn scan(
     if !md.is_dir() {
         return Err(ScanError::NotADirectory(root.to_path_buf()));
     }
-    let mut entries: Vec<WireEntry> = Vec::new();
-    let mut skipped = Vec::new();
-    let mut files: Vec<FileWork> = Vec::new();
-    let mut cached_files = 0u64;
-    let mut cache = cache;
-
-    // Depth-first walk with an explicit stack; names sorted for determinism.
-    let mut stack: Vec<(PathBuf, String)> = vec![(root.to_path_buf(), String::new())];
-    while let Some((dir, rel)) = stack.pop() {
-        let rd = fs::read_dir(&dir).map_err(|e| ScanError::Io {
-            path: dir.clone(),
-            source: e,
-        })?;
-        let mut children = Vec::new();
-        for ent in rd {
-            let ent = ent.map_err(|e| ScanError::Io {
-                path: dir.clone(),
-                source: e,
-            })?;
-            children.push(ent);
-        }
-        children.sort_by_key(|e| e.file_name());
-        for ent in children {
-            let name = ent.file_name();
-            let Some(name) = name.to_str() else {
-                skipped.push(Skipped {
-                    path: format!("{}/{}", rel, name.to_string_lossy()),
-                    reason: "the name is not valid UTF-8".into(),
-                });
-                continue;
-            };
-            let path = if rel.is_empty() {
-                name.to_string()
-            } else {
-                format!("{rel}/{name}")
-            };
-            if rel.is_empty() && is_state_dir(name) {
-                skipped.push(Skipped {
-                    path,
-                    reason: "ferry's own state folder".into(),
-                });
-                continue;
-            }
-            if let Err(p) = crate::path::check_relative_path(&path) {
-                skipped.push(Skipped {
-                    path,
-                    reason: p.to_string(),
-                });
-                continue;
-            }
-            let abs = ent.path();
-            let md = match fs::symlink_metadata(&abs) {
-                Ok(md) => md,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    skipped.push(Skipped {
-                        path,
-                        reason: "it disappeared during the scan".into(),
-                    });
-                    continue;
-                }
-                Err(e) => {
-                    return Err(ScanError::Io {
-                        path: abs,
-                        source: e,
-                    })
-                }
-            };
-            let mtime = Mtime {
-                secs: md.mtime(),
-                nanos: md.mtime_nsec().clamp(0, 999_999_999) as u32,
-            };
-            let mode = md.permissions().mode() & 0o7777;
-            let ft = md.file_type();
-            if ft.is_dir() {
-                entries.push(WireEntry {
-                    path: path.clone(),
-                    kind: EntryKind::Dir,
-                    size: 0,
-                    mode,
-                    mtime,
-                    hashes: vec![],
-                });
-                stack.push((abs, path));
-            } else if ft.is_symlink() {
-                let target = fs::read_link(&abs).map_err(|e| ScanError::Io {
-                    path: abs.clone(),
-                    source: e,
-                })?;
-                match target.to_str() {
-                    Some(t) if symlink_stays_inside(&path, t) => {
-                        entries.push(WireEntry {
-                            path,
-                            kind: EntryKind::Symlink {
-                                target: t.to_string(),
-                            },
-                            size: 0,
-                            mode: 0o777,
-                            mtime,
-                            hashes: vec![],
-                        });
-                    }
-                    _ => skipped.push(Skipped {
-                        path,
-                        reason: format!(
-                            "symlink to {} points outside the folder",
-                            target.display()
-                        ),
-                    }),
-                }
-            } else if ft.is_file() {
-                let size = md.len();
-                files.push(FileWork {
-                    index: entries.len(),
-                    read: abs.clone(),
-                    abs,
-                    key: FileKey::of(&md),
-                    plain: false,
-                    snapshot: false,
-                    dropped: false,
-                    cache_key: None,
-                });
-                entries.push(WireEntry {
-                    path,
-                    kind: EntryKind::File {
-                        chunk_shift: chunk_shift_for(size),
-                    },
-                    size,
-                    mode,
-                    mtime,
-                    hashes: Vec::new(),
-                });
-            } else {
-                skipped.push(Skipped {
-                    path,
-                    reason: "not a regular file, directory or symlink".into(),
-                });
-            }
-        }
-    }
-
-    let cached = |path: &str, size: u64, mtime: Mtime, ino: u64| -> Option<&CacheEntry> {
-        let shift = chunk_shift_for(size);
-        cache.as_ref().and_then(|c| c.map.get(path)).filter(|c| {
-            c.size == size
-                && c.mtime == mtime
-                && c.ino == ino
-                && c.chunk_shift == shift
-                && c.hashes.len() as u64 == chunk_count(size, shift)
-        })
+    let Walk {
+        mut entries,
+        mut skipped,
+        mut files,
+    } = walk(root)?;
+    let (databases, sources) = match &cfg.snapshot_dir {
+        Some(snap_dir) => capture_databases(
+            root,
+            snap_dir,
+            cfg,
+            cache.as_deref(),
+            &mut entries,
+            &mut files,
+        )?,
+        None => (Vec::new(), HashMap::new()),
     };
-
-    // SQLite databases: snapshot them, and leave their companions out.
-    let mut databases = Vec::new();
-    let mut sources = HashMap::new();
-    if let Some(snap_dir) = &cfg.snapshot_dir {
-        let mut store = SnapshotStore::open(snap_dir).map_err(|e| ScanError::Io {
-            path: snap_dir.clone(),
-            source: e,
-        })?;
-        store.set_busy_timeout(cfg.snapshot_busy_timeout);
-        // Files that could be companions, by path.
-        let by_path: HashMap<String, usize> = files
-            .iter()
-            .enumerate()
-            .map(|(i, f)| (&entries[f.index].path, i))
-            .filter(|(p, _)| COMPANIONS.iter().any(|c| p.ends_with(c)))
-            .map(|(p, i)| (p.clone(), i))
-            .collect();
-        let mut dbs = Vec::new();
-        for (i, f) in files.iter_mut().enumerate() {
-            let e = &entries[f.index];
-            let known_plain =
-                cached(&e.path, f.key.size, mtime_of(&f.key), f.key.ino).is_some_and(|c| c.plain);
-            // Anything shorter than one 512-byte page is not a database.
-            if known_plain || f.key.size < 512 {
-                f.plain = true;
-                continue;
-            }
-            match has_sqlite_header(&f.abs) {
-                Ok(true) => dbs.push(i),
-                Ok(false) => f.plain = true,
-                // Vanished or unreadable: the read below reports it.
-                Err(_) => {}
-            }
-        }
-        let mut companions = Vec::new();
-        for i in dbs {
-            if files[i].dropped {
-                continue; // a "-wal" with a database header: already a companion
-            }
-            let path = entries[files[i].index].path.clone();
-            let capture = match store.capture(&path, &files[i].abs) {
-                Ok(c) => {
-                    let snap_md = fs::symlink_metadata(&c.file).map_err(|e| ScanError::Io {
-                        path: c.file.clone(),
-                        source: e,
-                    })?;
-                    let f = &mut files[i];
-                    f.read = c.file.clone();
-                    f.key = FileKey::of(&snap_md);
-                    f.snapshot = true;
-                    let e = &mut entries[f.index];
-                    e.size = snap_md.len();
-                    e.kind = EntryKind::File {
-                        chunk_shift: chunk_shift_for(e.size),
-                    };
-                    e.mtime = Mtime {
-                        secs: c.source_mtime.0,
-                        nanos: c.source_mtime.1.clamp(0, 999_999_999) as u32,
-                    };
-                    sources.insert(path.clone(), c.file);
-                    for suffix in COMPANIONS {
-                        if let Some(&j) = by_path.get(&format!("{path}{suffix}")) {
-                            companions.push(j);
-                        }
-                    }
-                    Capture::Snapshot { reused: c.reused }
-                }
-                Err(e) => Capture::Raw {
-                    reason: e.to_string(),
-                },
-            };
-            for j in companions.drain(..) {
-                files[j].dropped = true;
-            }
-            databases.push(Database { path, capture });
-        }
-        databases.sort_by(|a: &Database, b: &Database| a.path.cmp(&b.path));
-        // Reading a database may have made SQLite create its -shm, which moves the mtime of
-        // the folder holding it: record the folder as it is now, so the next scan (and a
-        // restarted sender) describes the same tree.
-        let parents: std::collections::HashSet<&str> = databases
-            .iter()
-            .filter_map(|d| d.path.rsplit_once('/').map(|(dir, _)| dir))
-            .collect();
-        if !parents.is_empty() {
-            for e in entries
-                .iter_mut()
-                .filter(|e| e.kind == EntryKind::Dir && parents.contains(e.path.as_str()))
-            {
-                if let Ok(md) = fs::symlink_metadata(root.join(&e.path)) {
-                    e.mtime = Mtime {
-                        secs: md.mtime(),
-                        nanos: md.mtime_nsec().clamp(0, 999_999_999) as u32,
-                    };
-                }
-            }
-        }
-        if let Err(e) = store.finish() {
-            tracing::warn!(
-                "cannot tidy the snapshot folder {}: {e}",
-                snap_dir.display()
-            );
-        }
-    }
-
     // The cache, then hashing with change detection.
-    let mut pending: Vec<PendingFile> = Vec::new();
-    for (i, f) in files.iter_mut().enumerate() {
-        if f.dropped {
-            continue;
-        }
-        let e = &mut entries[f.index];
-        let mtime = mtime_of(&f.key);
-        match cached(&e.path, f.key.size, mtime, f.key.ino) {
-            Some(c) => {
-                cached_files += 1;
-                e.hashes = c.hashes.clone();
-                f.cache_key = Some((f.key.size, mtime, f.key.ino));
-            }
-            None => pending.push(PendingFile {
-                work: i,
-                path: e.path.clone(),
-                read: f.read.clone(),
-                racy_check: !f.snapshot,
-            }),
-        }
-    }
+    let (pending, cached_files) = use_cache(cache.as_deref(), &mut entries, &mut files);
     let results = hash_files(&pending, cfg)?;
     let mut hashed_bytes = 0;
     let mut unstable = Vec::new();
@@ -591,18 +336,7 @@ pub fn scan(
         match r {
             ReadResult::Stable { md, hashes } => {
                 hashed_bytes += md.len();
-                let key = FileKey::of(&md);
-                let mtime = mtime_of(&key);
-                f.cache_key = Some((md.len(), mtime, key.ino));
-                e.size = md.len();
-                e.kind = EntryKind::File {
-                    chunk_shift: chunk_shift_for(e.size),
-                };
-                e.hashes = hashes;
-                if !f.snapshot {
-                    e.mtime = mtime;
-                    e.mode = md.permissions().mode() & 0o7777;
-                }
+                record_read(f, e, &md, hashes);
             }
             ReadResult::Unstable => {
                 f.dropped = true;
@@ -623,32 +357,13 @@ pub fn scan(
             }
         }
     }
-
-    let mut fresh: HashMap<String, CacheEntry> = HashMap::new();
-    let mut keep = vec![true; entries.len()];
-    for f in &files {
-        let e = &entries[f.index];
-        if f.dropped {
-            keep[f.index] = false;
-            continue;
-        }
-        if let (Some((size, mtime, ino)), EntryKind::File { chunk_shift }) = (f.cache_key, &e.kind)
-        {
-            fresh.insert(
-                e.path.clone(),
-                CacheEntry {
-                    size,
-                    mtime,
-                    ino,
-                    chunk_shift: *chunk_shift,
-                    hashes: e.hashes.clone(),
-                    plain: f.plain,
-                },
-            );
-        }
-    }
-    if let Some(c) = cache.as_mut() {
+    let fresh = fresh_cache(&entries, &files);
+    if let Some(c) = cache {
         c.map = fresh;
+    }
+    let mut keep = vec![true; entries.len()];
+    for f in files.iter().filter(|f| f.dropped) {
+        keep[f.index] = false;
     }
     let entries: Vec<WireEntry> = entries
         .into_iter()
@@ -665,6 +380,365 @@ pub fn scan(
         hashed_bytes,
         cached_files,
     })
+}
+
+/// What the walk found: entries in walk order (files without hashes yet), what it left out,
+/// and the files to hash.
+struct Walk {
+    entries: Vec<WireEntry>,
+    skipped: Vec<Skipped>,
+    files: Vec<FileWork>,
+}
+
+/// Depth-first walk with an explicit stack; names sorted for determinism.
+fn walk(root: &Path) -> Result<Walk, ScanError> {
+    let mut w = Walk {
+        entries: Vec::new(),
+        skipped: Vec::new(),
+        files: Vec::new(),
+    };
+    let mut stack: Vec<(PathBuf, String)> = vec![(root.to_path_buf(), String::new())];
+    while let Some((dir, rel)) = stack.pop() {
+        let rd = fs::read_dir(&dir).map_err(|e| ScanError::Io {
+            path: dir.clone(),
+            source: e,
+        })?;
+        let mut children = Vec::new();
+        for ent in rd {
+            let ent = ent.map_err(|e| ScanError::Io {
+                path: dir.clone(),
+                source: e,
+            })?;
+            children.push(ent);
+        }
+        children.sort_by_key(|e| e.file_name());
+        for ent in children {
+            if let Some(sub) = walk_entry(&mut w, &rel, &ent)? {
+                stack.push(sub);
+            }
+        }
+    }
+    Ok(w)
+}
+
+/// Records directory entry `ent` of folder `rel`, or why it is skipped. Returns the folder to
+/// descend into when it is one.
+fn walk_entry(
+    w: &mut Walk,
+    rel: &str,
+    ent: &fs::DirEntry,
+) -> Result<Option<(PathBuf, String)>, ScanError> {
+    let name = ent.file_name();
+    let Some(name) = name.to_str() else {
+        w.skipped.push(Skipped {
+            path: format!("{}/{}", rel, name.to_string_lossy()),
+            reason: "the name is not valid UTF-8".into(),
+        });
+        return Ok(None);
+    };
+    let path = if rel.is_empty() {
+        name.to_string()
+    } else {
+        format!("{rel}/{name}")
+    };
+    let skip = |w: &mut Walk, path: String, reason: String| {
+        w.skipped.push(Skipped { path, reason });
+        Ok(None)
+    };
+    if rel.is_empty() && is_state_dir(name) {
+        return skip(w, path, "ferry's own state folder".into());
+    }
+    if let Err(p) = crate::path::check_relative_path(&path) {
+        return skip(w, path, p.to_string());
+    }
+    let abs = ent.path();
+    let md = match fs::symlink_metadata(&abs) {
+        Ok(md) => md,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return skip(w, path, "it disappeared during the scan".into());
+        }
+        Err(e) => {
+            return Err(ScanError::Io {
+                path: abs,
+                source: e,
+            })
+        }
+    };
+    let mtime = Mtime {
+        secs: md.mtime(),
+        nanos: md.mtime_nsec().clamp(0, 999_999_999) as u32,
+    };
+    let mode = md.permissions().mode() & 0o7777;
+    let ft = md.file_type();
+    let entry = |path: String, kind: EntryKind, size: u64, mode: u32| WireEntry {
+        path,
+        kind,
+        size,
+        mode,
+        mtime,
+        hashes: vec![],
+    };
+    if ft.is_dir() {
+        w.entries.push(entry(path.clone(), EntryKind::Dir, 0, mode));
+        Ok(Some((abs, path)))
+    } else if ft.is_symlink() {
+        let target = fs::read_link(&abs).map_err(|e| ScanError::Io {
+            path: abs.clone(),
+            source: e,
+        })?;
+        match target.to_str() {
+            Some(t) if symlink_stays_inside(&path, t) => {
+                let kind = EntryKind::Symlink {
+                    target: t.to_string(),
+                };
+                w.entries.push(entry(path, kind, 0, 0o777));
+                Ok(None)
+            }
+            _ => skip(
+                w,
+                path,
+                format!("symlink to {} points outside the folder", target.display()),
+            ),
+        }
+    } else if ft.is_file() {
+        let size = md.len();
+        w.files.push(FileWork {
+            index: w.entries.len(),
+            read: abs.clone(),
+            abs,
+            key: FileKey::of(&md),
+            plain: false,
+            snapshot: false,
+            dropped: false,
+            cache_key: None,
+        });
+        let kind = EntryKind::File {
+            chunk_shift: chunk_shift_for(size),
+        };
+        w.entries.push(entry(path, kind, size, mode));
+        Ok(None)
+    } else {
+        skip(w, path, "not a regular file, directory or symlink".into())
+    }
+}
+
+/// The cache's record of `path` if it still describes the file (size, mtime, inode) and has
+/// the chunking the file gets now.
+fn cached<'a>(
+    cache: Option<&'a HashCache>,
+    path: &str,
+    size: u64,
+    mtime: Mtime,
+    ino: u64,
+) -> Option<&'a CacheEntry> {
+    let shift = chunk_shift_for(size);
+    cache.and_then(|c| c.map.get(path)).filter(|c| {
+        c.size == size
+            && c.mtime == mtime
+            && c.ino == ino
+            && c.chunk_shift == shift
+            && c.hashes.len() as u64 == chunk_count(size, shift)
+    })
+}
+
+/// SQLite databases: snapshot them into `snap_dir`, and leave their companions out. Returns the
+/// databases found (sorted by path) and the snapshot to read for each captured one.
+fn capture_databases(
+    root: &Path,
+    snap_dir: &Path,
+    cfg: &ScanConfig,
+    cache: Option<&HashCache>,
+    entries: &mut [WireEntry],
+    files: &mut [FileWork],
+) -> Result<(Vec<Database>, HashMap<String, PathBuf>), ScanError> {
+    let mut databases = Vec::new();
+    let mut sources = HashMap::new();
+    let mut store = SnapshotStore::open(snap_dir).map_err(|e| ScanError::Io {
+        path: snap_dir.to_path_buf(),
+        source: e,
+    })?;
+    store.set_busy_timeout(cfg.snapshot_busy_timeout);
+    // Files that could be companions, by path.
+    let by_path: HashMap<String, usize> = files
+        .iter()
+        .enumerate()
+        .map(|(i, f)| (&entries[f.index].path, i))
+        .filter(|(p, _)| COMPANIONS.iter().any(|c| p.ends_with(c)))
+        .map(|(p, i)| (p.clone(), i))
+        .collect();
+    let dbs = find_databases(cache, entries, files);
+    let mut companions = Vec::new();
+    for i in dbs {
+        if files[i].dropped {
+            continue; // a "-wal" with a database header: already a companion
+        }
+        let path = entries[files[i].index].path.clone();
+        let capture = match store.capture(&path, &files[i].abs) {
+            Ok(c) => {
+                let snap_md = fs::symlink_metadata(&c.file).map_err(|e| ScanError::Io {
+                    path: c.file.clone(),
+                    source: e,
+                })?;
+                let f = &mut files[i];
+                f.read = c.file.clone();
+                f.key = FileKey::of(&snap_md);
+                f.snapshot = true;
+                let e = &mut entries[f.index];
+                e.size = snap_md.len();
+                e.kind = EntryKind::File {
+                    chunk_shift: chunk_shift_for(e.size),
+                };
+                e.mtime = Mtime {
+                    secs: c.source_mtime.0,
+                    nanos: c.source_mtime.1.clamp(0, 999_999_999) as u32,
+                };
+                sources.insert(path.clone(), c.file);
+                for suffix in COMPANIONS {
+                    if let Some(&j) = by_path.get(&format!("{path}{suffix}")) {
+                        companions.push(j);
+                    }
+                }
+                Capture::Snapshot { reused: c.reused }
+            }
+            Err(e) => Capture::Raw {
+                reason: e.to_string(),
+            },
+        };
+        for j in companions.drain(..) {
+            files[j].dropped = true;
+        }
+        databases.push(Database { path, capture });
+    }
+    databases.sort_by(|a: &Database, b: &Database| a.path.cmp(&b.path));
+    restamp_database_folders(root, &databases, entries);
+    if let Err(e) = store.finish() {
+        tracing::warn!(
+            "cannot tidy the snapshot folder {}: {e}",
+            snap_dir.display()
+        );
+    }
+    Ok((databases, sources))
+}
+
+/// The files (indices into `files`) with a SQLite header; the others are marked plain.
+fn find_databases(
+    cache: Option<&HashCache>,
+    entries: &[WireEntry],
+    files: &mut [FileWork],
+) -> Vec<usize> {
+    let mut dbs = Vec::new();
+    for (i, f) in files.iter_mut().enumerate() {
+        let e = &entries[f.index];
+        let known_plain = cached(cache, &e.path, f.key.size, mtime_of(&f.key), f.key.ino)
+            .is_some_and(|c| c.plain);
+        // Anything shorter than one 512-byte page is not a database.
+        if known_plain || f.key.size < 512 {
+            f.plain = true;
+            continue;
+        }
+        match has_sqlite_header(&f.abs) {
+            Ok(true) => dbs.push(i),
+            Ok(false) => f.plain = true,
+            // Vanished or unreadable: the read below reports it.
+            Err(_) => {}
+        }
+    }
+    dbs
+}
+
+/// Reading a database may have made SQLite create its -shm, which moves the mtime of the folder
+/// holding it: record the folder as it is now, so the next scan (and a restarted sender)
+/// describes the same tree.
+fn restamp_database_folders(root: &Path, databases: &[Database], entries: &mut [WireEntry]) {
+    let parents: std::collections::HashSet<&str> = databases
+        .iter()
+        .filter_map(|d| d.path.rsplit_once('/').map(|(dir, _)| dir))
+        .collect();
+    if parents.is_empty() {
+        return;
+    }
+    for e in entries
+        .iter_mut()
+        .filter(|e| e.kind == EntryKind::Dir && parents.contains(e.path.as_str()))
+    {
+        if let Ok(md) = fs::symlink_metadata(root.join(&e.path)) {
+            e.mtime = Mtime {
+                secs: md.mtime(),
+                nanos: md.mtime_nsec().clamp(0, 999_999_999) as u32,
+            };
+        }
+    }
+}
+
+/// Gives the files the cache knows their hashes; returns the others (to hash) and how many the
+/// cache served.
+fn use_cache(
+    cache: Option<&HashCache>,
+    entries: &mut [WireEntry],
+    files: &mut [FileWork],
+) -> (Vec<PendingFile>, u64) {
+    let mut pending = Vec::new();
+    let mut cached_files = 0;
+    for (i, f) in files.iter_mut().enumerate() {
+        if f.dropped {
+            continue;
+        }
+        let e = &mut entries[f.index];
+        let mtime = mtime_of(&f.key);
+        match cached(cache, &e.path, f.key.size, mtime, f.key.ino) {
+            Some(c) => {
+                cached_files += 1;
+                e.hashes = c.hashes.clone();
+                f.cache_key = Some((f.key.size, mtime, f.key.ino));
+            }
+            None => pending.push(PendingFile {
+                work: i,
+                path: e.path.clone(),
+                read: f.read.clone(),
+                racy_check: !f.snapshot,
+            }),
+        }
+    }
+    (pending, cached_files)
+}
+
+/// Records a stable read of `f` (metadata `md` as hashed) in its entry `e`.
+fn record_read(f: &mut FileWork, e: &mut WireEntry, md: &fs::Metadata, hashes: Vec<ChunkHash>) {
+    let key = FileKey::of(md);
+    let mtime = mtime_of(&key);
+    f.cache_key = Some((md.len(), mtime, key.ino));
+    e.size = md.len();
+    e.kind = EntryKind::File {
+        chunk_shift: chunk_shift_for(e.size),
+    };
+    e.hashes = hashes;
+    if !f.snapshot {
+        e.mtime = mtime;
+        e.mode = md.permissions().mode() & 0o7777;
+    }
+}
+
+/// The cache as the manifest now describes the files (those left out are forgotten).
+fn fresh_cache(entries: &[WireEntry], files: &[FileWork]) -> HashMap<String, CacheEntry> {
+    let mut fresh: HashMap<String, CacheEntry> = HashMap::new();
+    for f in files.iter().filter(|f| !f.dropped) {
+        let e = &entries[f.index];
+        if let (Some((size, mtime, ino)), EntryKind::File { chunk_shift }) = (f.cache_key, &e.kind)
+        {
+            fresh.insert(
+                e.path.clone(),
+                CacheEntry {
+                    size,
+                    mtime,
+                    ino,
+                    chunk_shift: *chunk_shift,
+                    hashes: e.hashes.clone(),
+                    plain: f.plain,
+                },
+            );
+        }
+    }
+    fresh
 }
 
 fn hash_files(files: &[PendingFile], cfg: &ScanConfig) -> Result<Vec<ReadResult>, ScanError> {

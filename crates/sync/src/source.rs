@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 
 use crate::compress::{encode_chunk, CompressPolicy};
-use crate::manifest::ChunkHash;
+use crate::manifest::{ChunkHash, EntryId};
 use crate::proto::{SendIo, SendIoDone};
 use crate::Manifest;
 
@@ -71,7 +71,7 @@ pub struct Source {
     policy: CompressPolicy,
     /// Entries read from another file than `root/path` (database snapshots).
     redirects: HashMap<String, PathBuf>,
-    open: Mutex<HashMap<u32, Arc<File>>>,
+    open: Mutex<HashMap<EntryId, Arc<File>>>,
 }
 
 impl Source {
@@ -101,7 +101,7 @@ impl Source {
         &self.manifest
     }
 
-    fn file(&self, entry: u32) -> std::io::Result<Arc<File>> {
+    fn file(&self, entry: EntryId) -> std::io::Result<Arc<File>> {
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(f) = open.get(&entry) {
             return Ok(Arc::clone(f));

@@ -1,6 +1,6 @@
 //! The receiver's crash-safe store.
 //!
-//! Everything ferry keeps for an unfinished migration lives in `DEST/.ferry/`:
+//! Everything ferry keeps for an unfinished migration lives in `DEST/.ferry/` ([`STATE_DIR`]):
 //! ```text
 //! .ferry/lock            held (flock) while a receiver uses DEST
 //! .ferry/staging/<key>   one file per manifest file, preallocated to its size; key = BLAKE3(path)
@@ -57,8 +57,11 @@ use rustix::fs::{AtFlags, Mode, OFlags};
 use rustix::io::Errno;
 
 use crate::compress::{decode_verified, ChunkError, Encoding};
-use crate::manifest::{ChunkHash, EntryKind, Manifest, ManifestBuilder, ManifestLimits, Mtime};
-use crate::path::STATE_DIR;
+use crate::manifest::{
+    ChunkHash, ChunkId, EntryId, EntryKind, Manifest, ManifestBuilder, ManifestLimits, Mtime,
+    SlotId,
+};
+pub use crate::path::STATE_DIR;
 use crate::private;
 use crate::proto::frame::{self, Frame, Message, MANIFEST_FRAME_TARGET};
 use crate::proto::{RecvIo, RecvIoDone};
@@ -71,19 +74,19 @@ const RECEIPT_MAGIC: &[u8; 8] = b"FRRYRCP1";
 /// window of thousands of tiny files never needs a descriptor each (`ulimit -n 256` is enough).
 const MAX_OPEN_FILES: usize = 128;
 
-/// A store failure. Each kind tells the user what to do.
+/// A store failure. The text states what happened and where; what the user should do about it
+/// (and which command to run then) is the application's to say, by kind. Whatever the kind,
+/// everything the store had committed stays committed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
-    #[error("no space left on the destination while writing {path}: free some space and run the same command again")]
+    #[error("no space left on the destination while writing {path}")]
     NoSpace { path: PathBuf },
-    #[error("permission denied on {path}: fix the destination's permissions and run the same command again")]
+    #[error("permission denied on {path}")]
     PermissionDenied { path: PathBuf },
-    #[error("{path} is on a read-only file system: make it writable (remount it read-write, or choose another destination) and run the same command again (what already arrived is kept)")]
+    #[error("{path} is on a read-only file system")]
     ReadOnly { path: PathBuf },
-    #[error(
-        "{path}: {source}; fix it and run the same command again (what already arrived is kept)"
-    )]
+    #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
     #[error("{path} is in the way: {why}")]
     Conflict { path: PathBuf, why: String },
@@ -95,13 +98,51 @@ pub enum StoreError {
     BadReceipt { path: PathBuf, why: String },
     #[error("{0} has no ferry receipt: it does not hold a completed migration")]
     NoReceipt(PathBuf),
-    #[error("not enough space at {}: the rest of the history needs {} more, only {} is free; free up at least {} and run the same command again (what already arrived is kept)", path.display(), mib(*needed), mib(*available), mib(needed.saturating_sub(*available)))]
+    #[error("not enough space at {}: the rest of the history needs {} more, only {} is free", path.display(), mib(*needed), mib(*available))]
     InsufficientSpace {
         path: PathBuf,
         needed: u64,
         available: u64,
     },
 }
+
+/// Two store errors are equal when they are the same failure at the same path (an I/O error
+/// by its kind and message), so that session errors carrying one compare.
+impl PartialEq for StoreError {
+    fn eq(&self, other: &Self) -> bool {
+        use StoreError as E;
+        match (self, other) {
+            (E::NoSpace { path: a }, E::NoSpace { path: b })
+            | (E::PermissionDenied { path: a }, E::PermissionDenied { path: b })
+            | (E::ReadOnly { path: a }, E::ReadOnly { path: b })
+            | (E::Locked(a), E::Locked(b))
+            | (E::NoReceipt(a), E::NoReceipt(b)) => a == b,
+            (E::Io { path: a, source: x }, E::Io { path: b, source: y }) => {
+                a == b && x.kind() == y.kind() && x.to_string() == y.to_string()
+            }
+            (E::Conflict { path: a, why: x }, E::Conflict { path: b, why: y })
+            | (E::BadReceipt { path: a, why: x }, E::BadReceipt { path: b, why: y }) => {
+                a == b && x == y
+            }
+            (E::NotPrepared, E::NotPrepared) => true,
+            (
+                E::InsufficientSpace {
+                    path: a,
+                    needed: n,
+                    available: v,
+                },
+                E::InsufficientSpace {
+                    path: b,
+                    needed: m,
+                    available: w,
+                },
+            ) => a == b && n == m && v == w,
+            _ => false,
+        }
+    }
+}
+
+impl Eq for StoreError {}
 
 impl StoreError {
     fn io(path: &Path, source: io::Error) -> Self {
@@ -135,7 +176,8 @@ fn staging_key(path: &str) -> [u8; 16] {
     k
 }
 
-fn mib(n: u64) -> String {
+/// `n` bytes in MiB with one decimal, as store messages show sizes.
+pub fn mib(n: u64) -> String {
     format!("{:.1} MiB", n as f64 / 1048576.0)
 }
 
@@ -197,10 +239,50 @@ struct Prepared {
     complete: bool,
 }
 
+/// What [`FsStore::prepare`] found before writing anything.
+struct Survey {
+    /// Slots already durable (journaled in staging, or in a file complete in place).
+    durable: Vec<SlotId>,
+    /// Journal records that stay true for this manifest.
+    keep: Vec<Record>,
+    /// Per entry.
+    homes: Vec<Home>,
+    /// Entries with chunks at their final path to copy into staging, and those slots.
+    local: Vec<(usize, Vec<SlotId>)>,
+    /// Names of the staging files this manifest uses.
+    wanted_keys: HashSet<String>,
+}
+
+/// The slots of file `e` (staging key `key`) that the journal claims exactly as `m` has them,
+/// with their records.
+fn journaled_slots(
+    m: &Manifest,
+    e: &crate::manifest::Entry,
+    key: [u8; 16],
+    records: &HashMap<([u8; 16], u64), Record>,
+) -> Vec<(SlotId, Record)> {
+    let mut found = Vec::new();
+    for slot in e.slots() {
+        let (Some(loc), Some(hash)) = (m.locate(slot), m.slot_hash(slot)) else {
+            continue;
+        };
+        let want = Record {
+            key,
+            offset: loc.offset,
+            len: loc.len,
+            hash,
+        };
+        if records.get(&(key, loc.offset)) == Some(&want) {
+            found.push((slot, want));
+        }
+    }
+    found
+}
+
 #[derive(Default)]
 struct Open {
-    files: HashMap<u32, Arc<File>>,
-    dirty: HashSet<u32>,
+    files: HashMap<EntryId, Arc<File>>,
+    dirty: HashSet<EntryId>,
     created: bool,
 }
 
@@ -370,9 +452,7 @@ impl FsStore {
                 }
             }),
         };
-        r.unwrap_or_else(|e| RecvIoDone::Failed {
-            error: e.to_string(),
-        })
+        r.unwrap_or_else(|e| RecvIoDone::Failed { error: Arc::new(e) })
     }
 
     fn prepared(&self) -> Result<Arc<Prepared>, StoreError> {
@@ -384,23 +464,60 @@ impl FsStore {
     }
 
     /// Opens the store for `manifest` and returns every slot already durable.
-    pub fn prepare(&self, manifest: &Arc<Manifest>) -> Result<Vec<u32>, StoreError> {
+    ///
+    /// In order: a destination that already holds `manifest` is done at once; otherwise an
+    /// older receipt is retired, every file is surveyed (journal, then final paths), the free
+    /// space is checked, chunks found at final paths are copied into staging, stale staging
+    /// files go, and the journal is compacted before anything new is written.
+    pub fn prepare(&self, manifest: &Arc<Manifest>) -> Result<Vec<SlotId>, StoreError> {
         *lock(&self.journal) = None;
         *lock(&self.open) = Open::default();
-        // Already complete (a session that finished but could not tell the sender): the receipt
-        // names this root and every entry is in place with the size and mtime finalize gave it.
-        if read_receipt(&self.dest).is_ok_and(|r| r.root() == manifest.root())
-            && self.in_place_by_metadata(manifest)
-        {
-            *lock(&self.prepared) = Some(Arc::new(Prepared {
-                manifest: Arc::clone(manifest),
-                homes: Mutex::new(vec![Home::InPlace; manifest.entries().len()]),
-                complete: true,
-            }));
-            return Ok((0..manifest.slot_count()).collect());
+        if let Some(durable) = self.prepare_complete(manifest) {
+            return Ok(durable);
         }
-        // A receipt for other content stops being true as soon as files start to change. It is
-        // kept as `receipt.prev`: the list of what ferry brought (see the module docs).
+        self.retire_receipt(manifest)?;
+        ctx(&self.staging, private::create_dir_all(&self.staging))?;
+        let records = read_journal(&self.state.join("journal"))?;
+        let Survey {
+            mut durable,
+            mut keep,
+            homes,
+            local,
+            wanted_keys,
+        } = self.survey(manifest, &records)?;
+        self.check_space(manifest, &durable, &homes)?;
+        self.copy_local(manifest, local, &mut keep, &mut durable)?;
+        self.remove_stale_staging(&wanted_keys)?;
+        let journal = self.compact_journal(&keep)?;
+        *lock(&self.journal) = Some(journal);
+        *lock(&self.prepared) = Some(Arc::new(Prepared {
+            manifest: Arc::clone(manifest),
+            homes: Mutex::new(homes),
+            complete: false,
+        }));
+        Ok(durable)
+    }
+
+    /// Already complete (a session that finished but could not tell the sender): the receipt
+    /// names this root and every entry is in place with the size and mtime finalize gave it.
+    /// Then every slot is durable.
+    fn prepare_complete(&self, manifest: &Arc<Manifest>) -> Option<Vec<SlotId>> {
+        if !(read_receipt(&self.dest).is_ok_and(|r| r.root() == manifest.root())
+            && self.in_place_by_metadata(manifest))
+        {
+            return None;
+        }
+        *lock(&self.prepared) = Some(Arc::new(Prepared {
+            manifest: Arc::clone(manifest),
+            homes: Mutex::new(vec![Home::InPlace; manifest.entries().len()]),
+            complete: true,
+        }));
+        Some((0..manifest.slot_count()).map(SlotId).collect())
+    }
+
+    /// A receipt for other content stops being true as soon as files start to change. It is
+    /// kept as `receipt.prev`: the list of what ferry brought (see the module docs).
+    fn retire_receipt(&self, manifest: &Manifest) -> Result<(), StoreError> {
         if FsStore::has_receipt(&self.dest)
             && read_receipt(&self.dest).map_or(true, |r| r.root() != manifest.root())
         {
@@ -410,6 +527,17 @@ impl FsStore {
             let _ = fs::remove_file(self.state.join("receipt.json"));
             ctx(&self.state, sync_dir(&self.state))?;
         }
+        Ok(())
+    }
+
+    /// What the store already holds of `manifest`: slots the journal claims (in staging files
+    /// that exist), files complete at their final path, and chunks of files at their final path
+    /// to copy into staging (after the space check). Reads files but writes nothing.
+    fn survey(
+        &self,
+        manifest: &Manifest,
+        records: &HashMap<([u8; 16], u64), Record>,
+    ) -> Result<Survey, StoreError> {
         // What the previous round left in place, as its receipt describes it.
         let prev = read_receipt_file(&self.state.join("receipt.prev")).ok();
         let prev_index: HashMap<&str, usize> = prev.as_ref().map_or_else(HashMap::new, |p| {
@@ -419,50 +547,32 @@ impl FsStore {
                 .map(|(i, e)| (e.path.as_str(), i))
                 .collect()
         });
-        let journal_path = self.state.join("journal");
-        ctx(&self.staging, private::create_dir_all(&self.staging))?;
-        let records = read_journal(&journal_path)?;
-
-        let mut durable = Vec::new();
-        let mut keep: Vec<Record> = Vec::new();
-        let mut homes = vec![Home::Staging; manifest.entries().len()];
-        // Chunks of files at their final path to copy into staging (after the space check).
-        let mut local: Vec<(usize, Vec<u32>)> = Vec::new();
-        let mut wanted_keys = HashSet::new();
+        let mut s = Survey {
+            durable: Vec::new(),
+            keep: Vec::new(),
+            homes: vec![Home::Staging; manifest.entries().len()],
+            local: Vec::new(),
+            wanted_keys: HashSet::new(),
+        };
         for (i, e) in manifest.entries().iter().enumerate() {
             if !e.is_file() {
                 continue;
             }
             let key = staging_key(&e.path);
-            wanted_keys.insert(hex(&key));
+            s.wanted_keys.insert(hex(&key));
             let staged = self.staging.join(hex(&key));
             let staged_len = fs::metadata(&staged).ok().map(|m| m.len());
             let n = e.chunks();
-            let mut found = 0;
             if staged_len.is_some() {
-                for c in 0..n {
-                    let slot = e.first_slot + c;
-                    let Some(loc) = manifest.locate(slot) else {
-                        continue;
-                    };
-                    let Some(hash) = manifest.slot_hash(slot) else {
-                        continue;
-                    };
-                    let want = Record {
-                        key,
-                        offset: loc.offset,
-                        len: loc.len,
-                        hash,
-                    };
-                    if records.get(&(key, loc.offset)) == Some(&want) {
-                        keep.push(want);
-                        durable.push(slot);
-                        found += 1;
-                    }
+                let found = journaled_slots(manifest, e, key, records);
+                let complete = found.len() == n as usize;
+                for (slot, r) in found {
+                    s.keep.push(r);
+                    s.durable.push(slot);
                 }
-            }
-            if found == n && staged_len.is_some() {
-                continue;
+                if complete {
+                    continue;
+                }
             }
             // Is the file (or part of it) already at its final path?
             let by_receipt = match (&prev, prev_index.get(e.path.as_str())) {
@@ -471,26 +581,36 @@ impl FsStore {
             };
             let reusable = match by_receipt {
                 Some(r) => Some(r),
-                None => self.reusable_in_place(manifest, i as u32)?,
+                None => self.reusable_in_place(manifest, EntryId(i as u32))?,
             };
             if let Some((reuse, same_size)) = reusable {
                 if reuse.len() == n as usize && same_size && staged_len.is_none() {
-                    homes[i] = Home::InPlace;
-                    durable.extend(reuse);
+                    s.homes[i] = Home::InPlace;
+                    s.durable.extend(reuse);
                 } else if staged_len.is_none() && !reuse.is_empty() {
-                    local.push((i, reuse));
+                    s.local.push((i, reuse));
                 }
             }
         }
-        // Free space, before anything is written: the files still to be staged, less what is
-        // already durable in staging, plus room for the journal and directories.
-        let durable_set: HashSet<u32> = durable.iter().copied().collect();
+        Ok(s)
+    }
+
+    /// Free space, before anything is written: the files still to be staged, less what is
+    /// already durable in staging, plus room for the journal and directories.
+    fn check_space(
+        &self,
+        manifest: &Manifest,
+        durable: &[SlotId],
+        homes: &[Home],
+    ) -> Result<(), StoreError> {
+        let durable_set: HashSet<SlotId> = durable.iter().copied().collect();
         let mut needed: u64 = 16 << 20;
         for (i, e) in manifest.entries().iter().enumerate() {
             if !e.is_file() || homes[i] == Home::InPlace {
                 continue;
             }
-            let have: u64 = (e.first_slot..e.first_slot + e.chunks())
+            let have: u64 = e
+                .slots()
                 .filter(|s| durable_set.contains(s))
                 .filter_map(|s| manifest.locate(s))
                 .map(|l| u64::from(l.len))
@@ -507,8 +627,18 @@ impl FsStore {
                 });
             }
         }
-        // Copy the chunks found at final paths into new staging files; they become durable with
-        // the compacted journal below.
+        Ok(())
+    }
+
+    /// Copies the chunks found at final paths into new staging files; they become durable with
+    /// the compacted journal (their records go to `keep`, their slots to `durable`).
+    fn copy_local(
+        &self,
+        manifest: &Manifest,
+        local: Vec<(usize, Vec<SlotId>)>,
+        keep: &mut Vec<Record>,
+        durable: &mut Vec<SlotId>,
+    ) -> Result<(), StoreError> {
         for (i, reuse) in local {
             let e = &manifest.entries()[i];
             let key = staging_key(&e.path);
@@ -534,7 +664,11 @@ impl FsStore {
             }
             ctx(&self.staging, dst.sync_data())?;
         }
-        // Staging files of files no longer in the manifest are garbage.
+        Ok(())
+    }
+
+    /// Staging files of files no longer in the manifest are garbage.
+    fn remove_stale_staging(&self, wanted_keys: &HashSet<String>) -> Result<(), StoreError> {
         if let Ok(rd) = fs::read_dir(&self.staging) {
             for ent in rd.flatten() {
                 let name = ent.file_name().to_string_lossy().into_owned();
@@ -543,14 +677,19 @@ impl FsStore {
                 }
             }
         }
-        ctx(&self.staging, sync_dir(&self.staging))?;
-        // Compact the journal before anything new is written (see the module docs).
+        ctx(&self.staging, sync_dir(&self.staging))
+    }
+
+    /// Replaces the journal with `keep` (write, fsync, rename, fsync dir) before anything new
+    /// is written (see the module docs), and opens it for appending.
+    fn compact_journal(&self, keep: &[Record]) -> Result<BufWriter<File>, StoreError> {
+        let journal_path = self.state.join("journal");
         let tmp = self.state.join("journal.tmp");
         {
             let f = ctx(&tmp, private::create(&tmp))?;
             let mut w = BufWriter::new(f);
             ctx(&tmp, w.write_all(JOURNAL_MAGIC))?;
-            for r in &keep {
+            for r in keep {
                 ctx(&tmp, w.write_all(&r.encode()))?;
             }
             let f = ctx(&tmp, w.into_inner().map_err(|e| e.into_error()))?;
@@ -562,13 +701,7 @@ impl FsStore {
             &journal_path,
             OpenOptions::new().append(true).open(&journal_path),
         )?;
-        *lock(&self.journal) = Some(BufWriter::with_capacity(64 * 1024, f));
-        *lock(&self.prepared) = Some(Arc::new(Prepared {
-            manifest: Arc::clone(manifest),
-            homes: Mutex::new(homes),
-            complete: false,
-        }));
-        Ok(durable)
+        Ok(BufWriter::with_capacity(64 * 1024, f))
     }
 
     fn in_place_by_metadata(&self, m: &Manifest) -> bool {
@@ -605,7 +738,7 @@ impl FsStore {
         pi: usize,
         m: &Manifest,
         i: usize,
-    ) -> Option<(Vec<u32>, bool)> {
+    ) -> Option<(Vec<SlotId>, bool)> {
         use std::os::unix::fs::MetadataExt;
         let pe = prev.entries().get(pi)?;
         let e = m.entries().get(i)?;
@@ -623,7 +756,7 @@ impl FsStore {
         }
         let mut out = Vec::new();
         for c in 0..e.chunks().min(pe.chunks()) {
-            let (slot, pslot) = (e.first_slot + c, pe.first_slot + c);
+            let (slot, pslot) = (SlotId(e.first_slot.0 + c), SlotId(pe.first_slot.0 + c));
             let (Some(l), Some(pl)) = (m.locate(slot), prev.locate(pslot)) else {
                 continue;
             };
@@ -644,8 +777,8 @@ impl FsStore {
     fn reusable_in_place(
         &self,
         m: &Manifest,
-        entry: u32,
-    ) -> Result<Option<(Vec<u32>, bool)>, StoreError> {
+        entry: EntryId,
+    ) -> Result<Option<(Vec<SlotId>, bool)>, StoreError> {
         let Some(e) = m.entry(entry) else {
             return Ok(None);
         };
@@ -663,7 +796,7 @@ impl FsStore {
         let mut out = Vec::new();
         let mut buf = vec![0u8; e.chunk_size() as usize];
         for c in 0..e.chunks() {
-            let slot = e.first_slot + c;
+            let slot = SlotId(e.first_slot.0 + c);
             let (Some(loc), Some(hash)) = (m.locate(slot), m.slot_hash(slot)) else {
                 continue;
             };
@@ -713,7 +846,7 @@ impl FsStore {
         Ok((f, false))
     }
 
-    fn staging_file(&self, m: &Manifest, entry: u32) -> Result<Arc<File>, StoreError> {
+    fn staging_file(&self, m: &Manifest, entry: EntryId) -> Result<Arc<File>, StoreError> {
         let mut open = lock(&self.open);
         if let Some(f) = open.files.get(&entry) {
             return Ok(Arc::clone(f));
@@ -732,7 +865,7 @@ impl FsStore {
         Ok(f)
     }
 
-    fn write_slots(&self, p: &Prepared, data: &[u8], slots: &[u32]) -> Result<(), StoreError> {
+    fn write_slots(&self, p: &Prepared, data: &[u8], slots: &[SlotId]) -> Result<(), StoreError> {
         for &slot in slots {
             let loc = p.manifest.locate(slot).ok_or(StoreError::NotPrepared)?;
             let f = self.staging_file(&p.manifest, loc.entry)?;
@@ -746,10 +879,10 @@ impl FsStore {
     /// Verifies a received chunk and writes it to `slots` (not yet durable).
     pub fn store_chunk(
         &self,
-        chunk: u32,
+        chunk: ChunkId,
         encoding: Encoding,
         payload: Bytes,
-        slots: &[u32],
+        slots: &[SlotId],
     ) -> Result<Result<(), ChunkError>, StoreError> {
         let p = self.prepared()?;
         let u = *p.manifest.unique(chunk).ok_or(StoreError::NotPrepared)?;
@@ -766,15 +899,15 @@ impl FsStore {
     /// place: that file is then staged and fetched whole).
     pub fn copy_chunk(
         &self,
-        chunk: u32,
-        from: u32,
-        to: &[u32],
-    ) -> Result<Result<(), Vec<u32>>, StoreError> {
+        chunk: ChunkId,
+        from: SlotId,
+        to: &[SlotId],
+    ) -> Result<Result<(), Vec<SlotId>>, StoreError> {
         let p = self.prepared()?;
         let u = *p.manifest.unique(chunk).ok_or(StoreError::NotPrepared)?;
         let loc = p.manifest.locate(from).ok_or(StoreError::NotPrepared)?;
         let e = p.manifest.entry(loc.entry).ok_or(StoreError::NotPrepared)?;
-        let home = lock(&p.homes)[loc.entry as usize];
+        let home = lock(&p.homes)[loc.entry.index()];
         let src = match home {
             Home::InPlace => self.dest.join(&e.path),
             Home::Staging => self.staging_path(&e.path),
@@ -791,18 +924,18 @@ impl FsStore {
 
     /// The durable slots to fetch again when `slots` were found damaged: a file trusted in place
     /// is moved back to staging and all its slots go, since staging holds none of its data.
-    fn damaged(&self, p: &Prepared, slots: &[u32]) -> Vec<u32> {
+    fn damaged(&self, p: &Prepared, slots: &[SlotId]) -> Vec<SlotId> {
         let mut homes = lock(&p.homes);
         let mut out = Vec::new();
         for &s in slots {
             let Some(loc) = p.manifest.locate(s) else {
                 continue;
             };
-            match homes.get_mut(loc.entry as usize) {
+            match homes.get_mut(loc.entry.index()) {
                 Some(h @ Home::InPlace) => {
                     *h = Home::Staging;
                     if let Some(e) = p.manifest.entry(loc.entry) {
-                        out.extend(e.first_slot..e.first_slot + e.chunks());
+                        out.extend(e.slots());
                     }
                 }
                 _ => out.push(s),
@@ -814,16 +947,16 @@ impl FsStore {
     }
 
     /// Makes `slots` durable: data first, then the journal.
-    pub fn commit(&self, slots: &[u32]) -> Result<(), StoreError> {
+    pub fn commit(&self, slots: &[SlotId]) -> Result<(), StoreError> {
         let p = self.prepared()?;
         let (dirty, created) = {
             let mut open = lock(&self.open);
             let open = &mut *open;
-            let ids: Vec<u32> = open.dirty.drain().collect();
+            let ids: Vec<EntryId> = open.dirty.drain().collect();
             // Handles only for the few files synced one by one: a syncfs needs none, and holding
             // them while it runs would let the stores meanwhile open as many again.
             let few = ids.len() <= SYNCFS_ABOVE;
-            let dirty: Vec<(u32, Option<Arc<File>>)> = ids
+            let dirty: Vec<(EntryId, Option<Arc<File>>)> = ids
                 .into_iter()
                 .map(|e| (e, open.files.get(&e).filter(|_| few).map(Arc::clone)))
                 .collect();
@@ -883,7 +1016,7 @@ impl FsStore {
     /// times are set through handles opened without following symlinks: someone who can write
     /// into a folder of DEST cannot redirect a rename, a `chmod` or a new folder elsewhere by
     /// swapping a folder or file for a symlink.
-    pub fn finalize(&self) -> Result<Vec<u32>, StoreError> {
+    pub fn finalize(&self) -> Result<Vec<SlotId>, StoreError> {
         let p = self.prepared()?;
         if p.complete {
             // Nothing to move; clear what an interrupted earlier run may have left.
@@ -894,7 +1027,6 @@ impl FsStore {
         let m = &p.manifest;
         let t0 = std::time::Instant::now();
         *lock(&self.open) = Open::default();
-        let mut touched_dirs: HashSet<String> = HashSet::new();
         // Verify first (in parallel), so that damage is found before anything moves.
         let homes = lock(&p.homes).clone();
         let (bad, stamped) = verify_and_stamp(
@@ -911,86 +1043,7 @@ impl FsStore {
         }
         let verified = t0.elapsed();
         self.remove_dropped(m)?;
-        let staging_dir = ctx(&self.staging, open_dir_path(&self.staging))?;
-        // The parent of the previous entry: entries are sorted by path, so most share it.
-        let mut parent: Option<(String, File)> = None;
-        for (i, e) in m.entries().iter().enumerate() {
-            let (par_rel, name) = match e.path.rsplit_once('/') {
-                Some((d, n)) => (d, n),
-                None => ("", e.path.as_str()),
-            };
-            if parent.as_ref().is_none_or(|(r, _)| r != par_rel) {
-                parent = Some((par_rel.to_string(), self.open_dir(par_rel, true)?));
-            }
-            let Some((_, dir)) = parent.as_ref() else {
-                continue;
-            };
-            let final_path = self.dest.join(&e.path);
-            match &e.kind {
-                EntryKind::Dir => {
-                    self.open_dir(&e.path, true)?;
-                }
-                EntryKind::File { .. } => {
-                    if homes[i] == Home::InPlace {
-                        let f = ctx(&final_path, open_file_at(dir, name))?;
-                        ctx(&final_path, stamp_file(&f, e.mode, e.mtime, self.umask))?;
-                        continue;
-                    }
-                    let key = hex(&staging_key(&e.path));
-                    if e.size == 0 {
-                        let staged = self.staging.join(&key);
-                        ctx(
-                            &staged,
-                            private::options()
-                                .write(true)
-                                .create(true)
-                                .truncate(false)
-                                .open(&staged),
-                        )?;
-                    }
-                    // The data is durable already (every slot was committed); mode, mtime and
-                    // the rename become durable with the one syncfs below, before the receipt.
-                    // A crash before it can leave an older mtime on a file whose bytes are
-                    // right: the next run finds no receipt, re-verifies and sets it again.
-                    // (Most files were stamped through their handle while verified.)
-                    if !stamped[i] {
-                        let staged = self.staging.join(&key);
-                        let f = ctx(&staged, open_file_at(&staging_dir, &key))?;
-                        ctx(&staged, stamp_file(&f, e.mode, e.mtime, self.umask))?;
-                    }
-                    match rustix::fs::renameat(&staging_dir, key.as_str(), dir, name) {
-                        Ok(()) => {}
-                        Err(Errno::ISDIR) => return Err(dir_in_the_way(&final_path)),
-                        Err(e) => return Err(StoreError::io(&final_path, e.into())),
-                    }
-                    touched_dirs.insert(par_rel.to_string());
-                }
-                EntryKind::Symlink { target } => {
-                    match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
-                        Ok(st)
-                            if rustix::fs::FileType::from_raw_mode(st.st_mode)
-                                == rustix::fs::FileType::Directory =>
-                        {
-                            return Err(dir_in_the_way(&final_path))
-                        }
-                        _ => {}
-                    }
-                    let tmp = format!(".ferry-link-{}", hex(&staging_key(&e.path)));
-                    let _ = rustix::fs::unlinkat(dir, tmp.as_str(), AtFlags::empty());
-                    ctx(
-                        &final_path,
-                        rustix::fs::symlinkat(target.as_str(), dir, tmp.as_str())
-                            .map_err(io::Error::from),
-                    )?;
-                    ctx(
-                        &final_path,
-                        rustix::fs::renameat(dir, tmp.as_str(), dir, name).map_err(io::Error::from),
-                    )?;
-                    touched_dirs.insert(par_rel.to_string());
-                }
-            }
-        }
-        drop(parent);
+        let touched_dirs = self.place_entries(m, &homes, &stamped)?;
         let renamed = t0.elapsed();
         ctx(
             &self.dest,
@@ -1001,16 +1054,7 @@ impl FsStore {
             let dir = self.open_dir(d, false)?;
             ctx(&self.dest.join(d), dir.sync_all())?;
         }
-        // Directory metadata last (writing files into them changed their mtimes), deepest first.
-        for e in m.entries().iter().rev() {
-            if e.kind == EntryKind::Dir {
-                let dir = self.open_dir(&e.path, false)?;
-                let path = self.dest.join(&e.path);
-                let mode = final_mode(e.mode, true, self.umask);
-                ctx(&path, dir.set_permissions(fs::Permissions::from_mode(mode)))?;
-                ctx(&path, dir.set_times(file_times(e.mtime)))?;
-            }
-        }
+        self.stamp_dirs(m)?;
         self.write_receipt(m)?;
         tracing::debug!(
             ?verified,
@@ -1026,6 +1070,142 @@ impl FsStore {
         let _ = fs::remove_dir_all(&self.staging);
         ctx(&self.state, sync_dir(&self.state))?;
         Ok(Vec::new())
+    }
+
+    /// Puts every entry of `m` at its final path: directories created, files renamed from
+    /// staging (or, in place already, given their mode and mtime), symlinks created. Returns the
+    /// directories whose contents changed (to be synced). Nothing is durable yet.
+    fn place_entries(
+        &self,
+        m: &Manifest,
+        homes: &[Home],
+        stamped: &[bool],
+    ) -> Result<HashSet<String>, StoreError> {
+        let mut touched_dirs: HashSet<String> = HashSet::new();
+        let staging_dir = ctx(&self.staging, open_dir_path(&self.staging))?;
+        // The parent of the previous entry: entries are sorted by path, so most share it.
+        let mut parent: Option<(String, File)> = None;
+        for (i, e) in m.entries().iter().enumerate() {
+            let (par_rel, name) = match e.path.rsplit_once('/') {
+                Some((d, n)) => (d, n),
+                None => ("", e.path.as_str()),
+            };
+            if parent.as_ref().is_none_or(|(r, _)| r != par_rel) {
+                parent = Some((par_rel.to_string(), self.open_dir(par_rel, true)?));
+            }
+            let Some((_, dir)) = parent.as_ref() else {
+                continue;
+            };
+            let touched = match &e.kind {
+                EntryKind::Dir => {
+                    self.open_dir(&e.path, true)?;
+                    false
+                }
+                EntryKind::File { .. } if homes[i] == Home::InPlace => {
+                    let final_path = self.dest.join(&e.path);
+                    let f = ctx(&final_path, open_file_at(dir, name))?;
+                    ctx(&final_path, stamp_file(&f, e.mode, e.mtime, self.umask))?;
+                    false
+                }
+                EntryKind::File { .. } => {
+                    self.place_file(e, &staging_dir, dir, name, stamped[i])?;
+                    true
+                }
+                EntryKind::Symlink { target } => {
+                    self.place_symlink(e, target, dir, name)?;
+                    true
+                }
+            };
+            if touched {
+                touched_dirs.insert(par_rel.to_string());
+            }
+        }
+        Ok(touched_dirs)
+    }
+
+    /// Renames staged file `e` to `name` in `dir`, after giving it its mode and mtime (unless
+    /// that was done while it was verified: `stamped`).
+    fn place_file(
+        &self,
+        e: &crate::manifest::Entry,
+        staging_dir: &File,
+        dir: &File,
+        name: &str,
+        stamped: bool,
+    ) -> Result<(), StoreError> {
+        let final_path = self.dest.join(&e.path);
+        let key = hex(&staging_key(&e.path));
+        if e.size == 0 {
+            let staged = self.staging.join(&key);
+            ctx(
+                &staged,
+                private::options()
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(&staged),
+            )?;
+        }
+        // The data is durable already (every slot was committed); mode, mtime and the rename
+        // become durable with the one syncfs after all entries, before the receipt. A crash
+        // before it can leave an older mtime on a file whose bytes are right: the next run finds
+        // no receipt, re-verifies and sets it again. (Most files were stamped through their
+        // handle while verified.)
+        if !stamped {
+            let staged = self.staging.join(&key);
+            let f = ctx(&staged, open_file_at(staging_dir, &key))?;
+            ctx(&staged, stamp_file(&f, e.mode, e.mtime, self.umask))?;
+        }
+        match rustix::fs::renameat(staging_dir, key.as_str(), dir, name) {
+            Ok(()) => Ok(()),
+            Err(Errno::ISDIR) => Err(dir_in_the_way(&final_path)),
+            Err(e) => Err(StoreError::io(&final_path, e.into())),
+        }
+    }
+
+    /// Creates symlink `e` (to `target`) as `name` in `dir`: under a temporary name, then
+    /// renamed over whatever file or symlink is there (a directory there is a conflict).
+    fn place_symlink(
+        &self,
+        e: &crate::manifest::Entry,
+        target: &str,
+        dir: &File,
+        name: &str,
+    ) -> Result<(), StoreError> {
+        let final_path = self.dest.join(&e.path);
+        match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st)
+                if rustix::fs::FileType::from_raw_mode(st.st_mode)
+                    == rustix::fs::FileType::Directory =>
+            {
+                return Err(dir_in_the_way(&final_path))
+            }
+            _ => {}
+        }
+        let tmp = format!(".ferry-link-{}", hex(&staging_key(&e.path)));
+        let _ = rustix::fs::unlinkat(dir, tmp.as_str(), AtFlags::empty());
+        ctx(
+            &final_path,
+            rustix::fs::symlinkat(target, dir, tmp.as_str()).map_err(io::Error::from),
+        )?;
+        ctx(
+            &final_path,
+            rustix::fs::renameat(dir, tmp.as_str(), dir, name).map_err(io::Error::from),
+        )
+    }
+
+    /// Directory metadata last (writing files into them changed their mtimes), deepest first.
+    fn stamp_dirs(&self, m: &Manifest) -> Result<(), StoreError> {
+        for e in m.entries().iter().rev() {
+            if e.kind == EntryKind::Dir {
+                let dir = self.open_dir(&e.path, false)?;
+                let path = self.dest.join(&e.path);
+                let mode = final_mode(e.mode, true, self.umask);
+                ctx(&path, dir.set_permissions(fs::Permissions::from_mode(mode)))?;
+                ctx(&path, dir.set_times(file_times(e.mtime)))?;
+            }
+        }
+        Ok(())
     }
 
     /// Removes what the previous round brought (`receipt.prev`) and the new manifest no longer
@@ -1135,7 +1315,7 @@ impl FsStore {
                 Err(Errno::LOOP | Errno::NOTDIR) => {
                     return Err(StoreError::Conflict {
                         path: shown,
-                        why: "a file or symlink exists where the history has a directory; move it away and run again".into(),
+                        why: "a file or symlink exists where the history has a directory".into(),
                     })
                 }
                 Err(e) => return Err(StoreError::io(&shown, e.into())),
@@ -1314,7 +1494,7 @@ fn probe_same_name(dir: &Path, created: &str, other: &str) -> io::Result<bool> {
 fn dir_in_the_way(final_path: &Path) -> StoreError {
     StoreError::Conflict {
         path: final_path.to_path_buf(),
-        why: "a directory exists where the history has a file; move it away and run again".into(),
+        why: "a directory exists where the history has a file".into(),
     }
 }
 
@@ -1335,7 +1515,7 @@ fn file_times(mtime: Mtime) -> fs::FileTimes {
 
 /// Checks files against a manifest chunk by chunk; returns the slots that do not match.
 /// `path_of(i)` names where entry `i`'s bytes are.
-fn verify_files(m: &Manifest, path_of: impl Fn(usize) -> PathBuf + Sync) -> Vec<u32> {
+fn verify_files(m: &Manifest, path_of: impl Fn(usize) -> PathBuf + Sync) -> Vec<SlotId> {
     verify_and_stamp(m, path_of, |_| false, 0).0
 }
 
@@ -1347,7 +1527,7 @@ fn verify_and_stamp(
     path_of: impl Fn(usize) -> PathBuf + Sync,
     stamp: impl Fn(usize) -> bool + Sync,
     umask: u32,
-) -> (Vec<u32>, Vec<bool>) {
+) -> (Vec<SlotId>, Vec<bool>) {
     let files: Vec<usize> = (0..m.entries().len())
         .filter(|&i| m.entries()[i].is_file())
         .collect();
@@ -1388,9 +1568,14 @@ fn verify_and_stamp(
 }
 
 /// Verifies entry `i` at `path`: the slots that do not match, and the open file.
-fn verify_file(m: &Manifest, i: usize, path: &Path, buf: &mut Vec<u8>) -> (Vec<u32>, Option<File>) {
+fn verify_file(
+    m: &Manifest,
+    i: usize,
+    path: &Path,
+    buf: &mut Vec<u8>,
+) -> (Vec<SlotId>, Option<File>) {
     let e = &m.entries()[i];
-    let all = || (e.first_slot..e.first_slot + e.chunks()).collect::<Vec<u32>>();
+    let all = || e.slots().collect::<Vec<SlotId>>();
     let Ok(f) = open_nofollow(path) else {
         return (all(), None);
     };
@@ -1401,7 +1586,7 @@ fn verify_file(m: &Manifest, i: usize, path: &Path, buf: &mut Vec<u8>) -> (Vec<u
     let mut bad = Vec::new();
     buf.resize(e.chunk_size() as usize, 0);
     for c in 0..e.chunks() {
-        let slot = e.first_slot + c;
+        let slot = SlotId(e.first_slot.0 + c);
         let (Some(loc), Some(hash)) = (m.locate(slot), m.slot_hash(slot)) else {
             continue;
         };

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use ferry_sync::compress::CompressPolicy;
+use ferry_sync::manifest::ChunkId;
 use ferry_sync::proto::frame::{decode_frame, Frame};
 use ferry_sync::proto::{
     Receiver, ReceiverConfig, RecvEvent, RecvIo, RecvIoDone, SendEvent, Sender, SenderConfig,
@@ -102,9 +103,9 @@ struct Harness {
     dest: PathBuf,
     manifest: Arc<Manifest>,
     source: Arc<Source>,
-    sent: HashSet<u32>,
+    sent: HashSet<ChunkId>,
     /// Chunk ids in the order they were first sent.
-    first_sent: Vec<u32>,
+    first_sent: Vec<ChunkId>,
     total_sent: u64,
     resent: u64,
     clock: Instant,

@@ -3,9 +3,11 @@
 //! ```text
 //! frame   := len:u32le body            (len = body length, 1 ..= MAX_FRAME_BODY)
 //! body    := 0x00 hello | 0x01 message | 0x02 chunk
-//! hello   := magic "FRRY" version:u16le role:u8
+//! hello   := magic "FRRY" version:u16le role:u8        (role: 1 sender, 2 receiver)
 //! message := postcard(Message)
-//! chunk   := id:u32le encoding:u8 payload…
+//! chunk   := id:u32le encoding:u8 raw_len:u32le payload…
+//!            (id: unique-chunk id; encoding: 0 raw, 1 zstd; raw_len: the chunk's length
+//!             before encoding; payload: the rest of the body)
 //! ```
 //! The hello has a fixed layout so that any future version can still read and refuse it; chunk
 //! payloads bypass postcard so they are neither copied nor re-encoded. Decoding never panics and
@@ -15,7 +17,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 
 use crate::compress::Encoding;
-use crate::manifest::{ChunkHash, ManifestSummary, WireEntry, MAX_CHUNK_SIZE};
+use crate::manifest::{ChunkHash, ChunkId, ManifestSummary, WireEntry, MAX_CHUNK_SIZE};
 
 /// Magic number opening every hello.
 pub const MAGIC: [u8; 4] = *b"FRRY";
@@ -53,8 +55,8 @@ pub struct Hello {
 /// A half-open range of unique-chunk ids.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChunkRange {
-    pub start: u32,
-    pub end: u32,
+    pub start: ChunkId,
+    pub end: ChunkId,
 }
 
 /// Control messages.
@@ -69,7 +71,7 @@ pub enum Message {
     /// Receiver → sender: the want list is complete; `chunks` and `bytes` total it.
     WantEnd { chunks: u64, bytes: u64 },
     /// Receiver → sender: a chunk failed verification; it is wanted again.
-    Rejected { chunk: u32 },
+    Rejected { chunk: ChunkId },
     /// Receiver → sender: everything is verified and committed under this root.
     Done { root: ChunkHash },
     /// Either side: the session ends, with a reason.
@@ -86,7 +88,7 @@ pub enum Frame {
     Hello(Hello),
     Message(Message),
     Chunk {
-        id: u32,
+        id: ChunkId,
         encoding: Encoding,
         raw_len: u32,
         payload: Bytes,
@@ -140,11 +142,16 @@ pub fn encode_message(m: &Message) -> Result<Bytes, FrameError> {
 }
 
 /// Encodes the header of a chunk frame; the payload follows it on the wire unchanged.
-pub fn encode_chunk_header(id: u32, encoding: Encoding, raw_len: u32, payload_len: usize) -> Bytes {
+pub fn encode_chunk_header(
+    id: ChunkId,
+    encoding: Encoding,
+    raw_len: u32,
+    payload_len: usize,
+) -> Bytes {
     let mut b = BytesMut::with_capacity(CHUNK_HEADER);
     b.put_u32_le((CHUNK_HEADER - 4 + payload_len) as u32);
     b.put_u8(TAG_CHUNK);
-    b.put_u32_le(id);
+    b.put_u32_le(id.0);
     b.put_u8(encoding as u8);
     b.put_u32_le(raw_len);
     b.freeze()
@@ -210,7 +217,7 @@ pub fn decode_body(mut body: Bytes) -> Result<Frame, FrameError> {
             if body.len() < CHUNK_HEADER - 5 {
                 return Err(FrameError::BadChunk);
             }
-            let id = body.get_u32_le();
+            let id = ChunkId(body.get_u32_le());
             let encoding = Encoding::from_u8(body.get_u8()).ok_or(FrameError::BadChunk)?;
             let raw_len = body.get_u32_le();
             Ok(Frame::Chunk {
@@ -292,12 +299,17 @@ mod tests {
             )),
             prop::collection::vec((any::<u32>(), any::<u32>()), 0..20).prop_map(|v| Message::Want(
                 v.into_iter()
-                    .map(|(start, end)| ChunkRange { start, end })
+                    .map(|(start, end)| ChunkRange {
+                        start: ChunkId(start),
+                        end: ChunkId(end)
+                    })
                     .collect()
             )),
             (any::<u64>(), any::<u64>())
                 .prop_map(|(chunks, bytes)| Message::WantEnd { chunks, bytes }),
-            any::<u32>().prop_map(|chunk| Message::Rejected { chunk }),
+            any::<u32>().prop_map(|chunk| Message::Rejected {
+                chunk: ChunkId(chunk)
+            }),
             arb_hash().prop_map(|root| Message::Done { root }),
             Just(Message::NextRound),
             (any::<u16>(), ".{0,30}").prop_map(|(code, reason)| Message::Close { code, reason }),
@@ -320,7 +332,7 @@ mod tests {
                 prop::collection::vec(any::<u8>(), 0..300)
             )
                 .prop_map(|(id, z, raw_len, p)| Frame::Chunk {
-                    id,
+                    id: ChunkId(id),
                     encoding: if z { Encoding::Zstd } else { Encoding::Raw },
                     raw_len,
                     payload: Bytes::from(p),
@@ -394,6 +406,61 @@ mod tests {
         raw[5] = b'X';
         let mut b = BytesMut::from(&raw[..]);
         assert_eq!(decode_frame(&mut b), Err(FrameError::BadMagic));
+    }
+
+    #[test]
+    fn the_encoder_writes_the_grammar_of_the_module_docs() {
+        let hello = encode_hello(&Hello {
+            version: 2,
+            role: Role::Receiver,
+        });
+        assert_eq!(
+            &hello[..],
+            &[8, 0, 0, 0, 0, b'F', b'R', b'R', b'Y', 2, 0, 2]
+        );
+        let mut chunk =
+            encode_chunk_header(ChunkId(0x0403_0201), Encoding::Zstd, 0x0807_0605, 3).to_vec();
+        chunk.extend_from_slice(b"abc");
+        let body_len = 1 + 4 + 1 + 4 + 3;
+        assert_eq!(
+            chunk,
+            [
+                &(body_len as u32).to_le_bytes()[..],
+                &[TAG_CHUNK],
+                &[1, 2, 3, 4],
+                &[Encoding::Zstd as u8],
+                &[5, 6, 7, 8],
+                b"abc",
+            ]
+            .concat()
+        );
+        let message = encode_message(&Message::NextRound).unwrap();
+        let body = postcard::to_allocvec(&Message::NextRound).unwrap();
+        assert_eq!(
+            message.to_vec(),
+            [
+                &((1 + body.len()) as u32).to_le_bytes()[..],
+                &[TAG_MESSAGE],
+                &body
+            ]
+            .concat()
+        );
+    }
+
+    #[test]
+    fn ids_cross_the_wire_as_their_integers() {
+        // Postcard: the variant index, then varints, exactly as when the ids were plain u32s.
+        let rejected = encode_message(&Message::Rejected {
+            chunk: ChunkId(300),
+        })
+        .unwrap();
+        assert_eq!(&rejected[..], &[4, 0, 0, 0, TAG_MESSAGE, 4, 0xac, 0x02]);
+        let want = encode_message(&Message::Want(vec![ChunkRange {
+            start: ChunkId(1),
+            end: ChunkId(2),
+        }]))
+        .unwrap();
+        assert_eq!(&want[..], &[5, 0, 0, 0, TAG_MESSAGE, 2, 1, 1, 2]);
     }
 
     #[test]

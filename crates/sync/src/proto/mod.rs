@@ -56,12 +56,15 @@
 //! Either side may send `Close{code, reason}` at any point; codes are [`CloseCode`].
 //!
 //! The machines here are sans-IO: they never touch sockets, files or clocks. Feed them with
-//! `handle_frame`, `handle_io_done`, `handle_timeout(now)`; drain `poll_transmit`, `poll_io`,
-//! `poll_event` until each returns `None` after every input.
+//! `handle_frame` and `handle_io_done` (the receiver also `handle_timeout(now)`); drain
+//! `poll_transmit`, `poll_io`, `poll_event` until each returns `None` after every input (and
+//! ask the receiver's `poll_timeout` when to call `handle_timeout` next).
 
 pub mod frame;
 mod receiver;
 mod sender;
+
+use std::sync::Arc;
 
 use bytes::Bytes;
 
@@ -169,8 +172,10 @@ pub enum SessionError {
     Integrity(String),
     #[error("source problem: {0}")]
     Source(String),
+    /// The receiver's store failed: match the [`StoreError`](crate::store::StoreError) for its
+    /// kind (no space, read-only, I/O error, …).
     #[error("destination problem: {0}")]
-    Destination(String),
+    Destination(Arc<crate::store::StoreError>),
 }
 
 impl SessionError {

@@ -10,7 +10,8 @@ use super::frame::{self, ChunkRange, Frame, Hello, Message, Role, MAX_RANGES_PER
 use super::sender::frame_name;
 use super::{close_frame, CloseCode, SessionError, Transmit};
 use crate::compress::Encoding;
-use crate::manifest::{ManifestBuilder, ManifestLimits, ManifestSummary};
+use crate::manifest::{ChunkId, ManifestBuilder, ManifestLimits, ManifestSummary, SlotId};
+use crate::store::StoreError;
 use crate::Manifest;
 
 /// Tuning for the receiver.
@@ -58,16 +59,20 @@ pub enum RecvIo {
     /// Verify a received chunk (decode within its declared length, check its hash) and write it
     /// to `slots`. Answer `Stored` or `Corrupt`. Nothing is durable yet.
     Store {
-        chunk: u32,
+        chunk: ChunkId,
         encoding: Encoding,
         payload: Bytes,
-        slots: Vec<u32>,
+        slots: Vec<SlotId>,
     },
     /// Read durable slot `from`, verify it, write it to `to`. Answer `Stored`, or `CopyFailed`
     /// when the source no longer holds the chunk (it is then fetched from the sender).
-    Copy { chunk: u32, from: u32, to: Vec<u32> },
+    Copy {
+        chunk: ChunkId,
+        from: SlotId,
+        to: Vec<SlotId>,
+    },
     /// Make `slots` durable: fsync their data, then append them to the journal and fsync it.
-    Commit { slots: Vec<u32> },
+    Commit { slots: Vec<SlotId> },
     /// Every slot is durable: verify each file from disk, move it into place, write the receipt.
     /// Answer `Finalized`, or `Damaged` with slots that failed verification.
     Finalize,
@@ -77,33 +82,33 @@ pub enum RecvIo {
 #[derive(Clone, Debug)]
 pub enum RecvIoDone {
     Prepared {
-        durable: Vec<u32>,
+        durable: Vec<SlotId>,
     },
     Stored {
-        chunk: u32,
-        slots: Vec<u32>,
+        chunk: ChunkId,
+        slots: Vec<SlotId>,
     },
     Corrupt {
-        chunk: u32,
+        chunk: ChunkId,
         error: String,
     },
     Committed {
-        slots: Vec<u32>,
+        slots: Vec<SlotId>,
     },
     /// Finalize found these durable slots not holding their chunk (disk damage); fetch them again.
     Damaged {
-        slots: Vec<u32>,
+        slots: Vec<SlotId>,
     },
     /// A local copy's durable source no longer holds the chunk; `damaged` slots (the source, or
     /// a whole file that was trusted in place) are fetched again.
     CopyFailed {
-        chunk: u32,
-        damaged: Vec<u32>,
+        chunk: ChunkId,
+        damaged: Vec<SlotId>,
     },
     Finalized,
-    /// The store failed; the session ends with a destination error.
+    /// The store failed; the session ends with a destination error carrying it.
     Failed {
-        error: String,
+        error: Arc<StoreError>,
     },
 }
 
@@ -139,30 +144,72 @@ pub enum RecvEvent {
 
 #[derive(Debug)]
 enum State {
-    AwaitHello,
-    Manifest(Box<ManifestBuilder>),
+    /// `last_frame_at`: when the last frame arrived (the stall clock until the manifest is in).
+    AwaitHello {
+        last_frame_at: Option<Instant>,
+    },
+    Manifest {
+        builder: Box<ManifestBuilder>,
+        last_frame_at: Option<Instant>,
+    },
     Preparing,
-    Transferring,
-    Finalizing,
+    Transferring(Transfer),
+    /// The transfer's bookkeeping is kept: damage found by finalize resumes the transfer.
+    Finalizing(Transfer),
     Done,
     /// Link lost or failed: finish outstanding I/O, commit, stop.
     Draining,
 }
 
-#[derive(Debug, Default, Clone)]
-struct BitSet(Vec<u64>);
+/// What only the transfer (and a finalize that may resume it) tracks.
+#[derive(Debug, Default)]
+struct Transfer {
+    /// Local copies still to issue: (chunk, durable source slot, slots to write).
+    copies: VecDeque<(ChunkId, SlotId, Vec<SlotId>)>,
+    /// Verification failures per chunk.
+    rejects: HashMap<ChunkId, u32>,
+    /// When the last chunk arrived (the stall clock while chunks are wanted).
+    last_chunk_at: Option<Instant>,
+}
 
-impl BitSet {
+/// A set of ids (chunks or slots), one bit each.
+#[derive(Debug, Clone)]
+struct BitSet<I>(Vec<u64>, std::marker::PhantomData<I>);
+
+impl<I> Default for BitSet<I> {
+    fn default() -> Self {
+        BitSet(Vec::new(), std::marker::PhantomData)
+    }
+}
+
+/// An id a [`BitSet`] holds.
+trait BitIndex: Copy {
+    fn bit(self) -> usize;
+}
+
+impl BitIndex for ChunkId {
+    fn bit(self) -> usize {
+        self.index()
+    }
+}
+
+impl BitIndex for SlotId {
+    fn bit(self) -> usize {
+        self.index()
+    }
+}
+
+impl<I: BitIndex> BitSet<I> {
     fn new(n: usize) -> Self {
-        BitSet(vec![0; n.div_ceil(64)])
+        BitSet(vec![0; n.div_ceil(64)], std::marker::PhantomData)
     }
-    fn get(&self, i: u32) -> bool {
-        self.0
-            .get(i as usize / 64)
-            .is_some_and(|w| w >> (i % 64) & 1 == 1)
+    fn get(&self, i: I) -> bool {
+        let i = i.bit();
+        self.0.get(i / 64).is_some_and(|w| w >> (i % 64) & 1 == 1)
     }
-    fn set(&mut self, i: u32, v: bool) {
-        if let Some(w) = self.0.get_mut(i as usize / 64) {
+    fn set(&mut self, i: I, v: bool) {
+        let i = i.bit();
+        if let Some(w) = self.0.get_mut(i / 64) {
             if v {
                 *w |= 1 << (i % 64);
             } else {
@@ -179,28 +226,23 @@ pub struct Receiver {
     state: State,
     manifest: Option<Arc<Manifest>>,
     /// Unique chunks verified and written (maybe not yet durable).
-    have: BitSet,
+    have: BitSet<ChunkId>,
     /// Unique chunks asked of the sender and not yet arrived.
-    wanted: BitSet,
-    durable: BitSet,
+    wanted: BitSet<ChunkId>,
+    durable: BitSet<SlotId>,
     slots_durable: u64,
     control: VecDeque<Transmit>,
     io: VecDeque<RecvIo>,
     events: VecDeque<RecvEvent>,
-    copies: VecDeque<(u32, u32, Vec<u32>)>,
     /// I/O issued (store, copy) and not answered, in bytes and count.
     busy_bytes: u64,
     busy: usize,
-    uncommitted: Vec<u32>,
+    uncommitted: Vec<SlotId>,
     uncommitted_bytes: u64,
     uncommitted_since: Option<Instant>,
     committing: bool,
-    rejects: HashMap<u32, u32>,
     bytes_done: u64,
     now: Option<Instant>,
-    last_chunk_at: Option<Instant>,
-    /// When the last frame arrived (the hello and manifest phases' stall clock).
-    last_frame_at: Option<Instant>,
     wanted_left: u64,
     wire_bytes: u64,
     /// Prepare or Finalize outstanding (they must finish before the store is used again).
@@ -231,7 +273,9 @@ impl Receiver {
         })));
         Receiver {
             cfg,
-            state: State::AwaitHello,
+            state: State::AwaitHello {
+                last_frame_at: None,
+            },
             manifest: None,
             have: BitSet::default(),
             wanted: BitSet::default(),
@@ -240,18 +284,14 @@ impl Receiver {
             control,
             io: VecDeque::new(),
             events: VecDeque::new(),
-            copies: VecDeque::new(),
             busy_bytes: 0,
             busy: 0,
             uncommitted: Vec::new(),
             uncommitted_bytes: 0,
             uncommitted_since: None,
             committing: false,
-            rejects: HashMap::new(),
             bytes_done: 0,
             now: None,
-            last_chunk_at: None,
-            last_frame_at: None,
             wanted_left: 0,
             wire_bytes: 0,
             exclusive_io: false,
@@ -274,7 +314,7 @@ impl Receiver {
     /// [`ManifestBuilder::held_bytes`]); `None` outside the manifest phase.
     pub fn manifest_held_bytes(&self) -> Option<u64> {
         match &self.state {
-            State::Manifest(b) => Some(b.held_bytes()),
+            State::Manifest { builder, .. } => Some(builder.held_bytes()),
             _ => None,
         }
     }
@@ -329,8 +369,12 @@ impl Receiver {
             }
             return;
         }
-        if self.now.is_some() {
-            self.last_frame_at = self.now;
+        if let (
+            Some(now),
+            State::AwaitHello { last_frame_at } | State::Manifest { last_frame_at, .. },
+        ) = (self.now, &mut self.state)
+        {
+            *last_frame_at = Some(now);
         }
         if let Err(e) = self.on_frame(frame) {
             self.fail(e);
@@ -355,7 +399,6 @@ impl Receiver {
     pub fn handle_link_lost(&mut self) {
         if !matches!(self.state, State::Done | State::Draining) {
             self.state = State::Draining;
-            self.copies.clear();
             self.flush_commit();
         }
     }
@@ -366,42 +409,43 @@ impl Receiver {
             self.events
                 .push_back(RecvEvent::Failed(SessionError::PeerClosed { code, reason }));
             self.state = State::Draining;
-            self.copies.clear();
             self.flush_commit();
             return Ok(());
         }
         if let Frame::Message(Message::NextRound) = frame {
-            if matches!(self.state, State::AwaitHello) {
+            if matches!(self.state, State::AwaitHello { .. }) {
                 return Err(SessionError::Protocol("next-round before hello".into()));
             }
             self.verdict = Some(RoundVerdict::NextRound);
-            if !matches!(self.state, State::Finalizing) {
+            if !matches!(self.state, State::Finalizing(_)) {
                 // Keep every verified chunk (commit it), ask for nothing more. A finalize
                 // already running completes: its tree is verified either way.
                 self.events.push_back(RecvEvent::Restarted);
                 self.state = State::Draining;
-                self.copies.clear();
                 self.flush_commit();
             }
             return Ok(());
         }
         match (&mut self.state, frame) {
-            (State::AwaitHello, Frame::Hello(h)) => {
+            (State::AwaitHello { last_frame_at }, Frame::Hello(h)) => {
                 if h.role != Role::Sender {
                     return Err(SessionError::Protocol("peer is not a sender".into()));
                 }
-                self.state =
-                    State::Manifest(Box::new(ManifestBuilder::new(self.cfg.limits.clone())));
+                self.state = State::Manifest {
+                    builder: Box::new(ManifestBuilder::new(self.cfg.limits.clone())),
+                    last_frame_at: *last_frame_at,
+                };
                 Ok(())
             }
-            (State::Manifest(b), Frame::Message(Message::Manifest(entries))) => {
+            (State::Manifest { builder, .. }, Frame::Message(Message::Manifest(entries))) => {
                 for e in entries {
-                    b.push(e)?;
+                    builder.push(e)?;
                 }
                 Ok(())
             }
-            (State::Manifest(_), Frame::Message(Message::ManifestEnd(summary))) => {
-                let State::Manifest(b) = std::mem::replace(&mut self.state, State::Preparing)
+            (State::Manifest { .. }, Frame::Message(Message::ManifestEnd(summary))) => {
+                let State::Manifest { builder: b, .. } =
+                    std::mem::replace(&mut self.state, State::Preparing)
                 else {
                     return Err(SessionError::Protocol("internal state".into()));
                 };
@@ -419,7 +463,7 @@ impl Receiver {
                 Ok(())
             }
             (
-                State::Transferring,
+                State::Transferring(_),
                 Frame::Chunk {
                     id,
                     encoding,
@@ -436,7 +480,7 @@ impl Receiver {
 
     fn on_chunk(
         &mut self,
-        id: u32,
+        id: ChunkId,
         encoding: Encoding,
         raw_len: u32,
         payload: Bytes,
@@ -468,8 +512,10 @@ impl Receiver {
         self.wanted.set(id, false);
         self.wanted_left = self.wanted_left.saturating_sub(1);
         self.wire_bytes += payload.len() as u64;
-        self.last_chunk_at = self.now;
-        let slots: Vec<u32> = m.slots_of(id).filter(|&s| !self.durable.get(s)).collect();
+        if let State::Transferring(t) = &mut self.state {
+            t.last_chunk_at = self.now;
+        }
+        let slots: Vec<SlotId> = m.slots_of(id).filter(|&s| !self.durable.get(s)).collect();
         self.busy += 1;
         self.busy_bytes += u64::from(u.len);
         self.io.push_back(RecvIo::Store {
@@ -517,13 +563,17 @@ impl Receiver {
                 if matches!(self.state, State::Draining | State::Done) {
                     return;
                 }
-                let n = {
-                    let n = self.rejects.entry(chunk).or_insert(0);
-                    *n += 1;
-                    *n
+                let n = match &mut self.state {
+                    State::Transferring(t) | State::Finalizing(t) => {
+                        let n = t.rejects.entry(chunk).or_insert(0);
+                        *n += 1;
+                        *n
+                    }
+                    // Stores are only issued while transferring.
+                    _ => 1,
                 };
                 if n > self.cfg.max_rejects_per_chunk {
-                    let path = slot_path(&m, m.unique(chunk).map_or(0, |u| u.first_slot));
+                    let path = slot_path(&m, m.unique(chunk).map_or(SlotId(0), |u| u.first_slot));
                     self.fail(SessionError::Integrity(format!(
                         "{path}: chunk {chunk} failed verification {n} times ({error})"
                     )));
@@ -563,8 +613,8 @@ impl Receiver {
             }
             RecvIoDone::Damaged { slots } => {
                 self.exclusive_io = false;
-                if matches!(self.state, State::Finalizing) {
-                    self.state = State::Transferring;
+                if let State::Finalizing(t) = &mut self.state {
+                    self.state = State::Transferring(std::mem::take(t));
                 }
                 self.on_damaged(&m, slots);
             }
@@ -590,7 +640,7 @@ impl Receiver {
         }
     }
 
-    fn on_damaged(&mut self, m: &Manifest, slots: Vec<u32>) {
+    fn on_damaged(&mut self, m: &Manifest, slots: Vec<SlotId>) {
         if matches!(self.state, State::Draining | State::Done) {
             return;
         }
@@ -612,8 +662,10 @@ impl Receiver {
         chunks.dedup();
         // Queued copies of these chunks would read a slot that no longer holds them: the chunk
         // arrives from the sender instead and is written to every slot still missing it.
-        self.copies
-            .retain(|(c, _, _)| chunks.binary_search(c).is_err());
+        if let State::Transferring(t) | State::Finalizing(t) = &mut self.state {
+            t.copies
+                .retain(|(c, _, _)| chunks.binary_search(c).is_err());
+        }
         for c in chunks {
             self.have.set(c, false);
             if !self.wanted.get(c) {
@@ -622,13 +674,13 @@ impl Receiver {
         }
     }
 
-    fn settle(&mut self, m: &Manifest, chunk: u32) {
+    fn settle(&mut self, m: &Manifest, chunk: ChunkId) {
         self.busy = self.busy.saturating_sub(1);
         let len = m.unique(chunk).map_or(0, |u| u64::from(u.len));
         self.busy_bytes = self.busy_bytes.saturating_sub(len);
     }
 
-    fn want_again(&mut self, chunk: u32, rejected: bool) {
+    fn want_again(&mut self, chunk: ChunkId, rejected: bool) {
         self.wanted.set(chunk, true);
         self.wanted_left += 1;
         if rejected {
@@ -636,16 +688,17 @@ impl Receiver {
         }
         self.send(&Message::Want(vec![ChunkRange {
             start: chunk,
-            end: chunk + 1,
+            end: chunk.next(),
         }]));
     }
 
-    fn on_prepared(&mut self, m: &Arc<Manifest>, durable: Vec<u32>) {
+    fn on_prepared(&mut self, m: &Arc<Manifest>, durable: Vec<SlotId>) {
         if !matches!(self.state, State::Preparing) {
             return;
         }
+        let mut transfer = Transfer::default();
         for s in durable {
-            if (s as usize) < m.slot_count() as usize && !self.durable.get(s) {
+            if s.0 < m.slot_count() && !self.durable.get(s) {
                 self.durable.set(s, true);
                 self.slots_durable += 1;
                 if let Some(l) = m.locate(s) {
@@ -660,8 +713,9 @@ impl Receiver {
         let mut seen = BitSet::new(m.unique_chunks().len());
         let ids = m.transfer_order().into_iter().flat_map(|i| {
             let e = m.entry(i);
-            let (first, n) = e.map_or((0, 0), |e| (e.first_slot, e.chunks()));
-            (first..first + n).filter_map(|s| m.slot_chunk(s))
+            e.into_iter()
+                .flat_map(|e| e.slots())
+                .filter_map(|s| m.slot_chunk(s))
         });
         for id in ids {
             if seen.get(id) {
@@ -682,7 +736,7 @@ impl Receiver {
                 Some(f) => {
                     self.have.set(id, true);
                     if !missing.is_empty() {
-                        self.copies.push_back((id, f, missing));
+                        transfer.copies.push_back((id, f, missing));
                     }
                 }
                 None => {
@@ -690,10 +744,10 @@ impl Receiver {
                     want_chunks += 1;
                     want_bytes += u64::from(u.len);
                     match ranges.last_mut() {
-                        Some(r) if r.end == id => r.end = id + 1,
+                        Some(r) if r.end == id => r.end = id.next(),
                         _ => ranges.push(ChunkRange {
                             start: id,
-                            end: id + 1,
+                            end: id.next(),
                         }),
                     }
                 }
@@ -717,7 +771,7 @@ impl Receiver {
             chunks: want_chunks,
             bytes: want_bytes,
         });
-        self.state = State::Transferring;
+        self.state = State::Transferring(transfer);
         self.maybe_finalize(m);
     }
 
@@ -736,7 +790,11 @@ impl Receiver {
     }
 
     fn all_stored(&self) -> bool {
-        self.wanted_left == 0 && self.busy == 0 && self.copies.is_empty()
+        let no_copies = match &self.state {
+            State::Transferring(t) | State::Finalizing(t) => t.copies.is_empty(),
+            _ => true,
+        };
+        self.wanted_left == 0 && self.busy == 0 && no_copies
     }
 
     fn flush_commit(&mut self) {
@@ -751,13 +809,15 @@ impl Receiver {
     }
 
     fn maybe_finalize(&mut self, m: &Manifest) {
-        if matches!(self.state, State::Transferring)
+        if matches!(self.state, State::Transferring(_))
             && self.slots_durable == u64::from(m.slot_count())
             && self.all_stored()
             && !self.committing
             && self.uncommitted.is_empty()
         {
-            self.state = State::Finalizing;
+            if let State::Transferring(t) = &mut self.state {
+                self.state = State::Finalizing(std::mem::take(t));
+            }
             self.io.push_back(RecvIo::Finalize);
             self.exclusive_io = true;
         }
@@ -768,7 +828,6 @@ impl Receiver {
             .push_back(close_frame(e.close_code(), &e.to_string()));
         self.events.push_back(RecvEvent::Failed(e));
         self.state = State::Draining;
-        self.copies.clear();
         self.flush_commit();
     }
 
@@ -780,11 +839,13 @@ impl Receiver {
                 self.flush_commit();
             }
         }
-        if matches!(self.state, State::AwaitHello | State::Manifest(_)) {
-            match self.last_frame_at {
-                None => self.last_frame_at = Some(now),
+        if let State::AwaitHello { last_frame_at } | State::Manifest { last_frame_at, .. } =
+            &mut self.state
+        {
+            match *last_frame_at {
+                None => *last_frame_at = Some(now),
                 Some(t) if now >= t + self.cfg.stall_timeout => {
-                    self.stalled(if matches!(self.state, State::AwaitHello) {
+                    self.stalled(if matches!(self.state, State::AwaitHello { .. }) {
                         "no hello"
                     } else {
                         "no manifest data"
@@ -793,9 +854,9 @@ impl Receiver {
                 Some(_) => {}
             }
         }
-        if matches!(self.state, State::Transferring) && self.wanted_left > 0 {
-            match self.last_chunk_at {
-                None => self.last_chunk_at = Some(now),
+        if let (State::Transferring(tr), true) = (&mut self.state, self.wanted_left > 0) {
+            match tr.last_chunk_at {
+                None => tr.last_chunk_at = Some(now),
                 Some(t) if now >= t + self.cfg.stall_timeout => self.stalled("no data"),
                 Some(_) => {}
             }
@@ -816,7 +877,6 @@ impl Receiver {
             &format!("stalled: {what} received"),
         ));
         self.state = State::Draining;
-        self.copies.clear();
         self.flush_commit();
     }
 
@@ -830,12 +890,12 @@ impl Receiver {
             true => None,
             false => self.uncommitted_since.map(|t| t + self.cfg.commit_interval),
         };
-        let stall = match self.state {
-            State::Transferring if self.wanted_left > 0 => {
-                self.last_chunk_at.map(|t| t + self.cfg.stall_timeout)
+        let stall = match &self.state {
+            State::Transferring(tr) if self.wanted_left > 0 => {
+                tr.last_chunk_at.map(|t| t + self.cfg.stall_timeout)
             }
-            State::AwaitHello | State::Manifest(_) => {
-                self.last_frame_at.map(|t| t + self.cfg.stall_timeout)
+            State::AwaitHello { last_frame_at } | State::Manifest { last_frame_at, .. } => {
+                last_frame_at.map(|t| t + self.cfg.stall_timeout)
             }
             _ => None,
         };
@@ -857,9 +917,11 @@ impl Receiver {
         if let Some(io) = self.io.pop_front() {
             return Some(io);
         }
-        if matches!(self.state, State::Transferring) && self.busy_bytes < self.cfg.max_pending_bytes
-        {
-            let (chunk, from, to) = self.copies.pop_front()?;
+        if let State::Transferring(t) = &mut self.state {
+            if self.busy_bytes >= self.cfg.max_pending_bytes {
+                return None;
+            }
+            let (chunk, from, to) = t.copies.pop_front()?;
             let len = self
                 .manifest
                 .as_ref()
@@ -879,8 +941,97 @@ impl Receiver {
     }
 }
 
-fn slot_path(m: &Manifest, slot: u32) -> String {
+fn slot_path(m: &Manifest, slot: SlotId) -> String {
     m.locate(slot)
         .and_then(|l| m.entry(l.entry))
         .map_or_else(|| format!("slot {slot}"), |e| e.path.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::{ChunkHash, EntryKind, Mtime, WireEntry};
+    use std::path::PathBuf;
+
+    /// A receiver that has the manifest of one small file and asked its store to prepare.
+    fn preparing() -> Receiver {
+        let data = b"hello";
+        let m = Manifest::from_wire_entries(vec![WireEntry {
+            path: "a.txt".into(),
+            kind: EntryKind::File { chunk_shift: 17 },
+            size: data.len() as u64,
+            mode: 0o644,
+            mtime: Mtime::default(),
+            hashes: vec![ChunkHash::of(data)],
+        }])
+        .unwrap();
+        let mut r = Receiver::new(ReceiverConfig::default());
+        r.handle_frame(Frame::Hello(Hello {
+            version: frame::PROTOCOL_VERSION,
+            role: Role::Sender,
+        }));
+        r.handle_frame(Frame::Message(Message::Manifest(vec![m
+            .wire_entry(0)
+            .unwrap()])));
+        r.handle_frame(Frame::Message(Message::ManifestEnd(*m.summary())));
+        assert!(matches!(r.poll_io(), Some(RecvIo::Prepare { .. })));
+        r
+    }
+
+    #[test]
+    fn store_failures_stay_typed_up_to_the_session_error() {
+        let path = PathBuf::from("/dest/a.txt");
+        let kinds = [
+            StoreError::NoSpace { path: path.clone() },
+            StoreError::ReadOnly { path: path.clone() },
+            StoreError::Io {
+                path: path.clone(),
+                source: std::io::Error::other("disk on fire"),
+            },
+        ];
+        for kind in kinds {
+            let shown = format!("destination problem: {kind}");
+            let mut r = preparing();
+            r.handle_io_done(RecvIoDone::Failed {
+                error: Arc::new(kind),
+            });
+            let failed = std::iter::from_fn(|| r.poll_event())
+                .find_map(|e| match e {
+                    RecvEvent::Failed(e) => Some(e),
+                    _ => None,
+                })
+                .unwrap();
+            let SessionError::Destination(store) = &failed else {
+                panic!("{failed:?}");
+            };
+            // The kind survives, and so does the text users see.
+            assert!(
+                matches!(
+                    (&**store, shown.as_str()),
+                    (StoreError::NoSpace { .. }, s) if s.contains("no space left")
+                ) || matches!(
+                    (&**store, shown.as_str()),
+                    (StoreError::ReadOnly { .. }, s) if s.contains("read-only file system")
+                ) || matches!(
+                    (&**store, shown.as_str()),
+                    (StoreError::Io { source, .. }, s)
+                        if s.contains("disk on fire") && source.to_string() == "disk on fire"
+                )
+            );
+            assert_eq!(failed.to_string(), shown);
+            assert_eq!(failed.close_code(), CloseCode::DestinationError);
+            // The sender hears the same text as the close reason.
+            let close = std::iter::from_fn(|| r.poll_transmit())
+                .filter_map(|t| {
+                    let mut b = bytes::BytesMut::from(&t.head[..]);
+                    frame::decode_frame(&mut b).ok().flatten()
+                })
+                .find_map(|f| match f {
+                    Frame::Message(Message::Close { code, reason }) => Some((code, reason)),
+                    _ => None,
+                })
+                .unwrap();
+            assert_eq!(close, (CloseCode::DestinationError as u16, shown));
+        }
+    }
 }

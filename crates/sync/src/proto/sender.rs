@@ -8,7 +8,7 @@ use bytes::Bytes;
 use super::frame::{self, ChunkRange, Frame, Hello, Message, Role, MANIFEST_FRAME_TARGET};
 use super::{close_frame, CloseCode, Lane, SessionError, Transmit};
 use crate::compress::Encoding;
-use crate::manifest::{ChunkHash, Manifest};
+use crate::manifest::{ChunkHash, ChunkId, EntryId, Manifest};
 
 /// Tuning for the sender.
 #[derive(Clone, Debug)]
@@ -39,8 +39,8 @@ pub enum SendIo {
     /// [`crate::compress::encode_chunk`]). With `verify`, also check them against `hash` and
     /// answer [`SendIoDone::Changed`] on a mismatch.
     Read {
-        chunk: u32,
-        entry: u32,
+        chunk: ChunkId,
+        entry: EntryId,
         offset: u64,
         len: u32,
         hash: ChunkHash,
@@ -52,16 +52,16 @@ pub enum SendIo {
 #[derive(Clone, Debug)]
 pub enum SendIoDone {
     Read {
-        chunk: u32,
+        chunk: ChunkId,
         encoding: Encoding,
         payload: Bytes,
     },
     /// The source no longer holds the content the manifest promised.
     Changed {
-        chunk: u32,
+        chunk: ChunkId,
     },
     Failed {
-        chunk: u32,
+        chunk: ChunkId,
         error: String,
     },
 }
@@ -82,13 +82,28 @@ pub enum SendEvent {
     Failed(SessionError),
 }
 
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 enum State {
     AwaitHello,
-    Serving,
+    Serving(Serving),
     /// The receiver finished the round; waiting for `finish` or `next_round`.
     AwaitVerdict,
     Closed,
+}
+
+/// What only a serving sender tracks.
+#[derive(Debug, Default)]
+struct Serving {
+    /// The next manifest entry to send.
+    manifest_next: usize,
+    /// `ManifestEnd` was sent.
+    manifest_done: bool,
+    /// Chunk ranges the receiver wants and that were not read yet, in its order.
+    want: VecDeque<ChunkRange>,
+    /// Chunks the receiver rejected: their next read is checked against the manifest.
+    verify: HashSet<ChunkId>,
+    /// Chunks asked for so far (at most the manifest's plus `max_rerequests`).
+    requested: u64,
 }
 
 /// The sender's side of one session. See the [module docs](super) for the protocol.
@@ -99,15 +114,9 @@ pub struct Sender {
     state: State,
     /// The receiver's protocol version (from its hello).
     peer_version: u16,
-    manifest_next: usize,
-    manifest_done: bool,
     control: VecDeque<Transmit>,
     data: VecDeque<(u32, Transmit)>,
-    io: VecDeque<SendIo>,
     events: VecDeque<SendEvent>,
-    want: VecDeque<ChunkRange>,
-    verify: HashSet<u32>,
-    requested: u64,
     reads: usize,
     ahead_bytes: u64,
     wire_bytes: u64,
@@ -128,15 +137,9 @@ impl Sender {
             cfg,
             state: State::AwaitHello,
             peer_version: 0,
-            manifest_next: 0,
-            manifest_done: false,
             control,
             data: VecDeque::new(),
-            io: VecDeque::new(),
             events: VecDeque::new(),
-            want: VecDeque::new(),
-            verify: HashSet::new(),
-            requested: 0,
             reads: 0,
             ahead_bytes: 0,
             wire_bytes: 0,
@@ -165,13 +168,13 @@ impl Sender {
 
     /// Whether the session is over (done or failed).
     pub fn is_closed(&self) -> bool {
-        self.state == State::Closed
+        matches!(self.state, State::Closed)
     }
 
     /// Whether the receiver finished this round and the application must decide:
     /// [`finish`](Self::finish) or [`next_round`](Self::next_round).
     pub fn is_awaiting_verdict(&self) -> bool {
-        self.state == State::AwaitVerdict
+        matches!(self.state, State::AwaitVerdict)
     }
 
     /// Whether the receiver speaks catch-up rounds (protocol version 2 or later).
@@ -181,7 +184,7 @@ impl Sender {
 
     /// Ends the migration after a finished round: the receiver's copy is final.
     pub fn finish(&mut self) {
-        if self.state == State::AwaitVerdict {
+        if matches!(self.state, State::AwaitVerdict) {
             self.control
                 .push_back(close_frame(CloseCode::Done, "migration complete"));
             self.state = State::Closed;
@@ -191,7 +194,7 @@ impl Sender {
     /// Announces another round after a finished one (the source changed meanwhile). The
     /// session ends; the next round runs on a new control stream the receiver opens.
     pub fn next_round(&mut self) {
-        if self.state == State::AwaitVerdict {
+        if matches!(self.state, State::AwaitVerdict) {
             self.push_next_round();
             self.state = State::Closed;
         }
@@ -210,7 +213,7 @@ impl Sender {
 
     /// Feeds a frame received from the receiver.
     pub fn handle_frame(&mut self, frame: Frame) {
-        if self.state == State::Closed {
+        if matches!(self.state, State::Closed) {
             return;
         }
         if let Err(e) = self.on_frame(frame) {
@@ -220,19 +223,19 @@ impl Sender {
 
     /// Feeds a frame decoding error (the stream is unusable).
     pub fn handle_frame_error(&mut self, e: frame::FrameError) {
-        if self.state != State::Closed {
+        if !matches!(self.state, State::Closed) {
             self.fail(e.into());
         }
     }
 
     fn on_frame(&mut self, frame: Frame) -> Result<(), SessionError> {
-        match (&self.state, frame) {
+        match (&mut self.state, frame) {
             (State::AwaitHello, Frame::Hello(h)) => {
                 if h.role != Role::Receiver {
                     return Err(SessionError::Protocol("peer is not a receiver".into()));
                 }
                 self.peer_version = h.version;
-                self.state = State::Serving;
+                self.state = State::Serving(Serving::default());
                 Ok(())
             }
             (_, Frame::Message(Message::Close { code, reason })) => {
@@ -242,43 +245,43 @@ impl Sender {
                     .push_back(SendEvent::Failed(SessionError::PeerClosed { code, reason }));
                 Ok(())
             }
-            (State::Serving, Frame::Message(Message::Want(ranges))) => {
+            (State::Serving(s), Frame::Message(Message::Want(ranges))) => {
                 let n = self.manifest.unique_chunks().len() as u64;
                 for r in ranges {
-                    if r.start >= r.end || u64::from(r.end) > n {
+                    if r.start >= r.end || u64::from(r.end.0) > n {
                         return Err(SessionError::Protocol(format!(
                             "want range {}..{} outside the manifest's {n} chunks",
                             r.start, r.end
                         )));
                     }
-                    self.requested += u64::from(r.end - r.start);
-                    if self.requested > n + self.cfg.max_rerequests {
+                    s.requested += u64::from(r.end.0 - r.start.0);
+                    if s.requested > n + self.cfg.max_rerequests {
                         return Err(SessionError::Protocol(format!(
                             "receiver asked for {} chunks; the manifest has {n}",
-                            self.requested
+                            s.requested
                         )));
                     }
-                    self.want.push_back(r);
+                    s.want.push_back(r);
                 }
                 Ok(())
             }
-            (State::Serving, Frame::Message(Message::WantEnd { chunks, bytes })) => {
+            (State::Serving(_), Frame::Message(Message::WantEnd { chunks, bytes })) => {
                 self.events.push_back(SendEvent::Wanted { chunks, bytes });
                 Ok(())
             }
-            (State::Serving, Frame::Message(Message::Rejected { chunk })) => {
-                if chunk as usize >= self.manifest.unique_chunks().len() {
+            (State::Serving(s), Frame::Message(Message::Rejected { chunk })) => {
+                if chunk.index() >= self.manifest.unique_chunks().len() {
                     return Err(SessionError::Protocol(format!(
                         "rejected unknown chunk {chunk}"
                     )));
                 }
-                if self.verify.len() as u64 > self.cfg.max_rerequests {
+                if s.verify.len() as u64 > self.cfg.max_rerequests {
                     return Err(SessionError::Protocol("too many rejected chunks".into()));
                 }
-                self.verify.insert(chunk);
+                s.verify.insert(chunk);
                 Ok(())
             }
-            (State::Serving, Frame::Message(Message::Done { root })) => {
+            (State::Serving(_), Frame::Message(Message::Done { root })) => {
                 if root != self.manifest.root() {
                     return Err(SessionError::Protocol(format!(
                         "receiver finished root {root:?}, expected {:?}",
@@ -316,7 +319,7 @@ impl Sender {
                     return;
                 };
                 let raw_len = u.len;
-                if self.state == State::Closed {
+                if matches!(self.state, State::Closed) {
                     self.ahead_bytes = self.ahead_bytes.saturating_sub(u64::from(raw_len));
                     return;
                 }
@@ -338,7 +341,7 @@ impl Sender {
                     .and_then(|u| self.manifest.locate(u.first_slot))
                     .and_then(|l| self.manifest.entry(l.entry))
                     .map_or_else(|| format!("chunk {chunk}"), |e| e.path.clone());
-                if self.state != State::Serving {
+                if !matches!(self.state, State::Serving(_)) {
                     return;
                 }
                 match done {
@@ -347,7 +350,6 @@ impl Sender {
                         self.push_next_round();
                         self.events.push_back(SendEvent::SourceChanged { path });
                         self.state = State::Closed;
-                        self.want.clear();
                         self.data.clear();
                     }
                     SendIoDone::Failed { error, .. } => {
@@ -366,7 +368,6 @@ impl Sender {
             .push_back(close_frame(e.close_code(), &e.to_string()));
         self.events.push_back(SendEvent::Failed(e));
         self.state = State::Closed;
-        self.want.clear();
         self.data.clear();
     }
 
@@ -376,8 +377,14 @@ impl Sender {
         if let Some(t) = self.control.pop_front() {
             return Some(t);
         }
-        if self.state == State::Serving && !self.manifest_done {
-            return Some(self.next_manifest_frame());
+        if let State::Serving(s) = &mut self.state {
+            if !s.manifest_done {
+                let msg = s.next_manifest_message(&self.manifest);
+                return Some(match frame::encode_message(&msg) {
+                    Ok(b) => Transmit::control(b),
+                    Err(e) => self.manifest_unencodable(e),
+                });
+            }
         }
         let (raw_len, t) = self.data.pop_front()?;
         self.ahead_bytes = self.ahead_bytes.saturating_sub(u64::from(raw_len));
@@ -394,56 +401,32 @@ impl Sender {
 
     /// Whether a control frame is ready.
     pub fn has_control(&self) -> bool {
-        !self.control.is_empty() || (self.state == State::Serving && !self.manifest_done)
+        !self.control.is_empty() || matches!(&self.state, State::Serving(s) if !s.manifest_done)
     }
 
-    fn next_manifest_frame(&mut self) -> Transmit {
-        let m = Arc::clone(&self.manifest);
-        let mut entries = Vec::new();
-        let mut size = 0usize;
-        while size < MANIFEST_FRAME_TARGET {
-            let Some(e) = m.wire_entry(self.manifest_next) else {
-                break;
-            };
-            size += e.path.len() + 32 * e.hashes.len() + 48;
-            entries.push(e);
-            self.manifest_next += 1;
-        }
-        let msg = if entries.is_empty() {
-            self.manifest_done = true;
-            Message::ManifestEnd(*m.summary())
-        } else {
-            Message::Manifest(entries)
-        };
-        match frame::encode_message(&msg) {
-            Ok(b) => Transmit::control(b),
-            Err(e) => {
-                let err = SessionError::Source(format!("manifest cannot be encoded: {e}"));
-                let t = close_frame(err.close_code(), &err.to_string());
-                self.events.push_back(SendEvent::Failed(err));
-                self.state = State::Closed;
-                t
-            }
-        }
+    /// The manifest could not be encoded: the session fails; returns the close frame.
+    fn manifest_unencodable(&mut self, e: frame::FrameError) -> Transmit {
+        let err = SessionError::Source(format!("manifest cannot be encoded: {e}"));
+        let t = close_frame(err.close_code(), &err.to_string());
+        self.events.push_back(SendEvent::Failed(err));
+        self.state = State::Closed;
+        t
     }
 
     /// The next read to perform.
     #[must_use]
     pub fn poll_io(&mut self) -> Option<SendIo> {
-        if let Some(io) = self.io.pop_front() {
-            return Some(io);
-        }
-        if self.state != State::Serving
-            || self.reads >= self.cfg.max_reads
-            || self.ahead_bytes >= self.cfg.read_ahead_bytes
-        {
+        let State::Serving(s) = &mut self.state else {
+            return None;
+        };
+        if self.reads >= self.cfg.max_reads || self.ahead_bytes >= self.cfg.read_ahead_bytes {
             return None;
         }
-        let r = self.want.front_mut()?;
+        let r = s.want.front_mut()?;
         let chunk = r.start;
-        r.start += 1;
+        r.start = r.start.next();
         if r.start >= r.end {
-            self.want.pop_front();
+            s.want.pop_front();
         }
         let u = *self.manifest.unique(chunk)?;
         let loc = self.manifest.locate(u.first_slot)?;
@@ -455,7 +438,7 @@ impl Sender {
             offset: loc.offset,
             len: u.len,
             hash: u.hash,
-            verify: self.verify.remove(&chunk),
+            verify: s.verify.remove(&chunk),
         })
     }
 
@@ -463,6 +446,29 @@ impl Sender {
     #[must_use]
     pub fn poll_event(&mut self) -> Option<SendEvent> {
         self.events.pop_front()
+    }
+}
+
+impl Serving {
+    /// The next manifest frame's message: entries up to about [`MANIFEST_FRAME_TARGET`] bytes,
+    /// or `ManifestEnd` once they are all sent.
+    fn next_manifest_message(&mut self, m: &Manifest) -> Message {
+        let mut entries = Vec::new();
+        let mut size = 0usize;
+        while size < MANIFEST_FRAME_TARGET {
+            let Some(e) = m.wire_entry(self.manifest_next) else {
+                break;
+            };
+            size += e.path.len() + 32 * e.hashes.len() + 48;
+            entries.push(e);
+            self.manifest_next += 1;
+        }
+        if entries.is_empty() {
+            self.manifest_done = true;
+            Message::ManifestEnd(*m.summary())
+        } else {
+            Message::Manifest(entries)
+        }
     }
 }
 
