@@ -91,3 +91,47 @@ fn usage_errors_exit_2() {
         assert!(!dest.exists(), "ferry {args:?} created the destination");
     }
 }
+
+/// `ferry verify` on a folder no migration finished in is a usage error (exit 2) that says
+/// so, not an integrity failure (exit 7) like a tampered copy.
+#[test]
+fn verify_of_a_folder_without_a_migration_is_exit_2_not_7() {
+    let work = tempdir("verify");
+    std::fs::write(work.path().join("notes.txt"), b"mine").unwrap();
+    let (code, err) = verify(work.path());
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("does not hold a completed migration"), "{err}");
+}
+
+/// A sender that is not announced on the local network (`--no-mdns`) tells the person the
+/// forms that can reach it (the ticket, or its address), not the mDNS one.
+#[test]
+fn a_sender_without_mdns_shows_the_ticket_and_address_forms() {
+    let src = shared_history(4, 27);
+    let old = Device::new("old");
+    let args: Vec<OsString> = vec![
+        "send".into(),
+        src.into(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--no-mdns".into(),
+    ];
+    let mut s = old.spawn("send", args);
+    let deadline = std::time::Instant::now() + LONG;
+    let hint = loop {
+        let err = s.stderr();
+        if let Some(l) = err
+            .lines()
+            .find(|l| l.starts_with("on the new device run:"))
+        {
+            break l.to_string();
+        }
+        assert!(std::time::Instant::now() < deadline, "no hint:\n{err}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert!(
+        hint.contains("--ticket -") && hint.contains("--connect 127.0.0.1:"),
+        "{hint}"
+    );
+    assert!(!hint.contains("(and type the code), or"), "{hint}");
+}
