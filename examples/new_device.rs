@@ -1,73 +1,143 @@
-//! The new device, with the library API: pair by ticket, receive into a folder, reconnect by
-//! pinned key after a lost link. `cargo run --example new_device -- <DEST> <TICKET>`.
+//! The new device, with the library API: pair with the ticket shown by `old_device`, receive
+//! into a folder, and print every event to stdout as one JSON line.
+//!
+//! ```text
+//! cargo run --example new_device -- <DEST> <TICKET> [--home STATE_DIR] [--cut-at PERCENT]
+//! ```
+//!
+//! Resuming is the library's job, and this example shows both kinds:
+//! - a lost link: the receiver reconnects to the sender by its pinned key and continues
+//!   (`interrupted`, `reconnected`, then `resumed` with the bytes already here). `--cut-at 50`
+//!   cuts the link once when half the history is verified, to see it happen;
+//! - a stopped run (Ctrl-C, or the process killed): run the same command again. The
+//!   destination says it holds an unfinished migration (`unfinished`), the sender is reached by
+//!   its pinned key (the ticket's code was used up by the first run), and `resumed` counts what
+//!   the first run kept. Use the same `--home` again: it holds this device's identity, which the
+//!   sender now knows (default: `FERRY_HOME` or the XDG folders, as the CLI).
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::path::PathBuf;
+use std::process::ExitCode;
 
-use anyhow::{bail, Context};
-use ferry_migrate::session;
-use ferry_sync::proto::RecvEvent;
-use ferry_sync::store::{verify_dest, FsStore};
-use ferry_transport::{Endpoint, EndpointConfig, Identity, PeerStore, Ticket};
+use anyhow::{bail, Context as _};
+use ferry_migrate::{Event, Migration};
+use ferry_transport::{FerryDirs, Ticket};
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+const USAGE: &str = "usage: new_device <DEST> <TICKET> [--home STATE_DIR] [--cut-at PERCENT]";
+
+struct Args {
+    dest: PathBuf,
+    ticket: Ticket,
+    home: Option<PathBuf>,
+    cut_at: Option<u64>,
+}
+
+fn parse_args() -> anyhow::Result<Args> {
     let mut args = std::env::args().skip(1);
-    let dest = args.next().context("usage: new_device <DEST> <TICKET>")?;
-    let ticket: Ticket = args
-        .next()
-        .context("usage: new_device <DEST> <TICKET>")?
-        .parse()?;
-
-    // The store: staging + journal inside DEST/.ferry; reopening it resumes.
-    let store = Arc::new(FsStore::open(dest.as_ref())?);
-    let cfg = EndpointConfig {
-        bind: "127.0.0.1:0".parse()?,
-        ..EndpointConfig::default()
-    };
-    let ep = Endpoint::bind(
-        Identity::generate("new device")?,
-        PeerStore::in_memory(),
-        cfg,
-    )?;
-    // Pairing: the ticket pins the sender's key and carries the one-time code.
-    let mut conn = ep.connect_ticket(&ticket).await?;
-    loop {
-        let result = session::receive(&conn, Arc::clone(&store), |ev| {
-            if let RecvEvent::Progress {
-                bytes_done,
-                bytes_total,
-                ..
-            } = ev
-            {
-                eprint!("\r{bytes_done} / {bytes_total} bytes");
+    let mut positional = Vec::new();
+    let (mut home, mut cut_at) = (None, None);
+    while let Some(arg) = args.next() {
+        let mut value = || {
+            args.next()
+                .with_context(|| format!("{arg} needs a value; {USAGE}"))
+        };
+        match arg.as_str() {
+            "--home" => home = Some(PathBuf::from(value()?)),
+            "--cut-at" => {
+                let p: u64 = value()?.parse().context("--cut-at: a percentage")?;
+                if !(1..100).contains(&p) {
+                    bail!("--cut-at: a percentage between 1 and 99");
+                }
+                cut_at = Some(p);
             }
-        })
-        .await;
-        match result {
-            // The sender announced another round (its folder changed): same connection.
-            Ok(end) if end.more_rounds() => {}
-            Ok(end) => {
-                let Some(summary) = end.summary() else {
-                    bail!("the round ended without a verified tree");
-                };
-                eprintln!();
-                let report = verify_dest(dest.as_ref())?;
-                println!(
-                    "done: {} files, root {}, mismatches {}",
-                    summary.files,
-                    summary.root,
-                    report.mismatched.len()
-                );
-                let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
-                return Ok(());
-            }
-            // A lost link: reconnect by the pinned key alone, no code.
-            Err(e) if e.is_retryable() => {
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                conn = ep.connect_peer(ticket.device_id, &ticket.addrs).await?;
-            }
-            Err(e) => bail!("migration failed: {e}"),
+            "-h" | "--help" => bail!("{USAGE}"),
+            s if s.starts_with('-') => bail!("unknown option {s}; {USAGE}"),
+            _ => positional.push(arg),
         }
     }
+    let [dest, ticket] = <[String; 2]>::try_from(positional).map_err(|_| anyhow::anyhow!(USAGE))?;
+    Ok(Args {
+        dest: dest.into(),
+        ticket: ticket
+            .parse()
+            .context("the ticket is not valid; copy it whole from old_device")?,
+        home,
+        cut_at,
+    })
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("{e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut receive = Migration::receive(&args.dest)
+        .ticket(args.ticket)
+        .name("new device");
+    if let Some(home) = &args.home {
+        receive = receive.dirs(FerryDirs::under(home));
+    }
+    let (handle, mut events) = receive.start();
+    let mut cut = args.cut_at;
+    loop {
+        tokio::select! {
+            ev = events.next() => match ev {
+                Some(ev) => {
+                    match json_line(&ev) {
+                        Ok(line) => println!("{line}"),
+                        Err(e) => eprintln!("cannot print an event: {e}"),
+                    }
+                    if let (Some(p), Event::Progress { bytes_done, bytes_total, .. }) = (cut, &ev) {
+                        if bytes_done * 100 >= bytes_total * p && bytes_done < bytes_total {
+                            eprintln!("cutting the link at {bytes_done} of {bytes_total} bytes: watch it resume");
+                            handle.cut_link();
+                            cut = None;
+                        }
+                    }
+                }
+                None => break,
+            },
+            // Ctrl-C: what was verified is committed; the same command continues.
+            r = tokio::signal::ctrl_c() => if r.is_ok() { handle.stop() },
+        }
+    }
+    match handle.wait().await {
+        Ok(s) => {
+            eprintln!(
+                "done: {} files, {} bytes verified (root {}); {} already here, {} interruption(s)",
+                s.files,
+                s.bytes,
+                s.root.to_hex(),
+                s.resumed_bytes,
+                s.interruptions
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("new_device: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+/// One event as one JSON line. serde_json escapes the C0 controls in strings but passes C1
+/// controls and bidirectional overrides as they are, and names from the other device (its
+/// name, file names) may hold them: those are written as `\uXXXX` escapes too (the same JSON,
+/// safe on a terminal).
+fn json_line(ev: &Event) -> serde_json::Result<String> {
+    let json = serde_json::to_string(ev)?;
+    let mut out = String::with_capacity(json.len());
+    for c in json.chars() {
+        let bidi = matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+        if c.is_control() || bidi {
+            // All of them are below U+10000: one escape each.
+            out.push_str(&format!("\\u{:04x}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    Ok(out)
 }

@@ -1,59 +1,149 @@
-//! The old device, with the library API: scan a folder, show a pairing code and ticket, serve
-//! one migration. `cargo run --example old_device -- <DIR>`; then run `new_device` with the ticket.
+//! The old device, with the library API: scan a folder, show the ticket, and serve the
+//! migration — catch-up rounds included, like `ferry send` — until the new device confirms the
+//! end. Every event is printed to stdout as one JSON line; the ticket also goes to stderr.
+//!
+//! ```text
+//! cargo run --example old_device -- <DIR> [--home STATE_DIR] [--listen ADDR] [--follow]
+//!     [--rate BYTES_PER_SEC]
+//! ```
+//!
+//! Then run `new_device` with the ticket. `--home` holds this device's identity, paired devices
+//! and hash cache (default: `FERRY_HOME` or the XDG folders, as the CLI); give each device its
+//! own when both run on one machine. `--listen` defaults to 127.0.0.1 on a free port; a sender
+//! restarted with the same `--home` and `--listen` is found again by the receiver, which
+//! resumes on its own. `--follow` keeps serving changes until Ctrl-C. Ctrl-C stops gracefully.
 
-use std::sync::Arc;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
 
-use anyhow::{bail, Context};
-use ferry_migrate::session;
-use ferry_sync::compress::CompressPolicy;
-use ferry_sync::scan::{scan, ScanConfig};
-use ferry_sync::source::Source;
-use ferry_transport::{Endpoint, EndpointConfig, Identity, PeerStore};
+use anyhow::{bail, Context as _};
+use ferry_migrate::{Event, Migration};
+use ferry_transport::FerryDirs;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let dir = std::env::args().nth(1).context("usage: old_device <DIR>")?;
-    // 1. Describe the history: entries plus BLAKE3 chunk hashes (a HashCache makes restarts fast).
-    let manifest = Arc::new(scan(dir.as_ref(), None, &ScanConfig::default())?.manifest);
-    println!(
-        "{} files, {} bytes",
-        manifest.summary().files,
-        manifest.summary().bytes
-    );
-    let source = Arc::new(Source::new(
-        dir.as_ref(),
-        Arc::clone(&manifest),
-        CompressPolicy::default(),
-    ));
+const USAGE: &str =
+    "usage: old_device <DIR> [--home STATE_DIR] [--listen ADDR] [--follow] [--rate BYTES_PER_SEC]";
 
-    // 2. An endpoint with a throwaway identity, listening on loopback, with a one-time code.
-    let cfg = EndpointConfig {
-        bind: "127.0.0.1:0".parse()?,
-        ..EndpointConfig::default()
+struct Args {
+    dir: PathBuf,
+    home: Option<PathBuf>,
+    listen: SocketAddr,
+    follow: bool,
+    rate: Option<u64>,
+}
+
+fn parse_args() -> anyhow::Result<Args> {
+    let mut args = std::env::args().skip(1);
+    let mut dir = None;
+    let mut a = Args {
+        dir: PathBuf::new(),
+        home: None,
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        follow: false,
+        rate: None,
     };
-    let ep = Endpoint::bind(
-        Identity::generate("old device")?,
-        PeerStore::in_memory(),
-        cfg,
-    )?;
-    let code = ep.issue_pairing_code()?;
-    println!("ticket: {}", ep.ticket(code)?);
-
-    // 3. Serve sessions until one completes: a receiver that lost its link comes back by key.
-    loop {
-        let conn = ep.accept().await?;
-        println!("serving {}", conn.peer().name);
-        let (result, stats) =
-            session::serve(&conn, Arc::clone(&manifest), Arc::clone(&source), |_| {}).await;
-        match result {
-            Ok(()) => {
-                println!("done: {} bytes on the wire", stats.wire_bytes);
-                conn.close(ferry_transport::close::COMPLETE, b"done");
-                ep.close(ferry_transport::close::DONE, b"done").await;
-                return Ok(());
+    while let Some(arg) = args.next() {
+        let mut value = || {
+            args.next()
+                .with_context(|| format!("{arg} needs a value; {USAGE}"))
+        };
+        match arg.as_str() {
+            "--home" => a.home = Some(value()?.into()),
+            "--listen" => {
+                a.listen = value()?
+                    .parse()
+                    .context("--listen: an address like 127.0.0.1:4433")?
             }
-            Err(e) if e.is_retryable() => println!("interrupted ({e}); waiting for the receiver"),
-            Err(e) => bail!("migration failed: {e}"),
+            "--follow" => a.follow = true,
+            "--rate" => a.rate = Some(value()?.parse().context("--rate: bytes per second")?),
+            "-h" | "--help" => bail!("{USAGE}"),
+            s if s.starts_with('-') => bail!("unknown option {s}; {USAGE}"),
+            _ if dir.is_none() => dir = Some(PathBuf::from(arg)),
+            _ => bail!("{USAGE}"),
         }
     }
+    a.dir = dir.context(USAGE)?;
+    Ok(a)
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("{e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    // The builder holds every `ferry send` option; mDNS stays off in this example (the
+    // receiver uses the ticket).
+    let mut send = Migration::send(&args.dir)
+        .listen(args.listen)
+        .mdns(false)
+        .name("old device")
+        .follow(args.follow);
+    if let Some(home) = &args.home {
+        send = send.dirs(FerryDirs::under(home));
+    }
+    if let Some(rate) = args.rate {
+        send = send.limit_rate(rate);
+    }
+    let (handle, mut events) = send.start();
+    loop {
+        tokio::select! {
+            ev = events.next() => match ev {
+                Some(ev) => {
+                    if let Event::Listening { ticket, reissued, .. } = &ev {
+                        let again = if *reissued { " (new code)" } else { "" };
+                        eprintln!("ticket{again}: {ticket}");
+                        eprintln!("on the new device: cargo run --example new_device -- <DEST> {ticket}");
+                    }
+                    match json_line(&ev) {
+                        Ok(line) => println!("{line}"),
+                        Err(e) => eprintln!("cannot print an event: {e}"),
+                    }
+                }
+                None => break,
+            },
+            // Like Ctrl-C in `ferry send`: a round the receiver verified ends cleanly,
+            // otherwise the next run continues.
+            r = tokio::signal::ctrl_c() => if r.is_ok() { handle.stop() },
+        }
+    }
+    match handle.wait().await {
+        Ok(s) => {
+            eprintln!(
+                "done: {} files, {} bytes in {} round(s), root {}",
+                s.files,
+                s.bytes,
+                s.rounds,
+                s.root.to_hex()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            // The message says what happened and what to do; the kind is the CLI's exit code.
+            eprintln!("old_device: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+/// One event as one JSON line. serde_json escapes the C0 controls in strings but passes C1
+/// controls and bidirectional overrides as they are, and names from the other device (its
+/// name, file names) may hold them: those are written as `\uXXXX` escapes too (the same JSON,
+/// safe on a terminal).
+fn json_line(ev: &Event) -> serde_json::Result<String> {
+    let json = serde_json::to_string(ev)?;
+    let mut out = String::with_capacity(json.len());
+    for c in json.chars() {
+        let bidi = matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+        if c.is_control() || bidi {
+            // All of them are below U+10000: one escape each.
+            out.push_str(&format!("\\u{:04x}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    Ok(out)
 }
