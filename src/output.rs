@@ -83,7 +83,7 @@ impl Reporter {
             m.insert("event".into(), Value::String(event.into()));
         }
         let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "{fields}");
+        let _ = writeln!(out, "{}", json_terminal_safe(&fields.to_string()));
         let _ = out.flush();
     }
 
@@ -106,6 +106,7 @@ impl Reporter {
         }
         match serde_json::to_string(ev) {
             Ok(line) => {
+                let line = json_terminal_safe(&line);
                 let mut out = std::io::stdout().lock();
                 let _ = writeln!(out, "{line}");
                 let _ = out.flush();
@@ -267,6 +268,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn json_lines_carry_no_raw_c1_or_bidi_characters_and_stay_the_same_json() {
+        let v = serde_json::json!({"path": "evil\u{202e}gpj.exe\u{9b}2J\u{7f}"});
+        let line = serde_json::to_string(&v).unwrap();
+        assert!(
+            line.contains('\u{202e}'),
+            "serde_json leaves it raw: {line}"
+        );
+        let safe = json_terminal_safe(&line);
+        assert!(
+            !safe.chars().any(|c| c.is_control() || c == '\u{202e}'),
+            "{safe}"
+        );
+        let back: serde_json::Value = serde_json::from_str(&safe).unwrap();
+        assert_eq!(back, v);
+    }
+
+    #[test]
     fn log_lines_are_escaped() {
         let mut w = EscapingWriter(Vec::new());
         w.write_all(b"INFO peer \x1b]0;t\x07 said \xc2\x9b2J\n")
@@ -275,6 +293,26 @@ mod tests {
         assert!(!out.chars().any(|c| c.is_control() && c != '\n'), "{out:?}");
         assert!(out.ends_with('\n'));
     }
+}
+
+/// A JSON line with the characters JSON leaves raw but a terminal acts on (C1 controls, DEL,
+/// bidirectional overrides) written as `\uXXXX` escapes: still the same JSON, and a peer's
+/// file name cannot drive a terminal that shows `--json` output. They can only occur inside
+/// strings, where the escape means the same character.
+pub fn json_terminal_safe(line: &str) -> std::borrow::Cow<'_, str> {
+    let unsafe_char = |c: char| matches!(c, '\u{7f}'..='\u{9f}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+    if !line.chars().any(unsafe_char) {
+        return std::borrow::Cow::Borrowed(line);
+    }
+    let mut out = String::with_capacity(line.len() + 16);
+    for c in line.chars() {
+        if unsafe_char(c) {
+            out.push_str(&format!("\\u{:04x}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 /// A time left for people: `45s`, `12m`, `3h 05m`.

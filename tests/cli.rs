@@ -116,7 +116,7 @@ fn a_sender_without_mdns_shows_the_ticket_and_address_forms() {
         "127.0.0.1:0".into(),
         "--no-mdns".into(),
     ];
-    let mut s = old.spawn("send", args);
+    let s = old.spawn("send", args);
     let deadline = std::time::Instant::now() + LONG;
     let hint = loop {
         let err = s.stderr();

@@ -122,7 +122,8 @@ pub enum Event {
         bytes_total: u64,
         round: u32,
     },
-    /// Verified and durable bytes at the receiver (of `bytes_total`); `wire_bytes` is the
+    /// Verified bytes at the receiver (of `bytes_total`; they become durable at the store's
+    /// next commit, within seconds — a graceful stop commits them all); `wire_bytes` is the
     /// chunk payload received so far by this run.
     Progress {
         bytes_done: u64,

@@ -77,8 +77,11 @@ impl<T> Handle<T> {
         self.control.resume_pairing.notify_one();
     }
 
-    /// Ends the migration at once, without closing anything gracefully.
-    pub fn cancel(self) {
+    /// Ends the migration at once, without closing anything gracefully (everything verified
+    /// and committed stays; the same migration started again continues). [`Handle::wait`]
+    /// then returns [`Error::Interrupted`] once the migration's task is gone, and with it the
+    /// destination's lock and the network endpoint.
+    pub fn cancel(&self) {
         self.task.abort();
     }
 
