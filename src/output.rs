@@ -192,7 +192,7 @@ impl Reporter {
     }
 }
 
-pub use ferry_migrate::text::{escape, escape_lines, human_bytes};
+pub use ferry_migrate::text::{escape, escape_lines, human_bytes, json_terminal_safe, utc_time};
 
 /// A writer for log lines (tracing writes each event with one `write_all`): escapes what
 /// [`escape_lines`] does, so that peer text logged by any crate cannot drive the terminal.
@@ -231,58 +231,19 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     Ok((num * mult) as u64)
 }
 
-/// Unix seconds as `YYYY-MM-DD HH:MM UTC` (proleptic Gregorian calendar).
-pub fn utc_time(unix: u64) -> String {
-    let (days, secs) = (unix / 86_400, unix % 86_400);
-    // Howard Hinnant's civil_from_days, for days since 1970-01-01 (never negative here).
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + u64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02} UTC",
-        secs / 3600,
-        secs % 3600 / 60
-    )
-}
-
-#[cfg(test)]
-mod time_tests {
-    use super::utc_time;
-
-    #[test]
-    fn utc_time_formats_known_instants() {
-        assert_eq!(utc_time(0), "1970-01-01 00:00 UTC");
-        assert_eq!(utc_time(951_782_400), "2000-02-29 00:00 UTC");
-        assert_eq!(utc_time(1_796_312_460), "2026-12-03 15:41 UTC");
+/// A time left for people: `45s`, `12m`, `3h 05m`.
+fn eta(secs: f64) -> String {
+    let s = secs.max(0.0).round() as u64;
+    match s {
+        0..=99 => format!("{s}s"),
+        100..=5999 => format!("{}m", s.div_ceil(60)),
+        _ => format!("{}h {:02}m", s / 3600, s % 3600 / 60),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn json_lines_carry_no_raw_c1_or_bidi_characters_and_stay_the_same_json() {
-        let v = serde_json::json!({"path": "evil\u{202e}gpj.exe\u{9b}2J\u{7f}"});
-        let line = serde_json::to_string(&v).unwrap();
-        assert!(
-            line.contains('\u{202e}'),
-            "serde_json leaves it raw: {line}"
-        );
-        let safe = json_terminal_safe(&line);
-        assert!(
-            !safe.chars().any(|c| c.is_control() || c == '\u{202e}'),
-            "{safe}"
-        );
-        let back: serde_json::Value = serde_json::from_str(&safe).unwrap();
-        assert_eq!(back, v);
-    }
 
     #[test]
     fn log_lines_are_escaped() {
@@ -295,32 +256,3 @@ mod tests {
     }
 }
 
-/// A JSON line with the characters JSON leaves raw but a terminal acts on (C1 controls, DEL,
-/// bidirectional overrides) written as `\uXXXX` escapes: still the same JSON, and a peer's
-/// file name cannot drive a terminal that shows `--json` output. They can only occur inside
-/// strings, where the escape means the same character.
-pub fn json_terminal_safe(line: &str) -> std::borrow::Cow<'_, str> {
-    let unsafe_char = |c: char| matches!(c, '\u{7f}'..='\u{9f}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
-    if !line.chars().any(unsafe_char) {
-        return std::borrow::Cow::Borrowed(line);
-    }
-    let mut out = String::with_capacity(line.len() + 16);
-    for c in line.chars() {
-        if unsafe_char(c) {
-            out.push_str(&format!("\\u{:04x}", c as u32));
-        } else {
-            out.push(c);
-        }
-    }
-    std::borrow::Cow::Owned(out)
-}
-
-/// A time left for people: `45s`, `12m`, `3h 05m`.
-fn eta(secs: f64) -> String {
-    let s = secs.max(0.0).round() as u64;
-    match s {
-        0..=99 => format!("{s}s"),
-        100..=5999 => format!("{}m", s.div_ceil(60)),
-        _ => format!("{}h {:02}m", s / 3600, s % 3600 / 60),
-    }
-}

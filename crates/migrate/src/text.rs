@@ -62,6 +62,46 @@ pub fn human_bytes(n: u64) -> String {
     }
 }
 
+/// A JSON line with the characters JSON leaves raw but a terminal acts on (C1 controls, DEL,
+/// bidirectional overrides) written as `\uXXXX` escapes: still the same JSON, and a peer's
+/// file name cannot drive a terminal that shows `--json` output. They can only occur inside
+/// strings, where the escape means the same character.
+pub fn json_terminal_safe(line: &str) -> std::borrow::Cow<'_, str> {
+    let unsafe_char = |c: char| matches!(c, '\u{7f}'..='\u{9f}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+    if !line.chars().any(unsafe_char) {
+        return std::borrow::Cow::Borrowed(line);
+    }
+    let mut out = String::with_capacity(line.len() + 16);
+    for c in line.chars() {
+        if unsafe_char(c) {
+            out.push_str(&format!("\\u{:04x}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// Unix seconds as `YYYY-MM-DD HH:MM UTC` (proleptic Gregorian calendar).
+pub fn utc_time(unix: u64) -> String {
+    let (days, secs) = (unix / 86_400, unix % 86_400);
+    // Howard Hinnant's civil_from_days, for days since 1970-01-01 (never negative here).
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + u64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02} UTC",
+        secs / 3600,
+        secs % 3600 / 60
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -107,5 +147,28 @@ mod tests {
         let d = ferry_sync::driver::DriveError::LinkLost("closed by peer: \x1b[2J".into());
         let f = crate::error::from_drive(d);
         assert!(terminal_safe(f.message(), false), "{:?}", f.message());
+    }
+    #[test]
+    fn json_lines_carry_no_raw_c1_or_bidi_characters_and_stay_the_same_json() {
+        let v = serde_json::json!({"path": "evil\u{202e}gpj.exe\u{9b}2J\u{7f}"});
+        let line = serde_json::to_string(&v).unwrap();
+        assert!(
+            line.contains('\u{202e}'),
+            "serde_json leaves it raw: {line}"
+        );
+        let safe = json_terminal_safe(&line);
+        assert!(
+            !safe.chars().any(|c| c.is_control() || c == '\u{202e}'),
+            "{safe}"
+        );
+        let back: serde_json::Value = serde_json::from_str(&safe).unwrap();
+        assert_eq!(back, v);
+    }
+
+    #[test]
+    fn utc_time_formats_known_instants() {
+        assert_eq!(utc_time(0), "1970-01-01 00:00 UTC");
+        assert_eq!(utc_time(951_782_400), "2000-02-29 00:00 UTC");
+        assert_eq!(utc_time(1_796_312_460), "2026-12-03 15:41 UTC");
     }
 }
