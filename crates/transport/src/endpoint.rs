@@ -505,6 +505,50 @@ impl Drop for Attempt<'_> {
     }
 }
 
+/// The other device's key, stored during pairing before that device confirmed it stored ours
+/// (the confirmed ending, see [`crate::pairing`]): removed again (an earlier pairing of the same
+/// device restored) unless committed, also when the session is cancelled (timeout, dropped
+/// connection).
+struct PendingPin<'a> {
+    peers: &'a PeerStore,
+    written: Option<PeerRecord>,
+    previous: Option<PeerRecord>,
+}
+
+impl<'a> PendingPin<'a> {
+    fn write(peers: &'a PeerStore, record: PeerRecord) -> Result<Self, PairingError> {
+        let previous = peers.swap(record.clone())?;
+        Ok(Self {
+            peers,
+            written: Some(record),
+            previous,
+        })
+    }
+
+    /// The other side confirmed: keep the pin.
+    fn commit(mut self) {
+        self.written = None;
+    }
+
+    /// The other side did not confirm (`reason`): remove the pin; the error to report.
+    fn abandon(mut self, reason: String) -> PairingError {
+        let kept = match self.written.take() {
+            Some(w) => self.peers.revert(&w, self.previous.take()).is_err(),
+            None => false,
+        };
+        PairingError::Unconfirmed { reason, kept }
+    }
+}
+
+impl Drop for PendingPin<'_> {
+    fn drop(&mut self) {
+        if let Some(w) = self.written.take() {
+            // Cancelled (timeout): best effort, nowhere to report a failure from here.
+            let _ = self.peers.revert(&w, self.previous.take());
+        }
+    }
+}
+
 struct Shared {
     quinn: quinn::Endpoint,
     identity: Identity,
@@ -987,7 +1031,9 @@ async fn client_session(
     let (server_name, reply) = match reply {
         ServerMsg::Hello { name, reply } => (name, reply),
         ServerMsg::Rejected(r) => return Err(r.into()),
-        ServerMsg::Confirm(_) => return Err(PairingError::Protocol("unexpected confirm".into())),
+        ServerMsg::Confirm(_) | ServerMsg::Paired => {
+            return Err(PairingError::Protocol("expected hello".into()))
+        }
     };
     // The transcript hashes the name exactly as received (what the server hashed); what is
     // stored and shown is its sanitised form.
@@ -1026,21 +1072,54 @@ async fn client_session(
                 ServerMsg::Confirm(m) if pairing::mac_eq(&m, &mac_s) => {}
                 ServerMsg::Confirm(_) => return Err(PairingError::WrongCode),
                 ServerMsg::Rejected(r) => return Err(r.into()),
-                ServerMsg::Hello { .. } => {
-                    return Err(PairingError::Protocol("unexpected hello".into()))
+                ServerMsg::Hello { .. } | ServerMsg::Paired => {
+                    return Err(PairingError::Protocol("expected confirm".into()))
                 }
             }
-            let now = now_unix();
-            sh.peers.upsert(PeerRecord::paired(
-                server_id,
-                shown_name.clone(),
-                Some(conn.remote_address()),
-                PeerRole::Sender,
-                now,
-            ))?;
+            // The confirmed ending (module docs of `pairing`): the server pins us and says
+            // so; we pin it and finish our stream, and succeed once the server has that.
             pairing::write_frame(&mut send, &ClientMsg::Done).await?;
-            let _ = send.finish();
-            Ok((server_id, shown_name, true, now))
+            let unconfirmed = |reason: String| PairingError::Unconfirmed {
+                reason,
+                kept: false,
+            };
+            match read_or_closed(conn, pairing::read_frame(&mut recv).await) {
+                Ok(ServerMsg::Paired) => {}
+                Ok(ServerMsg::Rejected(r)) => return Err(r.into()),
+                Ok(_) => return Err(PairingError::Protocol("expected paired".into())),
+                Err(PairingError::Protocol(e)) => return Err(PairingError::Protocol(e)),
+                Err(e) => return Err(unconfirmed(e.to_string())),
+            }
+            let now = now_unix();
+            let pin = PendingPin::write(
+                &sh.peers,
+                PeerRecord::paired(
+                    server_id,
+                    shown_name.clone(),
+                    Some(conn.remote_address()),
+                    PeerRole::Sender,
+                    now,
+                ),
+            )?;
+            // Acknowledged by the server's QUIC stack: it reads the end of the stream even if
+            // we close the connection right after.
+            let acked = match send.finish() {
+                Ok(()) => match send.stopped().await {
+                    Ok(None) => Ok(()),
+                    Ok(Some(code)) => Err(format!("it stopped the session stream (code {code})")),
+                    Err(e) => {
+                        Err(closed_by_peer(conn).map_or_else(|| e.to_string(), |p| p.to_string()))
+                    }
+                },
+                Err(e) => Err(e.to_string()),
+            };
+            match acked {
+                Ok(()) => {
+                    pin.commit();
+                    Ok((server_id, shown_name, true, now))
+                }
+                Err(reason) => Err(pin.abandon(reason)),
+            }
         }
         (HelloReply::Pake(_), _, _) => Err(PairingError::Protocol("unsolicited pairing".into())),
     }
@@ -1400,19 +1479,40 @@ async fn server_session(
         ClientMsg::Done => {}
         _ => return Err(protocol("expected done")),
     }
-    let _ = send.finish();
+    // The confirmed ending (module docs of `pairing`): pin the client, tell it, and succeed
+    // only once it says it pinned us too (it finishes its stream, nothing more).
     let now = now_unix();
-    sh.peers
-        .upsert(PeerRecord::paired(
+    let pin = PendingPin::write(
+        &sh.peers,
+        PeerRecord::paired(
             client_id,
             client_name.clone(),
             Some(conn.remote_address()),
             PeerRole::Receiver,
             now,
-        ))
-        .map_err(|e| (e.into(), None))?;
-    attempt.succeeded();
-    Ok((client_name, true, now))
+        ),
+    )
+    .map_err(io)?;
+    let confirmed = async {
+        pairing::write_frame(send, &ServerMsg::Paired)
+            .await
+            .map_err(|e| e.to_string())?;
+        let _ = send.finish();
+        let mut rest = [0u8; 1];
+        match recv.read(&mut rest).await {
+            Ok(None) => Ok(()),
+            Ok(Some(_)) => Err("it sent more after its last message".to_string()),
+            Err(e) => Err(e.to_string()),
+        }
+    };
+    match confirmed.await {
+        Ok(()) => {
+            pin.commit();
+            attempt.succeeded();
+            Ok((client_name, true, now))
+        }
+        Err(reason) => Err((pin.abandon(reason), None)),
+    }
 }
 
 #[cfg(test)]
