@@ -152,7 +152,6 @@ pub async fn pair(f: PairFlags) -> Result<(), Error> {
     let ticket_env = f.connect.is_none().then_some("FERRY_TICKET");
     let ticket = args::ticket_arg(f.ticket.as_deref(), ticket_env, &mut stdin_taken)?;
     let ep = ferry_migrate::open_endpoint(&dirs, f.name.as_deref(), listen)?;
-    let connecting = ticket.is_some() || f.connect.is_some();
     let conn = if let Some(t) = &ticket {
         ep.connect_ticket(t)
             .await
@@ -221,12 +220,9 @@ pub async fn pair(f: PairFlags) -> Result<(), Error> {
         },
         ferry_transport::DEFAULT_PAIRING_TTL.as_secs() / 86_400
     ));
-    // The connecting side pinned the other before sending its last message (`Done`); closing at
-    // once could discard that message before it arrives (the waiting side then fails with
-    // "closed by peer"), so it lets the waiting side, which has read it, close first.
-    if connecting {
-        let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
-    }
+    // Both sides stored the other's key before either got here (the confirmed ending of
+    // pairing: `connect_*` returns once the waiting side's QUIC stack has acknowledged the last
+    // message, which it reads even after this close), so either may close at once.
     conn.close(ferry_transport::close::COMPLETE, b"paired");
     let _ = tokio::time::timeout(Duration::from_millis(500), conn.closed()).await;
     ep.close(ferry_transport::close::DONE, b"done").await;

@@ -255,4 +255,3 @@ mod tests {
         assert!(out.ends_with('\n'));
     }
 }
-

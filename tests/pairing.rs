@@ -452,3 +452,136 @@ fn another_sender_at_connect_without_a_code_asks_for_its_code() {
     assert!(!dest.join("media").exists());
     drop(s);
 }
+
+/// Busy-loop threads that compete with the ferry processes for the CPU until dropped.
+struct CpuBurners {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<u64>>,
+}
+
+impl CpuBurners {
+    fn start(n: usize) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let threads = (0..n)
+            .map(|_| {
+                let stop = std::sync::Arc::clone(&stop);
+                std::thread::spawn(move || {
+                    let mut x = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        for _ in 0..10_000 {
+                            x = std::hint::black_box(x.wrapping_mul(6364136223846793005) + 1);
+                        }
+                    }
+                    x
+                })
+            })
+            .collect();
+        Self { stop, threads }
+    }
+}
+
+impl Drop for CpuBurners {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The device ids `ferry peers --json` lists for `dev`.
+fn peer_ids(dev: &Device) -> Vec<String> {
+    let (code, p) = dev.run("peers", ["peers", "--json"], LONG);
+    assert_eq!(code, 0, "ferry peers: {}", p.stderr());
+    p.seen_named("peer")
+        .iter()
+        .map(|e| e["device_id"].as_str().expect("device_id").to_string())
+        .collect()
+}
+
+/// Issue 18, item 2: `ferry pair` used to end with one side paired and the other not on a
+/// loaded machine (the connecting side reported `paired` and closed while its last message
+/// was still in flight; the waiting side failed with "closed by peer" and stored nothing).
+/// Pairing now ends with a confirmed two-step ending: each side persists the other's key
+/// before the other reports success. 12 pairings (by ticket and by address + code, in turn)
+/// while 3 busy threads compete for the 2 cores: every time both exit 0, both print `paired`
+/// for the other device, and both peers lists hold the other device.
+#[test]
+fn pairing_under_cpu_load_ends_with_both_sides_paired_every_time() {
+    const RUNS: usize = 12;
+    let _burn = CpuBurners::start(3);
+    let mut failures = Vec::new();
+    for run in 0..RUNS {
+        let (old, new) = (
+            Device::new(&format!("old{run}")),
+            Device::new(&format!("new{run}")),
+        );
+        let (mut w, addr, code, ticket) = pair_waiting(&old, &[]);
+        let (rc, c) = if run % 2 == 0 {
+            let mut c = Ferry::spawn_opts(
+                "pair-ticket",
+                new.home.path(),
+                &[],
+                &[("FERRY_TICKET", &ticket)],
+                false,
+                ["pair", "--listen", "127.0.0.1:0", "--json"],
+            );
+            (c.wait_code(LONG), c)
+        } else {
+            new.run(
+                "pair-code",
+                [
+                    "pair",
+                    "--connect",
+                    &addr,
+                    "--code",
+                    &code,
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--json",
+                ],
+                LONG,
+            )
+        };
+        let wrc = w.wait_code(LONG);
+        let w_paired: Vec<String> = w
+            .seen_named("paired")
+            .iter()
+            .filter_map(|e| e["device_id"].as_str().map(str::to_string))
+            .collect();
+        let c_paired: Vec<String> = c
+            .seen_named("paired")
+            .iter()
+            .filter_map(|e| e["device_id"].as_str().map(str::to_string))
+            .collect();
+        let (old_peers, new_peers) = (peer_ids(&old), peer_ids(&new));
+        // Each side's `paired` names the other; its peers list holds that device; the device
+        // the connecting side paired with is the one in the ticket.
+        let agreed = rc == 0
+            && wrc == 0
+            && w_paired.len() == 1
+            && c_paired.len() == 1
+            && old_peers == w_paired
+            && new_peers == c_paired
+            && ticket
+                .parse::<ferry_transport::Ticket>()
+                .is_ok_and(|t| t.device_id.to_string() == c_paired[0]);
+        if !agreed {
+            failures.push(format!(
+                "run {run}: waiting side exit {wrc}, paired {w_paired:?}, peers {old_peers:?}, stderr: {}\n  connecting side exit {rc}, paired {c_paired:?}, peers {new_peers:?}, stderr: {}",
+                w.stderr().trim(),
+                c.stderr().trim()
+            ));
+        }
+    }
+    println!(
+        "FIGURE pairing under CPU load: {} of {RUNS} runs disagreed",
+        failures.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {RUNS} pairings did not end with both sides paired:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}

@@ -509,6 +509,50 @@ impl Drop for Attempt<'_> {
     }
 }
 
+/// The other device's key, stored during pairing before that device confirmed it stored ours
+/// (the confirmed ending, see [`crate::pairing`]): removed again (an earlier pairing of the same
+/// device restored) unless committed, also when the session is cancelled (timeout, dropped
+/// connection).
+struct PendingPin<'a> {
+    peers: &'a PeerStore,
+    written: Option<PeerRecord>,
+    previous: Option<PeerRecord>,
+}
+
+impl<'a> PendingPin<'a> {
+    fn write(peers: &'a PeerStore, record: PeerRecord) -> Result<Self, PairingError> {
+        let previous = peers.swap(record.clone())?;
+        Ok(Self {
+            peers,
+            written: Some(record),
+            previous,
+        })
+    }
+
+    /// The other side confirmed: keep the pin.
+    fn commit(mut self) {
+        self.written = None;
+    }
+
+    /// The other side did not confirm (`reason`): remove the pin; the error to report.
+    fn abandon(mut self, reason: String) -> PairingError {
+        let kept = match self.written.take() {
+            Some(w) => self.peers.revert(&w, self.previous.take()).is_err(),
+            None => false,
+        };
+        PairingError::Unconfirmed { reason, kept }
+    }
+}
+
+impl Drop for PendingPin<'_> {
+    fn drop(&mut self) {
+        if let Some(w) = self.written.take() {
+            // Cancelled (timeout): best effort, nowhere to report a failure from here.
+            let _ = self.peers.revert(&w, self.previous.take());
+        }
+    }
+}
+
 struct Shared {
     quinn: quinn::Endpoint,
     identity: Identity,
@@ -1002,7 +1046,9 @@ async fn client_session(
     let (server_name, reply) = match reply {
         ServerMsg::Hello { name, reply } => (name, reply),
         ServerMsg::Rejected(r) => return Err(r.into()),
-        ServerMsg::Confirm(_) => return Err(PairingError::Protocol("unexpected confirm".into())),
+        ServerMsg::Confirm(_) | ServerMsg::Paired => {
+            return Err(PairingError::Protocol("expected hello".into()))
+        }
     };
     // The transcript hashes the name exactly as received (what the server hashed); what is
     // stored and shown is its sanitised form.
@@ -1041,21 +1087,54 @@ async fn client_session(
                 ServerMsg::Confirm(m) if pairing::mac_eq(&m, &mac_s) => {}
                 ServerMsg::Confirm(_) => return Err(PairingError::WrongCode),
                 ServerMsg::Rejected(r) => return Err(r.into()),
-                ServerMsg::Hello { .. } => {
-                    return Err(PairingError::Protocol("unexpected hello".into()))
+                ServerMsg::Hello { .. } | ServerMsg::Paired => {
+                    return Err(PairingError::Protocol("expected confirm".into()))
                 }
             }
-            let now = now_unix();
-            sh.peers.upsert(PeerRecord::paired(
-                server_id,
-                shown_name.clone(),
-                Some(conn.remote_address()),
-                PeerRole::Sender,
-                now,
-            ))?;
+            // The confirmed ending (module docs of `pairing`): the server pins us and says
+            // so; we pin it and finish our stream, and succeed once the server has that.
             pairing::write_frame(&mut send, &ClientMsg::Done).await?;
-            let _ = send.finish();
-            Ok((server_id, shown_name, true, now))
+            let unconfirmed = |reason: String| PairingError::Unconfirmed {
+                reason,
+                kept: false,
+            };
+            match read_or_closed(conn, pairing::read_frame(&mut recv).await) {
+                Ok(ServerMsg::Paired) => {}
+                Ok(ServerMsg::Rejected(r)) => return Err(r.into()),
+                Ok(_) => return Err(PairingError::Protocol("expected paired".into())),
+                Err(PairingError::Protocol(e)) => return Err(PairingError::Protocol(e)),
+                Err(e) => return Err(unconfirmed(e.to_string())),
+            }
+            let now = now_unix();
+            let pin = PendingPin::write(
+                &sh.peers,
+                PeerRecord::paired(
+                    server_id,
+                    shown_name.clone(),
+                    Some(conn.remote_address()),
+                    PeerRole::Sender,
+                    now,
+                ),
+            )?;
+            // Acknowledged by the server's QUIC stack: it reads the end of the stream even if
+            // we close the connection right after.
+            let acked = match send.finish() {
+                Ok(()) => match send.stopped().await {
+                    Ok(None) => Ok(()),
+                    Ok(Some(code)) => Err(format!("it stopped the session stream (code {code})")),
+                    Err(e) => {
+                        Err(closed_by_peer(conn).map_or_else(|| e.to_string(), |p| p.to_string()))
+                    }
+                },
+                Err(e) => Err(e.to_string()),
+            };
+            match acked {
+                Ok(()) => {
+                    pin.commit();
+                    Ok((server_id, shown_name, true, now))
+                }
+                Err(reason) => Err(pin.abandon(reason)),
+            }
         }
         (HelloReply::Pake(_), _, _) => Err(PairingError::Protocol("unsolicited pairing".into())),
     }
@@ -1415,19 +1494,40 @@ async fn server_session(
         ClientMsg::Done => {}
         _ => return Err(protocol("expected done")),
     }
-    let _ = send.finish();
+    // The confirmed ending (module docs of `pairing`): pin the client, tell it, and succeed
+    // only once it says it pinned us too (it finishes its stream, nothing more).
     let now = now_unix();
-    sh.peers
-        .upsert(PeerRecord::paired(
+    let pin = PendingPin::write(
+        &sh.peers,
+        PeerRecord::paired(
             client_id,
             client_name.clone(),
             Some(conn.remote_address()),
             PeerRole::Receiver,
             now,
-        ))
-        .map_err(|e| (e.into(), None))?;
-    attempt.succeeded();
-    Ok((client_name, true, now))
+        ),
+    )
+    .map_err(io)?;
+    let confirmed = async {
+        pairing::write_frame(send, &ServerMsg::Paired)
+            .await
+            .map_err(|e| e.to_string())?;
+        let _ = send.finish();
+        let mut rest = [0u8; 1];
+        match recv.read(&mut rest).await {
+            Ok(None) => Ok(()),
+            Ok(Some(_)) => Err("it sent more after its last message".to_string()),
+            Err(e) => Err(e.to_string()),
+        }
+    };
+    match confirmed.await {
+        Ok(()) => {
+            pin.commit();
+            attempt.succeeded();
+            Ok((client_name, true, now))
+        }
+        Err(reason) => Err((pin.abandon(reason), None)),
+    }
 }
 
 #[cfg(test)]
@@ -1712,5 +1812,225 @@ mod tests {
             w.resume(t0);
         }
         assert!(w.addrs.len() <= 8);
+    }
+}
+
+/// The confirmed ending of pairing, against a peer that stops right before confirming: the
+/// side that got no confirmation reports [`PairingError::Unconfirmed`] and keeps no pin (an
+/// earlier pairing of the same device is restored).
+#[cfg(test)]
+mod confirmation_tests {
+    use super::*;
+
+    const T: Duration = Duration::from_secs(20);
+
+    fn loopback_endpoint(name: &str) -> Endpoint {
+        let cfg = EndpointConfig {
+            bind: "127.0.0.1:0".parse().unwrap(),
+            ..EndpointConfig::default()
+        };
+        Endpoint::bind(
+            Identity::generate(name).unwrap(),
+            PeerStore::in_memory(),
+            cfg,
+        )
+        .unwrap()
+    }
+
+    fn earlier(id: DeviceId, role: PeerRole) -> PeerRecord {
+        PeerRecord::paired(id, "earlier".into(), None, role, 1_000)
+    }
+
+    /// A raw client: pairs with `code` up to the server's last message, then closes the
+    /// connection instead of finishing its stream. Returns that last message.
+    async fn client_that_never_confirms(
+        id: &Identity,
+        server: SocketAddr,
+        code: PairingCode,
+    ) -> ServerMsg {
+        let mut client = quinn::ClientConfig::new(Arc::new(tls::client_crypto(id, None).unwrap()));
+        client.transport_config(Arc::new(transport(&EndpointConfig::default(), 0, 0)));
+        let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let conn = ep
+            .connect_with(client, server, SERVER_NAME)
+            .unwrap()
+            .await
+            .unwrap();
+        let server_id = tls::peer_device_id(&conn).unwrap();
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        let (state, client_msg) = pairing::start(&code);
+        let hello = ClientMsg::Hello {
+            magic: pairing::magic(),
+            name: id.name().to_string(),
+            pake: Some(client_msg.clone()),
+        };
+        pairing::write_frame(&mut send, &hello).await.unwrap();
+        let ServerMsg::Hello {
+            name,
+            reply: HelloReply::Pake(server_msg),
+        } = pairing::read_frame(&mut recv).await.unwrap()
+        else {
+            panic!("no pairing hello");
+        };
+        let key = state.finish(&server_msg).unwrap();
+        let binding = Binding {
+            ekm: pairing::exporter(&conn).unwrap(),
+            server: server_id,
+            client: id.device_id(),
+            server_name: &name,
+            client_name: id.name(),
+            client_msg: &client_msg,
+            server_msg: &server_msg,
+        };
+        let (mac_c, mac_s) = pairing::confirmations(&key, &binding);
+        pairing::write_frame(&mut send, &ClientMsg::Confirm(mac_c))
+            .await
+            .unwrap();
+        assert!(matches!(
+            pairing::read_frame(&mut recv).await.unwrap(),
+            ServerMsg::Confirm(m) if pairing::mac_eq(&m, &mac_s)
+        ));
+        pairing::write_frame(&mut send, &ClientMsg::Done)
+            .await
+            .unwrap();
+        let last = pairing::read_frame(&mut recv).await.unwrap();
+        // Closed before `send` is dropped (a drop would finish the stream: the confirmation).
+        conn.close(VarInt::from_u32(close::COMPLETE), b"gone");
+        last
+    }
+
+    /// A raw server on ferry's TLS: pairs with `code` up to its `Paired`, then stops reading
+    /// (the client's confirmation never counts) and waits for the client to give up.
+    async fn server_that_never_reads_the_confirmation(
+        id: Identity,
+        code: PairingCode,
+    ) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+        let mut server =
+            quinn::ServerConfig::with_crypto(Arc::new(tls::server_crypto(&id).unwrap()));
+        server.transport_config(Arc::new(transport(&EndpointConfig::default(), 1, 0)));
+        let ep = quinn::Endpoint::server(server, "127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = ep.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let conn = ep.accept().await.unwrap().await.unwrap();
+            let client_id = tls::peer_device_id(&conn).unwrap();
+            let (mut send, mut recv) = conn.accept_bi().await.unwrap();
+            let ClientMsg::Hello {
+                name,
+                pake: Some(client_msg),
+                ..
+            } = pairing::read_frame(&mut recv).await.unwrap()
+            else {
+                panic!("no pairing hello");
+            };
+            let (state, server_msg) = pairing::start(&code);
+            let reply = ServerMsg::Hello {
+                name: id.name().to_string(),
+                reply: HelloReply::Pake(server_msg.clone()),
+            };
+            pairing::write_frame(&mut send, &reply).await.unwrap();
+            let key = state.finish(&client_msg).unwrap();
+            let binding = Binding {
+                ekm: pairing::exporter(&conn).unwrap(),
+                server: id.device_id(),
+                client: client_id,
+                server_name: id.name(),
+                client_name: &name,
+                client_msg: &client_msg,
+                server_msg: &server_msg,
+            };
+            let (mac_c, mac_s) = pairing::confirmations(&key, &binding);
+            assert!(matches!(
+                pairing::read_frame(&mut recv).await.unwrap(),
+                ClientMsg::Confirm(m) if pairing::mac_eq(&m, &mac_c)
+            ));
+            pairing::write_frame(&mut send, &ServerMsg::Confirm(mac_s))
+                .await
+                .unwrap();
+            assert!(matches!(
+                pairing::read_frame(&mut recv).await.unwrap(),
+                ClientMsg::Done
+            ));
+            pairing::write_frame(&mut send, &ServerMsg::Paired)
+                .await
+                .unwrap();
+            let _ = recv.stop(VarInt::from_u32(0));
+            let _ = tokio::time::timeout(T, conn.closed()).await;
+        });
+        (addr, task)
+    }
+
+    #[tokio::test]
+    async fn a_client_that_vanishes_before_confirming_leaves_the_server_without_its_pin() {
+        for previous in [None, Some(())] {
+            let server = loopback_endpoint("old");
+            let client = Identity::generate("new").unwrap();
+            let cid = client.device_id();
+            let before = previous.map(|()| earlier(cid, PeerRole::Receiver));
+            if let Some(rec) = &before {
+                server.peers().upsert(rec.clone()).unwrap();
+            }
+            let code = server.issue_pairing_code().unwrap();
+            let to = server.local_addr().unwrap();
+            let (s, last) = tokio::time::timeout(T, async {
+                tokio::join!(
+                    server.accept(),
+                    client_that_never_confirms(&client, to, code)
+                )
+            })
+            .await
+            .expect("timed out");
+            assert!(matches!(last, ServerMsg::Paired), "{last:?}");
+            assert!(
+                matches!(
+                    &s,
+                    Err(AcceptError::Pairing {
+                        source: PairingError::Unconfirmed { kept: false, .. },
+                        ..
+                    })
+                ),
+                "{s:?}"
+            );
+            assert_eq!(
+                server.peers().get(&cid),
+                before,
+                "the server kept a half pin"
+            );
+            // It counts as a failed attempt (the code was used).
+            assert_eq!(server.pairing_gate().failures, 1);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_server_that_never_takes_the_confirmation_leaves_the_client_without_its_pin() {
+        for previous in [None, Some(())] {
+            let client = loopback_endpoint("new");
+            let server_id = Identity::generate("old").unwrap();
+            let sid = server_id.device_id();
+            let before = previous.map(|()| earlier(sid, PeerRole::Sender));
+            if let Some(rec) = &before {
+                client.peers().upsert(rec.clone()).unwrap();
+            }
+            let code = PairingCode::random().unwrap();
+            let (to, task) = server_that_never_reads_the_confirmation(server_id, code).await;
+            let c = tokio::time::timeout(T, client.connect_with_code(&[to], code))
+                .await
+                .expect("timed out");
+            assert!(
+                matches!(
+                    &c,
+                    Err(ConnectError::Pairing(PairingError::Unconfirmed {
+                        kept: false,
+                        ..
+                    }))
+                ),
+                "{c:?}"
+            );
+            assert_eq!(
+                client.peers().get(&sid),
+                before,
+                "the client kept a half pin"
+            );
+            tokio::time::timeout(T, task).await.unwrap().unwrap();
+        }
     }
 }

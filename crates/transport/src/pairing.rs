@@ -13,8 +13,17 @@
 //!    where EKM = TLS exporter (label [`EKM_LABEL`], 32 bytes) of *this* connection and the ids
 //!    are BLAKE3 of each side's certificate key. client → `Confirm(MAC(K_c, T))`; the server
 //!    checks it (wrong code or relayed session: `Rejected(WrongCode)` + close) and answers
-//!    `Confirm(MAC(K_s, T))`; the client checks it, pins the server and sends `Done`; the server
-//!    pins the client. MAC = BLAKE3 keyed with `derive_key(role context, K)`.
+//!    `Confirm(MAC(K_s, T))`; the client checks it and sends `Done`.
+//!    MAC = BLAKE3 keyed with `derive_key(role context, K)`.
+//! 4. pairing only, the confirmed ending (both sides persist the other's key before either
+//!    reports success): the server pins the client, then sends `Paired`; the client pins the
+//!    server, then finishes its stream (FIN). The client reports success once the server's QUIC
+//!    stack acknowledged that FIN; the server, once it read it. A side that fails before that
+//!    (connection lost, timeout, store error) removes the pin it wrote (restoring an earlier
+//!    pairing of the same device) and reports failure: a pairing never ends with one side
+//!    paired because the other closed too early. (As with any two-party ending over a lossy
+//!    link, a link cut in the one round trip between the server reading the FIN and the
+//!    client getting its acknowledgement still leaves the server paired and the client not.)
 //!
 //! A relaying man-in-the-middle terminates two TLS sessions with its own key: EKM and the ids
 //! differ between the two sides, so neither confirmation verifies even if it knows the code.
@@ -168,6 +177,20 @@ pub enum PairingError {
     /// Persisting the paired peer failed.
     #[error(transparent)]
     Store(#[from] crate::peers::PeerStoreError),
+    /// The codes matched, but the other device did not confirm that it stored this device's
+    /// key (it closed, vanished or failed first): the pairing did not happen, and the key this
+    /// side had stored was removed again (unless `kept`).
+    #[error("the other device did not confirm the pairing ({reason}); {}", if *.kept {
+        "its key could not be removed from this device's paired-devices list: remove it with `ferry peers --forget`, then pair again"
+    } else {
+        "nothing was kept: pair again with a new code"
+    })]
+    Unconfirmed {
+        /// What happened instead of the confirmation.
+        reason: String,
+        /// This side could not remove the other's key it had already stored.
+        kept: bool,
+    },
 }
 
 impl From<RejectReason> for PairingError {
@@ -200,9 +223,14 @@ pub(crate) enum HelloReply {
 
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) enum ServerMsg {
-    Hello { name: String, reply: HelloReply },
+    Hello {
+        name: String,
+        reply: HelloReply,
+    },
     Confirm([u8; 32]),
     Rejected(RejectReason),
+    /// Pairing only: the server pinned the client (after the client's `Done`).
+    Paired,
 }
 
 pub(crate) async fn write_frame<T: Serialize>(

@@ -306,9 +306,41 @@ impl PeerStore {
 
     /// Inserts or replaces a peer (a new pairing decides its role) and persists the file.
     pub fn upsert(&self, record: PeerRecord) -> Result<(), PeerStoreError> {
+        self.swap(record).map(drop)
+    }
+
+    /// [`PeerStore::upsert`], returning the record it replaced (read under the same lock).
+    pub(crate) fn swap(&self, record: PeerRecord) -> Result<Option<PeerRecord>, PeerStoreError> {
         self.update(|peers| {
+            let previous = peers
+                .iter()
+                .position(|p| p.device_id == record.device_id)
+                .map(|i| peers.remove(i));
             peers.retain(|p| p.device_id != record.device_id);
             peers.push(record);
+            previous
+        })
+    }
+
+    /// Undoes an [`PeerStore::upsert`] of `written` whose pairing was not confirmed by the other
+    /// side: restores `previous` (an earlier pairing of the same device), or forgets the
+    /// device. A no-op when the record is no longer `written` (changed meanwhile by another
+    /// process, e.g. paired again or forgotten).
+    pub(crate) fn revert(
+        &self,
+        written: &PeerRecord,
+        previous: Option<PeerRecord>,
+    ) -> Result<(), PeerStoreError> {
+        self.update(|peers| {
+            let Some(i) = peers.iter().position(|p| p == written) else {
+                return;
+            };
+            match previous {
+                Some(prev) => peers[i] = prev,
+                None => {
+                    peers.remove(i);
+                }
+            }
         })
     }
 

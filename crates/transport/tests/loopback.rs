@@ -106,6 +106,52 @@ async fn pair_with_right_code_then_streams_flow_and_reconnect_by_pinned_key() {
     );
 }
 
+/// Issue 18, item 2: pairing ends confirmed. When `connect_*` returns, the server has stored
+/// the client's key and reads the client's last message even if the client closes the
+/// connection at once (as `ferry pair` does): 20 times, on a multi-threaded runtime, the client
+/// closes the moment it is paired, and every time the server's `accept` returns the pairing
+/// and both sides hold each other's key. Before, the client stored the server's key and
+/// returned with its last message (`Done`) still in flight, and its close discarded it: the
+/// server failed with "closed by peer" and stored nothing (most runs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_closes_the_moment_it_is_paired_leaves_both_sides_paired() {
+    const RUNS: usize = 20;
+    let mut failures = Vec::new();
+    for run in 0..RUNS {
+        let server = endpoint("old");
+        let client = endpoint("new");
+        let code = server.issue_pairing_code().unwrap();
+        let to = [addr(&server)];
+        let (s, c) = tokio::join!(accept(&server), async {
+            let c = client.connect_with_code(&to, code).await;
+            if let Ok(c) = &c {
+                c.close(close::COMPLETE, b"paired");
+            }
+            c
+        });
+        let (sid, cid) = (server.identity().device_id(), client.identity().device_id());
+        let agreed = matches!(&s, Ok(s) if s.peer().device_id == cid)
+            && matches!(&c, Ok(c) if c.peer().device_id == sid)
+            && server.peers().contains(&cid)
+            && client.peers().contains(&sid);
+        if !agreed {
+            failures.push(format!(
+                "run {run}: server {:?} (pinned: {}), client {:?} (pinned: {})",
+                s.map(|s| s.peer().clone()),
+                server.peers().contains(&cid),
+                c.map(|c| c.peer().clone()),
+                client.peers().contains(&sid)
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {RUNS} pairings did not end with both sides paired:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
 #[tokio::test]
 async fn wrong_code_fails_on_both_sides_and_burns_the_code() {
     let server = endpoint("old");
