@@ -355,7 +355,13 @@ struct Window {
     /// No code may be issued before this.
     not_before: Instant,
     addrs: HashMap<IpAddr, Strikes>,
+    /// Attempts that took a code and have no verdict yet: no new code is issued meanwhile,
+    /// since that verdict may set a back-off (or a pause) the new code would skip.
+    in_flight: u32,
 }
+
+/// How soon a code refused because an attempt is still running is asked for again.
+const IN_FLIGHT_RECHECK: Duration = Duration::from_millis(200);
 
 /// What per-address limits count as one address: an IPv4 address, or an IPv6 /64 (one host
 /// can use a whole /64).
@@ -386,6 +392,7 @@ impl Window {
             failures: 0,
             not_before: now,
             addrs: HashMap::new(),
+            in_flight: 0,
         }
     }
 
@@ -405,11 +412,11 @@ impl Window {
         now: Instant,
     ) -> Result<(), PairingError> {
         let gate = self.gate(limits, now);
-        if !gate.retry_in.is_zero() {
+        if !gate.retry_in.is_zero() || self.in_flight > 0 {
             return Err(PairingError::Throttled {
                 failures: gate.failures,
                 paused: gate.paused,
-                retry_in: gate.retry_in,
+                retry_in: gate.retry_in.max(IN_FLIGHT_RECHECK),
             });
         }
         self.active = Some(ActiveCode {
@@ -429,17 +436,20 @@ impl Window {
         if matches!(self.addrs.get(&addr_key(ip)), Some(s) if s.barred_until > now) {
             return None;
         }
-        self.active
+        let code = self
+            .active
             .take()
             .filter(|a| a.expires > now)
-            .map(|a| a.code)
+            .map(|a| a.code)?;
+        self.in_flight = self.in_flight.saturating_add(1);
+        Some(code)
     }
 
     fn failed(&mut self, ip: IpAddr, limits: &PairingLimits, now: Instant) {
         self.failures = self.failures.saturating_add(1);
-        // A code issued while this attempt was still running (its code already taken) did
-        // not wait for this verdict's back-off: void it, or one more guess than the limit
-        // allows gets a verdict. The sender issues the next code when the back-off allows.
+        self.in_flight = self.in_flight.saturating_sub(1);
+        // No code is issued while an attempt runs; one set meanwhile anyway (a chosen code)
+        // did not wait for this verdict's back-off: void it.
         self.active = None;
         let wait = if self.failures >= limits.pause_after {
             limits.pause
@@ -476,6 +486,7 @@ impl Window {
 
     fn succeeded(&mut self, ip: IpAddr) {
         self.failures = 0;
+        self.in_flight = self.in_flight.saturating_sub(1);
         self.addrs.remove(&addr_key(ip));
     }
 
@@ -1723,12 +1734,12 @@ mod tests {
         assert!(!w.gate(&l, now).paused);
     }
 
-    /// The race a loaded sender met: a code is issued while an attempt that took the previous
-    /// code is still running (another connection was refused meanwhile and the back-off said
-    /// "now"). Each verdict voids such a code, so guesses stay within the limit however the
-    /// attempts interleave.
+    /// The race a loaded sender met: a new code was issued while an attempt that took the
+    /// previous code was still running (another connection was refused meanwhile and the
+    /// back-off said "now"), so the sixth guess got a verdict. No code is issued while an
+    /// attempt runs, so guesses stay within the limit however the attempts interleave.
     #[test]
-    fn a_code_issued_while_an_attempt_runs_is_void_at_its_verdict() {
+    fn no_code_is_issued_while_an_attempt_runs() {
         let l = PairingLimits::default();
         let ttl = Duration::from_secs(600);
         let code = PairingCode::from_u32(1).unwrap();
