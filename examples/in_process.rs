@@ -179,19 +179,8 @@ fn print_event(device: &str, ev: &Event) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// serde_json escapes the C0 controls in strings but passes C1 controls and bidirectional
-/// overrides as they are; names from the other device (its name, file names) may hold them.
-/// Writes those as `\uXXXX` escapes too: still the same JSON, and safe on a terminal.
+/// The line with C1 controls and bidirectional overrides (which serde_json leaves raw) written
+/// as `\uXXXX` escapes: the same JSON, safe on a terminal.
 fn terminal_safe(json: &str) -> String {
-    let mut out = String::with_capacity(json.len());
-    for c in json.chars() {
-        let bidi = matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
-        if c.is_control() || bidi {
-            // All of them are below U+10000: one escape each.
-            out.push_str(&format!("\\u{:04x}", c as u32));
-        } else {
-            out.push(c);
-        }
-    }
-    out
+    ferry_migrate::text::json_terminal_safe(json).into_owned()
 }

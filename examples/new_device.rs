@@ -123,21 +123,9 @@ async fn main() -> ExitCode {
     }
 }
 
-/// One event as one JSON line. serde_json escapes the C0 controls in strings but passes C1
-/// controls and bidirectional overrides as they are, and names from the other device (its
-/// name, file names) may hold them: those are written as `\uXXXX` escapes too (the same JSON,
-/// safe on a terminal).
+/// One event as one JSON line, safe on a terminal (see `ferry_migrate::text::json_terminal_safe`:
+/// names from the other device may hold C1 controls or bidirectional overrides).
 fn json_line(ev: &Event) -> serde_json::Result<String> {
     let json = serde_json::to_string(ev)?;
-    let mut out = String::with_capacity(json.len());
-    for c in json.chars() {
-        let bidi = matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
-        if c.is_control() || bidi {
-            // All of them are below U+10000: one escape each.
-            out.push_str(&format!("\\u{:04x}", c as u32));
-        } else {
-            out.push(c);
-        }
-    }
-    Ok(out)
+    Ok(ferry_migrate::text::json_terminal_safe(&json).into_owned())
 }

@@ -275,6 +275,31 @@ impl RoundInfo {
     }
 }
 
+/// What both ends report when a migration ends (in [`crate::SendSummary`] and
+/// [`crate::ReceiveSummary`], which deref to it; flattened into their `done` events).
+#[derive(Clone, Debug, Serialize)]
+#[non_exhaustive]
+pub struct Totals {
+    /// The root of the tree the receiver verified last.
+    #[serde(serialize_with = "hex")]
+    pub root: ChunkHash,
+    pub files: u64,
+    pub bytes: u64,
+    /// Chunk payload that crossed the link, all sessions.
+    pub wire_bytes: u64,
+    /// The migration's time: not the wait for the other device or at the code prompt.
+    pub elapsed_s: f64,
+    /// Rounds verified (1 without catch-up).
+    pub rounds: u32,
+    /// Chunk payload of the rounds after the first.
+    pub catchup_wire_bytes: u64,
+    /// The first round's tree against the last.
+    pub files_added: u64,
+    pub files_changed: u64,
+    pub files_removed: u64,
+    pub end: End,
+}
+
 /// How a migration ended (the `end` field of `done`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]

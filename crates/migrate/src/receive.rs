@@ -22,7 +22,7 @@ use serde::Serialize;
 
 use crate::device::{self, Pinning};
 use crate::error::{from_drive, interruption, Error, ErrorKind};
-use crate::event::{End, Event, ManifestInfo, PeerEvent, RoundInfo, RoundReason};
+use crate::event::{End, Event, ManifestInfo, PeerEvent, RoundInfo, RoundReason, Totals};
 use crate::handle::{self, Control, Emitter, Events, Handle};
 use crate::send::stopped;
 use crate::session;
@@ -169,21 +169,9 @@ impl ReceiveBuilder {
 #[derive(Clone, Debug, Serialize)]
 #[non_exhaustive]
 pub struct ReceiveSummary {
-    #[serde(serialize_with = "crate::event::hex")]
-    pub root: ChunkHash,
-    pub files: u64,
-    pub bytes: u64,
-    /// Chunk payload received, all sessions.
-    pub wire_bytes: u64,
-    pub elapsed_s: f64,
-    /// Rounds verified (1 without catch-up).
-    pub rounds: u32,
-    /// Chunk payload received after the first verified round.
-    pub catchup_wire_bytes: u64,
-    pub files_added: u64,
-    pub files_changed: u64,
-    pub files_removed: u64,
-    pub end: End,
+    /// What both ends report.
+    #[serde(flatten)]
+    pub totals: Totals,
     /// Bytes already here and verified when the first round started.
     pub resumed_bytes: u64,
     /// Connections lost and re-made.
@@ -421,17 +409,19 @@ async fn complete_without_sender(
     })
     .await;
     let s = ReceiveSummary {
-        root: report.root,
-        files: report.files,
-        bytes: report.bytes,
-        wire_bytes: 0,
-        elapsed_s: started.elapsed().as_secs_f64(),
-        rounds: 0,
-        catchup_wire_bytes: 0,
-        files_added: 0,
-        files_changed: 0,
-        files_removed: 0,
-        end: End::Complete,
+        totals: Totals {
+            root: report.root,
+            files: report.files,
+            bytes: report.bytes,
+            wire_bytes: 0,
+            elapsed_s: started.elapsed().as_secs_f64(),
+            rounds: 0,
+            catchup_wire_bytes: 0,
+            files_added: 0,
+            files_changed: 0,
+            files_removed: 0,
+            end: End::Complete,
+        },
         resumed_bytes: 0,
         interruptions: 0,
         sender: String::new(),
@@ -792,17 +782,19 @@ impl Receiving<'_> {
             _ => Default::default(),
         };
         let s = ReceiveSummary {
-            root,
-            files,
-            bytes,
-            wire_bytes: self.wire_bytes,
-            elapsed_s: self.started.elapsed().as_secs_f64(),
-            rounds: self.rounds,
-            catchup_wire_bytes: self.catchup_wire_bytes,
-            files_added: diff.added,
-            files_changed: diff.changed,
-            files_removed: diff.removed,
-            end,
+            totals: Totals {
+                root,
+                files,
+                bytes,
+                wire_bytes: self.wire_bytes,
+                elapsed_s: self.started.elapsed().as_secs_f64(),
+                rounds: self.rounds,
+                catchup_wire_bytes: self.catchup_wire_bytes,
+                files_added: diff.added,
+                files_changed: diff.changed,
+                files_removed: diff.removed,
+                end,
+            },
             resumed_bytes: self.resumed,
             interruptions: self.interruptions,
             sender: self.sender.name.clone(),
@@ -819,5 +811,13 @@ async fn sender_confirmed(conn: &PeerConnection) -> bool {
             c.error_code == VarInt::from_u32(close::COMPLETE)
         }
         _ => false,
+    }
+}
+
+impl std::ops::Deref for ReceiveSummary {
+    type Target = Totals;
+
+    fn deref(&self) -> &Totals {
+        &self.totals
     }
 }

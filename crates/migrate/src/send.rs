@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use ferry_sync::compress::{CompressGate, CompressPolicy};
 use ferry_sync::driver::{DriveError, SendEnd, SendStats, Verdict};
-use ferry_sync::manifest::{ChunkHash, ManifestDiff};
+use ferry_sync::manifest::ManifestDiff;
 use ferry_sync::proto::{CloseCode, SendEvent};
 use ferry_sync::scan::ScanOutput;
 use ferry_sync::snapshot::SnapshotStore;
@@ -33,7 +33,7 @@ use tokio::sync::watch;
 
 use crate::device::{self, Pinning};
 use crate::error::{from_drive, interruption, Error, ErrorKind};
-use crate::event::{End, Event, ManifestInfo, PeerEvent, RoundInfo, RoundReason, ScanInfo};
+use crate::event::{End, Event, ManifestInfo, PeerEvent, RoundInfo, RoundReason, ScanInfo, Totals};
 use crate::handle::{self, Control, Emitter, Events, Handle};
 use crate::session::{self, RateLimit};
 use crate::text::escape;
@@ -215,19 +215,9 @@ impl SendBuilder {
 #[derive(Clone, Debug, Serialize)]
 #[non_exhaustive]
 pub struct SendSummary {
-    #[serde(serialize_with = "crate::event::hex")]
-    pub root: ChunkHash,
-    pub files: u64,
-    pub bytes: u64,
-    /// Chunk payload sent, all sessions.
-    pub wire_bytes: u64,
-    pub elapsed_s: f64,
-    pub rounds: u32,
-    pub catchup_wire_bytes: u64,
-    pub files_added: u64,
-    pub files_changed: u64,
-    pub files_removed: u64,
-    pub end: End,
+    /// What both ends report.
+    #[serde(flatten)]
+    pub totals: Totals,
     /// Rows in the databases at the first scan.
     pub database_rows: Option<u64>,
     /// Rows that arrived in the databases during the migration.
@@ -975,17 +965,20 @@ impl<'e> Serving<'e> {
             (None, _) => None,
         };
         let s = SendSummary {
-            root: fin.root,
-            files: fin.files,
-            bytes: fin.bytes,
-            wire_bytes: self.wire_bytes,
-            elapsed_s: self.scan_secs + self.served_from.map_or(0.0, |t| t.elapsed().as_secs_f64()),
-            rounds,
-            catchup_wire_bytes: self.catchup_wire_bytes,
-            files_added: diff.added,
-            files_changed: diff.changed,
-            files_removed: diff.removed,
-            end,
+            totals: Totals {
+                root: fin.root,
+                files: fin.files,
+                bytes: fin.bytes,
+                wire_bytes: self.wire_bytes,
+                elapsed_s: self.scan_secs
+                    + self.served_from.map_or(0.0, |t| t.elapsed().as_secs_f64()),
+                rounds,
+                catchup_wire_bytes: self.catchup_wire_bytes,
+                files_added: diff.added,
+                files_changed: diff.changed,
+                files_removed: diff.removed,
+                end,
+            },
             database_rows: self.first_rows,
             database_rows_added: rows_added,
             complete: self.unstable.is_empty(),
@@ -1036,5 +1029,13 @@ impl SendSummary {
             ),
             unstable: self.unstable.clone(),
         })
+    }
+}
+
+impl std::ops::Deref for SendSummary {
+    type Target = Totals;
+
+    fn deref(&self) -> &Totals {
+        &self.totals
     }
 }
