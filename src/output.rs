@@ -5,6 +5,7 @@ use std::io::{IsTerminal, Write};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use ferry_migrate::{Phase, ProgressView};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::Value;
 
@@ -14,39 +15,10 @@ pub struct Reporter {
     quiet: bool,
     bar: Mutex<Option<ProgressBar>>,
     last_progress: Mutex<Option<Instant>>,
-    rate: Mutex<Rate>,
+    /// The bar's phase, and the bytes done when the link went down (the bar says so until
+    /// more are done).
+    bar_state: Mutex<(Option<Phase>, Option<u64>)>,
     prefix: String,
-}
-
-/// The rate shown with the bar: verified bytes over the last [`Rate::WINDOW`] of this
-/// connection only, so bytes already present at a resume or a time without a link are not
-/// counted as speed.
-#[derive(Default)]
-struct Rate {
-    samples: std::collections::VecDeque<(Instant, u64)>,
-}
-
-impl Rate {
-    const WINDOW: Duration = Duration::from_secs(5);
-
-    fn add(&mut self, now: Instant, done: u64) {
-        self.samples.push_back((now, done));
-        while self
-            .samples
-            .front()
-            .is_some_and(|(t, _)| now.duration_since(*t) > Self::WINDOW)
-            && self.samples.len() > 2
-        {
-            self.samples.pop_front();
-        }
-    }
-
-    /// Bytes per second, once there is a second of samples.
-    fn per_sec(&self) -> Option<f64> {
-        let ((t0, d0), (t1, d1)) = (self.samples.front()?, self.samples.back()?);
-        let secs = t1.duration_since(*t0).as_secs_f64();
-        (secs >= 1.0).then(|| d1.saturating_sub(*d0) as f64 / secs)
-    }
 }
 
 impl Reporter {
@@ -56,7 +28,7 @@ impl Reporter {
             quiet: false,
             bar: Mutex::new(None),
             last_progress: Mutex::new(None),
-            rate: Mutex::new(Rate::default()),
+            bar_state: Mutex::new((None, None)),
             prefix: String::new(),
         }
     }
@@ -117,16 +89,11 @@ impl Reporter {
 
     /// A progress event as JSON, at most every half second (and always the last one).
     pub fn progress_json(&self, ev: &ferry_migrate::Event) {
-        if let ferry_migrate::Event::Progress {
-            bytes_done,
-            bytes_total,
-            ..
-        } = ev
-        {
+        if let Some(p) = ev.progress() {
             let mut last = self.last_progress.lock().unwrap_or_else(|p| p.into_inner());
             let now = Instant::now();
             if last.is_some_and(|t| now - t < Duration::from_millis(500))
-                && bytes_done < bytes_total
+                && p.bytes_done < p.bytes_total
             {
                 return;
             }
@@ -135,51 +102,45 @@ impl Reporter {
         self.json(ev);
     }
 
-    /// Progress in bytes, drawn as a bar on a terminal, with the recent rate and the time
-    /// left at that rate.
-    pub fn progress(&self, done: u64, total: u64, files_total: u64) {
+    /// Progress drawn as a bar on a terminal: bytes, files done, the recent rate and the time
+    /// left at that rate. A new phase (scanning, sending) starts a new bar.
+    pub fn progress(&self, p: &ProgressView) {
         if self.json || self.quiet {
             return;
         }
         let mut bar = self.bar.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = self.bar_state.lock().unwrap_or_else(|p| p.into_inner());
+        if state.0 != Some(p.phase) {
+            if let Some(b) = bar.take() {
+                b.finish_and_clear();
+            }
+            *state = (Some(p.phase), None);
+        }
         let b = bar.get_or_insert_with(|| {
-            let b = ProgressBar::new(total);
+            let b = ProgressBar::new(p.bytes_total);
             if !std::io::stderr().is_terminal() {
                 b.set_draw_target(ProgressDrawTarget::hidden());
             }
             b.set_style(
-                ProgressStyle::with_template(
-                    "{prefix}{bar:30.cyan/blue} {bytes}/{total_bytes} {msg}",
-                )
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                ProgressStyle::with_template("{prefix}{bar:30.cyan/blue} {msg}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
             );
             b.set_prefix(self.prefix.clone());
             b
         });
-        let mut rate = self.rate.lock().unwrap_or_else(|p| p.into_inner());
-        rate.add(Instant::now(), done);
-        let speed = match rate.per_sec() {
-            Some(r) if r >= 1.0 => format!(
-                "{}/s ETA {}",
-                human_bytes(r as u64),
-                eta(total.saturating_sub(done) as f64 / r)
-            ),
-            Some(_) => "waiting for data".to_string(),
-            None => String::new(),
-        };
-        b.set_message(format!("{files_total} files {speed}"));
-        b.set_length(total);
-        b.set_position(done);
+        b.set_length(p.bytes_total);
+        b.set_position(p.bytes_done);
+        if state.1.is_some_and(|d| p.bytes_done <= d) {
+            return; // The link is down: the bar says so until bytes move again.
+        }
+        state.1 = None;
+        b.set_message(progress_line(p));
     }
 
-    /// The link is silent or lost: the bar says so, and the rate starts again afterwards.
+    /// The link is silent or lost: the bar says so until bytes move again.
     pub fn link_down(&self, what: &str) {
-        self.rate
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .samples
-            .clear();
         if let Some(b) = self.bar.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            self.bar_state.lock().unwrap_or_else(|p| p.into_inner()).1 = Some(b.position());
             b.set_message(what.to_string());
         }
     }
@@ -189,6 +150,7 @@ impl Reporter {
         if let Some(b) = self.bar.lock().unwrap_or_else(|p| p.into_inner()).take() {
             b.finish_and_clear();
         }
+        *self.bar_state.lock().unwrap_or_else(|p| p.into_inner()) = (None, None);
     }
 }
 
@@ -229,6 +191,30 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         other => return Err(format!("unknown size unit {other:?} (use KiB, MiB, GiB)")),
     };
     Ok((num * mult) as u64)
+}
+
+/// The words beside the bar: `1.2 GiB/3.4 GiB  1200/5000 files  12.0 MiB/s  ETA 3m`.
+fn progress_line(p: &ProgressView) -> String {
+    let what = match p.phase {
+        Phase::Scanning => "hashed ",
+        _ => "",
+    };
+    let mut line = format!(
+        "{what}{}/{}",
+        human_bytes(p.bytes_done),
+        human_bytes(p.bytes_total)
+    );
+    match p.files_done {
+        Some(d) => line += &format!("  {d}/{} files", p.files_total),
+        None => line += &format!("  {} files", p.files_total),
+    }
+    if let Some(r) = p.rate_bps {
+        line += &format!("  {}/s", human_bytes(r));
+    }
+    if let Some(s) = p.eta_s.filter(|_| p.bytes_done < p.bytes_total) {
+        line += &format!("  ETA {}", eta(s as f64));
+    }
+    line
 }
 
 /// A time left for people: `45s`, `12m`, `3h 05m`.

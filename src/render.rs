@@ -17,20 +17,13 @@ pub enum Side {
 /// Shows one event. `place` is the folder sent or received into.
 pub fn show(rep: &Reporter, ev: &Event, side: Side, place: &Path) {
     if rep.is_json() {
-        if let Event::Progress { .. } = ev {
-            rep.progress_json(ev);
-        } else {
-            rep.json(ev);
-        }
+        rep.progress_json(ev);
         return;
     }
+    if let Some(p) = ev.progress() {
+        return rep.progress(&p);
+    }
     match ev {
-        Event::Progress {
-            bytes_done,
-            bytes_total,
-            files_total,
-            ..
-        } => rep.progress(*bytes_done, *bytes_total, *files_total),
         Event::Listening { .. } => listening(rep, ev),
         Event::Paired(p) => rep.say(&match (side, p.newly_paired) {
             (Side::Send, true) => format!(
@@ -55,7 +48,9 @@ pub fn show(rep: &Reporter, ev: &Event, side: Side, place: &Path) {
         }),
         Event::Round(r) => round(rep, r, side),
         Event::Stalled { silent_s } => {
-            rep.link_down(&format!("no word from the sender for {silent_s:.0} s: waiting for the link…"));
+            rep.link_down(&format!(
+                "no word from the sender for {silent_s:.0} s: reconnecting…"
+            ));
         }
         Event::Interrupted { message, .. } => {
             rep.link_down("reconnecting…");
@@ -75,6 +70,7 @@ pub fn show(rep: &Reporter, ev: &Event, side: Side, place: &Path) {
         Event::Received(s) => received(rep, s, place),
         Event::Manifest(m) => match &m.scan {
             Some(s) => {
+                rep.finish_progress();
                 if s.skipped > 20 {
                     rep.say(&format!("… and {} more skipped", s.skipped - 20));
                 }

@@ -18,6 +18,7 @@ mod live;
 mod migrate;
 mod pairing;
 mod pairing_scope;
+mod progress;
 mod resume;
 mod rounds;
 mod space;

@@ -124,13 +124,32 @@ pub enum Event {
     },
     /// Verified bytes at the receiver (of `bytes_total`; they become durable at the store's
     /// next commit, within seconds — a graceful stop commits them all); `wire_bytes` is the
-    /// chunk payload received so far by this run.
+    /// chunk payload received so far by this run; `files_done` counts the files whose every
+    /// chunk is durable here (of `files_total`). `rate_bps` is the chunk payload per second
+    /// that crossed the link over the last few seconds of this connection (none until a
+    /// second of it, after a reconnect or a stall too: bytes already here never count), and
+    /// `eta_s` the time left if the rest crosses at that rate. `phase` is `"receiving"`.
+    #[non_exhaustive]
     Progress {
         bytes_done: u64,
         bytes_total: u64,
         wire_bytes: u64,
         files_total: u64,
+        files_done: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        rate_bps: Option<u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        eta_s: Option<u64>,
+        phase: Phase,
     },
+    /// The sender's scan as it goes (a few a second): a `progress` event, `phase`
+    /// `"scanning"`.
+    #[serde(rename = "progress")]
+    Scanning(ScanningInfo),
+    /// What the sender sent in this round (a few a second, and when the receiver verified
+    /// it): a `progress` event, `phase` `"sending"`.
+    #[serde(rename = "progress")]
+    Sending(SendingInfo),
     /// The receiver verified and committed a round.
     Verified {
         round: u32,
@@ -175,6 +194,121 @@ pub enum Event {
     /// The receiver's migration ended: verified and committed.
     #[serde(rename = "done")]
     Received(crate::ReceiveSummary),
+}
+
+/// What a `progress` event is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Phase {
+    /// The sender reads and hashes its folder.
+    Scanning,
+    /// The sender serves a round.
+    Sending,
+    /// The receiver receives and verifies.
+    Receiving,
+}
+
+/// [`Event::Scanning`]: how far the sender's scan is.
+#[derive(Clone, Debug, Serialize)]
+#[non_exhaustive]
+pub struct ScanningInfo {
+    pub phase: Phase,
+    /// Files described (hashes from the cache or read) of `files_total` (known once the
+    /// folder is listed; until then `files_done` is 0 and `files_total` the files found so far).
+    pub files_done: u64,
+    pub files_total: u64,
+    /// Bytes read and hashed of `bytes_total`, the bytes of the files the hash cache does not
+    /// know (0 until the folder is listed).
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    /// Bytes hashed per second over the last few seconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_bps: Option<u64>,
+}
+
+/// [`Event::Sending`]: how far the sender's round is.
+///
+/// The receiver acknowledges nothing before it verified the whole round, so `bytes_done`
+/// counts what the sender knows: the file bytes the receiver did not ask for (it holds them,
+/// or copies them from chunks it holds) plus the chunk bytes handed to the link in this
+/// connection. QUIC flow control keeps that at most its windows (tens of MiB) ahead of what
+/// the receiver has read; it is `bytes_total` exactly when the receiver verified the round.
+#[derive(Clone, Debug, Serialize)]
+#[non_exhaustive]
+pub struct SendingInfo {
+    pub phase: Phase,
+    pub round: u32,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    /// Chunk payload handed to the link in this connection (after compression).
+    pub wire_bytes: u64,
+    pub files_total: u64,
+    /// Chunk payload per second over the last few seconds of this connection.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_bps: Option<u64>,
+    /// The time left if the rest crosses at `rate_bps`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eta_s: Option<u64>,
+}
+
+/// The figures every `progress` event has, whichever end and phase: see [`Event::progress`].
+#[derive(Clone, Copy, Debug)]
+#[non_exhaustive]
+pub struct ProgressView {
+    pub phase: Phase,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    /// Files done, when that end knows (not the sender while sending).
+    pub files_done: Option<u64>,
+    pub files_total: u64,
+    pub rate_bps: Option<u64>,
+    pub eta_s: Option<u64>,
+}
+
+impl Event {
+    /// The figures of a `progress` event (receiving, scanning or sending), else `None`.
+    pub fn progress(&self) -> Option<ProgressView> {
+        Some(match self {
+            Event::Progress {
+                bytes_done,
+                bytes_total,
+                files_total,
+                files_done,
+                rate_bps,
+                eta_s,
+                phase,
+                ..
+            } => ProgressView {
+                phase: *phase,
+                bytes_done: *bytes_done,
+                bytes_total: *bytes_total,
+                files_done: Some(*files_done),
+                files_total: *files_total,
+                rate_bps: *rate_bps,
+                eta_s: *eta_s,
+            },
+            Event::Scanning(s) => ProgressView {
+                phase: s.phase,
+                bytes_done: s.bytes_done,
+                bytes_total: s.bytes_total,
+                files_done: Some(s.files_done),
+                files_total: s.files_total,
+                rate_bps: s.rate_bps,
+                eta_s: None,
+            },
+            Event::Sending(s) => ProgressView {
+                phase: s.phase,
+                bytes_done: s.bytes_done,
+                bytes_total: s.bytes_total,
+                files_done: None,
+                files_total: s.files_total,
+                rate_bps: s.rate_bps,
+                eta_s: s.eta_s,
+            },
+            _ => return None,
+        })
+    }
 }
 
 /// The manifest figures of [`Event::Manifest`].

@@ -145,11 +145,11 @@ impl Emitter {
         let mut q = self.overflow.lock().unwrap_or_else(|p| p.into_inner());
         if q.is_empty() {
             if let Err(mpsc::error::TrySendError::Full(ev)) = self.tx.try_send(ev) {
-                if !matches!(ev, Event::Progress { .. }) {
+                if ev.progress().is_none() {
                     q.push_back(ev);
                 }
             }
-        } else if !matches!(ev, Event::Progress { .. }) {
+        } else if ev.progress().is_none() {
             if q.len() >= OVERFLOW_CAPACITY {
                 tracing::warn!("event stream full: an event was dropped");
                 return;

@@ -52,6 +52,7 @@
 //!
 //! | event | side | when |
 //! |---|---|---|
+//! | `progress` (`phase: "scanning"`, [`Event::Scanning`]) | sender | the first scan as it goes: files and bytes hashed |
 //! | `skipped`, `database`, `databases`, `unstable` | sender | what the scan left out or how it captured the databases |
 //! | `manifest` | both | the history's files, bytes, chunks and root (the sender adds its scan figures) |
 //! | `essentials` | sender | `essentials_first`: round 1 holds the databases and small files |
@@ -60,7 +61,9 @@
 //! | `pairing_backoff`, `pairing_paused`, `error` (kind `pairing`), `refused` | sender | failed or refused attempts |
 //! | `unfinished`, `known_sender`, `looking`, `found` | receiver | how the sender is found |
 //! | `paired` | both | the other device, newly paired or by its pinned key |
-//! | `resumed`, `progress` | receiver | what was already here; verified bytes |
+//! | `resumed`, `progress` (`phase: "receiving"`) | receiver | what was already here; verified bytes and files, rate |
+//! | `progress` (`phase: "sending"`, [`Event::Sending`]) | sender | what it sent of the round, rate |
+//! | `stalled` | receiver | nothing from the sender for three keep-alives |
 //! | `verified` | both | a round is verified and committed |
 //! | `round`, `still_changing` | both | catch-up rounds; the round limit hit |
 //! | `interrupted`, `reconnected`, `sender_found` | both | a lost link and its repair |
@@ -115,6 +118,7 @@ mod device;
 mod error;
 mod event;
 mod handle;
+mod progress;
 mod receive;
 mod send;
 pub mod session;
@@ -122,7 +126,10 @@ pub mod text;
 
 pub use device::{dirs_from_env, find_peer, open_endpoint, peer_store, IDLE_TIMEOUT, KEEP_ALIVE};
 pub use error::{Cause, Error, ErrorKind};
-pub use event::{End, Event, ManifestInfo, PeerEvent, RoundInfo, RoundReason, ScanInfo, Totals};
+pub use event::{
+    End, Event, ManifestInfo, PeerEvent, Phase, ProgressView, RoundInfo, RoundReason, ScanInfo,
+    ScanningInfo, SendingInfo, Totals,
+};
 pub use handle::{Events, Handle, EVENT_CAPACITY};
 pub use receive::{ReceiveBuilder, ReceiveSummary};
 pub use send::{

@@ -494,6 +494,8 @@ impl Silence {
 #[derive(Default)]
 struct Seen {
     verified: AtomicBool,
+    /// The link went silent: the rate starts again.
+    stalled: AtomicBool,
     wire: AtomicU64,
     resumed: AtomicU64,
 }
@@ -517,6 +519,7 @@ impl Receiving<'_> {
         let (round, em, wire_before) = (self.rounds + 1, self.em, self.wire_bytes);
         let mut files_total = 0u64;
         let mut last_progress: Option<Instant> = None;
+        let mut rate = crate::progress::Rate::default();
         move |ev| match ev {
             RecvEvent::Manifest(m) => {
                 files_total = m.files;
@@ -545,6 +548,7 @@ impl Receiving<'_> {
                 bytes_done,
                 bytes_total,
                 wire_bytes,
+                files_done,
             } => {
                 seen.wire.store(*wire_bytes, Ordering::Relaxed);
                 let now = Instant::now();
@@ -554,11 +558,21 @@ impl Receiving<'_> {
                     return;
                 }
                 last_progress = Some(now);
+                if seen.stalled.swap(false, Ordering::Relaxed) {
+                    rate.reset();
+                }
+                // What crossed in this session: bytes already here are never speed.
+                rate.add(now, *wire_bytes);
+                let rate_bps = rate.per_sec();
                 em.emit_now(Event::Progress {
                     bytes_done: *bytes_done,
                     bytes_total: *bytes_total,
                     wire_bytes: wire_before + *wire_bytes,
                     files_total,
+                    files_done: *files_done,
+                    rate_bps,
+                    eta_s: crate::progress::eta(bytes_total.saturating_sub(*bytes_done), rate_bps),
+                    phase: crate::Phase::Receiving,
                 });
             }
             RecvEvent::Done(m) => {
@@ -665,6 +679,7 @@ impl Receiving<'_> {
                 r = &mut fut => return (r, moved, stop_now),
                 _ = tick.tick() => {
                     if let Some(silent_s) = silence.check(conn) {
+                        seen.stalled.store(true, Ordering::Relaxed);
                         self.em.emit_now(Event::Stalled { silent_s });
                     }
                 }

@@ -283,7 +283,7 @@ async fn run(o: SendBuilder, em: &Emitter, ctl: Arc<Control>) -> Result<SendSumm
     })?;
     let mut stop = ctl.stop_signal();
     let scanned = tokio::select! {
-        r = scanner.scan() => r?,
+        r = scanner.scan_reporting(em) => r?,
         () = stopped(&mut stop) => return Err(interrupted(STOPPED)),
     };
     let scan_secs = started.elapsed().as_secs_f64();
@@ -765,12 +765,17 @@ impl<'e> Serving<'e> {
             em,
         };
         let (current, stop_d) = (Arc::clone(&self.manifest), self.ctl.stop_signal());
+        let m = self.manifest.summary();
+        let mut sending = crate::progress::Sending::new(round_no, m.bytes, m.files);
         let serving = session::serve_round(
             conn,
             Arc::clone(&self.manifest),
             Arc::clone(&self.source),
             self.o.limit_rate.map(RateLimit::new),
-            |ev| {
+            move |ev| {
+                if let Some(p) = sending.on(ev) {
+                    em.emit_now(p);
+                }
                 if let SendEvent::Done { root } = ev {
                     em.emit_now(Event::Verified {
                         round: round_no,

@@ -25,7 +25,7 @@ use std::fs::{self, File};
 use std::io::{self, Read};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -122,6 +122,26 @@ pub struct ScanConfig {
     pub retry_backoff: Duration,
     /// See [`ReadHook`].
     pub after_read: Option<ReadHook>,
+    /// Counters kept up to date while the scan runs (see [`ScanProgress`]).
+    pub progress: Option<Arc<ScanProgress>>,
+}
+
+/// How far a running scan got, for a caller that shows it: read the counters from another
+/// thread while [`scan`] runs (relaxed loads; each counter only grows).
+#[derive(Debug, Default)]
+pub struct ScanProgress {
+    /// Regular files found by the walk so far (once listed: the files to describe, without the
+    /// companions of databases captured as snapshots).
+    pub files_found: AtomicU64,
+    /// The walk is done: `files_found` is the number of files to describe.
+    pub listed: AtomicBool,
+    /// Files described: their hashes came from the cache or were read (or they changed or
+    /// vanished while read).
+    pub files_done: AtomicU64,
+    /// Bytes of the files the cache does not know (to read and hash); set after the walk.
+    pub bytes_to_hash: AtomicU64,
+    /// Bytes read and hashed so far (the re-read of a file that changed counts again).
+    pub bytes_hashed: AtomicU64,
 }
 
 impl Default for ScanConfig {
@@ -134,6 +154,7 @@ impl Default for ScanConfig {
             read_attempts: 3,
             retry_backoff: Duration::from_millis(25),
             after_read: None,
+            progress: None,
         }
     }
 }
@@ -313,7 +334,7 @@ pub fn scan(
         mut entries,
         mut skipped,
         mut files,
-    } = walk(root)?;
+    } = walk(root, cfg.progress.as_deref())?;
     let (databases, sources) = match &cfg.snapshot_dir {
         Some(snap_dir) => capture_databases(
             root,
@@ -327,6 +348,19 @@ pub fn scan(
     };
     // The cache, then hashing with change detection.
     let (pending, cached_files) = use_cache(cache.as_deref(), &mut entries, &mut files);
+    if let Some(p) = &cfg.progress {
+        let to_hash = pending
+            .iter()
+            .filter_map(|p| files.get(p.work))
+            .map(|f| f.key.size)
+            .sum();
+        p.bytes_to_hash.store(to_hash, Ordering::Relaxed);
+        // Companions of a database (its -wal, -journal) went into its snapshot.
+        let kept = files.iter().filter(|f| !f.dropped).count() as u64;
+        p.files_found.store(kept, Ordering::Relaxed);
+        p.files_done.fetch_add(cached_files, Ordering::Relaxed);
+        p.listed.store(true, Ordering::Relaxed);
+    }
     let results = hash_files(&pending, cfg)?;
     let mut hashed_bytes = 0;
     let mut unstable = Vec::new();
@@ -391,7 +425,7 @@ struct Walk {
 }
 
 /// Depth-first walk with an explicit stack; names sorted for determinism.
-fn walk(root: &Path) -> Result<Walk, ScanError> {
+fn walk(root: &Path, progress: Option<&ScanProgress>) -> Result<Walk, ScanError> {
     let mut w = Walk {
         entries: Vec::new(),
         skipped: Vec::new(),
@@ -416,6 +450,9 @@ fn walk(root: &Path) -> Result<Walk, ScanError> {
             if let Some(sub) = walk_entry(&mut w, &rel, &ent)? {
                 stack.push(sub);
             }
+        }
+        if let Some(p) = progress {
+            p.files_found.store(w.files.len() as u64, Ordering::Relaxed);
         }
     }
     Ok(w)
@@ -762,7 +799,11 @@ fn hash_files(files: &[PendingFile], cfg: &ScanConfig) -> Result<Vec<ReadResult>
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(f) = files.get(i) else { break };
-                    match read_stable(f, cfg, &mut buf) {
+                    let r = read_stable(f, cfg, &mut buf);
+                    if let Some(p) = &cfg.progress {
+                        p.files_done.fetch_add(1, Ordering::Relaxed);
+                    }
+                    match r {
                         Ok(r) => out.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(r),
                         Err(e) => {
                             let mut u = unreadable.lock().unwrap_or_else(|p| p.into_inner());
@@ -808,7 +849,7 @@ fn read_stable(f: &PendingFile, cfg: &ScanConfig, buf: &mut Vec<u8>) -> io::Resu
             Err(e) => return Err(e),
         };
         let before = file.metadata()?;
-        let hashes = hash_file(file, before.len(), buf)?;
+        let hashes = hash_file(file, before.len(), buf, cfg.progress.as_deref())?;
         if let Some(hook) = &cfg.after_read {
             (hook.0)(&f.path, attempt);
         }
@@ -833,7 +874,12 @@ fn read_stable(f: &PendingFile, cfg: &ScanConfig, buf: &mut Vec<u8>) -> io::Resu
 }
 
 /// The chunk hashes of the first `size` bytes of `file`, or `None` if it is shorter.
-fn hash_file(mut file: File, size: u64, buf: &mut Vec<u8>) -> io::Result<Option<Vec<ChunkHash>>> {
+fn hash_file(
+    mut file: File,
+    size: u64,
+    buf: &mut Vec<u8>,
+    progress: Option<&ScanProgress>,
+) -> io::Result<Option<Vec<ChunkHash>>> {
     let shift = chunk_shift_for(size);
     let csize = 1usize << shift;
     // Read several chunks per call for small chunk sizes.
@@ -851,6 +897,9 @@ fn hash_file(mut file: File, size: u64, buf: &mut Vec<u8>) -> io::Result<Option<
         }
         for piece in buf[..want].chunks(csize) {
             hashes.push(ChunkHash::of(piece));
+        }
+        if let Some(p) = progress {
+            p.bytes_hashed.fetch_add(want as u64, Ordering::Relaxed);
         }
         left -= want as u64;
     }

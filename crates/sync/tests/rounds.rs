@@ -298,6 +298,17 @@ async fn file_changed_under_the_read_restarts_the_round_and_keeps_verified_chunk
         have >= verified_r1,
         "round 2 found {have} bytes kept, round 1 had verified {verified_r1}"
     );
+    // Files complete here: they only grow, up to every file of the round.
+    let files: Vec<u64> = r2
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            RecvEvent::Progress { files_done, .. } => Some(*files_done),
+            _ => None,
+        })
+        .collect();
+    assert!(files.windows(2).all(|w| w[0] <= w[1]), "{files:?}");
+    assert_eq!(files.last().copied(), Some(m2.summary().files), "{files:?}");
     assert!(r2.sent_wire + have <= m2.summary().bytes + (256 << 10));
     assert_trees_equal(&src, &dest).unwrap();
 }

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferry_sync::compress::CompressPolicy;
-use ferry_sync::scan::{scan, Capture, HashCache, ScanConfig, ScanError, ScanOutput};
+use ferry_sync::scan::{scan, Capture, HashCache, ScanConfig, ScanError, ScanOutput, ScanProgress};
 use ferry_sync::snapshot::SnapshotStore;
 use ferry_sync::source::Source;
 use ferry_sync::Manifest;
@@ -52,7 +52,32 @@ impl Scanner {
         }
     }
 
+    /// The first scan: `progress` events (phase `scanning`) while it runs, a few a second,
+    /// and one at its end.
+    pub(crate) async fn scan_reporting(&self, em: &Emitter) -> Result<ScanOutput, Error> {
+        let progress = Arc::new(ScanProgress::default());
+        let scan = self.scan_with(Some(Arc::clone(&progress)));
+        tokio::pin!(scan);
+        let mut rate = crate::progress::Rate::default();
+        let mut tick = tokio::time::interval(crate::progress::SENDER_EVERY);
+        loop {
+            tokio::select! {
+                r = &mut scan => {
+                    if r.is_ok() {
+                        em.emit(crate::progress::scanning(&progress, &mut rate, true)).await;
+                    }
+                    return r;
+                }
+                _ = tick.tick() => em.emit_now(crate::progress::scanning(&progress, &mut rate, false)),
+            }
+        }
+    }
+
     pub(crate) async fn scan(&self) -> Result<ScanOutput, Error> {
+        self.scan_with(None).await
+    }
+
+    async fn scan_with(&self, progress: Option<Arc<ScanProgress>>) -> Result<ScanOutput, Error> {
         let (dir, path, cache) = (
             self.dir.clone(),
             self.cache_path.clone(),
@@ -62,6 +87,7 @@ impl Scanner {
         // database is not copied again).
         let cfg = ScanConfig {
             snapshot_dir: Some(self.snapshot_dir.clone()),
+            progress,
             ..ScanConfig::default()
         };
         tokio::task::spawn_blocking(move || {

@@ -128,11 +128,13 @@ pub enum RecvEvent {
         bytes: u64,
     },
     /// Verified and durable bytes so far (of `bytes_total` file bytes); `wire_bytes` counts
-    /// chunk payload received in this session (after compression).
+    /// chunk payload received in this session (after compression); `files_done` counts the
+    /// manifest's files whose every chunk is durable here (empty files count from the start).
     Progress {
         bytes_done: u64,
         bytes_total: u64,
         wire_bytes: u64,
+        files_done: u64,
     },
     /// Everything is verified, committed and in place.
     Done(ManifestSummary),
@@ -231,6 +233,10 @@ pub struct Receiver {
     wanted: BitSet<ChunkId>,
     durable: BitSet<SlotId>,
     slots_durable: u64,
+    /// Per manifest entry: its slots not yet durable (set once the store is prepared).
+    file_missing: Vec<u32>,
+    /// Files whose every slot is durable.
+    files_done: u64,
     control: VecDeque<Transmit>,
     io: VecDeque<RecvIo>,
     events: VecDeque<RecvEvent>,
@@ -281,6 +287,8 @@ impl Receiver {
             wanted: BitSet::default(),
             durable: BitSet::default(),
             slots_durable: 0,
+            file_missing: Vec::new(),
+            files_done: 0,
             control,
             io: VecDeque::new(),
             events: VecDeque::new(),
@@ -547,6 +555,7 @@ impl Receiver {
                     bytes_done: self.bytes_verified,
                     bytes_total: m.summary().bytes,
                     wire_bytes: self.wire_bytes,
+                    files_done: self.files_done,
                 });
                 self.uncommitted_bytes += len * slots.len() as u64;
                 self.uncommitted.extend(slots);
@@ -590,6 +599,7 @@ impl Receiver {
                         self.slots_durable += 1;
                         if let Some(l) = m.locate(s) {
                             self.bytes_done += u64::from(l.len);
+                            self.file_slot_durable(l.entry, true);
                         }
                     }
                 }
@@ -597,6 +607,7 @@ impl Receiver {
                     bytes_done: self.bytes_verified.max(self.bytes_done),
                     bytes_total: m.summary().bytes,
                     wire_bytes: self.wire_bytes,
+                    files_done: self.files_done,
                 });
                 if !self.uncommitted.is_empty()
                     && (self.commit_due()
@@ -650,6 +661,7 @@ impl Receiver {
                 self.durable.set(s, false);
                 self.slots_durable -= 1;
                 if let Some(l) = m.locate(s) {
+                    self.file_slot_durable(l.entry, false);
                     self.bytes_done -= u64::from(l.len);
                     self.bytes_verified = self.bytes_verified.saturating_sub(u64::from(l.len));
                 }
@@ -672,6 +684,34 @@ impl Receiver {
                 self.want_again(c, false);
             }
         }
+    }
+
+    /// Counts the files complete once the store is prepared (each file's slots not durable).
+    fn count_files(&mut self, m: &Manifest) {
+        self.file_missing = m
+            .entries()
+            .iter()
+            .map(|e| e.slots().filter(|&s| !self.durable.get(s)).count() as u32)
+            .collect();
+        self.files_done = m
+            .entries()
+            .iter()
+            .zip(&self.file_missing)
+            .filter(|(e, &n)| e.is_file() && n == 0)
+            .count() as u64;
+    }
+
+    /// A slot of file `entry` became durable (or, `false`, stopped being so).
+    fn file_slot_durable(&mut self, entry: crate::manifest::EntryId, durable: bool) {
+        let Some(n) = self.file_missing.get_mut(entry.index()) else {
+            return;
+        };
+        match (durable, *n) {
+            (true, 1) => self.files_done += 1,
+            (false, 0) => self.files_done = self.files_done.saturating_sub(1),
+            _ => {}
+        }
+        *n = if durable { n.saturating_sub(1) } else { *n + 1 };
     }
 
     fn settle(&mut self, m: &Manifest, chunk: ChunkId) {
@@ -706,6 +746,7 @@ impl Receiver {
                 }
             }
         }
+        self.count_files(m);
         let mut ranges: Vec<ChunkRange> = Vec::new();
         let (mut want_chunks, mut want_bytes) = (0u64, 0u64);
         // Chunks in the manifest's transfer order (databases, then small files first), each

@@ -71,6 +71,10 @@ pub enum SendIoDone {
 pub enum SendEvent {
     /// The receiver's want list is complete.
     Wanted { chunks: u64, bytes: u64 },
+    /// A chunk was handed out for sending: totals of this session so far, before
+    /// (`raw_bytes`) and after (`wire_bytes`) compression. Handed out is not received: the
+    /// transport's flow control keeps it at most its windows ahead of what the receiver read.
+    Sent { raw_bytes: u64, wire_bytes: u64 },
     /// The receiver verified and committed everything. With a version-2 receiver the sender
     /// then awaits the application's verdict: [`Sender::finish`] or [`Sender::next_round`].
     Done { root: ChunkHash },
@@ -391,6 +395,10 @@ impl Sender {
         self.wire_bytes += t.body.len() as u64;
         self.raw_bytes_sent += u64::from(raw_len);
         self.chunks_sent += 1;
+        self.events.push_back(SendEvent::Sent {
+            raw_bytes: self.raw_bytes_sent,
+            wire_bytes: self.wire_bytes,
+        });
         Some(t)
     }
 
