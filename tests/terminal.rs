@@ -199,3 +199,43 @@ fn the_code_prompt_asks_again_after_a_mistyped_code_and_times_only_the_migration
     assert!(secs < 8.0, "the prompt's time was counted: {done}");
     ferry_testkit::assert_histories_equal(src, &dest).expect("trees equal");
 }
+
+/// The receiver's bar shows files done of the total and the rate in binary units; when the
+/// sender freezes (SIGSTOP) it says "reconnecting…" within seconds, not after the idle timeout,
+/// and the migration completes after SIGCONT (issue 18, items 6 and 10).
+#[test]
+fn the_bar_shows_files_and_says_reconnecting_as_soon_as_the_sender_is_silent() {
+    let src = shared_history(48, 7);
+    let (old, new) = (Device::new("old"), Device::new("new"));
+    let work = tempdir("tty");
+    let dest = work.path().join("history");
+    let (mut s, addr, code) = start_sender_with(&old, src, "127.0.0.1:0", &["--limit-rate", "8MB"]);
+    let command = format!(
+        "FERRY_HOME={} {} receive {} --connect {addr} --code {code}; echo EXIT=$?; sleep 600",
+        new.home.path().display(),
+        env!("CARGO_BIN_EXE_ferry"),
+        dest.display()
+    );
+    let Some(tty) = Tmux::start(&command) else {
+        return;
+    };
+    let screen = tty.wait_for("MiB/s", 1);
+    let files = s.seen_named("manifest")[0]["files"].as_u64().unwrap();
+    assert!(
+        screen.contains(&format!("/{files} files")) && screen.contains("ETA"),
+        "no files done of {files} or no ETA beside the bar:\n{screen}"
+    );
+    signal(s.pid(), "STOP");
+    let frozen = std::time::Instant::now();
+    let screen = tty.wait_for("reconnecting…", 1);
+    let took = frozen.elapsed();
+    signal(s.pid(), "CONT");
+    assert!(
+        took < std::time::Duration::from_secs(10),
+        "\"reconnecting…\" after {took:?}:\n{screen}"
+    );
+    let screen = tty.wait_for("EXIT=", 1);
+    assert!(screen.contains("EXIT=0"), "{screen}");
+    s.expect_exit(0, LONG);
+    ferry_testkit::assert_histories_equal(src, &dest).expect("trees equal");
+}
