@@ -169,18 +169,12 @@ async fn print_all(device: &'static str, mut events: Events) -> anyhow::Result<(
 
 /// One event as one JSON line: the event's object with `"device"` added in front.
 fn print_event(device: &str, ev: &Event) -> anyhow::Result<()> {
-    let json = serde_json::to_string(ev)?;
+    let json = ferry_migrate::text::json_line(ev)?;
     let fields = json
         .strip_prefix('{')
         .context("an event that is not a JSON object")?;
-    let line = terminal_safe(&format!("{{\"device\":\"{device}\",{fields}"));
+    let line = format!("{{\"device\":\"{device}\",{fields}");
     let mut out = std::io::stdout().lock();
     writeln!(out, "{line}")?;
     Ok(())
-}
-
-/// The line with C1 controls and bidirectional overrides (which serde_json leaves raw) written
-/// as `\uXXXX` escapes: the same JSON, safe on a terminal.
-fn terminal_safe(json: &str) -> String {
-    ferry_migrate::text::json_terminal_safe(json).into_owned()
 }

@@ -98,7 +98,7 @@ async fn main() -> ExitCode {
                         eprintln!("ticket{again}: {ticket}");
                         eprintln!("on the new device: cargo run --example new_device -- <DEST> {ticket}");
                     }
-                    match json_line(&ev) {
+                    match ferry_migrate::text::json_line(&ev) {
                         Ok(line) => println!("{line}"),
                         Err(e) => eprintln!("cannot print an event: {e}"),
                     }
@@ -127,11 +127,4 @@ async fn main() -> ExitCode {
             ExitCode::from(e.exit_code())
         }
     }
-}
-
-/// One event as one JSON line, safe on a terminal (see `ferry_migrate::text::json_terminal_safe`:
-/// names from the other device may hold C1 controls or bidirectional overrides).
-fn json_line(ev: &Event) -> serde_json::Result<String> {
-    let json = serde_json::to_string(ev)?;
-    Ok(ferry_migrate::text::json_terminal_safe(&json).into_owned())
 }

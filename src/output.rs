@@ -76,9 +76,8 @@ impl Reporter {
         if !self.json {
             return;
         }
-        match serde_json::to_string(ev) {
+        match json_line(ev) {
             Ok(line) => {
-                let line = json_terminal_safe(&line);
                 let mut out = std::io::stdout().lock();
                 let _ = writeln!(out, "{line}");
                 let _ = out.flush();
@@ -154,7 +153,9 @@ impl Reporter {
     }
 }
 
-pub use ferry_migrate::text::{escape, escape_lines, human_bytes, json_terminal_safe, utc_time};
+pub use ferry_migrate::text::{
+    escape, escape_lines, human_bytes, json_line, json_terminal_safe, utc_time,
+};
 
 /// A writer for log lines (tracing writes each event with one `write_all`): escapes what
 /// [`escape_lines`] does, so that peer text logged by any crate cannot drive the terminal.

@@ -62,6 +62,13 @@ pub fn human_bytes(n: u64) -> String {
     }
 }
 
+/// `value` (an [`crate::Event`], a summary) as one line of JSON that is safe on a terminal
+/// (see [`json_terminal_safe`]): what the CLI's `--json` prints.
+pub fn json_line(value: &impl serde::Serialize) -> serde_json::Result<String> {
+    let line = serde_json::to_string(value)?;
+    Ok(json_terminal_safe(&line).into_owned())
+}
+
 /// A JSON line with the characters JSON leaves raw but a terminal acts on (C1 controls, DEL,
 /// bidirectional overrides) written as `\uXXXX` escapes: still the same JSON, and a peer's
 /// file name cannot drive a terminal that shows `--json` output. They can only occur inside
