@@ -58,7 +58,6 @@ pub struct SendFlags {
     #[arg(long)]
     pub name: Option<String>,
     /// One JSON event per line on stdout.
-    /// One JSON event per line on stdout.
     #[arg(long)]
     pub json: bool,
     /// Congestion controller for the data this device sends: bbr (default; holds up under
@@ -122,7 +121,6 @@ pub struct ReceiveFlags {
     /// Receive into a folder that already holds other files (ferry never deletes them).
     #[arg(long)]
     pub yes: bool,
-    /// One JSON event per line on stdout.
     /// One JSON event per line on stdout.
     #[arg(long)]
     pub json: bool,

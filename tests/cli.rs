@@ -135,3 +135,56 @@ fn a_sender_without_mdns_shows_the_ticket_and_address_forms() {
     );
     assert!(!hint.contains("(and type the code), or"), "{hint}");
 }
+
+/// Every flag each command's `--help` lists is in the README's command contract, and no help
+/// line says the same sentence twice (a merge once doubled `--json`'s line on `send`).
+#[test]
+fn every_flag_in_help_is_in_the_readme_and_each_help_line_says_it_once() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    for cmd in [
+        "send", "receive", "pair", "peers", "verify", "doctor", "demo",
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args([cmd, "--help"])
+            .output()
+            .expect("ferry --help");
+        assert!(out.status.success(), "ferry {cmd} --help failed");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        for line in text.lines().map(str::trim_start) {
+            let Some(flag) = line
+                .split_whitespace()
+                .find(|w| w.starts_with("--"))
+                .map(|w| w.trim_end_matches([',', '.']))
+                .filter(|_| line.starts_with('-'))
+            else {
+                continue;
+            };
+            let flag = flag.split(['=', '.']).next().unwrap_or(flag);
+            if ["--help", "--verbose"].contains(&flag) {
+                continue;
+            }
+            assert!(
+                readme.contains(flag),
+                "ferry {cmd} {flag} is not in the README's contract"
+            );
+            let sentences: Vec<&str> = line
+                .split(". ")
+                .map(|s| s.trim().trim_end_matches('.'))
+                .filter(|s| s.len() > 10)
+                .collect();
+            for (i, s) in sentences.iter().enumerate() {
+                assert!(
+                    !sentences[i + 1..].contains(s),
+                    "ferry {cmd} --help says {s:?} twice: {line}"
+                );
+            }
+        }
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .arg("--help")
+        .output()
+        .expect("ferry --help");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("10 incomplete"), "exit 10 missing: {text}");
+}
