@@ -378,11 +378,15 @@ async fn choose_sender(
         .iter()
         .any(|p| ep.usable(&p.device_id, PeerRole::Sender).is_ok());
     let mut tried = 0;
+    // Per sender found: when it was seen, and whether a paired device answered there but
+    // refused this device's key.
+    let mut seen: Vec<(u64, bool)> = Vec::new();
     // A paired sender that has only just started may miss the first look: look once more.
     for look_again in [true, false] {
         for d in &found[tried..] {
-            if let Ok(c) = by_pinned_key(ep, pinned_only, &d.addrs).await {
-                return Ok(Chosen::Paired(d.clone(), c));
+            match by_pinned_key(ep, pinned_only, &d.addrs).await {
+                Ok(c) => return Ok(Chosen::Paired(d.clone(), c)),
+                Err(verdict) => seen.push((unix_now(), verdict.is_some_and(|e| refused_key(&e)))),
             }
         }
         tried = found.len();
@@ -402,9 +406,12 @@ async fn choose_sender(
     }
     let candidates: Vec<crate::Candidate> = found
         .iter()
-        .map(|d| crate::Candidate {
+        .zip(&seen)
+        .map(|(d, &(seen_at, paired))| crate::Candidate {
             name: d.name.clone(),
             addrs: d.addrs.clone(),
+            seen_at,
+            paired,
         })
         .collect();
     em.emit(Event::Candidates {
@@ -438,6 +445,25 @@ async fn choose_sender(
         return Err(Error::new(ErrorKind::Usage, "no such sender"));
     }
     Ok(Chosen::Other(found.swap_remove(choice)))
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Whether a paired device's pinned key reached that device and it refused this one (rather
+/// than nothing answering).
+fn refused_key(e: &ConnectError) -> bool {
+    !matches!(
+        e,
+        ConnectError::Timeout
+            | ConnectError::AllFailed(_)
+            | ConnectError::Refused(_)
+            | ConnectError::NoAddresses
+            | ConnectError::WrongKey { .. }
+    )
 }
 
 /// Adds the addresses senders announce on the local network to `at` (when it was found there);
