@@ -221,11 +221,28 @@ fn listening(rep: &Reporter, ev: &Event) {
         ticket,
         reissued,
         mdns,
+        waiting_for,
         ..
     } = ev
     else {
         return;
     };
+    if let Some(w) = waiting_for {
+        // A restarted sender whose receiver is paired: that device reconnects by its key; the
+        // code only matters for a different device.
+        if !*reissued {
+            rep.say(&format!(
+                "waiting for {} ({}) to reconnect and continue the unfinished migration: it is paired with this device, no code needed",
+                escape(&w.peer),
+                w.device_id.short()
+            ));
+            rep.say(&format!("listening on {}", addr_list(addrs)));
+        }
+        rep.say(&format!(
+            "to migrate to another device instead: pairing code {code}, ticket {ticket} (show them only to that device)"
+        ));
+        return;
+    }
     if *reissued {
         rep.say("new pairing code issued:");
     }

@@ -367,3 +367,59 @@ fn restarted_receiver_of_a_finished_migration_says_done_without_the_sender() {
     assert_eq!(done["end"], "complete", "{done}");
     assert_histories_equal(src, &dest).unwrap();
 }
+
+/// A sender restarted in the middle of a migration whose receiver is paired does not lead with
+/// a new code and QR nobody needs: it says it waits for that device, by name, and offers the
+/// code only for another device. The receiver reconnects by its key and finishes; a sender
+/// started for the same folder afterwards offers the code as usual (issue 18, item 10).
+#[test]
+fn restarted_sender_waits_for_its_paired_receiver_by_name_instead_of_showing_a_new_code() {
+    let src = shared_history(32, 30);
+    let (old, new) = (Device::new("old"), Device::new("new"));
+    let work = tempdir("dest");
+    let dest = work.path().join("history");
+    let addr = format!("127.0.0.1:{}", free_udp_port());
+    let (mut s, _, code) = start_sender_with(&old, src, &addr, &["--limit-rate", "8MiB"]);
+    let mut r = new.receive(&dest, &addr, Some(&code), &["--name", "New phone"]);
+    assert!(
+        wait_progress(&mut r, 0.2, &dest).is_some(),
+        "finished too early"
+    );
+    s.kill9();
+    // The same command, for a person (no --json).
+    let args: Vec<std::ffi::OsString> = vec![
+        "send".into(),
+        src.into(),
+        "--listen".into(),
+        addr.clone().into(),
+        "--no-mdns".into(),
+    ];
+    let mut s = old.spawn("send", args);
+    let deadline = Instant::now() + LONG;
+    while !s.stderr().contains("to migrate to another device instead") {
+        assert!(Instant::now() < deadline, "{}", s.stderr());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    r.wait_event("done", LONG);
+    r.expect_exit(0, LONG);
+    s.expect_exit(0, LONG);
+    assert_histories_equal(src, &dest).unwrap();
+    let said = s.stderr();
+    let waiting = said
+        .lines()
+        .position(|l| l.starts_with("waiting for New phone (") && l.contains("no code needed"))
+        .unwrap_or_else(|| panic!("no waiting line:\n{said}"));
+    let other = said
+        .lines()
+        .position(|l| l.starts_with("to migrate to another device instead: pairing code "))
+        .unwrap_or_else(|| panic!("no secondary code:\n{said}"));
+    assert!(waiting < other, "{said}");
+    assert!(!said.contains("pairing code: "), "led with a code:\n{said}");
+    assert!(!said.contains('█'), "showed a QR code:\n{said}");
+    assert!(!said.contains("on the new device run"), "{said}");
+    // Finished: the next sender for this folder waits for nobody.
+    let (s, _, _) = start_sender(&old, src, &addr);
+    let listening = s.seen_named("listening")[0].clone();
+    assert!(listening.get("waiting_for").is_none(), "{listening}");
+    s.interrupt();
+}

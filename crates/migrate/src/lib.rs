@@ -122,7 +122,9 @@ pub mod text;
 
 pub use device::{dirs_from_env, find_peer, open_endpoint, peer_store, IDLE_TIMEOUT, KEEP_ALIVE};
 pub use error::{Cause, Error, ErrorKind};
-pub use event::{End, Event, ManifestInfo, PeerEvent, RoundInfo, RoundReason, ScanInfo, Totals};
+pub use event::{
+    End, Event, ManifestInfo, PeerEvent, RoundInfo, RoundReason, ScanInfo, Totals, WaitingFor,
+};
 pub use handle::{Events, Handle, EVENT_CAPACITY};
 pub use receive::{ReceiveBuilder, ReceiveSummary};
 pub use send::{

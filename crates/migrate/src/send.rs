@@ -7,6 +7,7 @@
 //! [`MAX_RESTARTS_PER_FILE`] times in a row ends the migration with [`Error::Source`] naming it.
 
 mod codes;
+mod pending;
 mod scanner;
 
 use std::collections::HashMap;
@@ -513,6 +514,8 @@ enum RoundOutcome {
 /// A sender serving its receiver: the state kept across rounds and connections.
 struct Serving<'e> {
     o: SendBuilder,
+    /// This device's folders (the note of an unfinished migration lives there).
+    dirs: FerryDirs,
     em: &'e Emitter,
     ctl: Arc<Control>,
     ep: Endpoint,
@@ -615,15 +618,17 @@ impl<'e> Serving<'e> {
         };
         let ep = sender_endpoint(&o, &dirs, &pinning)?;
         let code = offer_code(&ep, o.code, em).await?;
-        let ticket = codes::announce(&ep, code, false, o.mdns, em).await?;
+        let waiting_for = pending::awaited(&dirs, &o.dir, &ep);
+        let ticket = codes::announce(&ep, code, false, o.mdns, waiting_for.clone(), em).await?;
         let mdns = if o.mdns {
             advertise(&ep, ticket.addrs.first().map_or(0, |a| a.port()), em).await
         } else {
             None
         };
-        let codes = CodeKeeper::new(o.resumable_pause, o.mdns);
+        let codes = CodeKeeper::new(o.resumable_pause, o.mdns, waiting_for);
         Ok(Serving {
             o,
+            dirs,
             em,
             ctl,
             ep,
@@ -666,10 +671,12 @@ impl<'e> Serving<'e> {
             // Who is served, before any data flows: a device admitted by its pinned key says
             // when it was paired, so an unexpected one stands out.
             self.em.emit(paired_event(&conn)).await;
+            pending::started(&self.dirs, &self.o.dir, &conn.peer().device_id);
             self.served_from.get_or_insert_with(Instant::now);
             loop {
                 match self.round(&conn, &mut next).await? {
                     RoundOutcome::Finished(summary) => {
+                        pending::finished(&self.dirs);
                         self.ep.close(close::DONE, b"done").await;
                         return Ok(summary);
                     }
