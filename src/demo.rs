@@ -51,10 +51,10 @@ pub async fn run(f: DemoFlags) -> Result<(), Error> {
             ),
         ));
     }
-    generate_history(&src, size, f.seed, &say).await?;
+    let generated = generate_history(&src, size, f.seed, &say).await?;
 
     let started = Instant::now();
-    let (sent, received) = migrate(&work, &src, &dest, f.no_interrupt, &say).await?;
+    let (sent, received, unique) = migrate(&work, &src, &dest, f.no_interrupt, &say).await?;
     let elapsed = started.elapsed();
 
     say("verifying: re-hashing every file against the receipt and comparing with the original…");
@@ -88,6 +88,11 @@ pub async fn run(f: DemoFlags) -> Result<(), Error> {
         received.files,
         human_bytes(received.bytes)
     ));
+    if generated > received.files {
+        say(&format!(
+            "  ({generated} files were generated: the databases' -wal files travel inside their consistent snapshots, not as files of their own)"
+        ));
+    }
     let cut = if f.no_interrupt {
         String::new()
     } else {
@@ -98,20 +103,15 @@ pub async fn run(f: DemoFlags) -> Result<(), Error> {
         )
     };
     say(&format!(
-        "  paired with {} by a one-time code; scanned in {:.2} s{cut}",
-        received.sender, sent.scan_s
+        "  paired with {} by a one-time code; scanned in {:.2} s{cut}; {:.2} s, {}/s",
+        received.sender,
+        sent.scan_s,
+        elapsed.as_secs_f64(),
+        human_bytes(rate as u64)
     ));
     say(&format!(
-        "  {:.2} s, {}/s; {} crossed the link for a {} history (zstd on text and dedup of forwarded media save; {})",
-        elapsed.as_secs_f64(),
-        human_bytes(rate as u64),
-        human_bytes(sent.wire_bytes),
-        human_bytes(received.bytes),
-        if f.no_interrupt {
-            "nothing was sent twice"
-        } else {
-            "the cut re-sends what was in flight"
-        }
+        "  {}",
+        bytes_story(&received, &sent, unique, f.no_interrupt)
     ));
     say(&format!(
         "  verified: every file matches root {} and the original byte for byte",
@@ -133,7 +133,7 @@ async fn generate_history(
     size: u64,
     seed: u64,
     say: &impl Fn(&str),
-) -> Result<(), Error> {
+) -> Result<u64, Error> {
     say(&format!("ferry demo: generating a {} chat history (SQLite messages in Chinese and English, photos, voice notes, videos, thumbnails)…", human_bytes(size)));
     let t0 = Instant::now();
     let spec = HistorySpec {
@@ -160,8 +160,28 @@ async fn generate_history(
         t0.elapsed().as_secs_f64(),
         src.display()
     ));
+    Ok(report.files)
+}
 
-    Ok(())
+/// What crossed the link, told apart: the history, what dedup left to send, what the cut made
+/// send again, and what compression saved.
+fn bytes_story(r: &ReceiveSummary, s: &SendSummary, unique: u64, no_interrupt: bool) -> String {
+    let again = match (s.raw_bytes.saturating_sub(unique), no_interrupt) {
+        (0, _) => "nothing was sent twice".to_string(),
+        (n, true) => format!("{} sent again", human_bytes(n)),
+        (n, false) => format!(
+            "{} sent again after the cut (what was in flight)",
+            human_bytes(n)
+        ),
+    };
+    format!(
+        "the {} history holds {} of unique data (dedup of forwarded media saved {}); {again}; zstd on text saved {}; {} crossed the link",
+        human_bytes(r.bytes),
+        human_bytes(unique),
+        human_bytes(r.bytes.saturating_sub(unique)),
+        human_bytes(s.raw_bytes.saturating_sub(s.wire_bytes)),
+        human_bytes(s.wire_bytes)
+    )
 }
 
 /// Migrates `src` to `dest` between two devices with their state under `work`; cuts the link
@@ -172,7 +192,7 @@ async fn migrate(
     dest: &Path,
     no_interrupt: bool,
     say: &impl Fn(&str),
-) -> Result<(SendSummary, ReceiveSummary), Error> {
+) -> Result<(SendSummary, ReceiveSummary, u64), Error> {
     // Two devices on one machine: separate state folders.
     let old_dirs = FerryDirs::under(work.join("old-phone").join("ferry-home"));
     let new_dirs = FerryDirs::under(work.join("new-phone").join("ferry-home"));
@@ -185,9 +205,13 @@ async fn migrate(
         // (auto would not, both ends being on this machine).
         .compress(Compress::Always)
         .start();
+    let mut unique = 0;
     let ticket = loop {
         match sent_events.next().await {
             Some(Event::Listening { ticket, .. }) => break ticket,
+            Some(Event::Manifest(m)) => {
+                unique = m.scan.as_ref().map_or(m.bytes, |s| s.unique_bytes);
+            }
             Some(_) => {}
             None => {
                 sender.wait().await?;
@@ -205,7 +229,13 @@ async fn migrate(
     let src2 = src.to_path_buf();
     let sending = tokio::spawn(async move {
         let rep = Reporter::demo_side("old phone", true);
-        crate::drive(sender, sent_events, &rep, Side::Send, &src2, |_, _| {}).await
+        let sent = crate::drive(sender, sent_events, &rep, Side::Send, &src2, |ev, _| {
+            if let Event::Manifest(m) = ev {
+                unique = m.scan.as_ref().map_or(m.bytes, |s| s.unique_bytes);
+            }
+        })
+        .await;
+        sent.map(|s| (s, unique))
     });
     let (receiver, events) = Migration::receive(dest)
         .dirs(new_dirs)
@@ -233,9 +263,8 @@ async fn migrate(
     })
     .await?;
     rrep.finish_progress();
-    let sent = sending
+    let (sent, unique) = sending
         .await
         .map_err(|e| Error::new(ErrorKind::Internal, e.to_string()))??;
-
-    Ok((sent, received))
+    Ok((sent, received, unique))
 }

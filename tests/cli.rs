@@ -135,3 +135,68 @@ fn a_sender_without_mdns_shows_the_ticket_and_address_forms() {
     );
     assert!(!hint.contains("(and type the code), or"), "{hint}");
 }
+
+/// The demo on a person's screen: what the generator wrote against what the manifest holds is
+/// explained; what crossed the link, what the cut made send again, and what dedup and
+/// compression saved are told apart (a total above the history's size read as negative
+/// savings); sizes in binary units (issue 18, item 10).
+#[test]
+fn demo_summary_tells_apart_what_crossed_what_the_cut_resent_and_what_was_saved() {
+    let work = tempdir("demo");
+    let d = Device::new("demo");
+    let dir = work.path().join("demo");
+    let args: Vec<OsString> = vec![
+        "demo".into(),
+        "--size".into(),
+        "8MiB".into(),
+        "--dir".into(),
+        dir.into(),
+    ];
+    let (code, f) = d.run("demo", args, LONG);
+    let err = f.stderr();
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("files were generated: the databases' -wal files travel inside"),
+        "{err}"
+    );
+    let story = err
+        .lines()
+        .find(|l| l.contains("crossed the link"))
+        .unwrap_or_else(|| panic!("no summary of the bytes:\n{err}"));
+    for part in [
+        "of unique data (dedup of forwarded media saved ",
+        "zstd on text saved ",
+    ] {
+        assert!(story.contains(part), "{story}");
+    }
+    assert!(
+        story.contains("sent again after the cut") || story.contains("nothing was sent twice"),
+        "{story}"
+    );
+    assert!(
+        !err.contains("MB/s") && !err.contains(" MB"),
+        "decimal units:\n{err}"
+    );
+    assert!(err.contains("MiB/s"), "{err}");
+}
+
+/// `ferry demo --no-interrupt` cuts nothing and says nothing about a cut.
+#[test]
+fn demo_without_interrupt_never_mentions_a_cut() {
+    let work = tempdir("demo");
+    let d = Device::new("demo");
+    let dir = work.path().join("demo");
+    let args: Vec<OsString> = vec![
+        "demo".into(),
+        "--size".into(),
+        "8MiB".into(),
+        "--dir".into(),
+        dir.into(),
+        "--no-interrupt".into(),
+    ];
+    let (code, f) = d.run("demo", args, LONG);
+    let err = f.stderr();
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("crossed the link"), "{err}");
+    assert!(!err.contains("cut"), "{err}");
+}

@@ -231,6 +231,9 @@ pub struct SendSummary {
     pub peer: String,
     pub sessions: u32,
     pub scan_s: f64,
+    /// Chunk bytes sent before compression, all sessions (`wire_bytes` is after it): with
+    /// the history's unique bytes, what compression saved and what was sent again.
+    pub raw_bytes: u64,
 }
 
 /// Resolves once `stop` says so; never if its sender is gone.
@@ -504,7 +507,7 @@ impl Decider<'_> {
 /// What a round on a connection came to.
 enum RoundOutcome {
     /// The migration ended: this summary.
-    Finished(SendSummary),
+    Finished(Box<SendSummary>),
     /// Another round on the same connection.
     Again,
     /// The session ended; wait for the receiver to come back.
@@ -535,6 +538,7 @@ struct Serving<'e> {
     served_from: Option<Instant>,
     scan_secs: f64,
     wire_bytes: u64,
+    raw_bytes: u64,
     catchup_wire_bytes: u64,
     sessions: u32,
     rounds_done: u32,
@@ -644,6 +648,7 @@ impl<'e> Serving<'e> {
             served_from: None,
             scan_secs,
             wire_bytes: 0,
+            raw_bytes: 0,
             catchup_wire_bytes: 0,
             sessions: 0,
             rounds_done: 0,
@@ -678,7 +683,7 @@ impl<'e> Serving<'e> {
                     RoundOutcome::Finished(summary) => {
                         pending::finished(&self.dirs);
                         self.ep.close(close::DONE, b"done").await;
-                        return Ok(summary);
+                        return Ok(*summary);
                     }
                     RoundOutcome::Again => {}
                     RoundOutcome::Lost => break,
@@ -836,6 +841,7 @@ impl<'e> Serving<'e> {
         self.awaiting.store(false, Ordering::SeqCst);
         let (res, stats, stopping) = self.serve_once(conn, next).await?;
         self.wire_bytes += stats.wire_bytes;
+        self.raw_bytes += stats.raw_bytes;
         if self.rounds_done >= self.base_rounds {
             self.catchup_wire_bytes += stats.wire_bytes;
         }
@@ -868,7 +874,7 @@ impl<'e> Serving<'e> {
                         .await;
                 }
                 let s = self.finish(self.rounds_done, how, &conn.peer().name).await;
-                Ok(RoundOutcome::Finished(s))
+                Ok(RoundOutcome::Finished(Box::new(s)))
             }
             Ok(SendEnd::Next(out)) => {
                 self.rounds_done += 1;
@@ -937,7 +943,7 @@ impl<'e> Serving<'e> {
             let s = self
                 .finish(rounds, End::ReceiverStopped, &conn.peer().name)
                 .await;
-            return Ok(RoundOutcome::Finished(s));
+            return Ok(RoundOutcome::Finished(Box::new(s)));
         }
         let message = interruption(&e);
         let f = from_drive(e);
@@ -993,6 +999,7 @@ impl<'e> Serving<'e> {
             peer: peer.to_string(),
             sessions: self.sessions,
             scan_s: self.scan_secs,
+            raw_bytes: self.raw_bytes,
         };
         self.em.emit(Event::Sent(s.clone())).await;
         s
