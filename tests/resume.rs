@@ -423,3 +423,49 @@ fn restarted_sender_waits_for_its_paired_receiver_by_name_instead_of_showing_a_n
     assert!(listening.get("waiting_for").is_none(), "{listening}");
     s.interrupt();
 }
+
+/// A person's receiver whose stderr is a file (no terminal: the progress bar is hidden) still
+/// shows what happens when the sender dies mid-transfer, in plain words: "connection lost"
+/// once (not "connection lost (the connection was lost: connection lost)"), then reconnected
+/// and resuming; its log lines (-v) carry no colour codes and no Rust list brackets around
+/// addresses (issue 18, item 10).
+#[test]
+fn receiver_without_a_terminal_says_the_link_was_lost_plainly_without_colour_codes() {
+    let src = shared_history(16, 31);
+    let (old, new) = (Device::new("old"), Device::new("new"));
+    let work = tempdir("dest");
+    let dest = work.path().join("history");
+    let addr = format!("127.0.0.1:{}", free_udp_port());
+    let (mut s, _, code) = start_sender_with(&old, src, &addr, &["--limit-rate", "4MiB"]);
+    let args: Vec<std::ffi::OsString> = vec![
+        "receive".into(),
+        dest.clone().into(),
+        "--connect".into(),
+        addr.clone().into(),
+        "--code".into(),
+        code.into(),
+        "-v".into(),
+    ];
+    let mut r = new.spawn("receive", args);
+    let deadline = Instant::now() + LONG;
+    while journal_len(&dest) <= 64 {
+        assert!(
+            Instant::now() < deadline,
+            "nothing committed:\n{}",
+            r.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    s.kill9();
+    let (mut s, _, _) = start_sender(&old, src, &addr);
+    r.expect_exit(0, LONG);
+    s.expect_exit(0, LONG);
+    assert_histories_equal(src, &dest).unwrap();
+    let err = r.stderr();
+    let lost: Vec<&str> = err.lines().filter(|l| l.contains("lost")).collect();
+    assert_eq!(lost, ["connection lost; reconnecting…"], "{err}");
+    assert!(err.contains("\nreconnected\n"), "{err}");
+    assert!(err.contains("\nresuming: "), "{err}");
+    assert!(!err.contains('\u{1b}'), "colour codes:\n{err:?}");
+    assert!(!err.contains("[127.0.0.1"), "list brackets:\n{err}");
+}
