@@ -469,3 +469,42 @@ fn receiver_without_a_terminal_says_the_link_was_lost_plainly_without_colour_cod
     assert!(!err.contains('\u{1b}'), "colour codes:\n{err:?}");
     assert!(!err.contains("[127.0.0.1"), "list brackets:\n{err}");
 }
+
+/// Receiving again into a folder that holds a finished migration, with the sender gone: the
+/// person is told at once that the folder holds a finished migration (never that it resumes
+/// an unfinished one), and the end says nothing needed to be received, not "0 B received at
+/// 0 B/s" (issue 18, item 10).
+#[test]
+fn receiving_again_into_a_finished_folder_says_so_and_never_that_it_resumes() {
+    let src = shared_history(4, 32);
+    let (old, new) = (Device::new("old"), Device::new("new"));
+    let work = tempdir("dest");
+    let dest = work.path().join("history");
+    let (mut s, addr, code) = start_sender(&old, src, "127.0.0.1:0");
+    let mut r = new.receive(&dest, &addr, Some(&code), &[]);
+    r.wait_event("done", LONG);
+    r.expect_exit(0, LONG);
+    s.expect_exit(0, LONG);
+    let args: Vec<std::ffi::OsString> = vec![
+        "receive".into(),
+        dest.clone().into(),
+        "--connect".into(),
+        addr.into(),
+    ];
+    let (code, r) = new.run("receive", args, LONG);
+    let err = r.stderr();
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.starts_with("this folder already holds a finished migration"),
+        "{err}"
+    );
+    for wrong in ["unfinished", "resuming", "0 B/s"] {
+        assert!(!err.contains(wrong), "{wrong:?} in:\n{err}");
+    }
+    let done = err
+        .lines()
+        .find(|l| l.starts_with("done: "))
+        .unwrap_or_default();
+    assert!(done.contains("nothing needed to be received"), "{err}");
+    assert_histories_equal(src, &dest).unwrap();
+}

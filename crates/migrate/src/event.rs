@@ -100,6 +100,9 @@ pub enum Event {
     // --- receiver: finding the sender -------------------------------------------------
     /// The destination holds an unfinished migration: it continues.
     Unfinished,
+    /// DEST already holds a finished migration (a receipt, nothing unfinished): the sender is
+    /// asked whether anything changed since; it is not needed for what is here.
+    FinishedHere,
     /// The destination remembers its sender: reconnecting by its pinned key
     /// (`code_needed: false`, no code asked).
     KnownSender { code_needed: bool },
