@@ -200,3 +200,37 @@ fn demo_without_interrupt_never_mentions_a_cut() {
     assert!(err.contains("crossed the link"), "{err}");
     assert!(!err.contains("cut"), "{err}");
 }
+
+/// A sender stopped (Ctrl-C) before any receiver came says nothing was sent, and does not
+/// promise to "continue where it left off" (issue 18, item 10).
+#[test]
+fn sender_stopped_before_any_receiver_says_nothing_was_sent() {
+    let src = shared_history(4, 33);
+    let old = Device::new("old");
+    let args: Vec<OsString> = vec![
+        "send".into(),
+        src.into(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--no-mdns".into(),
+    ];
+    let mut s = old.spawn("send", args);
+    let deadline = std::time::Instant::now() + LONG;
+    while !s.stderr().contains("pairing code: ") {
+        assert!(std::time::Instant::now() < deadline, "{}", s.stderr());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    s.interrupt();
+    let code = s.wait_code(LONG);
+    let err = s.stderr();
+    assert_eq!(code, 5, "{err}");
+    let last = err.lines().last().unwrap_or_default();
+    assert_eq!(
+        last, "ferry: stopped before any device connected; nothing was sent",
+        "{err}"
+    );
+    assert!(
+        !err.contains("left off") && !err.contains("continue"),
+        "{err}"
+    );
+}

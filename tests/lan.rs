@@ -509,3 +509,47 @@ fn lan_two_senders_a_person_at_the_terminal_chooses_one_and_only_it_is_tried() {
         assert_eq!(n, expected, "the sender not chosen saw {n} {name} event(s)");
     }
 }
+
+/// `ferry doctor` on a person's screen names the multicast self-test's outcome in words, never
+/// by an internal name ("SawItself"), and lists addresses without Rust list brackets. Run
+/// inside a namespace the test creates (the self-test announces on the network).
+#[test]
+fn doctor_says_the_multicast_outcome_in_words_not_internal_names() {
+    let test = "doctor_says_the_multicast_outcome_in_words_not_internal_names";
+    if let Some(reason) = netns::skip_reason() {
+        println!("SKIP {test}: {reason}");
+        return;
+    }
+    let lab = match Lab::new(1) {
+        Ok(l) => l,
+        Err(e) => {
+            println!("SKIP {test}: cannot create namespaces: {e}");
+            return;
+        }
+    };
+    let dev = Device::new("doctor");
+    let mut d = Ferry::spawn_with(
+        "doctor",
+        dev.home.path(),
+        &["ip", "netns", "exec", &lab.hosts[0].ns],
+        ["doctor"],
+    );
+    d.expect_exit(0, LONG);
+    let mut out: String = d
+        .seen_named("raw")
+        .iter()
+        .map(|ev| format!("{}\n", ev["line"].as_str().unwrap_or_default()))
+        .collect();
+    out.push_str(&d.stderr());
+    let said = out
+        .lines()
+        .find(|l| l.starts_with("mDNS self-test: "))
+        .unwrap_or_else(|| panic!("no self-test line:\n{out}"));
+    assert!(
+        said.contains("works (") || said.contains("blocked ("),
+        "{said}"
+    );
+    for internal in ["SawItself", "NotSeen", "Skipped", "Failed(", "[", "]"] {
+        assert!(!out.contains(internal), "{internal:?} on screen:\n{out}");
+    }
+}
