@@ -82,9 +82,10 @@ where
     loop {
         match attempt().await {
             Err(ConnectError::Refused(why)) if Instant::now() + wait < until => {
+                let why: Vec<String> = why.iter().map(|(a, e)| format!("{a}: {e}")).collect();
                 tracing::info!(
-                    ?why,
-                    "the sender refused a new connection for now; retrying"
+                    "the sender refused a new connection for now ({}); retrying",
+                    why.join("; ")
                 );
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(Duration::from_secs(2));
@@ -556,9 +557,11 @@ pub(crate) async fn sender_elsewhere(
         if others.is_empty() || q.stats().udp_rx.datagrams != seen {
             continue;
         }
+        let list: Vec<String> = others.iter().map(|a| a.to_string()).collect();
         tracing::info!(
-            "no word from the sender for {:?}: trying {others:?}",
-            heard.elapsed()
+            "no word from the sender for {:.0} s: trying {}",
+            heard.elapsed().as_secs_f64(),
+            list.join(", ")
         );
         if let Ok(Ok(c)) = tokio::time::timeout(PROBE_WITHIN, ep.connect_peer(id, &others)).await {
             return c;
