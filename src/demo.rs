@@ -54,7 +54,7 @@ pub async fn run(f: DemoFlags) -> Result<(), Error> {
     let generated = generate_history(&src, size, f.seed, &say).await?;
 
     let started = Instant::now();
-    let (sent, received, unique) = migrate(&work, &src, &dest, f.no_interrupt, &say).await?;
+    let (sent, received) = migrate(&work, &src, &dest, f.no_interrupt, &say).await?;
     let elapsed = started.elapsed();
 
     say("verifying: re-hashing every file against the receipt and comparing with the original…");
@@ -109,10 +109,7 @@ pub async fn run(f: DemoFlags) -> Result<(), Error> {
         elapsed.as_secs_f64(),
         human_bytes(rate as u64)
     ));
-    say(&format!(
-        "  {}",
-        bytes_story(&received, &sent, unique, f.no_interrupt)
-    ));
+    say(&format!("  {}", sent.bytes_told_apart()));
     say(&format!(
         "  verified: every file matches root {} and the original byte for byte",
         &received.root.to_hex()[..16]
@@ -163,27 +160,6 @@ async fn generate_history(
     Ok(report.files)
 }
 
-/// What crossed the link, told apart: the history, what dedup left to send, what the cut made
-/// send again, and what compression saved.
-fn bytes_story(r: &ReceiveSummary, s: &SendSummary, unique: u64, no_interrupt: bool) -> String {
-    let again = match (s.raw_bytes.saturating_sub(unique), no_interrupt) {
-        (0, _) => "nothing was sent twice".to_string(),
-        (n, true) => format!("{} sent again", human_bytes(n)),
-        (n, false) => format!(
-            "{} sent again after the cut (what was in flight)",
-            human_bytes(n)
-        ),
-    };
-    format!(
-        "the {} history holds {} of unique data (dedup of forwarded media saved {}); {again}; zstd on text saved {}; {} crossed the link",
-        human_bytes(r.bytes),
-        human_bytes(unique),
-        human_bytes(r.bytes.saturating_sub(unique)),
-        human_bytes(s.raw_bytes.saturating_sub(s.wire_bytes)),
-        human_bytes(s.wire_bytes)
-    )
-}
-
 /// Migrates `src` to `dest` between two devices with their state under `work`; cuts the link
 /// once halfway unless `no_interrupt`.
 async fn migrate(
@@ -192,7 +168,7 @@ async fn migrate(
     dest: &Path,
     no_interrupt: bool,
     say: &impl Fn(&str),
-) -> Result<(SendSummary, ReceiveSummary, u64), Error> {
+) -> Result<(SendSummary, ReceiveSummary), Error> {
     // Two devices on one machine: separate state folders.
     let old_dirs = FerryDirs::under(work.join("old-phone").join("ferry-home"));
     let new_dirs = FerryDirs::under(work.join("new-phone").join("ferry-home"));
@@ -205,13 +181,9 @@ async fn migrate(
         // (auto would not, both ends being on this machine).
         .compress(Compress::Always)
         .start();
-    let mut unique = 0;
     let ticket = loop {
         match sent_events.next().await {
             Some(Event::Listening { ticket, .. }) => break ticket,
-            Some(Event::Manifest(m)) => {
-                unique = m.scan.as_ref().map_or(m.bytes, |s| s.unique_bytes);
-            }
             Some(_) => {}
             None => {
                 sender.wait().await?;
@@ -229,13 +201,7 @@ async fn migrate(
     let src2 = src.to_path_buf();
     let sending = tokio::spawn(async move {
         let rep = Reporter::demo_side("old phone", true);
-        let sent = crate::drive(sender, sent_events, &rep, Side::Send, &src2, |ev, _| {
-            if let Event::Manifest(m) = ev {
-                unique = m.scan.as_ref().map_or(m.bytes, |s| s.unique_bytes);
-            }
-        })
-        .await;
-        sent.map(|s| (s, unique))
+        crate::drive(sender, sent_events, &rep, Side::Send, &src2, |_, _| {}).await
     });
     let (receiver, events) = Migration::receive(dest)
         .dirs(new_dirs)
@@ -263,8 +229,8 @@ async fn migrate(
     })
     .await?;
     rrep.finish_progress();
-    let (sent, unique) = sending
+    let sent = sending
         .await
         .map_err(|e| Error::new(ErrorKind::Internal, e.to_string()))??;
-    Ok((sent, received, unique))
+    Ok((sent, received))
 }

@@ -234,6 +234,9 @@ pub struct SendSummary {
     /// Chunk bytes sent before compression, all sessions (`wire_bytes` is after it): with
     /// the history's unique bytes, what compression saved and what was sent again.
     pub raw_bytes: u64,
+    /// The last round's tree in distinct chunk bytes (files with the same content counted
+    /// once): what dedup left to send.
+    pub unique_bytes: u64,
 }
 
 /// Resolves once `stop` says so; never if its sender is gone.
@@ -1000,6 +1003,7 @@ impl<'e> Serving<'e> {
             sessions: self.sessions,
             scan_s: self.scan_secs,
             raw_bytes: self.raw_bytes,
+            unique_bytes: fin.unique_bytes,
         };
         self.em.emit(Event::Sent(s.clone())).await;
         s
@@ -1025,6 +1029,25 @@ async fn offer_code(
 }
 
 impl SendSummary {
+    /// The bytes of the migration told apart, for a person: the history, what dedup left to
+    /// send, what was sent again (in flight when a link was lost), what compression saved and
+    /// what crossed the link.
+    pub fn bytes_told_apart(&self) -> String {
+        use crate::text::human_bytes as h;
+        let again = match self.raw_bytes.saturating_sub(self.unique_bytes) {
+            0 => "nothing was sent twice".to_string(),
+            n => format!("{} sent again (in flight when a link was lost)", h(n)),
+        };
+        format!(
+            "the {} history holds {} of unique data (dedup of identical files saved {}); {again}; compression saved {}; {} crossed the link",
+            h(self.bytes),
+            h(self.unique_bytes),
+            h(self.bytes.saturating_sub(self.unique_bytes)),
+            h(self.raw_bytes.saturating_sub(self.wire_bytes)),
+            h(self.wire_bytes)
+        )
+    }
+
     /// `Err(Error::Incomplete)` when files were left out because they kept changing.
     pub fn completeness(&self) -> Result<(), Error> {
         if self.unstable.is_empty() {
