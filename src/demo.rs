@@ -51,7 +51,7 @@ pub async fn run(f: DemoFlags) -> Result<(), Error> {
             ),
         ));
     }
-    let generated = generate_history(&src, size, f.seed, &say).await?;
+    let (generated, wal) = generate_history(&src, size, f.seed, &say).await?;
 
     let started = Instant::now();
     let (sent, received) = migrate(&work, &src, &dest, f.no_interrupt, &say).await?;
@@ -89,8 +89,10 @@ pub async fn run(f: DemoFlags) -> Result<(), Error> {
         human_bytes(received.bytes)
     ));
     if generated > received.files {
+        let other = (generated - received.files).saturating_sub(wal);
         say(&format!(
-            "  ({generated} files were generated: the databases' -wal files travel inside their consistent snapshots, not as files of their own)"
+            "  ({generated} files were generated: {wal} databases' -wal files travel inside their consistent snapshots{})",
+            if other > 0 { format!("; {other} skipped, as listed above") } else { String::new() }
         ));
     }
     let cut = if f.no_interrupt {
@@ -130,7 +132,7 @@ async fn generate_history(
     size: u64,
     seed: u64,
     say: &impl Fn(&str),
-) -> Result<u64, Error> {
+) -> Result<(u64, u64), Error> {
     say(&format!("ferry demo: generating a {} chat history (SQLite messages in Chinese and English, photos, voice notes, videos, thumbnails)…", human_bytes(size)));
     let t0 = Instant::now();
     let spec = HistorySpec {
@@ -157,7 +159,11 @@ async fn generate_history(
         t0.elapsed().as_secs_f64(),
         src.display()
     ));
-    Ok(report.files)
+    let wal = report
+        .databases
+        .iter()
+        .filter(|d| d.with_extension("db-wal").exists());
+    Ok((report.files, wal.count() as u64))
 }
 
 /// Migrates `src` to `dest` between two devices with their state under `work`; cuts the link

@@ -156,7 +156,7 @@ fn demo_summary_tells_apart_what_crossed_what_the_cut_resent_and_what_was_saved(
     let err = f.stderr();
     assert_eq!(code, 0, "{err}");
     assert!(
-        err.contains("files were generated: the databases' -wal files travel inside"),
+        err.contains("databases' -wal files travel inside their consistent snapshots"),
         "{err}"
     );
     let story = err
