@@ -101,6 +101,10 @@ fn verify_of_a_folder_without_a_migration_is_exit_2_not_7() {
     let (code, err) = verify(work.path());
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("does not hold a completed migration"), "{err}");
+    // A folder that is not there is said to be missing, not to lack a receipt.
+    let (code, err) = verify(&work.path().join("typo"));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("typo does not exist"), "{err}");
 }
 
 /// A sender that is not announced on the local network (`--no-mdns`) tells the person the

@@ -299,7 +299,12 @@ impl From<StoreError> for Error {
             _ => ErrorKind::Destination,
         };
         // Store errors name destination paths, which came from the sender.
-        let message = format!("{}{}", escape(&e.to_string()), store_advice(&e));
+        let message = match &e {
+            StoreError::NoReceipt(p) if !p.exists() => {
+                format!("{} does not exist", escape(&p.display().to_string()))
+            }
+            _ => format!("{}{}", escape(&e.to_string()), store_advice(&e)),
+        };
         Error::with_cause(kind, message, Some(Cause::Store(e)))
     }
 }
