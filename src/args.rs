@@ -147,15 +147,25 @@ impl SenderChooser for TerminalChooser {
     fn choose(&self, candidates: &[Candidate]) -> Result<usize, Error> {
         use std::io::{BufRead, Write};
         eprintln!("Several devices offer a history here; which one is your old device?");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
         for (i, c) in candidates.iter().enumerate() {
             let addrs: Vec<String> = c.addrs.iter().map(|a| a.to_string()).collect();
             eprintln!(
-                "  {}) {}  ({})",
+                "  {}) {}: seen {} s ago, {}; at {}",
                 i + 1,
                 crate::output::escape(&c.name),
+                now.saturating_sub(c.seen_at),
+                if c.paired {
+                    "paired, but it no longer lets this device in (needs its code again)"
+                } else {
+                    "not paired with this device"
+                },
                 addrs.join(", ")
             );
         }
+        eprintln!("Only the one you choose is asked for its code; nothing is tried on the others.");
         loop {
             eprint!("Number (1-{}): ", candidates.len());
             let _ = std::io::stderr().flush();

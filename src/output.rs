@@ -66,8 +66,9 @@ impl Reporter {
         }
         let line = format!("{}{}", self.prefix, escape_lines(line));
         match self.bar.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-            Some(b) => b.println(line),
-            None => eprintln!("{line}"),
+            // A hidden bar (stderr is not a terminal) would swallow the line.
+            Some(b) if !b.is_hidden() => b.println(line),
+            _ => eprintln!("{line}"),
         }
     }
 

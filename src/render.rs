@@ -155,6 +155,7 @@ fn line(ev: &Event) -> Option<String> {
             "refused device {device_id} at {addr}: this sender serves only the device given with --to"
         ),
         Event::Unfinished => "this folder holds an unfinished migration: continuing it".into(),
+        Event::FinishedHere => "this folder already holds a finished migration: asking the sender whether anything changed since".into(),
         Event::KnownSender { .. } => {
             "connecting to the paired sender by its key (no code needed)".into()
         }
@@ -217,11 +218,28 @@ fn listening(rep: &Reporter, ev: &Event) {
         ticket,
         reissued,
         mdns,
+        waiting_for,
         ..
     } = ev
     else {
         return;
     };
+    if let Some(w) = waiting_for {
+        // A restarted sender whose receiver is paired: that device reconnects by its key; the
+        // code only matters for a different device.
+        if !*reissued {
+            rep.say(&format!(
+                "waiting for {} ({}) to reconnect and continue the unfinished migration: it is paired with this device, no code needed",
+                escape(&w.peer),
+                w.device_id.short()
+            ));
+            rep.say(&format!("listening on {}", addr_list(addrs)));
+        }
+        rep.say(&format!(
+            "to migrate to another device instead: pairing code {code}, ticket {ticket} (show them only to that device)"
+        ));
+        return;
+    }
     if *reissued {
         rep.say("new pairing code issued:");
     }
@@ -309,6 +327,16 @@ fn received(rep: &Reporter, s: &ReceiveSummary, dest: &Path) {
     rep.finish_progress();
     if s.end == End::Stopped {
         rep.say("stopped; the last round is verified and complete here");
+    }
+    if s.rounds == 0 && s.wire_bytes == 0 {
+        // The finished migration was already here (the sender is gone).
+        rep.say(&format!(
+            "done: {} files, {} already here and verified in {}; nothing needed to be received",
+            s.files,
+            human_bytes(s.bytes),
+            dest.display()
+        ));
+        return;
     }
     rep.say(&format!(
         "done: {} files, {} verified and committed in {} ({} received in {:.1} s, {}/s on average)",

@@ -101,6 +101,10 @@ fn verify_of_a_folder_without_a_migration_is_exit_2_not_7() {
     let (code, err) = verify(work.path());
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("does not hold a completed migration"), "{err}");
+    // A folder that is not there is said to be missing, not to lack a receipt.
+    let (code, err) = verify(&work.path().join("typo"));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("typo does not exist"), "{err}");
 }
 
 /// A sender that is not announced on the local network (`--no-mdns`) tells the person the
@@ -187,4 +191,104 @@ fn every_flag_in_help_is_in_the_readme_and_each_help_line_says_it_once() {
         .expect("ferry --help");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("10 incomplete"), "exit 10 missing: {text}");
+}
+
+/// The demo on a person's screen: what the generator wrote against what the manifest holds is
+/// explained; what crossed the link, what the cut made send again, and what dedup and
+/// compression saved are told apart (a total above the history's size read as negative
+/// savings); sizes in binary units (issue 18, item 10).
+#[test]
+fn demo_summary_tells_apart_what_crossed_what_the_cut_resent_and_what_was_saved() {
+    let work = tempdir("demo");
+    let d = Device::new("demo");
+    let dir = work.path().join("demo");
+    let args: Vec<OsString> = vec![
+        "demo".into(),
+        "--size".into(),
+        "8MiB".into(),
+        "--dir".into(),
+        dir.into(),
+    ];
+    let (code, f) = d.run("demo", args, LONG);
+    let err = f.stderr();
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("databases' -wal files travel inside their consistent snapshots"),
+        "{err}"
+    );
+    let story = err
+        .lines()
+        .find(|l| l.contains("crossed the link"))
+        .unwrap_or_else(|| panic!("no summary of the bytes:\n{err}"));
+    for part in [
+        "of unique data (dedup of identical files saved ",
+        "; compression saved ",
+    ] {
+        assert!(story.contains(part), "{story}");
+    }
+    assert!(
+        story.contains("sent again (in flight when a link was lost)")
+            || story.contains("nothing was sent twice"),
+        "{story}"
+    );
+    assert!(
+        !err.contains("MB/s") && !err.contains(" MB"),
+        "decimal units:\n{err}"
+    );
+    assert!(err.contains("MiB/s"), "{err}");
+}
+
+/// `ferry demo --no-interrupt` cuts nothing and says nothing about a cut.
+#[test]
+fn demo_without_interrupt_never_mentions_a_cut() {
+    let work = tempdir("demo");
+    let d = Device::new("demo");
+    let dir = work.path().join("demo");
+    let args: Vec<OsString> = vec![
+        "demo".into(),
+        "--size".into(),
+        "8MiB".into(),
+        "--dir".into(),
+        dir.into(),
+        "--no-interrupt".into(),
+    ];
+    let (code, f) = d.run("demo", args, LONG);
+    let err = f.stderr();
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("crossed the link"), "{err}");
+    assert!(!err.contains("cut"), "{err}");
+}
+
+/// A sender stopped (Ctrl-C) before any receiver came says nothing was sent, and does not
+/// promise to "continue where it left off" (issue 18, item 10).
+#[test]
+fn sender_stopped_before_any_receiver_says_nothing_was_sent() {
+    let src = shared_history(4, 33);
+    let old = Device::new("old");
+    let args: Vec<OsString> = vec![
+        "send".into(),
+        src.into(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--no-mdns".into(),
+    ];
+    let mut s = old.spawn("send", args);
+    let deadline = std::time::Instant::now() + LONG;
+    while !s.stderr().contains("pairing code: ") {
+        assert!(std::time::Instant::now() < deadline, "{}", s.stderr());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    s.interrupt();
+    let code = s.wait_code(LONG);
+    let err = s.stderr();
+    assert_eq!(code, 5, "{err}");
+    let last = err.lines().last().unwrap_or_default();
+    assert_eq!(
+        last, "ferry: stopped before any device connected; nothing was sent",
+        "{err}"
+    );
+    assert!(
+        !err.contains("left off") && !err.contains("continue"),
+        "{err}"
+    );
 }

@@ -402,3 +402,156 @@ fn lan_two_senders_the_paired_one_is_chosen_and_from_picks_by_name() {
     assert_histories_equal(src, &second).expect("trees equal");
     assert!(a.running(), "the phone's sender stopped");
 }
+
+/// Two senders nobody paired with announce themselves on one network (in namespaces); a
+/// receiver at a terminal (tmux) without --from is asked which one: the screen lists both by
+/// name, how long ago each was seen and that neither is paired. The person picks the second,
+/// types its code: the history comes from that one, and the other saw no pairing attempt
+/// (issue 18, item 1).
+#[test]
+fn lan_two_senders_a_person_at_the_terminal_chooses_one_and_only_it_is_tried() {
+    let test = "lan_two_senders_a_person_at_the_terminal_chooses_one_and_only_it_is_tried";
+    if let Some(reason) = netns::skip_reason() {
+        println!("SKIP {test}: {reason}");
+        return;
+    }
+    let lab = match Lab::new(3) {
+        Ok(l) => l,
+        Err(e) => {
+            println!("SKIP {test}: cannot create namespaces: {e}");
+            return;
+        }
+    };
+    // Two different histories, so the tree tells which one arrived.
+    let (phone_src, tablet_src) = (shared_history(4, 28), shared_history(4, 29));
+    let (phone, tablet, new) = (
+        Device::new("phone"),
+        Device::new("tablet"),
+        Device::new("new"),
+    );
+    let work = tempdir("lan-choose");
+    let dest = work.path().join("history");
+    let sender = |dev: &Device, i: usize, src: &Path, name: &str| {
+        let args: Vec<std::ffi::OsString> = vec![
+            "send".into(),
+            src.into(),
+            "--json".into(),
+            "--name".into(),
+            name.into(),
+        ];
+        let mut s = Ferry::spawn_with(
+            "send",
+            dev.home.path(),
+            &["ip", "netns", "exec", &lab.hosts[i].ns],
+            args,
+        );
+        let ev = s.wait_event("listening", LONG);
+        let code = ev["code"].as_str().expect("code").to_string();
+        (s, code)
+    };
+    let (mut a, a_code) = sender(&phone, 0, phone_src, "Old phone");
+    let (mut b, b_code) = sender(&tablet, 1, tablet_src, "Tablet");
+    let command = format!(
+        "ip netns exec {} env FERRY_HOME={} {} receive {}; echo EXIT=$?; sleep 600",
+        lab.hosts[2].ns,
+        new.home.path().display(),
+        env!("CARGO_BIN_EXE_ferry"),
+        dest.display()
+    );
+    let Some(tty) = crate::terminal::Tmux::start(&command) else {
+        return;
+    };
+    let screen = tty.wait_for("Number (1-2): ", 1);
+    let listed: Vec<&str> = screen
+        .lines()
+        .filter(|l| l.starts_with("  1) ") || l.starts_with("  2) "))
+        .collect();
+    assert_eq!(listed.len(), 2, "{screen}");
+    for l in &listed {
+        assert!(
+            l.contains(" s ago") && l.contains("seen ") && l.contains("not paired"),
+            "{l:?} in:\n{screen}"
+        );
+    }
+    assert!(
+        screen.contains("Old phone") && screen.contains("Tablet"),
+        "{screen}"
+    );
+    // The second one listed.
+    let second_is_tablet = listed[1].contains("Tablet");
+    let (chosen_src, chosen_code, chosen_name) = if second_is_tablet {
+        (tablet_src, &b_code, "Tablet")
+    } else {
+        (phone_src, &a_code, "Old phone")
+    };
+    tty.type_line("2");
+    tty.wait_for(&format!("Pairing code shown on {chosen_name}"), 1);
+    tty.type_line(chosen_code);
+    let screen = tty.wait_for("EXIT=", 1);
+    assert!(screen.contains("EXIT=0"), "{screen}");
+    assert!(
+        screen.contains(&format!("paired with {chosen_name}")),
+        "{screen}"
+    );
+    // Addresses as a person reads them, not as Rust lists (IPv6 addresses keep theirs).
+    assert!(!screen.contains("[10."), "{screen}");
+    assert_histories_equal(chosen_src, &dest).expect("the chosen sender's tree");
+    let (chosen, other) = if second_is_tablet {
+        (&mut b, &mut a)
+    } else {
+        (&mut a, &mut b)
+    };
+    chosen.expect_exit(0, LONG);
+    // The other one saw nothing: no wrong code, no refusal, still offering its code.
+    assert!(other.running(), "the sender not chosen stopped");
+    while other.next_event(Duration::from_millis(500)).is_some() {}
+    for name in ["error", "refused", "paired", "listening"] {
+        let n = other.seen_named(name).len();
+        let expected = usize::from(name == "listening");
+        assert_eq!(n, expected, "the sender not chosen saw {n} {name} event(s)");
+    }
+}
+
+/// `ferry doctor` on a person's screen names the multicast self-test's outcome in words, never
+/// by an internal name ("SawItself"), and lists addresses without Rust list brackets. Run
+/// inside a namespace the test creates (the self-test announces on the network).
+#[test]
+fn doctor_says_the_multicast_outcome_in_words_not_internal_names() {
+    let test = "doctor_says_the_multicast_outcome_in_words_not_internal_names";
+    if let Some(reason) = netns::skip_reason() {
+        println!("SKIP {test}: {reason}");
+        return;
+    }
+    let lab = match Lab::new(1) {
+        Ok(l) => l,
+        Err(e) => {
+            println!("SKIP {test}: cannot create namespaces: {e}");
+            return;
+        }
+    };
+    let dev = Device::new("doctor");
+    let mut d = Ferry::spawn_with(
+        "doctor",
+        dev.home.path(),
+        &["ip", "netns", "exec", &lab.hosts[0].ns],
+        ["doctor"],
+    );
+    d.expect_exit(0, LONG);
+    let mut out: String = d
+        .seen_named("raw")
+        .iter()
+        .map(|ev| format!("{}\n", ev["line"].as_str().unwrap_or_default()))
+        .collect();
+    out.push_str(&d.stderr());
+    let said = out
+        .lines()
+        .find(|l| l.starts_with("mDNS self-test: "))
+        .unwrap_or_else(|| panic!("no self-test line:\n{out}"));
+    assert!(
+        said.contains("works (") || said.contains("blocked ("),
+        "{said}"
+    );
+    for internal in ["SawItself", "NotSeen", "Skipped", "Failed(", "[", "]"] {
+        assert!(!out.contains(internal), "{internal:?} on screen:\n{out}");
+    }
+}

@@ -367,3 +367,155 @@ fn restarted_receiver_of_a_finished_migration_says_done_without_the_sender() {
     assert_eq!(done["end"], "complete", "{done}");
     assert_histories_equal(src, &dest).unwrap();
 }
+
+/// A sender restarted in the middle of a migration whose receiver is paired does not lead with
+/// a new code and QR nobody needs: it says it waits for that device, by name, and offers the
+/// code only for another device. The receiver reconnects by its key and finishes; a sender
+/// started for the same folder afterwards offers the code as usual (issue 18, item 10).
+#[test]
+fn restarted_sender_waits_for_its_paired_receiver_by_name_instead_of_showing_a_new_code() {
+    let src = shared_history(32, 30);
+    let (old, new) = (Device::new("old"), Device::new("new"));
+    let work = tempdir("dest");
+    let dest = work.path().join("history");
+    let addr = format!("127.0.0.1:{}", free_udp_port());
+    let (mut s, _, code) = start_sender_with(&old, src, &addr, &["--limit-rate", "8MiB"]);
+    let mut r = new.receive(&dest, &addr, Some(&code), &["--name", "New phone"]);
+    assert!(
+        wait_progress(&mut r, 0.2, &dest).is_some(),
+        "finished too early"
+    );
+    s.kill9();
+    // The same command, for a person (no --json).
+    let args: Vec<std::ffi::OsString> = vec![
+        "send".into(),
+        src.into(),
+        "--listen".into(),
+        addr.clone().into(),
+        "--no-mdns".into(),
+    ];
+    let mut s = old.spawn("send", args);
+    let deadline = Instant::now() + LONG;
+    while !s.stderr().contains("to migrate to another device instead") {
+        assert!(Instant::now() < deadline, "{}", s.stderr());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    r.wait_event("done", LONG);
+    r.expect_exit(0, LONG);
+    s.expect_exit(0, LONG);
+    assert_histories_equal(src, &dest).unwrap();
+    let said = s.stderr();
+    let waiting = said
+        .lines()
+        .position(|l| l.starts_with("waiting for New phone (") && l.contains("no code needed"))
+        .unwrap_or_else(|| panic!("no waiting line:\n{said}"));
+    let other = said
+        .lines()
+        .position(|l| l.starts_with("to migrate to another device instead: pairing code "))
+        .unwrap_or_else(|| panic!("no secondary code:\n{said}"));
+    assert!(waiting < other, "{said}");
+    assert!(!said.contains("pairing code: "), "led with a code:\n{said}");
+    assert!(!said.contains('█'), "showed a QR code:\n{said}");
+    assert!(!said.contains("on the new device run"), "{said}");
+    assert!(!said.contains("[127."), "{said}");
+    // Finished: the next sender for this folder waits for nobody.
+    let (s, _, _) = start_sender(&old, src, &addr);
+    let listening = s.seen_named("listening")[0].clone();
+    assert!(listening.get("waiting_for").is_none(), "{listening}");
+    s.interrupt();
+}
+
+/// A person's receiver whose stderr is a file (no terminal: the progress bar is hidden) still
+/// shows what happens when the sender dies mid-transfer, in plain words: "connection lost"
+/// once (not "connection lost (the connection was lost: connection lost)"), then reconnected
+/// and resuming; its log lines (-v) carry no colour codes and no Rust list brackets around
+/// addresses (issue 18, item 10).
+#[test]
+fn receiver_without_a_terminal_says_the_link_was_lost_plainly_without_colour_codes() {
+    let src = shared_history(16, 31);
+    let (old, new) = (Device::new("old"), Device::new("new"));
+    let work = tempdir("dest");
+    let dest = work.path().join("history");
+    let addr = format!("127.0.0.1:{}", free_udp_port());
+    let (mut s, _, code) = start_sender_with(&old, src, &addr, &["--limit-rate", "4MiB"]);
+    let args: Vec<std::ffi::OsString> = vec![
+        "receive".into(),
+        dest.clone().into(),
+        "--connect".into(),
+        addr.clone().into(),
+        "--code".into(),
+        code.into(),
+    ];
+    // Log lines from ferry's own crates, as `-v` shows them (and more).
+    let log = [(
+        "FERRY_LOG",
+        "ferry_migrate=debug,ferry_sync=debug,ferry_transport=debug",
+    )];
+    let mut r = Ferry::spawn_opts("receive", new.home.path(), &[], &log, false, args);
+    let deadline = Instant::now() + LONG;
+    while journal_len(&dest) <= 64 {
+        assert!(
+            Instant::now() < deadline,
+            "nothing committed:\n{}",
+            r.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    s.kill9();
+    let (mut s, _, _) = start_sender(&old, src, &addr);
+    r.expect_exit(0, LONG);
+    s.expect_exit(0, LONG);
+    assert_histories_equal(src, &dest).unwrap();
+    let err = r.stderr();
+    let said: Vec<&str> = err.lines().filter(|l| !l.contains(" DEBUG ")).collect();
+    let lost: Vec<&str> = said
+        .iter()
+        .copied()
+        .filter(|l| l.contains("lost"))
+        .collect();
+    assert_eq!(lost, ["connection lost; reconnecting…"], "{err}");
+    assert!(said.contains(&"reconnected"), "{err}");
+    assert!(said.iter().any(|l| l.starts_with("resuming: ")), "{err}");
+    assert!(err.contains(" DEBUG "), "no log lines:\n{err}");
+    assert!(!err.contains('\u{1b}'), "colour codes:\n{err:?}");
+    assert!(!err.contains("[127.0.0.1"), "list brackets:\n{err}");
+}
+
+/// Receiving again into a folder that holds a finished migration, with the sender gone: the
+/// person is told at once that the folder holds a finished migration (never that it resumes
+/// an unfinished one), and the end says nothing needed to be received, not "0 B received at
+/// 0 B/s" (issue 18, item 10).
+#[test]
+fn receiving_again_into_a_finished_folder_says_so_and_never_that_it_resumes() {
+    let src = shared_history(4, 32);
+    let (old, new) = (Device::new("old"), Device::new("new"));
+    let work = tempdir("dest");
+    let dest = work.path().join("history");
+    let (mut s, addr, code) = start_sender(&old, src, "127.0.0.1:0");
+    let mut r = new.receive(&dest, &addr, Some(&code), &[]);
+    r.wait_event("done", LONG);
+    r.expect_exit(0, LONG);
+    s.expect_exit(0, LONG);
+    let args: Vec<std::ffi::OsString> = vec![
+        "receive".into(),
+        dest.clone().into(),
+        "--connect".into(),
+        addr.into(),
+    ];
+    let (code, r) = new.run("receive", args, LONG);
+    let err = r.stderr();
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.starts_with("this folder already holds a finished migration"),
+        "{err}"
+    );
+    for wrong in ["unfinished", "resuming", "0 B/s"] {
+        assert!(!err.contains(wrong), "{wrong:?} in:\n{err}");
+    }
+    let done = err
+        .lines()
+        .find(|l| l.starts_with("done: "))
+        .unwrap_or_default();
+    assert!(done.contains("nothing needed to be received"), "{err}");
+    assert_histories_equal(src, &dest).unwrap();
+}

@@ -81,14 +81,14 @@ fn escape_sequences_in_a_senders_file_names_and_device_name_are_escaped_on_the_r
 }
 
 /// A terminal in tmux running one shell command, driven the way a person meets it.
-struct Tmux {
+pub(crate) struct Tmux {
     name: String,
 }
 
 impl Tmux {
     /// Starts `command` in a detached tmux session (None, with the reason printed, without
     /// tmux).
-    fn start(command: &str) -> Option<Tmux> {
+    pub(crate) fn start(command: &str) -> Option<Tmux> {
         let ok = std::process::Command::new("tmux")
             .arg("-V")
             .output()
@@ -108,7 +108,7 @@ impl Tmux {
     }
 
     /// Types `keys` and Enter.
-    fn type_line(&self, keys: &str) {
+    pub(crate) fn type_line(&self, keys: &str) {
         let status = std::process::Command::new("tmux")
             .args(["send-keys", "-t", &self.name, "-l", keys])
             .status()
@@ -122,7 +122,7 @@ impl Tmux {
     }
 
     /// What the screen shows (with its scrollback).
-    fn screen(&self) -> String {
+    pub(crate) fn screen(&self) -> String {
         let out = std::process::Command::new("tmux")
             .args(["capture-pane", "-p", "-J", "-S", "-500", "-t", &self.name])
             .output()
@@ -131,7 +131,7 @@ impl Tmux {
     }
 
     /// Waits until the screen shows `text` `times` times.
-    fn wait_for(&self, text: &str, times: usize) -> String {
+    pub(crate) fn wait_for(&self, text: &str, times: usize) -> String {
         let deadline = std::time::Instant::now() + LONG;
         loop {
             let screen = self.screen();

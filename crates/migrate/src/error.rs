@@ -299,7 +299,12 @@ impl From<StoreError> for Error {
             _ => ErrorKind::Destination,
         };
         // Store errors name destination paths, which came from the sender.
-        let message = format!("{}{}", escape(&e.to_string()), store_advice(&e));
+        let message = match &e {
+            StoreError::NoReceipt(p) if !p.exists() => {
+                format!("{} does not exist", escape(&p.display().to_string()))
+            }
+            _ => format!("{}{}", escape(&e.to_string()), store_advice(&e)),
+        };
         Error::with_cause(kind, message, Some(Cause::Store(e)))
     }
 }
@@ -408,10 +413,13 @@ pub(crate) fn from_drive(e: DriveError) -> Error {
     match e {
         DriveError::Session(s) => from_session(s),
         DriveError::LinkLost(why) => {
-            let message = format!(
-                "the connection was lost ({}); run the same command again to continue",
-                escape(&why)
-            );
+            // The reason often says no more than "connection lost" itself.
+            let reason = match why.as_str() {
+                "" | "connection lost" | "the connection was lost" => String::new(),
+                w => format!(" ({})", escape(w)),
+            };
+            let message =
+                format!("the connection was lost{reason}; run the same command again to continue");
             Error::with_cause(ErrorKind::Interrupted, message, Some(Cause::LinkLost(why)))
         }
         other => Error::new(ErrorKind::Internal, escape(&other.to_string())),
@@ -423,5 +431,25 @@ pub(crate) fn interruption(e: &DriveError) -> String {
     match e {
         DriveError::LinkLost(why) => why.clone(),
         other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A lost link whose reason repeats it is said once: not "the connection was lost
+    /// (connection lost)".
+    #[test]
+    fn a_lost_link_is_said_once() {
+        let f = from_drive(DriveError::LinkLost("connection lost".into()));
+        assert_eq!(
+            f.message(),
+            "the connection was lost; run the same command again to continue"
+        );
+        let f = from_drive(DriveError::LinkLost("timed out".into()));
+        assert!(f
+            .message()
+            .starts_with("the connection was lost (timed out);"));
     }
 }

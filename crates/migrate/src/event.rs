@@ -66,6 +66,10 @@ pub enum Event {
         reissued: bool,
         /// Announced on the local network (mDNS): a receiver can find it without the ticket.
         mdns: bool,
+        /// The paired receiver of this folder's unfinished migration: it reconnects by its key
+        /// (no code); the code is for another device.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        waiting_for: Option<WaitingFor>,
     },
     /// Local-network discovery (mDNS) is unavailable: the receiver needs the ticket or address.
     DiscoveryUnavailable { reason: String },
@@ -96,6 +100,9 @@ pub enum Event {
     // --- receiver: finding the sender -------------------------------------------------
     /// The destination holds an unfinished migration: it continues.
     Unfinished,
+    /// DEST already holds a finished migration (a receipt, nothing unfinished): the sender is
+    /// asked whether anything changed since; it is not needed for what is here.
+    FinishedHere,
     /// The destination remembers its sender: reconnecting by its pinned key
     /// (`code_needed: false`, no code asked).
     KnownSender { code_needed: bool },
@@ -336,6 +343,14 @@ pub struct ScanInfo {
     pub scan_s: f64,
     /// Paths not sent (the first 20 are reported as `skipped` events).
     pub skipped: u64,
+}
+
+/// The paired receiver a restarted sender waits for, in [`Event::Listening`].
+#[derive(Clone, Debug, Serialize)]
+pub struct WaitingFor {
+    pub peer: String,
+    #[serde(serialize_with = "display")]
+    pub device_id: DeviceId,
 }
 
 /// The other device, in [`Event::Paired`].

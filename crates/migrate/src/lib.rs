@@ -128,7 +128,7 @@ pub use device::{dirs_from_env, find_peer, open_endpoint, peer_store, IDLE_TIMEO
 pub use error::{Cause, Error, ErrorKind};
 pub use event::{
     End, Event, ManifestInfo, PeerEvent, Phase, ProgressView, RoundInfo, RoundReason, ScanInfo,
-    ScanningInfo, SendingInfo, Totals,
+    ScanningInfo, SendingInfo, Totals, WaitingFor,
 };
 pub use handle::{Events, Handle, EVENT_CAPACITY};
 pub use receive::{ReceiveBuilder, ReceiveSummary};
@@ -163,6 +163,12 @@ impl Migration {
 pub struct Candidate {
     pub name: String,
     pub addrs: Vec<std::net::SocketAddr>,
+    /// Unix seconds when its announcement was last seen on the network.
+    pub seen_at: u64,
+    /// A device paired with this one answered there by its pinned key but did not let this
+    /// device in (it forgot this device, or serves only another one): a code is needed again.
+    /// A paired sender that lets this device in is chosen by itself and never listed.
+    pub paired: bool,
 }
 
 /// Lets a person pick the sender when several are found and none is paired with this device.

@@ -268,6 +268,8 @@ async fn run(o: ReceiveBuilder, em: &Emitter, ctl: Arc<Control>) -> Result<Recei
     let store = open_store(&o.dest)?;
     if FsStore::has_unfinished(&o.dest) {
         em.emit(Event::Unfinished).await;
+    } else if FsStore::has_receipt(&o.dest) {
+        em.emit(Event::FinishedHere).await;
     }
     let pinning = Pinning {
         ttl: o.pairing_ttl,

@@ -7,6 +7,7 @@
 //! [`MAX_RESTARTS_PER_FILE`] times in a row ends the migration with [`Error::Source`] naming it.
 
 mod codes;
+mod pending;
 mod scanner;
 
 use std::collections::HashMap;
@@ -230,6 +231,12 @@ pub struct SendSummary {
     pub peer: String,
     pub sessions: u32,
     pub scan_s: f64,
+    /// Chunk bytes sent before compression, all sessions (`wire_bytes` is after it): with
+    /// the history's unique bytes, what compression saved and what was sent again.
+    pub raw_bytes: u64,
+    /// The last round's tree in distinct chunk bytes (files with the same content counted
+    /// once): what dedup left to send.
+    pub unique_bytes: u64,
 }
 
 /// Resolves once `stop` says so; never if its sender is gone.
@@ -503,7 +510,7 @@ impl Decider<'_> {
 /// What a round on a connection came to.
 enum RoundOutcome {
     /// The migration ended: this summary.
-    Finished(SendSummary),
+    Finished(Box<SendSummary>),
     /// Another round on the same connection.
     Again,
     /// The session ended; wait for the receiver to come back.
@@ -513,6 +520,8 @@ enum RoundOutcome {
 /// A sender serving its receiver: the state kept across rounds and connections.
 struct Serving<'e> {
     o: SendBuilder,
+    /// This device's folders (the note of an unfinished migration lives there).
+    dirs: FerryDirs,
     em: &'e Emitter,
     ctl: Arc<Control>,
     ep: Endpoint,
@@ -532,6 +541,7 @@ struct Serving<'e> {
     served_from: Option<Instant>,
     scan_secs: f64,
     wire_bytes: u64,
+    raw_bytes: u64,
     catchup_wire_bytes: u64,
     sessions: u32,
     rounds_done: u32,
@@ -615,15 +625,17 @@ impl<'e> Serving<'e> {
         };
         let ep = sender_endpoint(&o, &dirs, &pinning)?;
         let code = offer_code(&ep, o.code, em).await?;
-        let ticket = codes::announce(&ep, code, false, o.mdns, em).await?;
+        let waiting_for = pending::awaited(&dirs, &o.dir, &ep);
+        let ticket = codes::announce(&ep, code, false, o.mdns, waiting_for.clone(), em).await?;
         let mdns = if o.mdns {
             advertise(&ep, ticket.addrs.first().map_or(0, |a| a.port()), em).await
         } else {
             None
         };
-        let codes = CodeKeeper::new(o.resumable_pause, o.mdns);
+        let codes = CodeKeeper::new(o.resumable_pause, o.mdns, waiting_for);
         Ok(Serving {
             o,
+            dirs,
             em,
             ctl,
             ep,
@@ -639,6 +651,7 @@ impl<'e> Serving<'e> {
             served_from: None,
             scan_secs,
             wire_bytes: 0,
+            raw_bytes: 0,
             catchup_wire_bytes: 0,
             sessions: 0,
             rounds_done: 0,
@@ -666,12 +679,14 @@ impl<'e> Serving<'e> {
             // Who is served, before any data flows: a device admitted by its pinned key says
             // when it was paired, so an unexpected one stands out.
             self.em.emit(paired_event(&conn)).await;
+            pending::started(&self.dirs, &self.o.dir, &conn.peer().device_id);
             self.served_from.get_or_insert_with(Instant::now);
             loop {
                 match self.round(&conn, &mut next).await? {
                     RoundOutcome::Finished(summary) => {
+                        pending::finished(&self.dirs);
                         self.ep.close(close::DONE, b"done").await;
-                        return Ok(summary);
+                        return Ok(*summary);
                     }
                     RoundOutcome::Again => {}
                     RoundOutcome::Lost => break,
@@ -834,6 +849,7 @@ impl<'e> Serving<'e> {
         self.awaiting.store(false, Ordering::SeqCst);
         let (res, stats, stopping) = self.serve_once(conn, next).await?;
         self.wire_bytes += stats.wire_bytes;
+        self.raw_bytes += stats.raw_bytes;
         if self.rounds_done >= self.base_rounds {
             self.catchup_wire_bytes += stats.wire_bytes;
         }
@@ -866,7 +882,7 @@ impl<'e> Serving<'e> {
                         .await;
                 }
                 let s = self.finish(self.rounds_done, how, &conn.peer().name).await;
-                Ok(RoundOutcome::Finished(s))
+                Ok(RoundOutcome::Finished(Box::new(s)))
             }
             Ok(SendEnd::Next(out)) => {
                 self.rounds_done += 1;
@@ -935,7 +951,7 @@ impl<'e> Serving<'e> {
             let s = self
                 .finish(rounds, End::ReceiverStopped, &conn.peer().name)
                 .await;
-            return Ok(RoundOutcome::Finished(s));
+            return Ok(RoundOutcome::Finished(Box::new(s)));
         }
         let message = interruption(&e);
         let f = from_drive(e);
@@ -991,6 +1007,8 @@ impl<'e> Serving<'e> {
             peer: peer.to_string(),
             sessions: self.sessions,
             scan_s: self.scan_secs,
+            raw_bytes: self.raw_bytes,
+            unique_bytes: fin.unique_bytes,
         };
         self.em.emit(Event::Sent(s.clone())).await;
         s
@@ -1016,6 +1034,25 @@ async fn offer_code(
 }
 
 impl SendSummary {
+    /// The bytes of the migration told apart, for a person: the history, what dedup left to
+    /// send, what was sent again (in flight when a link was lost), what compression saved and
+    /// what crossed the link.
+    pub fn bytes_told_apart(&self) -> String {
+        use crate::text::human_bytes as h;
+        let again = match self.raw_bytes.saturating_sub(self.unique_bytes) {
+            0 => "nothing was sent twice".to_string(),
+            n => format!("{} sent again (in flight when a link was lost)", h(n)),
+        };
+        format!(
+            "the {} history holds {} of unique data (dedup of identical files saved {}); {again}; compression saved {}; {} crossed the link",
+            h(self.bytes),
+            h(self.unique_bytes),
+            h(self.bytes.saturating_sub(self.unique_bytes)),
+            h(self.raw_bytes.saturating_sub(self.wire_bytes)),
+            h(self.wire_bytes)
+        )
+    }
+
     /// `Err(Error::Incomplete)` when files were left out because they kept changing.
     pub fn completeness(&self) -> Result<(), Error> {
         if self.unstable.is_empty() {

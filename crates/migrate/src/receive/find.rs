@@ -82,9 +82,10 @@ where
     loop {
         match attempt().await {
             Err(ConnectError::Refused(why)) if Instant::now() + wait < until => {
+                let why: Vec<String> = why.iter().map(|(a, e)| format!("{a}: {e}")).collect();
                 tracing::info!(
-                    ?why,
-                    "the sender refused a new connection for now; retrying"
+                    "the sender refused a new connection for now ({}); retrying",
+                    why.join("; ")
                 );
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(Duration::from_secs(2));
@@ -378,11 +379,15 @@ async fn choose_sender(
         .iter()
         .any(|p| ep.usable(&p.device_id, PeerRole::Sender).is_ok());
     let mut tried = 0;
+    // Per sender found: when it was seen, and whether a paired device answered there but
+    // refused this device's key.
+    let mut seen: Vec<(u64, bool)> = Vec::new();
     // A paired sender that has only just started may miss the first look: look once more.
     for look_again in [true, false] {
         for d in &found[tried..] {
-            if let Ok(c) = by_pinned_key(ep, pinned_only, &d.addrs).await {
-                return Ok(Chosen::Paired(d.clone(), c));
+            match by_pinned_key(ep, pinned_only, &d.addrs).await {
+                Ok(c) => return Ok(Chosen::Paired(d.clone(), c)),
+                Err(verdict) => seen.push((unix_now(), verdict.is_some_and(|e| refused_key(&e)))),
             }
         }
         tried = found.len();
@@ -402,9 +407,12 @@ async fn choose_sender(
     }
     let candidates: Vec<crate::Candidate> = found
         .iter()
-        .map(|d| crate::Candidate {
+        .zip(&seen)
+        .map(|(d, &(seen_at, paired))| crate::Candidate {
             name: d.name.clone(),
             addrs: d.addrs.clone(),
+            seen_at,
+            paired,
         })
         .collect();
     em.emit(Event::Candidates {
@@ -438,6 +446,25 @@ async fn choose_sender(
         return Err(Error::new(ErrorKind::Usage, "no such sender"));
     }
     Ok(Chosen::Other(found.swap_remove(choice)))
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Whether a paired device's pinned key reached that device and it refused this one (rather
+/// than nothing answering).
+fn refused_key(e: &ConnectError) -> bool {
+    !matches!(
+        e,
+        ConnectError::Timeout
+            | ConnectError::AllFailed(_)
+            | ConnectError::Refused(_)
+            | ConnectError::NoAddresses
+            | ConnectError::WrongKey { .. }
+    )
 }
 
 /// Adds the addresses senders announce on the local network to `at` (when it was found there);
@@ -530,9 +557,11 @@ pub(crate) async fn sender_elsewhere(
         if others.is_empty() || q.stats().udp_rx.datagrams != seen {
             continue;
         }
+        let list: Vec<String> = others.iter().map(|a| a.to_string()).collect();
         tracing::info!(
-            "no word from the sender for {:?}: trying {others:?}",
-            heard.elapsed()
+            "no word from the sender for {:.0} s: trying {}",
+            heard.elapsed().as_secs_f64(),
+            list.join(", ")
         );
         if let Ok(Ok(c)) = tokio::time::timeout(PROBE_WITHIN, ep.connect_peer(id, &others)).await {
             return c;

@@ -4,7 +4,7 @@
 use ferry_transport::{Endpoint, PairingCode, PairingError, Ticket};
 
 use crate::error::{Cause, Error, ErrorKind};
-use crate::event::Event;
+use crate::event::{Event, WaitingFor};
 use crate::handle::Emitter;
 
 /// Keeps a pairing code on offer while no receiver has connected: after a failed attempt it
@@ -20,6 +20,8 @@ pub(crate) struct CodeKeeper {
     resumable: bool,
     /// The sender announces itself on the local network.
     mdns: bool,
+    /// The paired receiver of an unfinished migration this sender waits for.
+    pub(crate) waiting_for: Option<WaitingFor>,
 }
 
 /// Announces a (new) code: builds its ticket and emits `listening`.
@@ -28,6 +30,7 @@ pub(crate) async fn announce(
     code: PairingCode,
     reissued: bool,
     mdns: bool,
+    waiting_for: Option<WaitingFor>,
     em: &Emitter,
 ) -> Result<Ticket, Error> {
     let ticket = ep.ticket(code).map_err(|e| {
@@ -44,18 +47,20 @@ pub(crate) async fn announce(
         device_id: ep.identity().device_id(),
         reissued,
         mdns,
+        waiting_for,
     })
     .await;
     Ok(ticket)
 }
 
 impl CodeKeeper {
-    pub(crate) fn new(resumable: bool, mdns: bool) -> Self {
+    pub(crate) fn new(resumable: bool, mdns: bool, waiting_for: Option<WaitingFor>) -> Self {
         CodeKeeper {
             reissue: None,
             pause_said: false,
             resumable,
             mdns,
+            waiting_for,
         }
     }
 
@@ -102,7 +107,7 @@ impl CodeKeeper {
         match ep.issue_pairing_code() {
             Ok(c) => {
                 self.pause_said = false;
-                announce(ep, c, true, self.mdns, em).await?;
+                announce(ep, c, true, self.mdns, self.waiting_for.clone(), em).await?;
                 Ok(())
             }
             Err(PairingError::Throttled {
