@@ -1,6 +1,7 @@
 //! What the `progress` events say: the sender's scan and send progress, the receiver's rate
 //! after a resume (bytes already there are not speed), and a stall as soon as the sender goes
-//! silent (issue 18, items 5 and 6).
+//! silent (issue 18, items 5 and 6). The sender's sending progress counts what the receiver
+//! confirmed (protocol 3).
 
 use std::time::{Duration, Instant};
 
@@ -92,11 +93,23 @@ fn sender_reports_scanning_then_sending_progress() {
         hashed.windows(2).all(|w| w[0] <= w[1]),
         "scanning bytes_done went back: {hashed:?}"
     );
-    // Sending: monotonic, ending at the round's total, which is the migration's.
+    // Sending: what the receiver confirmed (it speaks protocol 3), monotonic, within the
+    // total, reported during the round (not only at its end), ending at the round's total,
+    // which is the migration's.
+    assert!(
+        sending.iter().all(|e| e["basis"] == "verified"),
+        "a sending event not confirmed by the receiver: {sending:?}"
+    );
     let bytes: Vec<u64> = sending.iter().map(|e| u64_of(e, "bytes_done")).collect();
     assert!(
         bytes.windows(2).all(|w| w[0] <= w[1]),
         "sending bytes_done went back: {bytes:?}"
+    );
+    let total = u64_of(sending[0], "bytes_total");
+    assert!(bytes.iter().all(|&b| b <= total), "{bytes:?} of {total}");
+    assert!(
+        bytes.iter().any(|&b| b > 0 && b < total),
+        "no confirmed progress during the round: {bytes:?}"
     );
     let last = sending.last().unwrap();
     assert_eq!(u64_of(last, "bytes_done"), u64_of(last, "bytes_total"));

@@ -236,16 +236,18 @@ pub struct ScanningInfo {
 
 /// [`Event::Sending`]: how far the sender's round is.
 ///
-/// The receiver acknowledges nothing before it verified the whole round, so `bytes_done`
-/// counts what the sender knows: the file bytes the receiver did not ask for (it holds them,
-/// or copies them from chunks it holds) plus the chunk bytes handed to the link in this
-/// connection. QUIC flow control keeps that at most its windows (tens of MiB) ahead of what
-/// the receiver has read; it is `bytes_total` exactly when the receiver verified the round.
+/// `bytes_done` of `bytes_total` (the round's file bytes) counts what `basis` says:
+/// [`Basis::Verified`] with a receiver of this version (protocol 3 or later), which reports
+/// the bytes it has verified and made durable a few times a second; [`Basis::Sent`] with an
+/// older receiver, which acknowledges nothing before it verified the whole round. Either way
+/// `bytes_done` never decreases and is `bytes_total` exactly when the receiver verified the
+/// round.
 #[derive(Clone, Debug, Serialize)]
 #[non_exhaustive]
 pub struct SendingInfo {
     pub phase: Phase,
     pub round: u32,
+    /// See [`SendingInfo`] and [`Basis`].
     pub bytes_done: u64,
     pub bytes_total: u64,
     /// Chunk payload handed to the link in this connection (after compression).
@@ -257,6 +259,22 @@ pub struct SendingInfo {
     /// The time left if the rest crosses at `rate_bps`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub eta_s: Option<u64>,
+    /// What `bytes_done` counts.
+    pub basis: Basis,
+}
+
+/// What the sender's `bytes_done` counts ([`SendingInfo::basis`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Basis {
+    /// Bytes the receiver reported verified and durable (its journal is committed): the ones
+    /// it held when the round began plus those it verified since.
+    Verified,
+    /// What the sender knows without the receiver's word: the bytes it did not ask for plus
+    /// the chunk bytes handed to the link in this connection (QUIC flow control keeps that
+    /// at most its windows, tens of MiB, ahead of what the receiver has read).
+    Sent,
 }
 
 /// The figures every `progress` event has, whichever end and phase: see [`Event::progress`].

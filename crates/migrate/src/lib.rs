@@ -127,8 +127,8 @@ pub mod text;
 pub use device::{dirs_from_env, find_peer, open_endpoint, peer_store, IDLE_TIMEOUT, KEEP_ALIVE};
 pub use error::{Cause, Error, ErrorKind};
 pub use event::{
-    End, Event, ManifestInfo, PeerEvent, Phase, ProgressView, RoundInfo, RoundReason, ScanInfo,
-    ScanningInfo, SendingInfo, Totals, WaitingFor,
+    Basis, End, Event, ManifestInfo, PeerEvent, Phase, ProgressView, RoundInfo, RoundReason,
+    ScanInfo, ScanningInfo, SendingInfo, Totals, WaitingFor,
 };
 pub use handle::{Events, Handle, EVENT_CAPACITY};
 pub use receive::{ReceiveBuilder, ReceiveSummary};

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use ferry_sync::proto::SendEvent;
 use ferry_sync::scan::ScanProgress;
 
-use crate::event::{Event, Phase, ScanningInfo, SendingInfo};
+use crate::event::{Basis, Event, Phase, ScanningInfo, SendingInfo};
 
 /// Least time between two progress events of the sender.
 pub(crate) const SENDER_EVERY: Duration = Duration::from_millis(250);
@@ -99,6 +99,10 @@ pub(crate) struct Sending {
     files_total: u64,
     /// Bytes the receiver did not ask for, once its want list is complete.
     base: Option<u64>,
+    /// What `bytes_done` counts: the receiver's durable reports when it sends them.
+    basis: Basis,
+    /// The receiver's latest durable report (clamped and monotonic in the machine).
+    durable: u64,
     raw: u64,
     wire: u64,
     done: u64,
@@ -113,6 +117,8 @@ impl Sending {
             bytes_total,
             files_total,
             base: None,
+            basis: Basis::Sent,
+            durable: 0,
             raw: 0,
             wire: 0,
             done: 0,
@@ -125,8 +131,15 @@ impl Sending {
     pub(crate) fn on(&mut self, ev: &SendEvent) -> Option<Event> {
         let now = Instant::now();
         match ev {
-            SendEvent::Wanted { bytes, .. } => {
+            SendEvent::Wanted {
+                bytes,
+                reports_durable,
+                ..
+            } => {
                 self.base = Some(self.bytes_total.saturating_sub(*bytes));
+                if *reports_durable {
+                    self.basis = Basis::Verified;
+                }
             }
             SendEvent::Sent {
                 raw_bytes,
@@ -137,12 +150,22 @@ impl Sending {
                     return None;
                 }
             }
+            // A few a second at most (the receiver paces them): each is shown.
+            SendEvent::Durable { bytes } => self.durable = *bytes,
             // The receiver verified the whole round.
-            SendEvent::Done { .. } => self.base = Some(self.bytes_total),
+            SendEvent::Done { .. } => {
+                self.base = Some(self.bytes_total);
+                self.durable = self.bytes_total;
+            }
             _ => return None,
         }
+        let base = self.base?;
         self.last = Some(now);
-        let done = self.base?.saturating_add(self.raw).min(self.bytes_total);
+        let done = match self.basis {
+            Basis::Verified => self.durable,
+            Basis::Sent => base.saturating_add(self.raw),
+        }
+        .min(self.bytes_total);
         self.done = self.done.max(done);
         self.rate.add(now, self.wire);
         let rate_bps = self.rate.per_sec();
@@ -155,6 +178,7 @@ impl Sending {
             files_total: self.files_total,
             rate_bps,
             eta_s: eta(self.bytes_total - self.done, rate_bps),
+            basis: self.basis,
         }))
     }
 }
@@ -186,5 +210,41 @@ mod tests {
         }
         assert_eq!(r.per_sec(), Some(100_000));
         assert_eq!(eta(1_000_000, r.per_sec()), Some(10));
+    }
+
+    fn sending(e: Option<Event>) -> Option<(u64, Basis)> {
+        match e? {
+            Event::Sending(s) => Some((s.bytes_done, s.basis)),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn a_version_3_receiver_is_believed_and_an_older_one_is_estimated() {
+        let sent = |raw_bytes| SendEvent::Sent {
+            raw_bytes,
+            wire_bytes: raw_bytes,
+        };
+        // Version 3: the receiver's durable reports, not what was handed to the link.
+        let mut s = Sending::new(1, 1000, 3);
+        assert_eq!(sending(s.on(&sent(10))), None, "before the want list");
+        let wanted = |reports_durable| SendEvent::Wanted {
+            chunks: 2,
+            bytes: 800,
+            reports_durable,
+        };
+        assert_eq!(sending(s.on(&wanted(true))), Some((0, Basis::Verified)));
+        let d = |bytes| SendEvent::Durable { bytes };
+        assert_eq!(sending(s.on(&d(200))), Some((200, Basis::Verified)));
+        assert_eq!(sending(s.on(&d(450))), Some((450, Basis::Verified)));
+        let done = SendEvent::Done {
+            root: ferry_sync::manifest::ChunkHash([0; 32]),
+        };
+        assert_eq!(sending(s.on(&done)), Some((1000, Basis::Verified)));
+        // An older receiver: what it did not want plus what was handed to the link.
+        let mut s = Sending::new(1, 1000, 3);
+        assert_eq!(sending(s.on(&sent(500))), None, "before the want list");
+        assert_eq!(sending(s.on(&wanted(false))), Some((700, Basis::Sent)));
+        assert_eq!(sending(s.on(&done)), Some((1000, Basis::Sent)));
     }
 }

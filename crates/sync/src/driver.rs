@@ -566,7 +566,7 @@ fn sender_events<T>(
             SendEvent::Failed(e) => {
                 result.get_or_insert(Err(DriveError::Session(e)));
             }
-            SendEvent::Wanted { .. } | SendEvent::Sent { .. } => {}
+            SendEvent::Wanted { .. } | SendEvent::Sent { .. } | SendEvent::Durable { .. } => {}
         }
     }
 }

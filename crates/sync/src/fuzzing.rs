@@ -9,7 +9,8 @@
 //! - [`receiver`]: a byte stream from a "sender" into the receiver machine, with an in-memory
 //!   store that verifies chunks for real; afterwards the machine settles (no stuck I/O).
 //! - [`sender`]: a byte stream from a "receiver" into the sender machine over a fixed manifest;
-//!   read-ahead and re-requests stay within their limits.
+//!   read-ahead and re-requests stay within their limits; the receiver's durable reports as
+//!   the sender surfaces them only grow and never pass the round's bytes.
 //!
 //! [`seed_corpus`] produces the byte streams of an honest session, the starting points.
 
@@ -343,6 +344,7 @@ pub fn sender(data: &[u8]) {
     let mut held: u64 = 0; // chunk bytes read and not yet sent
     let mut chunks_out = 0u64;
     let mut step = 0u32;
+    let mut durable = 0u64;
     loop {
         match decode_frame(&mut buf) {
             Ok(Some(f)) => s.handle_frame(f),
@@ -384,8 +386,15 @@ pub fn sender(data: &[u8]) {
                 moved = true;
             }
             while let Some(ev) = s.poll_event() {
-                if let SendEvent::Done { root } = ev {
-                    assert_eq!(root, m.root());
+                match ev {
+                    SendEvent::Done { root } => assert_eq!(root, m.root()),
+                    // The receiver's claims never go backwards or past the round's bytes.
+                    SendEvent::Durable { bytes } => {
+                        assert!(bytes > durable && bytes <= m.summary().bytes, "{bytes}");
+                        assert_eq!(s.durable_bytes(), bytes);
+                        durable = bytes;
+                    }
+                    _ => {}
                 }
                 moved = true;
             }

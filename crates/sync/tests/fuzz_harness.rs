@@ -60,11 +60,14 @@ fn honest_seeds_pass() {
     // The seeds reach the end of a session: the receiver's stream ends with Done.
     let (_, r2s) = seeds.iter().find(|(t, _)| *t == "sender").unwrap();
     let mut b = bytes::BytesMut::from(&r2s[..]);
-    let mut done = false;
+    let (mut done, mut durable) = (false, false);
     while let Some(f) = ferry_sync::proto::frame::decode_frame(&mut b).unwrap() {
         done |= matches!(f, Frame::Message(Message::Done { .. }));
+        durable |= matches!(f, Frame::Message(Message::Durable { .. }));
     }
     assert!(done, "the honest seed session did not complete");
+    // Version 3: the mutations start from streams that carry the receiver's durable reports.
+    assert!(durable, "the honest seed session has no durable report");
     for (t, data) in seeds {
         run(t, &data);
     }

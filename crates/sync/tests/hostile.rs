@@ -1263,6 +1263,9 @@ fn unrequested_unknown_oversized_and_truncated_chunks() {
     let mut v = victim_wanting(&w, ReceiverConfig::default());
     v.send_msg(&Message::Want(vec![range(0, 1)]));
     assert!(matches!(v.end(), SessionError::Protocol(m) if m.contains("unexpected want")));
+    let mut v = victim_wanting(&w, ReceiverConfig::default());
+    v.send_msg(&Message::Durable { bytes: 1 });
+    assert!(matches!(v.end(), SessionError::Protocol(m) if m.contains("unexpected durable")));
 
     w.assert_nothing_written_outside_dest();
     w.finish_honestly();
@@ -1353,6 +1356,11 @@ struct Mark {
 
 impl Mark {
     fn new(w: &World, cfg: SenderConfig) -> Self {
+        Self::with_version(w, cfg, PROTOCOL_VERSION)
+    }
+
+    /// A sender facing a receiver whose hello says `version`.
+    fn with_version(w: &World, cfg: SenderConfig, version: u16) -> Self {
         let mut m = Mark {
             s: Sender::new(Arc::clone(&w.manifest), cfg),
             out: Vec::new(),
@@ -1360,7 +1368,7 @@ impl Mark {
             failure: None,
         };
         m.s.handle_frame(Frame::Hello(Hello {
-            version: PROTOCOL_VERSION,
+            version,
             role: Role::Receiver,
         }));
         m
@@ -1453,6 +1461,48 @@ fn hostile_wants_are_refused_specifically() {
         payload: Bytes::from_static(b"x"),
     });
     assert!(m.protocol_error(&w).contains("unexpected frame chunk"));
+}
+
+/// A receiver's durable report is a claim: more than the round holds is clamped to it, a
+/// smaller figure than before is ignored, and neither breaks the session. A receiver whose
+/// hello said version 2 cannot send one.
+#[test]
+fn hostile_durable_reports_are_clamped_and_never_go_back() {
+    let w = World::new();
+    let total = w.manifest.summary().bytes;
+    let durable = |m: &mut Mark| -> Vec<u64> {
+        std::iter::from_fn(|| m.s.poll_event())
+            .filter_map(|e| match e {
+                SendEvent::Durable { bytes } => Some(bytes),
+                SendEvent::Failed(e) => panic!("{e}"),
+                _ => None,
+            })
+            .collect()
+    };
+    let mut m = Mark::new(&w, SenderConfig::default());
+    m.msg(Message::WantEnd {
+        chunks: 0,
+        bytes: 0,
+    });
+    m.msg(Message::Durable { bytes: 10 });
+    m.msg(Message::Durable { bytes: 5 });
+    m.msg(Message::Durable { bytes: 10 });
+    m.msg(Message::Durable { bytes: u64::MAX });
+    m.msg(Message::Durable { bytes: 0 });
+    assert_eq!(durable(&mut m), vec![10, total]);
+    assert_eq!(m.s.durable_bytes(), total);
+    assert!(!m.s.is_closed());
+    // The round still ends normally.
+    m.msg(Message::Done {
+        root: w.manifest.root(),
+    });
+    assert!(m.s.is_awaiting_verdict());
+    for version in [1, 2] {
+        let mut m = Mark::with_version(&w, SenderConfig::default(), version);
+        m.msg(Message::Durable { bytes: 1 });
+        let e = m.protocol_error(&w);
+        assert!(e.contains("durable report from a version-"), "{e}");
+    }
 }
 
 #[test]

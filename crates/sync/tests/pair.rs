@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use ferry_sync::compress::CompressPolicy;
 use ferry_sync::manifest::ChunkId;
-use ferry_sync::proto::frame::{decode_frame, Frame};
+use ferry_sync::proto::frame::{decode_frame, Frame, Message};
 use ferry_sync::proto::{
     Receiver, ReceiverConfig, RecvEvent, RecvIo, RecvIoDone, SendEvent, Sender, SenderConfig,
     Transmit,
@@ -113,6 +113,13 @@ struct Harness {
     recv_cfg: ReceiverConfig,
     /// Flip a byte of this file just before the receiver's first local copy runs.
     damage_before_copy: Option<PathBuf>,
+    /// Virtual time that passes with each frame delivered.
+    tick: Duration,
+    /// The version the sender's hello claims on the wire (default: its own).
+    sender_hello_version: Option<u16>,
+    /// The receiver's `Durable` reports (bytes, virtual time), and the sender's events.
+    reports: Vec<(u64, Instant)>,
+    sender_events: Vec<SendEvent>,
 }
 
 fn to_frame(t: Transmit) -> Frame {
@@ -153,6 +160,10 @@ impl Harness {
                 ..Default::default()
             },
             damage_before_copy: None,
+            tick: Duration::ZERO,
+            sender_hello_version: None,
+            reports: Vec::new(),
+            sender_events: Vec::new(),
         }
     }
 
@@ -180,7 +191,10 @@ impl Harness {
             // controlled QUIC connection.
             while queued(&s2r) < LINK_WINDOW {
                 let Some(t) = s.poll_transmit() else { break };
-                let f = to_frame(t);
+                let mut f = to_frame(t);
+                if let (Frame::Hello(h), Some(v)) = (&mut f, self.sender_hello_version) {
+                    h.version = v;
+                }
                 if let Frame::Chunk { id, raw_len, .. } = &f {
                     self.total_sent += u64::from(*raw_len);
                     if !self.sent.insert(*id) {
@@ -198,9 +212,14 @@ impl Harness {
                 if let SendEvent::Failed(e) = ev {
                     panic!("sender failed: {e}");
                 }
+                self.sender_events.push(ev);
             }
             while let Some(t) = r.poll_transmit() {
-                r2s.push_back(to_frame(t));
+                let f = to_frame(t);
+                if let Frame::Message(Message::Durable { bytes }) = f {
+                    self.reports.push((bytes, self.clock));
+                }
+                r2s.push_back(f);
             }
             while let Some(io) = r.poll_io() {
                 rio.push_back(io);
@@ -255,6 +274,10 @@ impl Harness {
                     return End::Cut { queued_chunk_bytes };
                 }
                 frames += 1;
+                if !self.tick.is_zero() {
+                    self.clock += self.tick;
+                    r.handle_timeout(self.clock);
+                }
                 if let Some(f) = r2s.pop_front() {
                     s.handle_frame(f);
                 }
@@ -543,4 +566,65 @@ fn a_directory_where_a_file_goes_is_a_conflict_not_a_loss() {
     fs::remove_dir_all(dest.join("media/ab/video.mp4")).unwrap();
     h.finish();
     assert_eq!(h.resent, 0, "verified data was fetched again");
+}
+
+/// Protocol 3: during the round the receiver reports the bytes it holds durably, at most every
+/// 250 ms of its clock and always at its last commit, and the sender surfaces each report as
+/// it came (growing, ending at the round's total) — the sender's "verified" progress.
+#[test]
+fn the_receiver_reports_durable_bytes_and_the_sender_surfaces_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dest) = (dir.path().join("src"), dir.path().join("dest"));
+    make_history(&src);
+    let mut h = Harness::new(&src, &dest);
+    h.tick = Duration::from_millis(40);
+    h.finish();
+    let total = h.manifest.summary().bytes;
+    let reported: Vec<u64> = h.reports.iter().map(|(b, _)| *b).collect();
+    assert!(reported.len() >= 3, "{reported:?}");
+    assert!(reported.windows(2).all(|w| w[0] < w[1]), "{reported:?}");
+    assert_eq!(reported.last(), Some(&total));
+    // Paced by the receiver's clock; only the round's last commit may come sooner.
+    let paced = &h.reports[..h.reports.len() - 1];
+    assert!(
+        paced
+            .windows(2)
+            .all(|w| w[1].1 - w[0].1 >= Duration::from_millis(250)),
+        "{:?}",
+        h.reports
+    );
+    assert!(h.sender_events.iter().any(|e| matches!(
+        e,
+        SendEvent::Wanted {
+            reports_durable: true,
+            ..
+        }
+    )));
+    let surfaced: Vec<u64> = h
+        .sender_events
+        .iter()
+        .filter_map(|e| match e {
+            SendEvent::Durable { bytes } => Some(*bytes),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(surfaced, reported);
+}
+
+/// A sender whose hello says version 2 could not decode a `Durable` frame: the receiver never
+/// sends one to it, and the migration completes as before.
+#[test]
+fn a_version_2_sender_is_never_sent_a_durable_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dest) = (dir.path().join("src"), dir.path().join("dest"));
+    make_history(&src);
+    let mut h = Harness::new(&src, &dest);
+    h.tick = Duration::from_millis(40);
+    h.sender_hello_version = Some(2);
+    h.finish();
+    assert_eq!(h.reports, vec![]);
+    assert!(!h
+        .sender_events
+        .iter()
+        .any(|e| matches!(e, SendEvent::Durable { .. })));
 }

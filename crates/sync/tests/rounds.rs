@@ -375,8 +375,9 @@ async fn catch_up_round_survives_a_receiver_restart() {
     assert_eq!(verify_dest(&dest).unwrap().root, m2.root());
 }
 
-/// The verdict on the wire: a version-2 receiver's `Done` waits for the application (then
-/// `NextRound` or `Close{Done}`); a version-1 receiver gets `Close{Done}` at once, as before.
+/// The verdict on the wire: a version-2 (or later) receiver's `Done` waits for the application
+/// (then `NextRound` or `Close{Done}`); a version-1 receiver gets `Close{Done}` at once, as
+/// before.
 #[test]
 fn sender_verdict_depends_on_the_receivers_version() {
     use ferry_sync::proto::frame::{decode_frame, Frame, Hello, Message, Role};
@@ -398,7 +399,7 @@ fn sender_verdict_depends_on_the_receivers_version() {
         }
         out
     };
-    for version in [1u16, 2] {
+    for version in [1u16, 2, 3] {
         let mut s = Sender::new(Arc::clone(&m), SenderConfig::default());
         s.handle_frame(Frame::Hello(Hello {
             version,
@@ -412,6 +413,12 @@ fn sender_verdict_depends_on_the_receivers_version() {
         s.handle_frame(Frame::Message(Message::Done { root: m.root() }));
         let events: Vec<SendEvent> = std::iter::from_fn(|| s.poll_event()).collect();
         assert!(events.contains(&SendEvent::Done { root: m.root() }));
+        // Only a version-3 receiver reports its durable bytes during the round.
+        assert!(events.contains(&SendEvent::Wanted {
+            chunks: 0,
+            bytes: 0,
+            reports_durable: version >= 3,
+        }));
         let sent = messages(&mut s);
         if version == 1 {
             assert!(s.is_closed());

@@ -4,7 +4,10 @@
 //! frame   := len:u32le body            (len = body length, 1 ..= MAX_FRAME_BODY)
 //! body    := 0x00 hello | 0x01 message | 0x02 chunk
 //! hello   := magic "FRRY" version:u16le role:u8        (role: 1 sender, 2 receiver)
-//! message := postcard(Message)
+//! message := postcard(Message)       (variant index, then the fields as varints/bytes; see
+//!                                      `Message`: 0 Manifest, 1 ManifestEnd, 2 Want, 3 WantEnd,
+//!                                      4 Rejected, 5 Done, 6 Close, 7 NextRound (v ≥ 2),
+//!                                      8 Durable (v ≥ 3): bytes:varint)
 //! chunk   := id:u32le encoding:u8 raw_len:u32le payload…
 //!            (id: unique-chunk id; encoding: 0 raw, 1 zstd; raw_len: the chunk's length
 //!             before encoding; payload: the rest of the body)
@@ -22,8 +25,9 @@ use crate::manifest::{ChunkHash, ChunkId, ManifestSummary, WireEntry, MAX_CHUNK_
 /// Magic number opening every hello.
 pub const MAGIC: [u8; 4] = *b"FRRY";
 /// The protocol version this build speaks. Version 2 added [`Message::NextRound`] (catch-up
-/// rounds on one connection).
-pub const PROTOCOL_VERSION: u16 = 2;
+/// rounds on one connection); version 3 added [`Message::Durable`] (the receiver reports what
+/// it holds during a round).
+pub const PROTOCOL_VERSION: u16 = 3;
 /// The oldest version this build still talks to (a version-1 peer gets single-round sessions).
 pub const MIN_PROTOCOL_VERSION: u16 = 1;
 /// Largest frame body: a maximal chunk, zstd's worst-case expansion, and headers.
@@ -80,6 +84,13 @@ pub enum Message {
     /// stream. After the receiver's `Done` it means "the source changed meanwhile"; before it,
     /// "a source file changed under the read: keep what you verified and start over".
     NextRound,
+    /// Receiver → sender (only to a sender whose hello says version ≥ 3): `bytes` of this
+    /// round's file bytes (the manifest summary's `bytes`, duplicates counted per file) are
+    /// verified and durable here — committed to the journal, or already in place or in the
+    /// journal when the round began. Sent after `WantEnd` and after group commits, at most a
+    /// few times a second, only when the figure grew. The sender treats it as a claim: it
+    /// clamps it to the round's total and ignores a figure below one it already had.
+    Durable { bytes: u64 },
 }
 
 /// A decoded frame.
@@ -312,6 +323,7 @@ mod tests {
             }),
             arb_hash().prop_map(|root| Message::Done { root }),
             Just(Message::NextRound),
+            any::<u64>().prop_map(|bytes| Message::Durable { bytes }),
             (any::<u16>(), ".{0,30}").prop_map(|(code, reason)| Message::Close { code, reason }),
         ]
     }
@@ -461,6 +473,39 @@ mod tests {
         }]))
         .unwrap();
         assert_eq!(&want[..], &[5, 0, 0, 0, TAG_MESSAGE, 2, 1, 1, 2]);
+        // Version 3's report: variant 8, then the byte count as a varint.
+        let durable = encode_message(&Message::Durable { bytes: 300 }).unwrap();
+        assert_eq!(&durable[..], &[4, 0, 0, 0, TAG_MESSAGE, 8, 0xac, 0x02]);
+        // A byte count that overflows a u64, or is cut short, is a malformed message.
+        for body in [
+            &[
+                TAG_MESSAGE,
+                8,
+                0xff,
+                0xff,
+                0xff,
+                0xff,
+                0xff,
+                0xff,
+                0xff,
+                0xff,
+                0xff,
+                0x7f,
+            ][..],
+            &[TAG_MESSAGE, 8, 0x80][..],
+            &[TAG_MESSAGE, 8][..],
+        ] {
+            assert!(matches!(
+                decode_body(Bytes::copy_from_slice(body)),
+                Err(FrameError::BadMessage(_))
+            ));
+        }
+        // The largest count decodes (the sender clamps it to the round's total).
+        let max = encode_message(&Message::Durable { bytes: u64::MAX }).unwrap();
+        assert_eq!(
+            decode_frame(&mut BytesMut::from(&max[..])),
+            Ok(Some(Frame::Message(Message::Durable { bytes: u64::MAX })))
+        );
     }
 
     #[test]

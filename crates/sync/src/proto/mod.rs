@@ -27,6 +27,12 @@
 //!    and wanted again; the sender re-reads it and checks it against the manifest (a source file
 //!    that changed underneath is reported by name). A chunk that was never wanted is a protocol
 //!    violation.
+//!    With a version-3 (or later) sender, the receiver reports how far it is: `Durable{bytes}`
+//!    on the control stream, the round's file bytes that are verified and durable here (what was
+//!    already here, then each group commit adds), right after `WantEnd` and after commits, at
+//!    most every 250 ms (the last commit of the round is always reported), and only when the
+//!    figure grew. The sender shows it as confirmed progress; it is a peer's claim, so the
+//!    sender clamps it to the round's total and ignores any figure below the highest so far.
 //! 6. When every slot is durable, the receiver finalizes (re-verifies each file from disk, fsyncs,
 //!    renames it into place, fsyncs directories, writes the receipt) and sends `Done{root}`.
 //! 7. The sender answers with its **verdict** on the control stream: `Close{Done}` ends the
@@ -40,18 +46,23 @@
 //!
 //! # Rounds cut short
 //! When a source file changes under a read (a re-read chunk no longer matches the manifest, or
-//! the file shrank or vanished), a version-2 sender sends `NextRound` at once instead of failing:
-//! the receiver stops asking, commits every chunk it verified, and ends the session; the next
-//! round (new manifest from a rescan) reuses those chunks, since the journal is keyed by file,
-//! offset and chunk hash, not by manifest. The application bounds how often one file may do this
+//! the file shrank or vanished), a sender of version 2 or later sends `NextRound` at once
+//! instead of failing: the receiver stops asking, commits every chunk it verified, and ends the
+//! session; the next round (new manifest from a rescan) reuses those chunks, since the journal
+//! is keyed by file, offset and chunk hash, not by manifest. The application bounds how often one file may do this
 //! before it is reported by name.
 //!
 //! # Versions
-//! The hello carries the protocol version. This build speaks [`PROTOCOL_VERSION`] (2) and
-//! accepts peers down to [`MIN_PROTOCOL_VERSION`] (1). A version-1 peer knows no `NextRound`:
+//! The hello carries the protocol version. This build speaks [`PROTOCOL_VERSION`] (3) and
+//! accepts peers down to [`MIN_PROTOCOL_VERSION`] (1); each side uses a feature only when the
+//! peer's hello says it knows it. A version-1 peer knows no `NextRound`:
 //! a sender facing one closes with `Done` right after the receiver's `Done` (one round) and
 //! fails with a source error when a file changes under a read, as version 1 did; a receiver
-//! reads a version-1 sender's `Close{Done}` as the final verdict.
+//! reads a version-1 sender's `Close{Done}` as the final verdict. A peer below version 3 knows
+//! no `Durable`: a receiver never sends it to such a sender (an older decoder would refuse the
+//! frame), and a sender facing such a receiver learns nothing before `Done` (its
+//! [`SendEvent::Wanted`] says so: `reports_durable: false`); a `Durable` from a receiver whose
+//! hello said version 1 or 2 is a protocol violation.
 //!
 //! Either side may send `Close{code, reason}` at any point; codes are [`CloseCode`].
 //!

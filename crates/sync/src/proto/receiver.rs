@@ -14,6 +14,10 @@ use crate::manifest::{ChunkId, ManifestBuilder, ManifestLimits, ManifestSummary,
 use crate::store::StoreError;
 use crate::Manifest;
 
+/// Least time between two `Durable` reports to the sender (the round's last commit is always
+/// reported at once).
+const REPORT_EVERY: Duration = Duration::from_millis(250);
+
 /// Tuning for the receiver.
 #[derive(Clone, Debug)]
 pub struct ReceiverConfig {
@@ -257,6 +261,13 @@ pub struct Receiver {
     bytes_verified: u64,
     /// What the sender said about the end of this round, if anything yet.
     verdict: Option<RoundVerdict>,
+    /// The sender's protocol version (from its hello; 0 before it).
+    peer_version: u16,
+    /// Durable bytes last reported to the sender, and when (the machine's clock).
+    reported: u64,
+    reported_at: Option<Instant>,
+    /// A report is due once [`REPORT_EVERY`] has passed since the last one.
+    report_pending: bool,
 }
 
 /// How the sender ended a round (see [`Receiver::verdict`]).
@@ -305,6 +316,10 @@ impl Receiver {
             exclusive_io: false,
             bytes_verified: 0,
             verdict: None,
+            peer_version: 0,
+            reported: 0,
+            reported_at: None,
+            report_pending: false,
         }
     }
 
@@ -439,6 +454,7 @@ impl Receiver {
                 if h.role != Role::Sender {
                     return Err(SessionError::Protocol("peer is not a sender".into()));
                 }
+                self.peer_version = h.version;
                 self.state = State::Manifest {
                     builder: Box::new(ManifestBuilder::new(self.cfg.limits.clone())),
                     last_frame_at: *last_frame_at,
@@ -609,6 +625,8 @@ impl Receiver {
                     wire_bytes: self.wire_bytes,
                     files_done: self.files_done,
                 });
+                let last = self.all_stored() && self.uncommitted.is_empty();
+                self.report_durable(last);
                 if !self.uncommitted.is_empty()
                     && (self.commit_due()
                         || matches!(self.state, State::Draining)
@@ -813,7 +831,33 @@ impl Receiver {
             bytes: want_bytes,
         });
         self.state = State::Transferring(transfer);
+        self.report_durable(true);
         self.maybe_finalize(m);
+    }
+
+    /// Tells a version-3 sender the durable bytes, if they grew: now when `now` is set or
+    /// [`REPORT_EVERY`] has passed since the last report, else once it has (see
+    /// [`handle_timeout`](Self::handle_timeout)). Only while the round runs.
+    fn report_durable(&mut self, now: bool) {
+        let running = matches!(self.state, State::Transferring(_) | State::Finalizing(_));
+        if self.peer_version < 3 || !running || self.bytes_done <= self.reported {
+            self.report_pending = false;
+            return;
+        }
+        let due = match (self.now, self.reported_at) {
+            (Some(t), Some(last)) => t >= last + REPORT_EVERY,
+            _ => true,
+        };
+        if !(now || due) {
+            self.report_pending = true;
+            return;
+        }
+        self.report_pending = false;
+        self.reported = self.bytes_done;
+        self.reported_at = self.now;
+        self.send(&Message::Durable {
+            bytes: self.bytes_done,
+        });
     }
 
     fn send(&mut self, m: &Message) {
@@ -875,6 +919,9 @@ impl Receiver {
     /// Advances the clock: group commits and stall detection.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.now = Some(now);
+        if self.report_pending {
+            self.report_durable(false);
+        }
         if let Some(since) = self.uncommitted_since {
             if now >= since + self.cfg.commit_interval {
                 self.flush_commit();
@@ -940,10 +987,12 @@ impl Receiver {
             }
             _ => None,
         };
-        match (commit, stall) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let running = matches!(self.state, State::Transferring(_) | State::Finalizing(_));
+        let report = match (self.report_pending && running, self.reported_at) {
+            (true, Some(last)) => Some(last + REPORT_EVERY),
+            _ => None,
+        };
+        [commit, stall, report].into_iter().flatten().min()
     }
 
     /// The next frame to send (all receiver frames are control frames).

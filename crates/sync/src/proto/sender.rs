@@ -69,13 +69,22 @@ pub enum SendIoDone {
 /// What happened, for the application.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SendEvent {
-    /// The receiver's want list is complete.
-    Wanted { chunks: u64, bytes: u64 },
+    /// The receiver's want list is complete. `reports_durable`: the receiver speaks version 3
+    /// and will report what it holds ([`SendEvent::Durable`]); otherwise nothing is known of
+    /// its progress until `Done`.
+    Wanted {
+        chunks: u64,
+        bytes: u64,
+        reports_durable: bool,
+    },
     /// A chunk was handed out for sending: totals of this session so far, before
     /// (`raw_bytes`) and after (`wire_bytes`) compression. Handed out is not received: the
     /// transport's flow control keeps it at most its windows ahead of what the receiver read.
     Sent { raw_bytes: u64, wire_bytes: u64 },
-    /// The receiver verified and committed everything. With a version-2 receiver the sender
+    /// The receiver reported `bytes` of this round's file bytes verified and durable (version
+    /// ≥ 3): clamped to the manifest's `bytes`, only ever growing.
+    Durable { bytes: u64 },
+    /// The receiver verified and committed everything. With a version ≥ 2 receiver the sender
     /// then awaits the application's verdict: [`Sender::finish`] or [`Sender::next_round`].
     Done { root: ChunkHash },
     /// A source file changed (or vanished) while its chunks were being read. The round ended
@@ -126,6 +135,8 @@ pub struct Sender {
     wire_bytes: u64,
     chunks_sent: u64,
     raw_bytes_sent: u64,
+    /// The highest durable figure the receiver reported (clamped to the manifest's bytes).
+    durable_bytes: u64,
 }
 
 impl Sender {
@@ -149,6 +160,7 @@ impl Sender {
             wire_bytes: 0,
             chunks_sent: 0,
             raw_bytes_sent: 0,
+            durable_bytes: 0,
         }
     }
 
@@ -184,6 +196,17 @@ impl Sender {
     /// Whether the receiver speaks catch-up rounds (protocol version 2 or later).
     pub fn peer_supports_rounds(&self) -> bool {
         self.peer_version >= 2
+    }
+
+    /// Whether the receiver reports what it holds during a round (protocol version 3 or later).
+    pub fn peer_reports_durable(&self) -> bool {
+        self.peer_version >= 3
+    }
+
+    /// The round's file bytes the receiver reported verified and durable (see
+    /// [`SendEvent::Durable`]).
+    pub fn durable_bytes(&self) -> u64 {
+        self.durable_bytes
     }
 
     /// Ends the migration after a finished round: the receiver's copy is final.
@@ -270,7 +293,26 @@ impl Sender {
                 Ok(())
             }
             (State::Serving(_), Frame::Message(Message::WantEnd { chunks, bytes })) => {
-                self.events.push_back(SendEvent::Wanted { chunks, bytes });
+                self.events.push_back(SendEvent::Wanted {
+                    chunks,
+                    bytes,
+                    reports_durable: self.peer_reports_durable(),
+                });
+                Ok(())
+            }
+            (State::Serving(_), Frame::Message(Message::Durable { bytes })) => {
+                if !self.peer_reports_durable() {
+                    return Err(SessionError::Protocol(format!(
+                        "durable report from a version-{} receiver",
+                        self.peer_version
+                    )));
+                }
+                // A claim from the peer: never more than the round holds, never backwards.
+                let bytes = bytes.min(self.manifest.summary().bytes);
+                if bytes > self.durable_bytes {
+                    self.durable_bytes = bytes;
+                    self.events.push_back(SendEvent::Durable { bytes });
+                }
                 Ok(())
             }
             (State::Serving(s), Frame::Message(Message::Rejected { chunk })) => {
@@ -492,6 +534,7 @@ pub(crate) fn frame_name(f: &Frame) -> &'static str {
             Message::Rejected { .. } => "rejected",
             Message::Done { .. } => "done",
             Message::NextRound => "next-round",
+            Message::Durable { .. } => "durable",
             Message::Close { .. } => "close",
         },
     }
