@@ -57,13 +57,21 @@ pub struct DiscoveredSender {
     pub addrs: Vec<SocketAddr>,
 }
 
+/// How long a browse goes on after the first sender is found, so that every sender on the
+/// network is in the answer: a receiver that saw only one of two would take it as the old
+/// device and ask for its code. Responders answer a query within 20–120 ms (RFC 6762), but at
+/// 300 ms a loaded machine missed the second of two senders once in eleven runs of the
+/// namespace tests.
+pub const BROWSE_SETTLE: Duration = Duration::from_millis(1000);
+
 /// A way to announce a sender and find senders.
 pub trait Discovery: Send + Sync {
     /// Starts announcing `ad` (replacing a previous announcement); returns the session id.
     fn advertise(&self, ad: &Advertisement) -> Result<String, DiscoveryError>;
     /// Stops announcing.
     fn stop_advertising(&self) -> Result<(), DiscoveryError>;
-    /// Browses for up to `wait`, returning early shortly after the first sender is found.
+    /// Browses for up to `wait`, returning [`BROWSE_SETTLE`] after the first sender is found
+    /// (or at `wait`), with every sender seen by then.
     fn browse(&self, wait: Duration) -> Result<Vec<DiscoveredSender>, DiscoveryError>;
 }
 
@@ -246,7 +254,7 @@ impl Discovery for MdnsDiscovery {
                         entry.addrs.push(a);
                     }
                 }
-                settle.get_or_insert(Instant::now() + Duration::from_millis(300));
+                settle.get_or_insert(Instant::now() + BROWSE_SETTLE);
             }
         }
         let _ = self.daemon.stop_browse(SERVICE_TYPE);
