@@ -24,24 +24,31 @@ use crate::util::*;
 const RATE: &str = "100mbit";
 const HISTORY_MIB: u64 = 32;
 
-fn lab_or_skip(test: &str) -> Option<Lab> {
+/// `hosts` namespaces on one bridge, or None (with the reason printed) where namespaces cannot
+/// be made here.
+fn namespaces_or_skip(test: &str, hosts: usize) -> Option<Lab> {
     if let Some(reason) = netns::skip_reason() {
         println!("SKIP {test}: {reason}");
         return None;
     }
+    match Lab::new(hosts) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            println!("SKIP {test}: cannot create namespaces: {e}");
+            None
+        }
+    }
+}
+
+/// Two hosts on a shaped link ([`RATE`]).
+fn lab_or_skip(test: &str) -> Option<Lab> {
     for tool in ["iptables", "tc"] {
         if !netns::have(tool) {
             println!("SKIP {test}: {tool} not installed (scripts/install-test-deps.sh)");
             return None;
         }
     }
-    let lab = match Lab::new(2) {
-        Ok(l) => l,
-        Err(e) => {
-            println!("SKIP {test}: cannot create namespaces: {e}");
-            return None;
-        }
-    };
+    let lab = namespaces_or_skip(test, 2)?;
     for i in 0..2 {
         if let Err(e) = lab.set_rate(i, RATE) {
             println!("SKIP {test}: cannot shape the link: {e}");
@@ -315,16 +322,8 @@ fn lan_delayed_jittered_reordering_link_completes_byte_equal() {
 #[test]
 fn lan_two_senders_the_paired_one_is_chosen_and_from_picks_by_name() {
     let test = "lan_two_senders_the_paired_one_is_chosen_and_from_picks_by_name";
-    if let Some(reason) = netns::skip_reason() {
-        println!("SKIP {test}: {reason}");
+    let Some(lab) = namespaces_or_skip(test, 3) else {
         return;
-    }
-    let lab = match Lab::new(3) {
-        Ok(l) => l,
-        Err(e) => {
-            println!("SKIP {test}: cannot create namespaces: {e}");
-            return;
-        }
     };
     let src = shared_history(4, 26);
     let (phone, tablet, new) = (
@@ -411,16 +410,8 @@ fn lan_two_senders_the_paired_one_is_chosen_and_from_picks_by_name() {
 #[test]
 fn lan_two_senders_a_person_at_the_terminal_chooses_one_and_only_it_is_tried() {
     let test = "lan_two_senders_a_person_at_the_terminal_chooses_one_and_only_it_is_tried";
-    if let Some(reason) = netns::skip_reason() {
-        println!("SKIP {test}: {reason}");
+    let Some(lab) = namespaces_or_skip(test, 3) else {
         return;
-    }
-    let lab = match Lab::new(3) {
-        Ok(l) => l,
-        Err(e) => {
-            println!("SKIP {test}: cannot create namespaces: {e}");
-            return;
-        }
     };
     // Two different histories, so the tree tells which one arrived.
     let (phone_src, tablet_src) = (shared_history(4, 28), shared_history(4, 29));
@@ -518,16 +509,8 @@ fn lan_two_senders_a_person_at_the_terminal_chooses_one_and_only_it_is_tried() {
 #[test]
 fn doctor_says_the_multicast_outcome_in_words_not_internal_names() {
     let test = "doctor_says_the_multicast_outcome_in_words_not_internal_names";
-    if let Some(reason) = netns::skip_reason() {
-        println!("SKIP {test}: {reason}");
+    let Some(lab) = namespaces_or_skip(test, 1) else {
         return;
-    }
-    let lab = match Lab::new(1) {
-        Ok(l) => l,
-        Err(e) => {
-            println!("SKIP {test}: cannot create namespaces: {e}");
-            return;
-        }
     };
     let dev = Device::new("doctor");
     let mut d = Ferry::spawn_with(

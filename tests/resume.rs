@@ -354,11 +354,7 @@ fn restarted_receiver_of_a_finished_migration_says_done_without_the_sender() {
     let (old, new) = (Device::new("old"), Device::new("new"));
     let work = tempdir("dest");
     let dest = work.path().join("history");
-    let (mut s, addr, code) = start_sender(&old, src, "127.0.0.1:0");
-    let mut r = new.receive(&dest, &addr, Some(&code), &[]);
-    r.wait_event("done", LONG);
-    r.expect_exit(0, LONG);
-    s.expect_exit(0, LONG);
+    let (addr, _, _) = migrate_between(&old, &new, src, &dest);
     // As after a receiver killed once it had confirmed the last round: the sender finished
     // and is gone; the same receive command again finds the finished migration.
     let mut r = new.receive(&dest, &addr, None, &[]);
@@ -491,11 +487,7 @@ fn receiving_again_into_a_finished_folder_says_so_and_never_that_it_resumes() {
     let (old, new) = (Device::new("old"), Device::new("new"));
     let work = tempdir("dest");
     let dest = work.path().join("history");
-    let (mut s, addr, code) = start_sender(&old, src, "127.0.0.1:0");
-    let mut r = new.receive(&dest, &addr, Some(&code), &[]);
-    r.wait_event("done", LONG);
-    r.expect_exit(0, LONG);
-    s.expect_exit(0, LONG);
+    let (addr, _, _) = migrate_between(&old, &new, src, &dest);
     let args: Vec<std::ffi::OsString> = vec![
         "receive".into(),
         dest.clone().into(),

@@ -551,8 +551,26 @@ pub fn migrate(src: &Path) -> Migration {
     let (old, new) = (Device::new("old"), Device::new("new"));
     let work = tempdir("dest");
     let dest = work.path().join("history");
-    let (mut s, addr, code) = start_sender(&old, src, "127.0.0.1:0");
-    let mut r = new.receive(&dest, &addr, Some(&code), &[]);
+    let (_, send_done, recv_done) = migrate_between(&old, &new, src, &dest);
+    Migration {
+        _work: work,
+        dest,
+        send_done,
+        recv_done,
+    }
+}
+
+/// Migrates `src` from `old` into `dest` on `new` (pairing with the code); asserts both sides
+/// exit 0 with a `done` event naming the same root. Returns the sender's address (for a receive
+/// run again against it) and both `done` events.
+pub fn migrate_between(
+    old: &Device,
+    new: &Device,
+    src: &Path,
+    dest: &Path,
+) -> (String, Value, Value) {
+    let (mut s, addr, code) = start_sender(old, src, "127.0.0.1:0");
+    let mut r = new.receive(dest, &addr, Some(&code), &[]);
     let recv_done = r.wait_event("done", LONG);
     r.expect_exit(0, LONG);
     let send_done = s.wait_event("done", LONG);
@@ -565,12 +583,7 @@ pub fn migrate(src: &Path) -> Migration {
         recv_done["root"].as_str().is_some_and(|h| h.len() == 64),
         "root is not a hex hash: {recv_done}"
     );
-    Migration {
-        _work: work,
-        dest,
-        send_done,
-        recv_done,
-    }
+    (addr, send_done, recv_done)
 }
 
 /// `ferry verify DIR` exit code (run with a throwaway `FERRY_HOME`) and its stderr.
