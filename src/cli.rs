@@ -118,7 +118,8 @@ pub struct ReceiveFlags {
     /// (on a terminal).
     #[arg(long, value_name = "NAME|ID", conflicts_with_all = ["connect", "ticket"])]
     pub from: Option<String>,
-    /// Receive into a folder that already holds other files (ferry never deletes them).
+    /// Receive into a folder that already holds other files: ferry never deletes them, but
+    /// replaces files at the same paths as the history's.
     #[arg(long)]
     pub yes: bool,
     /// One JSON event per line on stdout.

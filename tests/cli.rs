@@ -191,6 +191,21 @@ fn every_flag_in_help_is_in_the_readme_and_each_help_line_says_it_once() {
         .expect("ferry --help");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("10 incomplete"), "exit 10 missing: {text}");
+    // `--yes` says what the README says: nothing deleted, same paths replaced.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["receive", "--help"])
+        .output()
+        .expect("ferry receive --help");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let yes = text
+        .split("--yes")
+        .nth(1)
+        .and_then(|t| t.split("\n      -").next())
+        .unwrap_or_default();
+    assert!(
+        yes.contains("never deletes") && yes.contains("replaces files at the same paths"),
+        "--yes: {yes}"
+    );
 }
 
 /// The demo on a person's screen: what the generator wrote against what the manifest holds is

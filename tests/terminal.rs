@@ -157,7 +157,7 @@ impl Drop for Tmux {
 
 /// At the code prompt a mistyped or empty code is asked again (nothing was tried with it, so
 /// the sender's code is not used up), the right one then migrates; the time shown is the
-/// migration's, not the time spent at the prompt.
+/// migration's, not the time spent at the prompt (on either end).
 #[test]
 fn the_code_prompt_asks_again_after_a_mistyped_code_and_times_only_the_migration() {
     let src = shared_history(4, 25);
@@ -185,6 +185,10 @@ fn the_code_prompt_asks_again_after_a_mistyped_code_and_times_only_the_migration
     tty.type_line(&code);
     let screen = tty.wait_for("EXIT=", 1);
     assert!(screen.contains("EXIT=0"), "{screen}");
+    // Nor is the sender's wait for a receiver (it listened through the 8 s at the prompt).
+    let sent = s.wait_event("done", LONG);
+    let sender_secs = sent["elapsed_s"].as_f64().unwrap_or(f64::MAX);
+    assert!(sender_secs < 8.0, "the sender counted its wait: {sent}");
     s.expect_exit(0, LONG);
     let done = screen
         .lines()
