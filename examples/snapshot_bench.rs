@@ -1,6 +1,6 @@
 //! Snapshot overhead of a large SQLite database: ferry's consistent snapshot (online backup in
-//! one read transaction, then `journal_mode=DELETE` and fsync) against a plain `cp` of the
-//! database and its `-wal`.
+//! one read transaction, then back to the source's journal mode and fsync) against a plain `cp`
+//! of the database and its `-wal`.
 //!
 //! ```text
 //! cargo run --release --example snapshot_bench -- <WORK_DIR> [--mib 1024] [--runs 3]

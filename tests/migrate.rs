@@ -94,3 +94,53 @@ fn compress_always_never_and_auto_on_one_machine() {
     // Both ends on this machine (loopback): auto does not compress.
     assert_eq!(auto, unique, "auto on loopback: {auto} of {unique}");
 }
+
+/// The journal mode a fresh read-only connection to the database at `db` reports ("wal" for a
+/// WAL-mode database, "delete" for the rollback modes, which are not kept in the file).
+fn journal_mode(db: &std::path::Path) -> String {
+    let c = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .unwrap_or_else(|e| panic!("open {}: {e}", db.display()));
+    c.query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .unwrap()
+}
+
+#[test]
+fn databases_arrive_in_their_journal_mode() {
+    let src = shared_history(8, 11);
+    let m = migrate(src);
+    // Every database of the history (WAL mode; the newest ones with frames still in their -wal).
+    let dbs: Vec<std::path::PathBuf> = files_under(&m.dest)
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "db"))
+        .collect();
+    assert!(dbs.len() >= 2, "{dbs:?}");
+    // Before anything opens them: the header bytes 18/19 are the source's, and no -wal came.
+    for rel in &dbs {
+        let (a, b) = (
+            std::fs::read(src.join(rel)).unwrap(),
+            std::fs::read(m.dest.join(rel)).unwrap(),
+        );
+        assert_eq!(&b[..16], b"SQLite format 3\0", "{}", rel.display());
+        assert_eq!(
+            a[18..20],
+            b[18..20],
+            "{}: header bytes 18/19",
+            rel.display()
+        );
+        assert!(!m.dest.join(format!("{}-wal", rel.display())).exists());
+    }
+    let (code, err) = verify(&m.dest);
+    assert_eq!(code, 0, "ferry verify failed: {err}");
+    for rel in &dbs {
+        let mode = journal_mode(&src.join(rel));
+        assert_eq!(
+            mode,
+            "wal",
+            "{}: the generator makes WAL databases",
+            rel.display()
+        );
+        assert_eq!(journal_mode(&m.dest.join(rel)), mode, "{}", rel.display());
+    }
+    // Every row arrived.
+    assert_histories_equal(src, &m.dest).unwrap();
+}

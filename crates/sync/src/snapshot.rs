@@ -17,10 +17,15 @@
 //! more faithful choice. The live database is opened read-only: ferry never checkpoints, writes
 //! or deletes the app's files (SQLite may create the `-shm` index, as any reader does).
 //!
-//! The snapshot is then switched to `journal_mode=DELETE`: it is self-contained, needs no
-//! `-wal`/`-shm` on the new device, and opens even from a read-only folder. (WAL mode is a
-//! setting the app applies again when it opens its database.) The database's `-wal`, `-shm` and
-//! `-journal` companions are left out of the manifest.
+//! The snapshot keeps the database's journal mode, and is self-contained: it needs no `-wal` or
+//! `-journal` on the new device. WAL mode is persistent (bytes 18 and 19 of the file header are
+//! 2; rollback modes have 1), and an app may rely on it. So the copy is first switched to
+//! `journal_mode=DELETE` (whatever the backup left in its header) and, when the database is in
+//! WAL mode, back to `journal_mode=WAL`, checkpointed and closed by SQLite: exactly the file of a
+//! fully checkpointed WAL database, with no `-wal`/`-shm` left in the snapshot folder. (The
+//! rollback modes DELETE, TRUNCATE and PERSIST are a connection's setting, not the file's: their
+//! header is the same.) The same database state gives the same snapshot bytes. The database's
+//! `-wal`, `-shm` and `-journal` companions are left out of the manifest.
 //!
 //! # Reuse
 //! Each snapshot is recorded with the (size, mtime, inode) of the database and of its
@@ -160,7 +165,11 @@ impl DbKey {
         let md = fs::symlink_metadata(db)?;
         Ok(DbKey {
             db: Version::of(FileKey::of(&md)),
-            wal: FileKey::stat(&companion(db, "-wal")).map(Version::of),
+            // An empty `-wal` holds no commit: as if there were none. (A read-only reader of a
+            // checkpointed WAL database, as the snapshot itself, creates one and leaves it.)
+            wal: FileKey::stat(&companion(db, "-wal"))
+                .filter(|k| k.size > 0)
+                .map(Version::of),
             journal: FileKey::stat(&companion(db, "-journal")).map(Version::of),
         })
     }
@@ -337,7 +346,9 @@ impl SnapshotStore {
         let copied = backup_to(abs, &tmp, self.busy_timeout);
         if let Err(e) = copied {
             let _ = fs::remove_file(&tmp);
-            let _ = fs::remove_file(companion(&tmp, "-journal"));
+            for suffix in COMPANIONS {
+                let _ = fs::remove_file(companion(&tmp, suffix));
+            }
             return Err(e);
         }
         fs::rename(&tmp, &path)?;
@@ -393,14 +404,16 @@ fn load_index(path: &Path) -> Option<HashMap<String, Recorded>> {
         .map(|v| v.into_iter().collect())
 }
 
-/// Copies the database at `src` into a new file `dst` in one read transaction, then makes the
-/// copy self-contained (`journal_mode=DELETE`) and durable.
 /// Rows in the user tables of the database at `path` (a snapshot), summed: how the sender tells
 /// how many messages (and other records) arrived while it migrated.
 pub fn count_rows(path: &Path) -> Result<u64, SnapshotError> {
+    // `immutable`: a snapshot does not change while it is read, and a plain read-only
+    // connection to a WAL-mode snapshot would leave a `-wal` and `-shm` beside it.
     let db = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        immutable_uri(path),
+        OpenFlags::SQLITE_OPEN_READ_ONLY
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+            | OpenFlags::SQLITE_OPEN_URI,
     )?;
     let tables: Vec<String> = {
         let mut q = db.prepare(
@@ -422,6 +435,35 @@ pub fn count_rows(path: &Path) -> Result<u64, SnapshotError> {
     Ok(total)
 }
 
+/// `file:` URI of `path` opened immutable (no locks, no `-wal`/`-shm`): every byte but an
+/// unreserved one or `/` percent-encoded, so any file name (not UTF-8 either) round-trips.
+fn immutable_uri(path: &Path) -> String {
+    let mut uri = String::from("file:");
+    for &b in path.as_os_str().as_encoded_bytes() {
+        if b.is_ascii_alphanumeric() || b"/-_.~".contains(&b) {
+            uri.push(char::from(b));
+        } else {
+            uri.push_str(&format!("%{b:02X}"));
+        }
+    }
+    uri.push_str("?immutable=1");
+    uri
+}
+
+/// Sets the journal mode of connection `db` and checks SQLite took it.
+fn set_journal_mode(db: &Connection, mode: &str) -> Result<(), SnapshotError> {
+    let got: String = db.query_row(&format!("PRAGMA journal_mode={mode}"), [], |r| r.get(0))?;
+    if got.eq_ignore_ascii_case(mode) {
+        Ok(())
+    } else {
+        Err(SnapshotError::Io(io::Error::other(format!(
+            "the snapshot stayed in journal mode {got}, not {mode}"
+        ))))
+    }
+}
+
+/// Copies the database at `src` into a new file `dst` in one read transaction, then makes the
+/// copy self-contained in the source's journal mode (see the module documentation) and durable.
 fn backup_to(src: &Path, dst: &Path, busy: Duration) -> Result<(), SnapshotError> {
     let _ = fs::remove_file(dst);
     let from = Connection::open_with_flags(
@@ -429,6 +471,11 @@ fn backup_to(src: &Path, dst: &Path, busy: Duration) -> Result<(), SnapshotError
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
     from.busy_timeout(busy)?;
+    // "wal" for a WAL-mode database (persistent, in its header); a rollback mode otherwise.
+    // (Read just before the copy's transaction: an app switching modes in between only gives
+    // a snapshot in the mode it left.)
+    let source_mode: String = from.query_row("PRAGMA journal_mode", [], |r| r.get(0))?;
+    let wal = source_mode.eq_ignore_ascii_case("wal");
     // Created owner-only before SQLite opens it (SQLite would create it 0644, and gives its
     // `-journal` the database file's mode).
     drop(crate::private::create(dst)?);
@@ -444,15 +491,27 @@ fn backup_to(src: &Path, dst: &Path, busy: Duration) -> Result<(), SnapshotError
                 _ => return Err(SnapshotError::Busy),
             }
         }
-        let mode: String = to.query_row("PRAGMA journal_mode=DELETE", [], |r| r.get(0))?;
-        if !mode.eq_ignore_ascii_case("delete") {
-            return Err(SnapshotError::Io(io::Error::other(format!(
-                "the snapshot stayed in journal mode {mode}"
-            ))));
+        set_journal_mode(&to, "DELETE")?;
+        if wal {
+            // Writes 2 into header bytes 18/19 (a rollback-mode commit); the `-wal` it opens
+            // holds no frame. A checkpoint that truncates it, checked here (closing would
+            // checkpoint too, but ignores a failure), then the close deletes `-wal` and `-shm`.
+            set_journal_mode(&to, "WAL")?;
+            let busy: i64 = to.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))?;
+            if busy != 0 {
+                return Err(SnapshotError::Busy);
+            }
         }
         to.close().map_err(|(_, e)| e)?;
     }
     drop(from);
+    // Only empty companions can be left after a successful checkpoint; none must stay.
+    for suffix in COMPANIONS {
+        match fs::remove_file(companion(dst, suffix)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e.into()),
+            _ => {}
+        }
+    }
     File::open(dst)?.sync_all()?;
     Ok(())
 }

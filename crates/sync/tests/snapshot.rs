@@ -74,6 +74,23 @@ fn deliver(out: &ScanOutput, path: &str, to: &Path) -> PathBuf {
     dst
 }
 
+/// The journal mode a fresh connection to the database at `db` reports.
+fn journal_mode(db: &Path) -> String {
+    let c = Connection::open(db).unwrap();
+    c.query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .unwrap()
+}
+
+/// The names in `dir`, sorted.
+fn names_in(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    v.sort();
+    v
+}
+
 fn count(db: &Path) -> i64 {
     let c = Connection::open(db).unwrap();
     c.query_row("SELECT count(*) FROM messages", [], |r| r.get(0))
@@ -113,14 +130,11 @@ fn wal_only_rows_are_captured_in_a_self_contained_snapshot() {
     );
     assert!(out.unstable.is_empty());
 
-    // Delivered alone (no -wal), the snapshot is whole, in rollback mode, with every row.
+    // Delivered alone (no -wal), the snapshot is whole, still in WAL mode, with every row.
     let got = deliver(&out, "db/msg.db", &dir.path().join("new"));
     let head = fs::read(&got).unwrap();
-    assert_eq!(
-        (head[18], head[19]),
-        (1, 1),
-        "journal_mode=DELETE in the header"
-    );
+    assert_eq!((head[18], head[19]), (2, 2), "WAL mode in the header");
+    assert_eq!(journal_mode(&got), "wal");
     integrity_check(&got).unwrap();
     assert_eq!(count(&got), 2000);
     assert!(!dir.path().join("new/received.db-wal").exists());
@@ -382,4 +396,91 @@ fn database_locked_by_the_app_is_sent_raw_after_the_busy_timeout() {
         out.databases[0].capture,
         Capture::Snapshot { reused: false }
     );
+}
+
+#[test]
+fn snapshot_keeps_the_journal_mode_of_each_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("src");
+    fs::create_dir_all(&root).unwrap();
+    // A WAL database fully checkpointed (no -wal: a valid WAL database as it is), one with rows
+    // only in its -wal, and databases written in each rollback mode.
+    let modes = ["wal", "delete", "truncate", "persist"];
+    for (i, mode) in modes.iter().enumerate() {
+        let c = Connection::open(root.join(format!("{mode}.db"))).unwrap();
+        let got: String = c
+            .query_row(&format!("PRAGMA journal_mode={mode}"), [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(got, *mode);
+        c.execute_batch("CREATE TABLE messages(id INTEGER PRIMARY KEY, body TEXT NOT NULL);")
+            .unwrap();
+        for n in 0..100 + i {
+            c.execute("INSERT INTO messages(body) VALUES (?1)", [format!("m{n}")])
+                .unwrap();
+        }
+    }
+    assert!(!root.join("wal.db-wal").exists(), "closed: checkpointed");
+    let writer = wal_only_db(&root.join("walonly.db"), 300);
+    let source: Vec<(String, [u8; 2], String)> =
+        ["wal", "delete", "truncate", "persist", "walonly"]
+            .iter()
+            .map(|m| {
+                let p = root.join(format!("{m}.db"));
+                let head = fs::read(&p).unwrap();
+                // The mode a fresh connection sees (the rollback modes are a connection's setting).
+                let mode = if head[18] == 2 { "wal" } else { "delete" };
+                (format!("{m}.db"), [head[18], head[19]], mode.to_string())
+            })
+            .collect();
+    assert_eq!(source[0].1, [2, 2]);
+    assert_eq!(source[1].1, [1, 1]);
+
+    let state = dir.path().join("state");
+    let cfg = cfg_with_snapshots(&state, &root);
+    let out = scan(&root, None, &cfg).unwrap();
+    // The snapshot folder holds the snapshots and nothing of SQLite's (no -wal, -shm, -journal),
+    // also after the rows of every snapshot were counted.
+    for p in out.sources.values() {
+        ferry_sync::snapshot::count_rows(p).unwrap();
+    }
+    let snap_dir = SnapshotStore::dir_for(&state, &root);
+    let stray: Vec<String> = names_in(&snap_dir)
+        .into_iter()
+        .filter(|n| n.contains("-wal") || n.contains("-shm") || n.contains("-journal"))
+        .collect();
+    assert!(stray.is_empty(), "{stray:?}");
+    let rows: Vec<i64> = [100, 101, 102, 103, 300].to_vec();
+    for ((name, header, mode), rows) in source.iter().zip(rows) {
+        let got = deliver(&out, name, &dir.path().join("new").join(name));
+        let head = fs::read(&got).unwrap();
+        assert_eq!([head[18], head[19]], *header, "{name}: header bytes 18/19");
+        assert_eq!(journal_mode(&got), *mode, "{name}");
+        integrity_check(&got).unwrap();
+        assert_eq!(count(&got), rows, "{name}");
+    }
+    // Unchanged, every snapshot is reused, the checkpointed WAL database's too (reading it made
+    // SQLite create an empty -wal, which holds no commit).
+    assert!(root.join("wal.db-wal").exists());
+    let next = scan(&root, None, &cfg).unwrap();
+    assert!(
+        next.databases
+            .iter()
+            .all(|d| d.capture == Capture::Snapshot { reused: true }),
+        "{:?}",
+        next.databases
+    );
+    assert_eq!(next.manifest.root(), out.manifest.root());
+    // The same state of a database gives the same snapshot bytes (another sender's state).
+    let again = scan(
+        &root,
+        None,
+        &cfg_with_snapshots(&dir.path().join("b"), &root),
+    )
+    .unwrap();
+    for (name, _, _) in &source {
+        let a = fs::read(&out.sources[name]).unwrap();
+        let b = fs::read(&again.sources[name]).unwrap();
+        assert!(a == b, "{name}: snapshot bytes differ");
+    }
+    drop(writer);
 }
