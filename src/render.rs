@@ -114,6 +114,12 @@ fn line(ev: &Event) -> Option<String> {
             escape(path),
             escape(reason)
         ),
+        Event::Unrepresentable { paths, reason } => format!(
+            "{} entr(y/ies) will be left out ({}; the rest is migrated and verified): {}",
+            paths.len(),
+            escape(reason),
+            ferry_migrate::text::escape_list(paths, 10)
+        ),
         Event::Essentials { files, bytes, .. } => format!(
             "essentials first: databases and small files ({files} files, {}) as round 1, then the rest",
             human_bytes(*bytes)

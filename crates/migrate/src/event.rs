@@ -97,6 +97,12 @@ pub enum Event {
         addr: SocketAddr,
     },
 
+    // --- receiver: the destination ------------------------------------------------------
+    /// Entries of the manifest the destination's file system cannot hold (`reason`; its
+    /// symlinks on exFAT or FAT): named before anything is written, then left out; the rest
+    /// is migrated and verified, and the receiver exits `incomplete` (10).
+    Unrepresentable { paths: Vec<String>, reason: String },
+
     // --- receiver: finding the sender -------------------------------------------------
     /// The destination holds an unfinished migration: it continues.
     Unfinished,
