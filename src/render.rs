@@ -115,8 +115,7 @@ fn line(ev: &Event) -> Option<String> {
             escape(reason)
         ),
         Event::Unrepresentable { paths, reason } => format!(
-            "{} entr(y/ies) will be left out ({}; the rest is migrated and verified): {}",
-            paths.len(),
+            "left out ({}), everything else is received and verified: {}",
             escape(reason),
             ferry_migrate::text::escape_list(paths, 10)
         ),

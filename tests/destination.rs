@@ -427,6 +427,36 @@ fn a_symlink_is_named_and_left_out_on_exfat_and_the_rest_is_committed() {
     let report = v.seen_named("verify")[0].clone();
     assert_eq!(report["ok"], true, "{report}");
     assert_eq!(report["omitted"], serde_json::json!(["media/latest.jpg"]));
+
+    // Received again (a person at a terminal, the sender restarted): the same outcome, on
+    // screen, and the files stay.
+    let (mut s, addr, _) = start_sender(&old, src.path(), "127.0.0.1:0");
+    let args: Vec<std::ffi::OsString> = vec![
+        "receive".into(),
+        dest.clone().into(),
+        "--connect".into(),
+        addr.into(),
+    ];
+    let (code, again) = new.run("receive-again", args, LONG);
+    let screen = again.stderr();
+    assert_eq!(code, 10, "{screen}");
+    s.expect_exit(0, LONG);
+    assert!(
+        screen.contains("left out (the destination's file system cannot hold symlinks), everything else is received and verified: media/latest.jpg"),
+        "{screen}"
+    );
+    assert!(
+        screen.contains("so 1 symlink(s) were not created: media/latest.jpg"),
+        "{screen}"
+    );
+    for p in &files {
+        let rel = p.strip_prefix(src.path()).unwrap();
+        assert_eq!(
+            fs::read(dest.join(rel)).unwrap(),
+            fs::read(p).unwrap(),
+            "{rel:?}"
+        );
+    }
 }
 
 /// Finding 9: a sender's modes are masked by the receiving user's umask: a sender saying 0777

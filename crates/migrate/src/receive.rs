@@ -858,7 +858,7 @@ impl ReceiveSummary {
         }
         Err(Error::Incomplete {
             message: format!(
-                "the migration finished and everything else is verified, but the destination's file system cannot hold symlinks (exFAT, FAT), so {} were left out: {}; receive onto a drive formatted with a file system that has symlinks to keep them",
+                "the migration finished and everything else is verified, but the destination's file system cannot hold symlinks (exFAT, FAT), so {} symlink(s) were not created: {}; receive onto a drive formatted with a file system that has symlinks to keep them",
                 self.unrepresentable.len(),
                 crate::text::escape_list(&self.unrepresentable, 10)
             ),
