@@ -486,7 +486,11 @@ pub enum End {
     Stopped,
     /// The receiver stopped following, holding a verified round.
     ReceiverStopped,
-    /// The receiver holds the complete, verified migration.
+    /// The receiver holds the complete, verified migration: every entry of the last round,
+    /// except those its file system cannot hold (symlinks on exFAT), which were named
+    /// ([`Event::Unrepresentable`]) and are listed in the summary's `unrepresentable`
+    /// (`complete: false` then, and [`crate::ReceiveSummary::completeness`] is
+    /// `Err(Error::Incomplete)`, exit 10).
     Complete,
 }
 

@@ -536,6 +536,7 @@ impl FsStore {
             let prev = self.state.join("receipt.prev");
             ctx(&prev, fs::rename(&p, &prev))?;
             let _ = fs::remove_file(self.state.join("receipt.json"));
+            let _ = fs::remove_file(self.state.join(OMITTED));
             ctx(&self.state, sync_dir(&self.state))?;
         }
         Ok(())
