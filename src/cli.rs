@@ -12,7 +12,9 @@ use clap::{Args, Parser, Subcommand};
     after_help = "Exit codes: 0 ok, 1 internal error, 2 usage, 3 pairing failed, 4 peer unreachable, \
                   5 interrupted (run the same command again to continue), 6 destination problem, \
                   7 integrity failure, 8 source problem, 9 protocol/version mismatch, \
-                  10 incomplete (finished, but files that kept changing were not sent)."
+                  10 incomplete (finished and verified, but named entries were left out: files that kept \
+                  changing were not sent, or symlinks the destination's file system cannot hold, \
+                  as on exFAT, were not created)."
 )]
 pub struct Cli {
     /// More logging (-v info, -vv debug) on stderr.
@@ -98,7 +100,8 @@ pub struct SendFlags {
 
 #[derive(Debug, Args)]
 pub struct ReceiveFlags {
-    /// Where the history goes.
+    /// Where the history goes. On a file system without symlinks (exFAT, FAT) the history's
+    /// symlinks are named and left out, the rest is received and verified: exit 10.
     pub dest: PathBuf,
     /// The pairing code shown on the old device. `--code -` reads it from standard input;
     /// without --code, the FERRY_CODE environment variable is used. Prefer those: other local

@@ -182,7 +182,7 @@ async fn receive(f: ReceiveFlags) -> Result<(), Error> {
     let (handle, events) = m.start();
     let r = drive(handle, events, &rep, Side::Receive, &f.dest, |_, _| {}).await;
     rep.finish_progress();
-    r.map(|_| ())
+    r?.completeness()
 }
 
 /// Renders a migration's events until it ends; Ctrl-C stops it gracefully; Enter resumes a

@@ -19,7 +19,7 @@ pub async fn verify(f: VerifyFlags) -> Result<(), Error> {
         .map_err(|e| Error::new(ErrorKind::Internal, e.to_string()))??;
     rep.event(
         "verify",
-        json!({"root": r.root.to_hex(), "files": r.files, "bytes": r.bytes, "ok": r.mismatched.is_empty(), "mismatched": r.mismatched}),
+        json!({"root": r.root.to_hex(), "files": r.files, "bytes": r.bytes, "ok": r.mismatched.is_empty(), "mismatched": r.mismatched, "omitted": r.omitted}),
     );
     if r.mismatched.is_empty() {
         rep.say(&format!(
@@ -28,6 +28,10 @@ pub async fn verify(f: VerifyFlags) -> Result<(), Error> {
             human_bytes(r.bytes),
             r.root.to_hex()
         ));
+        if !r.omitted.is_empty() {
+            let shown = ferry_migrate::text::escape_list(&r.omitted, 50);
+            rep.say(&format!("absent by design (this file system cannot hold symlinks; named when received): {shown}"));
+        }
         Ok(())
     } else {
         for p in r.mismatched.iter().take(50) {

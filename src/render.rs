@@ -114,6 +114,11 @@ fn line(ev: &Event) -> Option<String> {
             escape(path),
             escape(reason)
         ),
+        Event::Unrepresentable { paths, reason } => format!(
+            "left out ({}), everything else is received and verified: {}",
+            escape(reason),
+            ferry_migrate::text::escape_list(paths, 10)
+        ),
         Event::Essentials { files, bytes, .. } => format!(
             "essentials first: databases and small files ({files} files, {}) as round 1, then the rest",
             human_bytes(*bytes)

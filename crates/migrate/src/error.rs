@@ -173,11 +173,14 @@ pub enum Error {
         cause: Option<Cause>,
     },
     /// The migration finished and the receiver verified what was sent, but `unstable` files
-    /// kept changing while read and were left out.
+    /// kept changing while read and were left out (the sender's verdict), or entries the
+    /// destination cannot hold (`unrepresentable`: symlinks on exFAT) were left out there (the
+    /// receiver's).
     #[error("{message}")]
     Incomplete {
         message: String,
         unstable: Vec<String>,
+        unrepresentable: Vec<String>,
     },
 }
 
@@ -203,6 +206,7 @@ impl Error {
             ErrorKind::Incomplete => Error::Incomplete {
                 message,
                 unstable: Vec::new(),
+                unrepresentable: Vec::new(),
             },
         }
     }
@@ -265,7 +269,15 @@ impl Error {
         let kind = self.kind();
         let message = f(self.message());
         match self {
-            Error::Incomplete { unstable, .. } => Error::Incomplete { message, unstable },
+            Error::Incomplete {
+                unstable,
+                unrepresentable,
+                ..
+            } => Error::Incomplete {
+                message,
+                unstable,
+                unrepresentable,
+            },
             other => {
                 let cause = other.into_cause();
                 Error::with_cause(kind, message, cause)

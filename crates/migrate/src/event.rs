@@ -97,6 +97,12 @@ pub enum Event {
         addr: SocketAddr,
     },
 
+    // --- receiver: the destination ------------------------------------------------------
+    /// Entries of the manifest the destination's file system cannot hold (`reason`; its
+    /// symlinks on exFAT or FAT): named before anything is written, then left out; the rest
+    /// is migrated and verified, and the receiver exits `incomplete` (10).
+    Unrepresentable { paths: Vec<String>, reason: String },
+
     // --- receiver: finding the sender -------------------------------------------------
     /// The destination holds an unfinished migration: it continues.
     Unfinished,
@@ -480,7 +486,11 @@ pub enum End {
     Stopped,
     /// The receiver stopped following, holding a verified round.
     ReceiverStopped,
-    /// The receiver holds the complete, verified migration.
+    /// The receiver holds the complete, verified migration: every entry of the last round,
+    /// except those its file system cannot hold (symlinks on exFAT), which were named
+    /// ([`Event::Unrepresentable`]) and are listed in the summary's `unrepresentable`
+    /// (`complete: false` then, and [`crate::ReceiveSummary::completeness`] is
+    /// `Err(Error::Incomplete)`, exit 10).
     Complete,
 }
 

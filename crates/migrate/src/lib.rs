@@ -61,6 +61,7 @@
 //! | `pairing_backoff`, `pairing_paused`, `error` (kind `pairing`), `refused` | sender | failed or refused attempts |
 //! | `unfinished`, `known_sender`, `looking`, `found` | receiver | how the sender is found |
 //! | `paired` | both | the other device, newly paired or by its pinned key |
+//! | `unrepresentable` | receiver | entries DEST's file system cannot hold (symlinks on exFAT), named before anything is written; left out |
 //! | `resumed`, `progress` (`phase: "receiving"`) | receiver | what was already here; verified bytes and files, rate |
 //! | `progress` (`phase: "sending"`, [`Event::Sending`]) | sender | what it sent of the round, rate |
 //! | `stalled` | receiver | nothing from the sender for three keep-alives |
@@ -85,7 +86,7 @@
 //! | `Integrity` | 7 | data failed verification |
 //! | `Source` | 8 | the folder being sent cannot be read, or a file never held still |
 //! | `Protocol` | 9 | another protocol version, or a broken peer |
-//! | `Incomplete` | 10 | finished, but files that kept changing were left out |
+//! | `Incomplete` | 10 | finished and verified, but something named was left out: files that kept changing (sender, [`SendSummary::completeness`]), or entries the destination cannot hold, symlinks on exFAT (receiver, [`ReceiveSummary::completeness`]) |
 //!
 //! # The connection
 //!

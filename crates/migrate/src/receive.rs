@@ -178,6 +178,11 @@ pub struct ReceiveSummary {
     pub interruptions: u32,
     /// The sender's name.
     pub sender: String,
+    /// Every entry of the history is here (`false`: some are `unrepresentable`).
+    pub complete: bool,
+    /// Entries the destination's file system cannot hold (symlinks on exFAT or FAT): named
+    /// before anything was written, left out by design, listed with the receipt.
+    pub unrepresentable: Vec<String>,
 }
 
 /// Refuses a non-empty destination that is not ferry's, unless `yes`.
@@ -406,6 +411,7 @@ async fn complete_without_sender(
     if !report.mismatched.is_empty() {
         return None;
     }
+    let unrepresentable = report.omitted;
     em.emit(Event::AlreadyComplete {
         reason: failed.message().to_string(),
     })
@@ -427,6 +433,8 @@ async fn complete_without_sender(
         resumed_bytes: 0,
         interruptions: 0,
         sender: String::new(),
+        complete: unrepresentable.is_empty(),
+        unrepresentable,
     };
     em.emit(Event::Received(s.clone())).await;
     Some(s)
@@ -532,6 +540,12 @@ impl Receiving<'_> {
                     root: m.root,
                     scan: None,
                 }));
+            }
+            RecvEvent::Unrepresentable { paths, reason } => {
+                em.emit_now(Event::Unrepresentable {
+                    paths: paths.clone(),
+                    reason: (*reason).to_string(),
+                });
             }
             RecvEvent::Resumed {
                 bytes_have,
@@ -798,6 +812,8 @@ impl Receiving<'_> {
             (Some(f), Ok(last)) => f.diff(&last, 0),
             _ => Default::default(),
         };
+        // What finalize left out, as listed with the receipt it wrote.
+        let unrepresentable = ferry_sync::store::read_omitted(&self.o.dest).unwrap_or_default();
         let s = ReceiveSummary {
             totals: Totals {
                 root,
@@ -815,6 +831,8 @@ impl Receiving<'_> {
             resumed_bytes: self.resumed,
             interruptions: self.interruptions,
             sender: self.sender.name.clone(),
+            complete: unrepresentable.is_empty(),
+            unrepresentable,
         };
         self.em.emit(Event::Received(s.clone())).await;
         s
@@ -828,6 +846,25 @@ async fn sender_confirmed(conn: &PeerConnection) -> bool {
             c.error_code == VarInt::from_u32(close::COMPLETE)
         }
         _ => false,
+    }
+}
+
+impl ReceiveSummary {
+    /// `Err(Error::Incomplete)` when entries the destination cannot hold (symlinks on exFAT)
+    /// were left out: everything else is here and verified.
+    pub fn completeness(&self) -> Result<(), Error> {
+        if self.unrepresentable.is_empty() {
+            return Ok(());
+        }
+        Err(Error::Incomplete {
+            message: format!(
+                "the migration finished and everything else is verified, but the destination's file system cannot hold symlinks (exFAT, FAT), so {} symlink(s) were not created: {}; receive onto a drive formatted with a file system that has symlinks to keep them",
+                self.unrepresentable.len(),
+                crate::text::escape_list(&self.unrepresentable, 10)
+            ),
+            unstable: Vec::new(),
+            unrepresentable: self.unrepresentable.clone(),
+        })
     }
 }
 

@@ -1070,6 +1070,7 @@ impl SendSummary {
                 shown.join(", ")
             ),
             unstable: self.unstable.clone(),
+            unrepresentable: Vec::new(),
         })
     }
 }

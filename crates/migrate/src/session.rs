@@ -189,6 +189,9 @@ pub(crate) async fn receive_round(
     // differ only in case: such a manifest is refused before anything is written.
     cfg.limits.case_insensitive = store.folds_case();
     cfg.limits.normalization_insensitive = store.normalizes();
+    // A destination without symlinks (exFAT): they are named before anything is written and
+    // left out; the rest is migrated (see `Event::Unrepresentable`).
+    cfg.symlinks = store.holds_symlinks();
     let r = run_receiver(Receiver::new(cfg), store, ctl_recv, ctl_send, rx, on_event).await;
     acceptor.abort();
     r

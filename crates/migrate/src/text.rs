@@ -46,6 +46,15 @@ pub fn escape_lines(s: &str) -> Cow<'_, str> {
     escape_where(s, |c| c != '\n' && is_unsafe(c))
 }
 
+/// The first `most` of `paths`, each escaped, joined by ", ", with "and N more" after them.
+pub fn escape_list(paths: &[String], most: usize) -> String {
+    let shown: Vec<_> = paths.iter().take(most).map(|p| escape(p)).collect();
+    match paths.len() {
+        n if n > most => format!("{} and {} more", shown.join(", "), n - most),
+        _ => shown.join(", "),
+    }
+}
+
 /// "1.5 GiB"-style sizes.
 pub fn human_bytes(n: u64) -> String {
     let units = ["B", "KiB", "MiB", "GiB", "TiB"];

@@ -307,6 +307,8 @@ pub struct FsStore {
     /// DEST's file system treats names that differ only in case as the same name.
     folds_case: bool,
     normalizes: bool,
+    /// DEST's file system can hold symlinks (not exFAT, FAT, nor Windows without the privilege).
+    symlinks: bool,
     _lock: File,
     prepared: Mutex<Option<Arc<Prepared>>>,
     open: Mutex<Open>,
@@ -366,6 +368,7 @@ impl FsStore {
         }
         let folds_case = ctx(&state, probe_case_folding(&state))?;
         let normalizes = ctx(&state, probe_normalization(&state))?;
+        let symlinks = ctx(&state, probe_symlinks(&state))?;
         Ok(FsStore {
             dest: dest.to_path_buf(),
             dest_dir,
@@ -374,6 +377,7 @@ impl FsStore {
             umask: private::umask(),
             folds_case,
             normalizes,
+            symlinks,
             _lock: lock_file,
             prepared: Mutex::new(None),
             open: Mutex::new(Open::default()),
@@ -392,6 +396,13 @@ impl FsStore {
     /// one file would silently replace the other.
     pub fn folds_case(&self) -> bool {
         self.folds_case
+    }
+
+    /// Whether DEST's file system can hold symlinks. When it cannot (exFAT, FAT), finalize
+    /// leaves the manifest's symlinks out, the receipt lists them
+    /// ([`read_omitted`]) and everything else is placed and verified as usual.
+    pub fn holds_symlinks(&self) -> bool {
+        self.symlinks
     }
 
     /// Whether DEST's file system finds a name under another Unicode normalisation of it (APFS,
@@ -525,6 +536,7 @@ impl FsStore {
             let prev = self.state.join("receipt.prev");
             ctx(&prev, fs::rename(&p, &prev))?;
             let _ = fs::remove_file(self.state.join("receipt.json"));
+            let _ = fs::remove_file(self.state.join(OMITTED));
             ctx(&self.state, sync_dir(&self.state))?;
         }
         Ok(())
@@ -1111,6 +1123,9 @@ impl FsStore {
                     self.place_file(e, &staging_dir, dir, name, stamped[i])?;
                     true
                 }
+                // Named before anything was written (the receiver's `Unrepresentable`) and
+                // listed with the receipt: left out, not an error.
+                EntryKind::Symlink { .. } if !self.symlinks => false,
                 EntryKind::Symlink { target } => {
                     self.place_symlink(e, target, dir, name)?;
                     true
@@ -1375,10 +1390,66 @@ impl FsStore {
             s.bytes,
             SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs()
         );
+        self.write_omitted(m)?;
         let jp = self.state.join("receipt.json");
         ctx(&jp, private::write(&jp, json.as_bytes()))?;
         ctx(&self.state, sync_dir(&self.state))
     }
+}
+
+impl FsStore {
+    /// Lists beside the receipt (`receipt.omitted`, paths separated by NUL) the entries of `m`
+    /// that DEST cannot hold and finalize left out: [`verify_dest`] reports them as omitted
+    /// by design, not as missing. Without any, an older list goes.
+    fn write_omitted(&self, m: &Manifest) -> Result<(), StoreError> {
+        let path = self.state.join(OMITTED);
+        let omitted = omitted_entries(m, self.symlinks);
+        if omitted.is_empty() {
+            return match fs::remove_file(&path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(StoreError::io(&path, e)),
+                _ => Ok(()),
+            };
+        }
+        let mut data = Vec::new();
+        for p in &omitted {
+            data.extend_from_slice(p.as_bytes());
+            data.push(0);
+        }
+        ctx(&path, private::write(&path, &data))
+    }
+}
+
+/// The file beside the receipt that lists the entries left out (see [`read_omitted`]).
+const OMITTED: &str = "receipt.omitted";
+
+/// The paths of `m`'s entries that a destination without symlinks (`symlinks` false) cannot
+/// hold: its symlinks. (Modes are not such an entry: where DEST has none, as on exFAT, the
+/// files arrive with DEST's own, which is not an error.)
+pub fn omitted_entries(m: &Manifest, symlinks: bool) -> Vec<String> {
+    if symlinks {
+        return Vec::new();
+    }
+    m.entries()
+        .iter()
+        .filter(|e| matches!(e.kind, EntryKind::Symlink { .. }))
+        .map(|e| e.path.clone())
+        .collect()
+}
+
+/// The entries of the receipt of `dest` that its file system could not hold and that were
+/// left out by design (empty when none, or no list).
+pub fn read_omitted(dest: &Path) -> Result<Vec<String>, StoreError> {
+    let path = dest.join(STATE_DIR).join(OMITTED);
+    let data = match fs::read(&path) {
+        Ok(d) => d,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(StoreError::io(&path, e)),
+    };
+    Ok(data
+        .split(|&b| b == 0)
+        .filter(|p| !p.is_empty())
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .collect())
 }
 
 fn read_journal(path: &Path) -> Result<HashMap<([u8; 16], u64), Record>, StoreError> {
@@ -1468,6 +1539,33 @@ fn probe_case_folding(dir: &Path) -> io::Result<bool> {
 /// a probe named with a precomposed `é` (NFC) is looked up with `e` + U+0301 (NFD).
 fn probe_normalization(dir: &Path) -> io::Result<bool> {
     probe_same_name(dir, "norm-probe-\u{e9}", "norm-probe-e\u{301}")
+}
+
+/// Whether the file system holding `dir` can hold symlinks: one is created under a probe name
+/// and removed.
+fn probe_symlinks(dir: &Path) -> io::Result<bool> {
+    let probe = dir.join("link-probe");
+    match fs::remove_file(&probe) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let made = rustix::fs::symlink("case-probe", &probe);
+    let holds = symlinks_held(made)?;
+    if holds {
+        fs::remove_file(&probe)?;
+    }
+    Ok(holds)
+}
+
+/// The probe's decision from `symlink`'s answer: not implemented (exfat-fuse: ENOSYS), not
+/// permitted (FAT, Windows without the privilege: EPERM) or not supported mean no symlinks;
+/// any other error is a problem with DEST.
+fn symlinks_held(made: rustix::io::Result<()>) -> io::Result<bool> {
+    match made {
+        Ok(()) => Ok(true),
+        Err(Errno::NOSYS | Errno::PERM | Errno::OPNOTSUPP) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Creates `dir/created` (neither name present first) and says whether `dir/other` then exists.
@@ -1645,11 +1743,16 @@ pub struct VerifyReport {
     pub bytes: u64,
     /// Paths that do not match the receipt (missing, wrong size, wrong content, wrong kind).
     pub mismatched: Vec<String>,
+    /// Entries of the receipt that DEST's file system cannot hold (symlinks on exFAT): left
+    /// out by design when the migration ran, absent now, not counted as mismatched.
+    pub omitted: Vec<String>,
 }
 
 /// Re-hashes everything in `dest` against its receipt.
 pub fn verify_dest(dest: &Path) -> Result<VerifyReport, StoreError> {
     let m = read_receipt(dest)?;
+    let omitted_by_design: HashSet<String> = read_omitted(dest)?.into_iter().collect();
+    let mut omitted = Vec::new();
     let bad = verify_files(&m, |i| dest.join(&m.entries()[i].path));
     let mut mismatched: Vec<String> = bad
         .iter()
@@ -1669,6 +1772,10 @@ pub fn verify_dest(dest: &Path) -> Result<VerifyReport, StoreError> {
                 md.file_type().is_symlink()
                     && fs::read_link(&p).ok().as_deref() == Some(Path::new(target))
             }
+            (EntryKind::Symlink { .. }, Err(_)) if omitted_by_design.contains(&e.path) => {
+                omitted.push(e.path.clone());
+                true
+            }
             (_, Err(_)) => false,
         };
         if !ok {
@@ -1683,6 +1790,7 @@ pub fn verify_dest(dest: &Path) -> Result<VerifyReport, StoreError> {
         files: s.files,
         bytes: s.bytes,
         mismatched,
+        omitted,
     })
 }
 
@@ -1721,6 +1829,7 @@ mod tests {
             !store.normalizes(),
             "ext4 and tmpfs keep both spellings of é apart"
         );
+        assert!(store.holds_symlinks(), "ext4 and tmpfs hold symlinks");
         let names: Vec<_> = fs::read_dir(dest.join(STATE_DIR))
             .unwrap()
             .map(|e| e.unwrap().file_name())
@@ -1735,6 +1844,42 @@ mod tests {
         drop(FsStore::open(&mine).unwrap());
         assert_eq!(mode(&mine), 0o750);
         assert_eq!(mode(&mine.join(STATE_DIR)), 0o700);
+    }
+
+    /// The symlink probe's decision: exfat-fuse's ENOSYS, FAT's EPERM and EOPNOTSUPP mean a
+    /// destination without symlinks (they are left out and named); anything else is a
+    /// destination problem, not a reason to drop them.
+    #[test]
+    fn the_symlink_probe_tells_no_symlinks_from_a_problem() {
+        assert!(symlinks_held(Ok(())).unwrap());
+        for e in [Errno::NOSYS, Errno::PERM, Errno::OPNOTSUPP] {
+            assert!(!symlinks_held(Err(e)).unwrap(), "{e:?}");
+        }
+        for e in [Errno::ACCESS, Errno::NOSPC, Errno::ROFS, Errno::IO] {
+            let err = symlinks_held(Err(e)).unwrap_err();
+            assert_eq!(err.raw_os_error(), Some(e.raw_os_error()));
+        }
+        // Without symlinks, a manifest's symlinks are what is left out, and only they.
+        let entry = |path: &str, kind: EntryKind| crate::manifest::WireEntry {
+            path: path.into(),
+            kind,
+            size: 0,
+            mode: 0o755,
+            mtime: Default::default(),
+            hashes: Vec::new(),
+        };
+        let m = Manifest::from_wire_entries(vec![
+            entry("media", EntryKind::Dir),
+            entry(
+                "media/latest.jpg",
+                EntryKind::Symlink {
+                    target: "a.jpg".into(),
+                },
+            ),
+        ])
+        .unwrap();
+        assert_eq!(omitted_entries(&m, false), vec!["media/latest.jpg"]);
+        assert!(omitted_entries(&m, true).is_empty());
     }
 
     #[test]

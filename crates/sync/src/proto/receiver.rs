@@ -38,6 +38,10 @@ pub struct ReceiverConfig {
     /// The same limit applies to the hello and the manifest: a sender that goes silent before
     /// the manifest is complete cannot hold the receiver forever.
     pub stall_timeout: Duration,
+    /// The destination can hold symlinks ([`crate::store::FsStore::holds_symlinks`]). When it
+    /// cannot, the manifest's symlinks are named ([`RecvEvent::Unrepresentable`]) before
+    /// anything is written, and the store leaves them out.
+    pub symlinks: bool,
 }
 
 impl Default for ReceiverConfig {
@@ -50,6 +54,7 @@ impl Default for ReceiverConfig {
             max_pending_bytes: 64 << 20,
             max_rejects_per_chunk: 3,
             stall_timeout: Duration::from_secs(60),
+            symlinks: true,
         }
     }
 }
@@ -121,6 +126,13 @@ pub enum RecvIoDone {
 pub enum RecvEvent {
     /// The manifest arrived and was validated.
     Manifest(ManifestSummary),
+    /// Entries of the manifest that the destination cannot hold (`paths`, its symlinks when
+    /// [`ReceiverConfig::symlinks`] is false): named before anything is written; the rest is
+    /// migrated and verified, these are left out.
+    Unrepresentable {
+        paths: Vec<String>,
+        reason: &'static str,
+    },
     /// Part of the history was already here (earlier run, or local copies).
     Resumed {
         bytes_have: u64,
@@ -479,6 +491,13 @@ impl Receiver {
                 self.wanted = BitSet::new(uniques);
                 self.durable = BitSet::new(m.slot_count() as usize);
                 self.events.push_back(RecvEvent::Manifest(summary));
+                let paths = crate::store::omitted_entries(&m, self.cfg.symlinks);
+                if !paths.is_empty() {
+                    self.events.push_back(RecvEvent::Unrepresentable {
+                        paths,
+                        reason: "the destination's file system cannot hold symlinks",
+                    });
+                }
                 self.io.push_back(RecvIo::Prepare {
                     manifest: Arc::clone(&m),
                 });
