@@ -144,11 +144,7 @@ fn rate_after_a_resume_counts_only_what_crosses() {
     s.expect_exit(0, LONG);
     assert_histories_equal(src, &dest).unwrap();
 
-    let rates: Vec<u64> = r
-        .seen_named("progress")
-        .iter()
-        .filter_map(|e| e["rate_bps"].as_u64())
-        .collect();
+    let rates = rates(&r);
     assert!(!rates.is_empty(), "no rate after the resume:\n{:?}", r.seen);
     // At the cap, half the history takes about 3 s; the bytes already here (half of it) would
     // have shown as a rate many times the cap.
@@ -189,13 +185,17 @@ fn receiver_says_stalled_while_the_sender_is_frozen_and_completes_after() {
     s.wait_event("done", LONG);
     s.expect_exit(0, LONG);
     assert_histories_equal(src, &dest).unwrap();
-    let rates: Vec<u64> = r
-        .seen_named("progress")
-        .iter()
-        .filter_map(|e| e["rate_bps"].as_u64())
-        .collect();
+    let rates = rates(&r);
     assert!(
         rates.iter().all(|&b| b <= 2 * CAP),
         "a rate above twice the cap: {rates:?}"
     );
+}
+
+/// The `rate_bps` of every progress event `r` printed that has one.
+fn rates(r: &Ferry) -> Vec<u64> {
+    r.seen_named("progress")
+        .iter()
+        .filter_map(|e| e["rate_bps"].as_u64())
+        .collect()
 }

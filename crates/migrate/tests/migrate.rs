@@ -156,6 +156,27 @@ async fn follow(events: &mut Events, mut on: impl FnMut(&Event)) -> Vec<Event> {
     all
 }
 
+/// Follows `events` to the end; at the first progress event past `percent` runs `act` once.
+/// Returns that event's `bytes_done` and every event.
+async fn once_past(
+    events: &mut Events,
+    percent: u64,
+    act: impl FnOnce(),
+) -> (Option<u64>, Vec<Event>) {
+    let mut act = Some(act);
+    let mut at = None;
+    let seen = follow(events, |ev| {
+        if let (Event::Progress { bytes_done, .. }, true) = (ev, past(ev, percent)) {
+            if let Some(act) = act.take() {
+                at = Some(*bytes_done);
+                act();
+            }
+        }
+    })
+    .await;
+    (at, seen)
+}
+
 /// Whether `ev` is a progress event past `percent` of the history (and not its end).
 fn past(ev: &Event, percent: u64) -> bool {
     matches!(ev, Event::Progress { bytes_done, bytes_total, .. }
@@ -201,16 +222,7 @@ async fn link_cut_mid_transfer_resumes() -> anyhow::Result<()> {
         let lab = Lab::new(8 * MIB, 11)?;
         let sender = Sender::start(lab.sender(0).limit_rate(SLOW)).await?;
         let (receiver, mut events) = lab.receiver().ticket(sender.ticket.clone()).start();
-        let mut cut_at = None;
-        let seen = follow(&mut events, |ev| {
-            if cut_at.is_none() && past(ev, 30) {
-                if let Event::Progress { bytes_done, .. } = ev {
-                    cut_at = Some(*bytes_done);
-                }
-                receiver.cut_link();
-            }
-        })
-        .await;
+        let (cut_at, seen) = once_past(&mut events, 30, || receiver.cut_link()).await;
         let got = receiver.wait().await?;
         let (sent, sent_events) = sender.finish().await?;
         let cut_at = cut_at.context("no progress event past 30 %")?;
@@ -494,16 +506,7 @@ async fn stopped_receiver_keeps_what_it_verified() -> anyhow::Result<()> {
         let lab = Lab::new(8 * MIB, 15)?;
         let sender = Sender::start(lab.sender(0).limit_rate(SLOW)).await?;
         let (first, mut events) = lab.receiver().ticket(sender.ticket.clone()).start();
-        let mut stopped_at = None;
-        let seen = follow(&mut events, |ev| {
-            if stopped_at.is_none() && past(ev, 30) {
-                if let Event::Progress { bytes_done, .. } = ev {
-                    stopped_at = Some(*bytes_done);
-                }
-                first.stop();
-            }
-        })
-        .await;
+        let (stopped_at, seen) = once_past(&mut events, 30, || first.stop()).await;
         let stopped_at = stopped_at.context("no progress event past 30 %")?;
         let err = match first.wait().await {
             Ok(s) => bail!("a receiver stopped at {stopped_at} bytes finished: {s:?}"),
