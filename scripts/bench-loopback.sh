@@ -21,6 +21,9 @@
 # Every round runs every tool once, in the same order, on the same data, into a fresh
 # destination, after an unmeasured warm-up round (page cache warm). Each result is one JSON line
 # in bench-results/<tag>-<time>.jsonl; a summary table (medians, min–max, ratios) follows.
+# ferry's own output of every run (both ends' --json events, stderr and /usr/bin/time figures)
+# is kept in target/bench-logs/<tag>-<time>/<round>-<tool>-{send,receive}.{json,err,time}, so an
+# outlier can be looked at afterwards.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -161,7 +164,9 @@ child_cpu() {
 }
 
 # ---- one measurement -----------------------------------------------------------------------
-RESULTS="$REPO/bench-results/$TAG-$(date -u +%Y%m%dT%H%M%SZ).jsonl"
+STAMP=$(date -u +%Y%m%dT%H%M%SZ)
+RESULTS="$REPO/bench-results/$TAG-$STAMP.jsonl"
+LOGS="$REPO/target/bench-logs/$TAG-$STAMP"
 PORT=40000
 now() { date +%s.%N; }
 sub() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", a - b }'; }
@@ -331,6 +336,12 @@ run_ferry() { # round [binary tool-name]
   t1=$(now)
   forget "$sp"
   forget "$rp"
+  mkdir -p "$LOGS"
+  for end in s r; do
+    for f in json err time; do
+      cp "$TMP/$end.$f" "$LOGS/$round-$tool-$([ $end = s ] && echo send || echo receive).$f"
+    done
+  done
   wire=$(grep '"done"' "$TMP/s.json" | python3 -c 'import json,sys; print(json.loads(sys.stdin.readline())["wire_bytes"])')
   record "$round" "$tool" "$(sub "$t1" "$t0")" "$(cpu_of "$TMP/s.time")" \
     "$(cpu_of "$TMP/r.time")" "$(rss_of "$TMP/s.time")" "$(rss_of "$TMP/r.time")" "$wire" "$(sync_secs)"
