@@ -152,6 +152,8 @@ pub enum RecvEvent {
     /// Verified and durable bytes so far (of `bytes_total` file bytes); `wire_bytes` counts
     /// chunk payload received in this session (after compression); `files_done` counts the
     /// manifest's files whose every chunk is durable here (empty files count from the start).
+    /// Sent once the manifest is complete (a streaming session's first one covers what arrived
+    /// before).
     Progress {
         bytes_done: u64,
         bytes_total: u64,
@@ -666,12 +668,7 @@ impl Receiver {
                 self.have.set(chunk, true);
                 let len = m.unique(chunk).map_or(0, |u| u64::from(u.len));
                 self.bytes_verified += len * slots.len() as u64;
-                self.events.push_back(RecvEvent::Progress {
-                    bytes_done: self.bytes_verified,
-                    bytes_total: m.summary().bytes,
-                    wire_bytes: self.wire_bytes,
-                    files_done: self.files_done,
-                });
+                self.progress(&m, self.bytes_verified);
                 self.uncommitted_bytes += len * slots.len() as u64;
                 self.uncommitted.extend(slots);
                 if self.uncommitted_since.is_none() {
@@ -721,12 +718,7 @@ impl Receiver {
                         }
                     }
                 }
-                self.events.push_back(RecvEvent::Progress {
-                    bytes_done: self.bytes_verified.max(self.bytes_done),
-                    bytes_total: m.summary().bytes,
-                    wire_bytes: self.wire_bytes,
-                    files_done: self.files_done,
-                });
+                self.progress(&m, self.bytes_verified.max(self.bytes_done));
                 let last = self.all_stored() && self.uncommitted.is_empty();
                 self.report_durable(last);
                 if !self.uncommitted.is_empty()
@@ -772,6 +764,20 @@ impl Receiver {
                 self.busy_bytes = 0;
             }
         }
+    }
+
+    /// A progress event — once the manifest is complete: while it streams in, its totals are
+    /// not known (the application hears of the bytes already here with the first one after).
+    fn progress(&mut self, m: &Manifest, bytes_done: u64) {
+        if matches!(self.state, State::Streaming { .. }) {
+            return;
+        }
+        self.events.push_back(RecvEvent::Progress {
+            bytes_done,
+            bytes_total: m.summary().bytes,
+            wire_bytes: self.wire_bytes,
+            files_done: self.files_done,
+        });
     }
 
     fn on_damaged(&mut self, m: &Manifest, slots: Vec<SlotId>) {
@@ -948,6 +954,8 @@ impl Receiver {
             self.send(&Message::WantEnd { chunks, bytes });
             self.events.push_back(RecvEvent::Wanted { chunks, bytes });
             self.state = State::Transferring(transfer);
+            // What arrived while the manifest streamed in.
+            self.progress(m, self.bytes_verified.max(self.bytes_done));
             self.report_durable(true);
             self.maybe_finalize(m);
         } else if let State::Streaming { transfer: t, .. } = &mut self.state {
@@ -1236,6 +1244,15 @@ impl Receiver {
     /// The next I/O to perform.
     #[must_use]
     pub fn poll_io(&mut self) -> Option<RecvIo> {
+        // Stores wait for a prepare (a streaming prefix) to finish.
+        let held = self.exclusive_io
+            && matches!(
+                self.io.front(),
+                Some(RecvIo::Store { .. } | RecvIo::Copy { .. })
+            );
+        if held {
+            return None;
+        }
         if let Some(io) = self.io.pop_front() {
             return Some(io);
         }
