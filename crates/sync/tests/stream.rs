@@ -397,3 +397,135 @@ fn a_session_cut_mid_stream_resumes_from_what_was_committed() {
     let unique = q.s.manifest().unwrap().summary().unique_chunks;
     assert_eq!(second + first as u64, unique, "each chunk crossed once");
 }
+
+#[test]
+fn a_streaming_scan_feeds_exactly_its_manifest_in_path_order() {
+    use ferry_sync::scan::{scan_streaming, HashCache};
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    make_history(&src);
+    let mut cache = HashCache::default();
+    // Cold (everything hashed), then warm (everything from the cache).
+    for round in 0..2 {
+        let mut fed: Vec<WireEntry> = Vec::new();
+        let mut batches = 0;
+        let out = scan_streaming(&src, Some(&mut cache), &ScanConfig::default(), &mut |b| {
+            assert!(!b.is_empty());
+            batches += 1;
+            fed.extend(b);
+        })
+        .unwrap();
+        let m = &out.manifest;
+        let want: Vec<_> = (0..m.entries().len())
+            .map(|i| m.wire_entry(i).unwrap())
+            .collect();
+        assert_eq!(fed, want, "round {round}");
+        assert!(batches >= 1);
+        assert_eq!(out.cached_files > 0, round == 1);
+    }
+}
+
+/// The whole stack over in-memory streams: a streaming scan feeds a streaming sender, a fresh
+/// store receives. The scan of the last file (in path order) waits until the sender handed out
+/// its first chunk: data flows before the scan has ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunks_flow_while_the_scan_still_hashes() {
+    use ferry_sync::driver::{
+        run_receiver, run_sender_round_streaming, Copying, Feed, RecvEnd, SendEnd, SenderIo,
+        Verdict,
+    };
+    use ferry_sync::scan::{scan_streaming, ReadHook};
+    use std::sync::Mutex;
+    use std::time::Duration;
+    use tokio::sync::mpsc;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dest) = (dir.path().join("src"), dir.path().join("dest"));
+    make_history(&src);
+    let (sent_tx, sent_rx) = std::sync::mpsc::sync_channel::<()>(1);
+    let sent_rx = Arc::new(Mutex::new(sent_rx));
+    let waited = Arc::new(Mutex::new(None));
+    let cfg = {
+        let (sent_rx, waited) = (Arc::clone(&sent_rx), Arc::clone(&waited));
+        ScanConfig {
+            after_read: Some(ReadHook::new(move |path, _| {
+                if path == "z/empty" {
+                    let r = sent_rx
+                        .lock()
+                        .unwrap()
+                        .recv_timeout(Duration::from_secs(60));
+                    *waited.lock().unwrap() = Some(r.is_ok());
+                }
+            })),
+            ..ScanConfig::default()
+        }
+    };
+    let (feed_tx, feed_rx) = mpsc::channel::<Feed>(4);
+    let scan_src = src.clone();
+    let scanning = tokio::task::spawn_blocking(move || {
+        let out = scan_streaming(&scan_src, None, &cfg, &mut |b| {
+            let _ = feed_tx.blocking_send(Feed::Entries(b));
+        });
+        let _ = feed_tx.blocking_send(Feed::End);
+        out.unwrap().manifest.root()
+    });
+
+    let (c_s, c_r) = tokio::io::duplex(1 << 20);
+    let (s_read, s_write) = tokio::io::split(c_s);
+    let (r_read, r_write) = tokio::io::split(c_r);
+    let (lane_tx, lane_rx) = mpsc::channel(2);
+    let mut data = Vec::new();
+    for _ in 0..2 {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        data.push(Copying(a));
+        lane_tx.send(b).await.unwrap();
+    }
+    drop(lane_tx);
+    let empty = Arc::new(Manifest::from_wire_entries(vec![]).unwrap());
+    let io = SenderIo {
+        source: Arc::new(Source::new(&src, empty, CompressPolicy::default())),
+        control_read: s_read,
+        control_write: s_write,
+        data,
+    };
+    let sender = Sender::streaming(SenderConfig::default());
+    let send = tokio::spawn(async move {
+        let mut first = Some(sent_tx);
+        run_sender_round_streaming(
+            sender,
+            io,
+            feed_rx,
+            move |e| {
+                if matches!(e, SendEvent::Sent { .. }) {
+                    if let Some(tx) = first.take() {
+                        let _ = tx.send(());
+                    }
+                }
+            },
+            || async { Verdict::<()>::Final },
+        )
+        .await
+        .0
+    });
+    let store = Arc::new(FsStore::open(&dest).unwrap());
+    let cfg = ReceiverConfig {
+        stream: FsStore::is_fresh(&dest),
+        ..ReceiverConfig::default()
+    };
+    assert!(cfg.stream);
+    let end = run_receiver(Receiver::new(cfg), store, r_read, r_write, lane_rx, |_| {})
+        .await
+        .unwrap();
+    assert!(matches!(send.await.unwrap().unwrap(), SendEnd::Final));
+    let root = scanning.await.unwrap();
+    let RecvEnd::Final(summary) = end else {
+        panic!("{end:?}")
+    };
+    assert_eq!(summary.root, root);
+    assert_eq!(
+        *waited.lock().unwrap(),
+        Some(true),
+        "the first chunk went out before the scan's last file was hashed"
+    );
+    ferry_testkit::assert_trees_equal(&src, &dest).unwrap();
+}
