@@ -529,3 +529,55 @@ async fn chunks_flow_while_the_scan_still_hashes() {
     );
     ferry_testkit::assert_trees_equal(&src, &dest).unwrap();
 }
+
+#[test]
+fn a_silent_streaming_sender_times_out_only_after_ten_stall_timeouts() {
+    use ferry_sync::manifest::{EntryKind, Mtime};
+    use ferry_sync::proto::frame::Role;
+    use ferry_sync::proto::CloseCode;
+    use std::time::{Duration, Instant};
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = FsStore::open(&dir.path().join("dest")).unwrap();
+    let mut r = Receiver::new(ReceiverConfig {
+        stream: true,
+        stall_timeout: Duration::from_secs(1),
+        ..ReceiverConfig::default()
+    });
+    let t0 = Instant::now();
+    r.handle_timeout(t0);
+    r.handle_frame(Frame::Hello(Hello {
+        version: 4,
+        role: Role::Sender,
+    }));
+    r.handle_frame(Frame::Message(Message::Manifest(vec![WireEntry {
+        path: "a".into(),
+        kind: EntryKind::Dir,
+        size: 0,
+        mode: 0o755,
+        mtime: Mtime::default(),
+        hashes: vec![],
+    }])));
+    while let Some(io) = r.poll_io() {
+        r.handle_io_done(store.execute(io));
+    }
+    let failed = |r: &mut Receiver| {
+        std::iter::from_fn(|| r.poll_event()).find_map(|e| match e {
+            RecvEvent::Failed(e) => Some(e),
+            _ => None,
+        })
+    };
+    // Nothing wanted: the sender may be hashing a large file. Nine stall timeouts pass.
+    r.handle_timeout(t0 + Duration::from_secs(9));
+    assert_eq!(failed(&mut r), None);
+    let deadline = r.poll_timeout().unwrap();
+    assert!(deadline >= t0 + Duration::from_secs(10), "{deadline:?}");
+    r.handle_timeout(t0 + Duration::from_secs(11));
+    match failed(&mut r) {
+        Some(SessionError::PeerClosed { code, reason }) => {
+            assert_eq!(code, Some(CloseCode::Timeout));
+            assert!(reason.contains("for 10 s"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+}

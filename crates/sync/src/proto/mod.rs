@@ -76,9 +76,8 @@
 //! not yet announced. So does a receiver facing a sender of version 3 or older. The sender's
 //! order is the path order of its scan; within each prefix the receiver fetches databases
 //! first, then small files (`--essentials-first` still serves its early subset as a round of
-//! its own). While nothing is wanted a streaming receiver does not time out waiting for
-//! entries (a sender may hash one large file for minutes); the connection's idle timeout
-//! still catches a dead peer.
+//! its own). While nothing is wanted a streaming receiver waits ten stall timeouts (not one)
+//! for the next entries: a sender may hash one large file for minutes.
 //!
 //! # Rounds cut short
 //! When a source file changes under a read (a re-read chunk no longer matches the manifest, or

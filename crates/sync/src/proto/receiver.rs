@@ -18,6 +18,10 @@ use crate::Manifest;
 /// reported at once).
 const REPORT_EVERY: Duration = Duration::from_millis(250);
 
+/// While nothing is wanted, a streaming receiver waits this many stall timeouts for the
+/// sender's next entries (it may be hashing one large file) before it ends the session.
+const STREAM_SILENCE_FACTOR: u32 = 10;
+
 /// Tuning for the receiver.
 #[derive(Clone, Debug)]
 pub struct ReceiverConfig {
@@ -1166,11 +1170,12 @@ impl Receiver {
             match *last_frame_at {
                 None => *last_frame_at = Some(now),
                 Some(t) if now >= t + self.cfg.stall_timeout => {
-                    self.stalled(if matches!(self.state, State::AwaitHello { .. }) {
+                    let what = if matches!(self.state, State::AwaitHello { .. }) {
                         "no hello"
                     } else {
                         "no manifest data"
-                    });
+                    };
+                    self.stalled(what, self.cfg.stall_timeout);
                 }
                 Some(_) => {}
             }
@@ -1180,20 +1185,29 @@ impl Receiver {
         {
             match tr.last_chunk_at {
                 None => tr.last_chunk_at = Some(now),
-                Some(t) if now >= t + self.cfg.stall_timeout => self.stalled("no data"),
+                Some(t) if now >= t + self.cfg.stall_timeout => {
+                    self.stalled("no data", self.cfg.stall_timeout);
+                }
+                Some(_) => {}
+            }
+        }
+        // A streaming sender may hash one large file for minutes before its next entry; only
+        // a far longer silence ends the session.
+        if let (State::Streaming { last_frame_at, .. }, 0) = (&mut self.state, self.wanted_left) {
+            let limit = self.cfg.stall_timeout * STREAM_SILENCE_FACTOR;
+            match *last_frame_at {
+                None => *last_frame_at = Some(now),
+                Some(t) if now >= t + limit => self.stalled("no manifest data", limit),
                 Some(_) => {}
             }
         }
     }
 
-    fn stalled(&mut self, what: &str) {
+    fn stalled(&mut self, what: &str, after: Duration) {
         self.events
             .push_back(RecvEvent::Failed(SessionError::PeerClosed {
                 code: Some(CloseCode::Timeout),
-                reason: format!(
-                    "{what} from the sender for {} s",
-                    self.cfg.stall_timeout.as_secs()
-                ),
+                reason: format!("{what} from the sender for {} s", after.as_secs()),
             }));
         self.control.push_back(close_frame(
             CloseCode::Timeout,
@@ -1221,6 +1235,9 @@ impl Receiver {
             }
             State::AwaitHello { last_frame_at } | State::Manifest { last_frame_at, .. } => {
                 last_frame_at.map(|t| t + self.cfg.stall_timeout)
+            }
+            State::Streaming { last_frame_at, .. } => {
+                last_frame_at.map(|t| t + self.cfg.stall_timeout * STREAM_SILENCE_FACTOR)
             }
             _ => None,
         };
