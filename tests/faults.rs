@@ -29,14 +29,6 @@ fn skip_unless_root(what: &str) -> bool {
     true
 }
 
-fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + LONG;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(1));
-    }
-}
-
 /// Bytes the file system has allocated for the files directly in `dir`.
 fn allocated(dir: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
@@ -133,10 +125,11 @@ fn no_space_mid_chunk_stops_with_exit_6_then_resumes() {
     let (old, new) = (Device::new("old"), Device::new("new"));
     let (mut s, addr, code) = start_sender_with(&old, src, "127.0.0.1:0", PACED);
     let mut r = new.receive(&dest, &addr, Some(&code), &[]);
-    // The journal is compacted right after the free-space check passed: from then on the
-    // receiver streams. Stop it there and fill the disk up to 40 MiB of free space, so that
-    // ENOSPC comes in the middle of the data (after two 16 MiB group commits).
-    wait_for("the journal", || dest.join(STATE).join("journal").exists());
+    // The first progress event comes once the store is prepared for the whole manifest (the
+    // free-space check passed; chunks may have flowed while the manifest streamed in). Stop
+    // the receiver there and fill the disk up to 40 MiB of free space, so that ENOSPC comes in
+    // the middle of the data (after two 16 MiB group commits).
+    r.wait_event("progress", LONG);
     signal(r.pid(), "STOP");
     let free = free_bytes(&fs.0).unwrap();
     let ball = fs.0.join("balloon");
@@ -216,8 +209,9 @@ fn no_space_mid_finalize_leaves_final_paths_whole_then_resumes_without_resending
     let mut r = new.receive(&dest, &addr, Some(&code), &[]);
     // Finalize renames (no space), creates directories (no blocks on tmpfs) and writes the
     // receipt: that is where it needs space. Leave exactly room for the staged data and the
-    // journal, plus 64 KiB: the receipt (well over 64 KiB here) cannot be written.
-    wait_for("the journal", || dest.join(STATE).join("journal").exists());
+    // journal, plus 64 KiB: the receipt (well over 64 KiB here) cannot be written. The first
+    // progress event comes once the store is prepared for the whole manifest.
+    r.wait_event("progress", LONG);
     signal(r.pid(), "STOP");
     let staged = allocated(&dest.join(STATE).join("staging"));
     let journal_max = (8 + 68 * files).div_ceil(4096) * 4096;

@@ -247,6 +247,8 @@ fn receiver_config(dest: &Path) -> ReceiverConfig {
             sp.available.saturating_add(sp.used)
         }
     });
+    // Nothing of any history here: chunks may flow while the manifest streams in.
+    cfg.stream = FsStore::is_fresh(dest);
     cfg
 }
 

@@ -381,11 +381,93 @@ where
 /// called and awaited (it may rescan, or wait for the next change): its verdict is sent, ending
 /// the session. While it runs, a receiver that goes away ends the session as a lost link.
 pub async fn run_sender_round<CR, CW, DW, T, F, Fut>(
-    mut sender: Sender,
+    sender: Sender,
     source: Arc<Source>,
     control_read: CR,
-    mut control_write: CW,
+    control_write: CW,
     data: Vec<DW>,
+    on_event: impl FnMut(&SendEvent),
+    decide: F,
+) -> (Result<SendEnd<T>, DriveError>, SendStats)
+where
+    CR: AsyncRead + Unpin + Send + 'static,
+    CW: AsyncWrite + Unpin + Send + 'static,
+    DW: DataSink,
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Verdict<T>>,
+{
+    let io = SenderIo {
+        source,
+        control_read,
+        control_write,
+        data,
+    };
+    run_sender_session(sender, io, None, on_event, decide).await
+}
+
+/// The manifest of a streaming sender ([`Sender::streaming`]), as the application's scan
+/// produces it: entries in path order, then the end.
+#[derive(Debug)]
+pub enum Feed {
+    Entries(Vec<crate::manifest::WireEntry>),
+    End,
+}
+
+/// Like [`run_sender_round`] for a streaming sender: `feed` brings the manifest while the
+/// session runs (a bounded channel: the scan waits while the session is behind). A feed that
+/// closes without [`Feed::End`] fails the session (the scan failed).
+pub async fn run_sender_round_streaming<CR, CW, DW, T, F, Fut>(
+    sender: Sender,
+    io: SenderIo<CR, CW, DW>,
+    feed: mpsc::Receiver<Feed>,
+    on_event: impl FnMut(&SendEvent),
+    decide: F,
+) -> (Result<SendEnd<T>, DriveError>, SendStats)
+where
+    CR: AsyncRead + Unpin + Send + 'static,
+    CW: AsyncWrite + Unpin + Send + 'static,
+    DW: DataSink,
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Verdict<T>>,
+{
+    run_sender_session(sender, io, Some(feed), on_event, decide).await
+}
+
+/// What a sender session reads from and writes to.
+pub struct SenderIo<CR, CW, DW> {
+    pub source: Arc<Source>,
+    pub control_read: CR,
+    pub control_write: CW,
+    pub data: Vec<DW>,
+}
+
+/// Hands one item of a streaming sender's feed to the machine; `false` once the feed is over.
+fn feed_input(sender: &mut Sender, item: Option<Feed>) -> bool {
+    match item {
+        Some(Feed::Entries(entries)) => {
+            // A refused entry fails the session (the machine reports it).
+            let _ = sender.push_entries(entries);
+            true
+        }
+        Some(Feed::End) => {
+            sender.end_manifest();
+            false
+        }
+        None => {
+            if !sender.manifest_complete() && !sender.is_closed() {
+                sender.abort(SessionError::Source(
+                    "the scan ended before the manifest was complete".into(),
+                ));
+            }
+            false
+        }
+    }
+}
+
+async fn run_sender_session<CR, CW, DW, T, F, Fut>(
+    mut sender: Sender,
+    io: SenderIo<CR, CW, DW>,
+    mut feed: Option<mpsc::Receiver<Feed>>,
     mut on_event: impl FnMut(&SendEvent),
     decide: F,
 ) -> (Result<SendEnd<T>, DriveError>, SendStats)
@@ -396,6 +478,12 @@ where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = Verdict<T>>,
 {
+    let SenderIo {
+        source,
+        control_read,
+        mut control_write,
+        data,
+    } = io;
     let mut decide = Some(decide);
     let (in_tx, mut in_rx) = mpsc::channel::<Input>(16);
     spawn_reader(
@@ -472,6 +560,11 @@ where
                 result.get_or_insert(Err(DriveError::LinkLost(e)));
                 break;
             }
+            item = recv_feed(&mut feed) => {
+                if !feed_input(&mut sender, item) {
+                    feed = None;
+                }
+            }
         }
     }
     let stats = SendStats {
@@ -481,6 +574,14 @@ where
     };
     let result = end_sender_session(&sender, result, lanes, control_write, &mut in_rx).await;
     (result, stats)
+}
+
+/// The next item of a streaming sender's feed; never ready without one.
+async fn recv_feed(feed: &mut Option<mpsc::Receiver<Feed>>) -> Option<Feed> {
+    match feed {
+        Some(f) => f.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The sender's data streams: writer tasks that share one bounded queue, each taking the next

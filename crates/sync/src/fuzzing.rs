@@ -195,9 +195,22 @@ fn fuzz_receiver_config() -> ReceiverConfig {
     }
 }
 
-/// A sender's byte stream into the receiver machine.
+/// A sender's byte stream into the receiver machine: manifest first, and streaming (a fresh
+/// store facing a version-4 sender asks for chunks while the manifest comes in).
 pub fn receiver(data: &[u8]) {
-    let mut r = Receiver::new(fuzz_receiver_config());
+    for stream in [false, true] {
+        receiver_with(
+            data,
+            ReceiverConfig {
+                stream,
+                ..fuzz_receiver_config()
+            },
+        );
+    }
+}
+
+fn receiver_with(data: &[u8], cfg: ReceiverConfig) {
+    let mut r = Receiver::new(cfg);
     let mut clock = Instant::now();
     r.handle_timeout(clock);
     let mut out = Vec::new();
@@ -332,7 +345,31 @@ pub fn sender(data: &[u8]) {
         .max()
         .unwrap_or(0);
     let n = m.unique_chunks().len() as u64;
-    let mut s = Sender::new(Arc::clone(&m), cfg.clone());
+    for streaming in [false, true] {
+        let mut s = if streaming {
+            // Half the entries now, the rest (and the end) after the receiver's first frames.
+            let mut s = Sender::streaming(cfg.clone());
+            let half = m.entries().len() / 2;
+            let first = (0..half).filter_map(|i| m.wire_entry(i)).collect();
+            assert!(s.push_entries(first).is_ok());
+            s
+        } else {
+            Sender::new(Arc::clone(&m), cfg.clone())
+        };
+        sender_session(&mut s, data, &m, &files, &cfg, (max_chunk, n));
+    }
+}
+
+/// Feeds `data` (a receiver's frames) to `s`; a streaming sender gets the rest of `m` after the
+/// third frame.
+fn sender_session(
+    s: &mut Sender,
+    data: &[u8],
+    m: &Arc<Manifest>,
+    files: &[(String, Vec<u8>)],
+    cfg: &SenderConfig,
+    (max_chunk, n): (u64, u64),
+) {
     let mut buf = BytesMut::from(data);
     // What the sender does with the bytes is not under test here; compressing them is slow.
     let no_compression = CompressPolicy {
@@ -355,6 +392,14 @@ pub fn sender(data: &[u8]) {
             }
         }
         step += 1;
+        if step == 3 && !s.manifest_complete() {
+            let pushed = s.manifest_prefix().entries().len();
+            let rest = (pushed..m.entries().len())
+                .filter_map(|i| m.wire_entry(i))
+                .collect();
+            assert!(s.push_entries(rest).is_ok());
+            s.end_manifest();
+        }
         // Alternate between a receiver that reads and one that does not.
         let drain = !step.is_multiple_of(3);
         for _ in 0..10_000 {
@@ -382,7 +427,7 @@ pub fn sender(data: &[u8]) {
                 "sender holds {held} bytes of chunks"
             );
             if let Some(io) = pending.pop_front() {
-                s.handle_io_done(read_chunk(&m, &files, io, &no_compression));
+                s.handle_io_done(read_chunk(m, files, io, &no_compression));
                 moved = true;
             }
             while let Some(ev) = s.poll_event() {

@@ -588,17 +588,13 @@ fn fold_key(path: &str, case: bool, normalization: bool) -> String {
 #[derive(Debug)]
 pub struct ManifestBuilder {
     limits: ManifestLimits,
-    entries: Vec<Entry>,
-    slots: Vec<ChunkId>,
-    unique: Vec<UniqueChunk>,
-    next_same: Vec<u32>,
+    /// The entries so far: a complete manifest of the prefix (its summary counts them; the
+    /// root is only known at [`finish`](Self::finish)).
+    m: Manifest,
     last_same: Vec<u32>,
     by_hash: HashMap<(ChunkHash, u32), ChunkId>,
     folded: HashMap<String, u32>,
     hasher: blake3::Hasher,
-    files: u64,
-    bytes: u64,
-    unique_bytes: u64,
     scratch: Vec<u8>,
     /// Heap bytes of the strings held: paths, symlink targets, case-folded keys.
     string_bytes: u64,
@@ -657,17 +653,24 @@ impl ManifestBuilder {
         hasher.update(ROOT_DOMAIN);
         ManifestBuilder {
             limits,
-            entries: Vec::new(),
-            slots: Vec::new(),
-            unique: Vec::new(),
-            next_same: Vec::new(),
+            m: Manifest {
+                entries: Vec::new(),
+                slots: Vec::new(),
+                unique: Vec::new(),
+                next_same: Vec::new(),
+                summary: ManifestSummary {
+                    root: ChunkHash([0; 32]),
+                    entries: 0,
+                    files: 0,
+                    bytes: 0,
+                    unique_chunks: 0,
+                    unique_bytes: 0,
+                },
+            },
             last_same: Vec::new(),
             by_hash: HashMap::new(),
             folded: HashMap::new(),
             hasher,
-            files: 0,
-            bytes: 0,
-            unique_bytes: 0,
             scratch: Vec::new(),
             string_bytes: 0,
         }
@@ -678,10 +681,10 @@ impl ManifestBuilder {
     /// keeps the same allocations (less the two lookup tables and the case-folded keys).
     /// Never more than [`ManifestLimits::max_memory`] plus the encoding of the last entry.
     pub fn held_bytes(&self) -> u64 {
-        vec_bytes(&self.entries)
-            + vec_bytes(&self.slots)
-            + vec_bytes(&self.unique)
-            + vec_bytes(&self.next_same)
+        vec_bytes(&self.m.entries)
+            + vec_bytes(&self.m.slots)
+            + vec_bytes(&self.m.unique)
+            + vec_bytes(&self.m.next_same)
             + vec_bytes(&self.last_same)
             + map_bytes(&self.by_hash)
             + map_bytes(&self.folded)
@@ -691,16 +694,16 @@ impl ManifestBuilder {
 
     /// File bytes declared so far.
     pub fn declared_bytes(&self) -> u64 {
-        self.bytes
+        self.m.summary.bytes
     }
 
     /// Entries accepted so far.
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.m.entries.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.m.entries.is_empty()
     }
 
     /// Validates and adds the next entry.
@@ -724,13 +727,13 @@ impl ManifestBuilder {
         self.hasher.update(&encoded);
         self.scratch = encoded;
 
-        let first_slot = SlotId(self.slots.len() as u32);
+        let first_slot = SlotId(self.m.slots.len() as u32);
         if let EntryKind::File { chunk_shift } = e.kind {
-            self.files += 1;
+            self.m.summary.files += 1;
             self.add_slots(&e.hashes, e.size, chunk_shift);
         }
-        self.bytes = total;
-        self.entries.push(Entry {
+        self.m.summary.bytes = total;
+        self.m.entries.push(Entry {
             path: e.path,
             kind: e.kind,
             size: e.size,
@@ -738,6 +741,8 @@ impl ManifestBuilder {
             mtime: e.mtime,
             first_slot,
         });
+        self.m.summary.entries = self.m.entries.len() as u64;
+        self.m.summary.unique_chunks = self.m.unique.len() as u64;
         Ok(())
     }
 
@@ -746,7 +751,7 @@ impl ManifestBuilder {
     /// Returns the folded name to remember when the destination folds names.
     fn check_place(&self, e: &WireEntry) -> Result<Option<String>, ManifestError> {
         let limits = &self.limits;
-        if self.entries.len() as u64 >= limits.max_entries {
+        if self.m.entries.len() as u64 >= limits.max_entries {
             return Err(ManifestError::TooLarge {
                 what: "entries",
                 limit: limits.max_entries,
@@ -756,7 +761,7 @@ impl ManifestBuilder {
             path: e.path.clone(),
             problem,
         })?;
-        if let Some(prev) = self.entries.last() {
+        if let Some(prev) = self.m.entries.last() {
             if prev.path.as_bytes() >= e.path.as_bytes() {
                 return Err(ManifestError::OutOfOrder {
                     path: e.path.clone(),
@@ -768,7 +773,7 @@ impl ManifestBuilder {
         let mut anc = path::parent(&e.path);
         while let Some(a) = anc {
             if let Some(i) = self.find(a) {
-                if self.entries[i].kind != EntryKind::Dir {
+                if self.m.entries[i].kind != EntryKind::Dir {
                     return Err(ManifestError::AncestorNotDir {
                         path: e.path.clone(),
                         ancestor: a.to_string(),
@@ -786,7 +791,7 @@ impl ManifestBuilder {
         if let Some(&other) = self.folded.get(&folded) {
             return Err(ManifestError::CaseCollision {
                 path: e.path.clone(),
-                other: self.entries[other as usize].path.clone(),
+                other: self.m.entries[other as usize].path.clone(),
             });
         }
         Ok(Some(folded))
@@ -795,13 +800,13 @@ impl ManifestBuilder {
     /// The chunk and byte limits, and the room at the destination, with `e` added. Returns the
     /// file bytes declared with `e`.
     fn check_totals(&self, e: &WireEntry, chunks: u64) -> Result<u64, ManifestError> {
-        if self.slots.len() as u64 + chunks > self.limits.max_slots {
+        if self.m.slots.len() as u64 + chunks > self.limits.max_slots {
             return Err(ManifestError::TooLarge {
                 what: "chunks",
                 limit: self.limits.max_slots,
             });
         }
-        let total = self.bytes.saturating_add(e.size);
+        let total = self.m.summary.bytes.saturating_add(e.size);
         if total > self.limits.max_total_bytes {
             return Err(ManifestError::TooLarge {
                 what: "bytes",
@@ -830,10 +835,10 @@ impl ManifestBuilder {
                 _ => 0,
             }
             + folded.as_ref().map_or(0, |f| f.capacity() as u64);
-        let grown = vec_bytes_after(&self.entries, 1)
-            + vec_bytes_after(&self.slots, n)
-            + vec_bytes_after(&self.unique, n)
-            + vec_bytes_after(&self.next_same, n)
+        let grown = vec_bytes_after(&self.m.entries, 1)
+            + vec_bytes_after(&self.m.slots, n)
+            + vec_bytes_after(&self.m.unique, n)
+            + vec_bytes_after(&self.m.next_same, n)
             + vec_bytes_after(&self.last_same, n)
             + map_bytes_after(&self.by_hash, n)
             + match &folded {
@@ -846,18 +851,18 @@ impl ManifestBuilder {
         if grown > self.limits.max_memory {
             return Err(ManifestError::MemoryBudget {
                 budget: self.limits.max_memory,
-                entries: self.entries.len() as u64,
+                entries: self.m.entries.len() as u64,
             });
         }
-        self.entries.reserve(1);
-        self.slots.reserve(n);
-        self.unique.reserve(n);
-        self.next_same.reserve(n);
+        self.m.entries.reserve(1);
+        self.m.slots.reserve(n);
+        self.m.unique.reserve(n);
+        self.m.next_same.reserve(n);
         self.last_same.reserve(n);
         self.by_hash.reserve(n);
         if let Some(f) = folded {
             self.folded.reserve(1);
-            self.folded.insert(f, self.entries.len() as u32);
+            self.folded.insert(f, self.m.entries.len() as u32);
         }
         self.string_bytes += strings;
         Ok(())
@@ -874,34 +879,35 @@ impl ManifestBuilder {
             } else {
                 csize
             } as u32;
-            let slot = self.slots.len() as u32;
+            let slot = self.m.slots.len() as u32;
             let uid = match self.by_hash.get(&(*h, len)) {
                 Some(&uid) => {
                     let last = self.last_same[uid.index()];
-                    self.next_same[last as usize] = slot;
+                    self.m.next_same[last as usize] = slot;
                     self.last_same[uid.index()] = slot;
                     uid
                 }
                 None => {
-                    let uid = ChunkId(self.unique.len() as u32);
-                    self.unique.push(UniqueChunk {
+                    let uid = ChunkId(self.m.unique.len() as u32);
+                    self.m.unique.push(UniqueChunk {
                         hash: *h,
                         len,
                         first_slot: SlotId(slot),
                     });
                     self.last_same.push(slot);
                     self.by_hash.insert((*h, len), uid);
-                    self.unique_bytes += u64::from(len);
+                    self.m.summary.unique_bytes += u64::from(len);
                     uid
                 }
             };
-            self.slots.push(uid);
-            self.next_same.push(u32::MAX);
+            self.m.slots.push(uid);
+            self.m.next_same.push(u32::MAX);
         }
     }
 
     fn find(&self, path: &str) -> Option<usize> {
-        self.entries
+        self.m
+            .entries
             .binary_search_by(|e| e.path.as_bytes().cmp(path.as_bytes()))
             .ok()
     }
@@ -921,26 +927,22 @@ impl ManifestBuilder {
         Ok(m)
     }
 
+    /// The entries accepted so far, as a manifest of that prefix: ids (entries, slots, unique
+    /// chunks) never change as more entries arrive, so what the prefix says of them stays
+    /// true. Its summary counts the prefix; its root is not computed (all zero).
+    pub fn prefix(&self) -> &Manifest {
+        &self.m
+    }
+
     /// Finishes, computing the summary from the entries.
     pub fn finish_unchecked(mut self) -> Manifest {
         self.hasher
-            .update(&(self.entries.len() as u64).to_le_bytes());
-        let root = ChunkHash(*self.hasher.finalize().as_bytes());
-        let summary = ManifestSummary {
-            root,
-            entries: self.entries.len() as u64,
-            files: self.files,
-            bytes: self.bytes,
-            unique_chunks: self.unique.len() as u64,
-            unique_bytes: self.unique_bytes,
-        };
-        Manifest {
-            entries: self.entries,
-            slots: self.slots,
-            unique: self.unique,
-            next_same: self.next_same,
-            summary,
-        }
+            .update(&(self.m.entries.len() as u64).to_le_bytes());
+        let mut m = self.m;
+        m.summary.root = ChunkHash(*self.hasher.finalize().as_bytes());
+        m.summary.entries = m.entries.len() as u64;
+        m.summary.unique_chunks = m.unique.len() as u64;
+        m
     }
 }
 

@@ -323,6 +323,30 @@ pub fn scan(
     cache: Option<&mut HashCache>,
     cfg: &ScanConfig,
 ) -> Result<ScanOutput, ScanError> {
+    scan_feeding(root, cache, cfg, None)
+}
+
+/// Like [`scan`], and hands the manifest's entries to `feed` while it hashes: in path order,
+/// each with its chunk hashes (files the cache knows at once, the others as soon as they and
+/// every file before them are hashed), in batches, exactly the entries of the returned
+/// manifest. Files are hashed in path order so that the announced prefix grows steadily. For a
+/// streaming sender ([`crate::proto::Sender::streaming`]); on an error the entries fed so far
+/// are a prefix of no manifest.
+pub fn scan_streaming(
+    root: &Path,
+    cache: Option<&mut HashCache>,
+    cfg: &ScanConfig,
+    feed: &mut dyn FnMut(Vec<WireEntry>),
+) -> Result<ScanOutput, ScanError> {
+    scan_feeding(root, cache, cfg, Some(feed))
+}
+
+fn scan_feeding(
+    root: &Path,
+    cache: Option<&mut HashCache>,
+    cfg: &ScanConfig,
+    feed: Option<&mut dyn FnMut(Vec<WireEntry>)>,
+) -> Result<ScanOutput, ScanError> {
     let md = fs::metadata(root).map_err(|e| ScanError::Io {
         path: root.to_path_buf(),
         source: e,
@@ -347,7 +371,15 @@ pub fn scan(
         None => (Vec::new(), HashMap::new()),
     };
     // The cache, then hashing with change detection.
-    let (pending, cached_files) = use_cache(cache.as_deref(), &mut entries, &mut files);
+    let (mut pending, cached_files) = use_cache(cache.as_deref(), &mut entries, &mut files);
+    // Path order: hashing follows it, so a streamed manifest's prefix grows steadily.
+    let mut order: Vec<usize> = (0..entries.len()).collect();
+    order.sort_by(|&a, &b| entries[a].path.as_bytes().cmp(entries[b].path.as_bytes()));
+    let mut rank = vec![0usize; entries.len()];
+    for (r, &i) in order.iter().enumerate() {
+        rank[i] = r;
+    }
+    pending.sort_by_key(|p| rank[files[p.work].index]);
     if let Some(p) = &cfg.progress {
         let to_hash = pending
             .iter()
@@ -361,7 +393,13 @@ pub fn scan(
         p.files_done.fetch_add(cached_files, Ordering::Relaxed);
         p.listed.store(true, Ordering::Relaxed);
     }
-    let results = hash_files(&pending, cfg)?;
+    let results = match feed {
+        None => hash_files(&pending, cfg, |_| Vec::new(), &mut |_| {})?,
+        Some(feed) => {
+            let mut stream = InOrder::new(&entries, &files, &pending, &order);
+            hash_files(&pending, cfg, |done| stream.release(done), feed)?
+        }
+    };
     let mut hashed_bytes = 0;
     let mut unstable = Vec::new();
     for (p, r) in pending.iter().zip(results) {
@@ -744,12 +782,18 @@ fn record_read(f: &mut FileWork, e: &mut WireEntry, md: &fs::Metadata, hashes: V
     let key = FileKey::of(md);
     let mtime = mtime_of(&key);
     f.cache_key = Some((md.len(), mtime, key.ino));
+    read_into_entry(e, f.snapshot, md, hashes);
+}
+
+/// What a stable read of a file (metadata `md` as hashed) says about its entry.
+fn read_into_entry(e: &mut WireEntry, snapshot: bool, md: &fs::Metadata, hashes: Vec<ChunkHash>) {
+    let mtime = mtime_of(&FileKey::of(md));
     e.size = md.len();
     e.kind = EntryKind::File {
         chunk_shift: chunk_shift_for(e.size),
     };
     e.hashes = hashes;
-    if !f.snapshot {
+    if !snapshot {
         e.mtime = mtime;
         e.mode = md.permissions().mode() & 0o7777;
     }
@@ -778,7 +822,107 @@ fn fresh_cache(entries: &[WireEntry], files: &[FileWork]) -> HashMap<String, Cac
     fresh
 }
 
-fn hash_files(files: &[PendingFile], cfg: &ScanConfig) -> Result<Vec<ReadResult>, ScanError> {
+/// Which files are hashed so far (by index into the pending list), for [`InOrder`]: a result
+/// or `None` for a read error; `hashing` counts the threads still at work.
+struct Hashed {
+    results: Vec<Option<ReadResult>>,
+    finished: Vec<bool>,
+    hashing: usize,
+}
+
+/// Releases a streaming scan's entries in path order as the files before them are hashed.
+struct InOrder<'a> {
+    entries: &'a [WireEntry],
+    files: &'a [FileWork],
+    /// Entry index → pending index, for files being hashed.
+    pending_of: HashMap<usize, usize>,
+    order: &'a [usize],
+    /// The next position in `order` to release.
+    next: usize,
+}
+
+impl<'a> InOrder<'a> {
+    fn new(
+        entries: &'a [WireEntry],
+        files: &'a [FileWork],
+        pending: &[PendingFile],
+        order: &'a [usize],
+    ) -> Self {
+        let pending_of = pending
+            .iter()
+            .enumerate()
+            .map(|(pi, p)| (files[p.work].index, pi))
+            .collect();
+        InOrder {
+            entries,
+            files,
+            pending_of,
+            order,
+            next: 0,
+        }
+    }
+
+    /// Every entry that can go now (in order, up to the first file not hashed yet), in
+    /// batches. Entries left out of the manifest (companions, unstable, vanished) are skipped;
+    /// after a read error nothing more goes.
+    fn release(&mut self, done: &Hashed) -> Vec<Vec<WireEntry>> {
+        const BATCH: usize = 512;
+        let mut out = Vec::new();
+        let mut batch = Vec::new();
+        while let Some(&i) = self.order.get(self.next) {
+            let mut e = self.entries[i].clone();
+            if let Some(&pi) = self.pending_of.get(&i) {
+                if !done.finished[pi] {
+                    break;
+                }
+                match &done.results[pi] {
+                    Some(ReadResult::Stable { md, hashes }) => {
+                        let snapshot = self.file_of(i).is_some_and(|f| f.snapshot);
+                        read_into_entry(&mut e, snapshot, md, hashes.clone());
+                    }
+                    Some(_) => {
+                        self.next += 1;
+                        continue;
+                    }
+                    None => {
+                        self.next = self.order.len();
+                        break;
+                    }
+                }
+            } else if self.file_of(i).is_some_and(|f| f.dropped) {
+                self.next += 1;
+                continue;
+            }
+            batch.push(e);
+            self.next += 1;
+            if batch.len() >= BATCH {
+                out.push(std::mem::take(&mut batch));
+            }
+        }
+        if !batch.is_empty() {
+            out.push(batch);
+        }
+        out
+    }
+
+    fn file_of(&self, entry: usize) -> Option<&FileWork> {
+        // Files are few relative to lookups only when the history is tiny; a linear search
+        // would be quadratic, so entries map to files through the pending table or this
+        // binary search (files are in walk order, their entry indices increase).
+        let k = self.files.partition_point(|f| f.index < entry);
+        self.files.get(k).filter(|f| f.index == entry)
+    }
+}
+
+/// Hashes `files` on several threads. Each time a file is done, `release` sees the results so
+/// far (on this thread, while the others hash) and what it returns goes to `deliver`, outside
+/// the lock (a slow consumer holds up this thread, not the hashing).
+fn hash_files(
+    files: &[PendingFile],
+    cfg: &ScanConfig,
+    mut release: impl FnMut(&Hashed) -> Vec<Vec<WireEntry>>,
+    deliver: &mut dyn FnMut(Vec<WireEntry>),
+) -> Result<Vec<ReadResult>, ScanError> {
     let threads = if cfg.threads == 0 {
         std::thread::available_parallelism().map_or(2, |n| n.get())
     } else {
@@ -786,14 +930,20 @@ fn hash_files(files: &[PendingFile], cfg: &ScanConfig) -> Result<Vec<ReadResult>
     }
     .clamp(1, 16);
     let next = AtomicUsize::new(0);
-    let out: Mutex<Vec<Option<ReadResult>>> =
-        Mutex::new(std::iter::repeat_with(|| None).take(files.len()).collect());
+    let workers = threads.min(files.len().max(1));
+    let state = Mutex::new(Hashed {
+        results: std::iter::repeat_with(|| None).take(files.len()).collect(),
+        finished: vec![false; files.len()],
+        hashing: workers,
+    });
+    let changed = std::sync::Condvar::new();
+    let lock = || state.lock().unwrap_or_else(|p| p.into_inner());
     // Read errors are collected (bounded) and hashing goes on, so that one run names every
     // unreadable file; anything else unexpected stops at once.
     const MAX_UNREADABLE: usize = 1000;
     let unreadable: Mutex<Vec<(PathBuf, io::Error)>> = Mutex::new(Vec::new());
     std::thread::scope(|s| {
-        for _ in 0..threads.min(files.len().max(1)) {
+        for _ in 0..workers {
             s.spawn(|| {
                 let mut buf = Vec::new();
                 loop {
@@ -803,19 +953,42 @@ fn hash_files(files: &[PendingFile], cfg: &ScanConfig) -> Result<Vec<ReadResult>
                     if let Some(p) = &cfg.progress {
                         p.files_done.fetch_add(1, Ordering::Relaxed);
                     }
-                    match r {
-                        Ok(r) => out.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(r),
+                    let stop = match r {
+                        Ok(r) => {
+                            lock().results[i] = Some(r);
+                            false
+                        }
                         Err(e) => {
                             let mut u = unreadable.lock().unwrap_or_else(|p| p.into_inner());
                             u.push((f.read.clone(), e));
-                            if u.len() >= MAX_UNREADABLE {
-                                next.store(files.len(), Ordering::Relaxed);
-                                break;
-                            }
+                            u.len() >= MAX_UNREADABLE
                         }
+                    };
+                    lock().finished[i] = true;
+                    changed.notify_all();
+                    if stop {
+                        next.store(files.len(), Ordering::Relaxed);
+                        break;
                     }
                 }
+                lock().hashing -= 1;
+                changed.notify_all();
             });
+        }
+        // This thread follows the results as they come.
+        let mut g = lock();
+        loop {
+            let batches = release(&g);
+            if !batches.is_empty() {
+                drop(g);
+                batches.into_iter().for_each(&mut *deliver);
+                g = lock();
+                continue;
+            }
+            if g.hashing == 0 {
+                break;
+            }
+            g = changed.wait(g).unwrap_or_else(|p| p.into_inner());
         }
     });
     let mut unreadable = unreadable.into_inner().unwrap_or_else(|p| p.into_inner());
@@ -823,8 +996,10 @@ fn hash_files(files: &[PendingFile], cfg: &ScanConfig) -> Result<Vec<ReadResult>
         unreadable.sort_by(|a, b| a.0.cmp(&b.0));
         return Err(ScanError::Unreadable(unreadable));
     }
-    out.into_inner()
+    state
+        .into_inner()
         .unwrap_or_else(|p| p.into_inner())
+        .results
         .into_iter()
         .map(|r| {
             r.ok_or_else(|| ScanError::Io {

@@ -101,24 +101,22 @@ impl Source {
         &self.manifest
     }
 
-    fn file(&self, entry: EntryId) -> std::io::Result<Arc<File>> {
+    /// Entry `entry` of the session's manifest, at manifest path `path` (the read names both:
+    /// a streaming sender's manifest is still growing, so the path comes with the read).
+    fn file(&self, entry: EntryId, path: &str) -> std::io::Result<Arc<File>> {
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(f) = open.get(&entry) {
             return Ok(Arc::clone(f));
         }
-        let e = self
-            .manifest
-            .entry(entry)
-            .ok_or_else(|| std::io::Error::other("entry outside the manifest"))?;
         // The sender's own database snapshot (outside the shared folder, in ferry's state dir)
         // opens directly, without following a symlink at the leaf; every shared file opens
         // component by component beneath the root, never through a symlink.
-        let f = Arc::new(match self.redirects.get(&e.path) {
+        let f = Arc::new(match self.redirects.get(path) {
             Some(snap) => OpenOptions::new()
                 .read(true)
                 .custom_flags(libc::O_NOFOLLOW)
                 .open(snap)?,
-            None => open_beneath(&self.root, &e.path)?,
+            None => open_beneath(&self.root, path)?,
         });
         if open.len() >= MAX_OPEN_FILES {
             open.clear();
@@ -136,9 +134,10 @@ impl Source {
             len,
             hash,
             verify,
+            path,
         } = io;
         let read = || -> std::io::Result<Vec<u8>> {
-            let f = self.file(entry)?;
+            let f = self.file(entry, &path)?;
             read_exact_at(&f, len as usize, offset)
         };
         match read() {

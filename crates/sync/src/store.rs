@@ -423,6 +423,17 @@ impl FsStore {
         state.join("journal").exists() || state.join("staging").exists()
     }
 
+    /// Whether `dest` holds nothing ferry left: no journal, staging, receipt or previous
+    /// receipt. Such a store may be prepared for growing prefixes of a streamed manifest
+    /// ([`crate::proto::ReceiverConfig::stream`]): no prefix can then drop journal records or
+    /// staging files of entries not yet announced.
+    pub fn is_fresh(dest: &Path) -> bool {
+        let state = dest.join(STATE_DIR);
+        !(FsStore::has_leftovers(dest)
+            || FsStore::has_receipt(dest)
+            || state.join("receipt.prev").exists())
+    }
+
     /// Whether `dest` holds a completed ferry migration.
     pub fn has_receipt(dest: &Path) -> bool {
         dest.join(STATE_DIR).join("receipt").exists()

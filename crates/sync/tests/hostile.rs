@@ -1081,6 +1081,7 @@ fn honest_chunk(w: &World, id: ChunkId) -> Vec<u8> {
         len: u.len,
         hash: u.hash,
         verify: true,
+        path: w.manifest.entry(loc.entry).unwrap().path.clone(),
     });
     let SendIoDone::Read {
         encoding, payload, ..

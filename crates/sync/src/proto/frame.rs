@@ -26,8 +26,9 @@ use crate::manifest::{ChunkHash, ChunkId, ManifestSummary, WireEntry, MAX_CHUNK_
 pub const MAGIC: [u8; 4] = *b"FRRY";
 /// The protocol version this build speaks. Version 2 added [`Message::NextRound`] (catch-up
 /// rounds on one connection); version 3 added [`Message::Durable`] (the receiver reports what
-/// it holds during a round).
-pub const PROTOCOL_VERSION: u16 = 3;
+/// it holds during a round); version 4 streams the manifest: the sender announces entries as
+/// it scans, and the receiver may send `Want` (and receive chunks) before `ManifestEnd`.
+pub const PROTOCOL_VERSION: u16 = 4;
 /// The oldest version this build still talks to (a version-1 peer gets single-round sessions).
 pub const MIN_PROTOCOL_VERSION: u16 = 1;
 /// Largest frame body: a maximal chunk, zstd's worst-case expansion, and headers.

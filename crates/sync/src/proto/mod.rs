@@ -14,7 +14,8 @@
 //! 1. Both sides send a `Hello` (magic, version, role) first on the control stream. A bad magic or
 //!    unknown version closes the session with [`CloseCode::UnsupportedVersion`].
 //! 2. The sender streams the manifest in bounded `Manifest` frames (entries sorted by path) and
-//!    closes it with `ManifestEnd` (root hash and totals). The receiver validates every entry as it
+//!    closes it with `ManifestEnd` (root hash and totals); with version 4 it may do so while it
+//!    still scans, and chunks may flow before the end (see "Streaming"). The receiver validates every entry as it
 //!    arrives (paths, ordering, chunk counts, limits) and checks the root at the end.
 //! 3. The receiver asks its store what it already holds (journal of verified, durable chunks, and
 //!    files already in place), reuses local copies of duplicate chunks, and sends `Want` ranges of
@@ -44,6 +45,40 @@
 //!    verified chunks in its journal), so only changed chunks cross. The sender may take its
 //!    time with the verdict (it rescans; with `--follow` it waits for the next change).
 //!
+//! # Streaming (version 4)
+//! A sender need not hash the whole history before it listens. A **streaming** sender
+//! ([`Sender::streaming`]) announces entries in `Manifest` frames as its scan finishes them —
+//! still in path order, each with all its chunk hashes (a hash-cache hit is announced at once) —
+//! and sends `ManifestEnd` (root and totals) when the scan ends. Entry, slot and unique-chunk
+//! ids are assigned in announcement order and never change, so every prefix of the manifest is
+//! a manifest of its own whose ids stay true: the sender accepts `Want` ranges up to the chunks
+//! announced so far, and serves them at once.
+//!
+//! A receiver whose destination holds nothing of any history ([`ReceiverConfig::stream`], from
+//! [`FsStore::is_fresh`](crate::store::FsStore::is_fresh)) facing a version-4 sender asks for
+//! chunks while the manifest streams in. It prepares its store for a **prefix** of the
+//! manifest — the first entries, then a prefix at least twice as long as the last one, or any
+//! longer prefix while nothing it asked for is outstanding — and sends `Want` ranges for the
+//! chunks that prefix adds (in the prefix's transfer order; chunks already here are copied
+//! locally, as in step 3). Before each new prefix it stops taking chunks until its stores and
+//! group commit settle (preparing compacts the journal; nothing uncommitted may be lost), so
+//! the number of prefixes grows with the logarithm of the history, and so does the cost of
+//! re-preparing. On `ManifestEnd` it checks the root and totals **before** anything more is
+//! asked or finalized: a mismatch fails the session (`ManifestRejected`); what was verified
+//! stays committed in the journal (keyed by file, offset and hash, so only a manifest naming the
+//! same content reuses it) and nothing reaches a final path. Then it prepares the store for the
+//! whole manifest, sends the last `Want` ranges and `WantEnd` (totals over the session), and the
+//! session goes on at step 4. Finalize still waits for every slot and the checked root.
+//!
+//! Streaming never changes what a session writes, only when chunks start to flow. A store that
+//! already holds something (a resume, a catch-up round, a receipt) waits for the whole manifest
+//! as before: preparing it for a prefix would drop journal records and staging files of entries
+//! not yet announced. So does a receiver facing a sender of version 3 or older. The sender's
+//! order is the path order of its scan; within each prefix the receiver fetches databases
+//! first, then small files (`--essentials-first` still serves its early subset as a round of
+//! its own). While nothing is wanted a streaming receiver waits ten stall timeouts (not one)
+//! for the next entries: a sender may hash one large file for minutes.
+//!
 //! # Rounds cut short
 //! When a source file changes under a read (a re-read chunk no longer matches the manifest, or
 //! the file shrank or vanished), a sender of version 2 or later sends `NextRound` at once
@@ -53,9 +88,13 @@
 //! before it is reported by name.
 //!
 //! # Versions
-//! The hello carries the protocol version. This build speaks [`PROTOCOL_VERSION`] (3) and
+//! The hello carries the protocol version. This build speaks [`PROTOCOL_VERSION`] (4) and
 //! accepts peers down to [`MIN_PROTOCOL_VERSION`] (1); each side uses a feature only when the
-//! peer's hello says it knows it. A version-1 peer knows no `NextRound`:
+//! peer's hello says it knows it. Version 4 adds no frame: it allows `Want` (and chunks) before
+//! `ManifestEnd` (see "Streaming"). A version-4 receiver never asks early of an older sender,
+//! and an older receiver never asks early, so a version-4 sender (streaming or not) serves it
+//! manifest-first; a peer newer than this build is refused in the hello with both versions
+//! named ([`FrameError::UnsupportedVersion`]). A version-1 peer knows no `NextRound`:
 //! a sender facing one closes with `Done` right after the receiver's `Done` (one round) and
 //! fails with a source error when a file changes under a read, as version 1 did; a receiver
 //! reads a version-1 sender's `Close{Done}` as the final verdict. A peer below version 3 knows

@@ -18,6 +18,10 @@ use crate::Manifest;
 /// reported at once).
 const REPORT_EVERY: Duration = Duration::from_millis(250);
 
+/// While nothing is wanted, a streaming receiver waits this many stall timeouts for the
+/// sender's next entries (it may be hashing one large file) before it ends the session.
+const STREAM_SILENCE_FACTOR: u32 = 10;
+
 /// Tuning for the receiver.
 #[derive(Clone, Debug)]
 pub struct ReceiverConfig {
@@ -42,6 +46,11 @@ pub struct ReceiverConfig {
     /// cannot, the manifest's symlinks are named ([`RecvEvent::Unrepresentable`]) before
     /// anything is written, and the store leaves them out.
     pub symlinks: bool,
+    /// The store holds nothing of any history (no journal, staging or receipt: a fresh
+    /// destination). With a version-4 sender the receiver then asks for chunks as the manifest
+    /// streams in, preparing the store for each prefix of it (see the [module docs](super),
+    /// "Streaming"); otherwise it waits for the whole manifest.
+    pub stream: bool,
 }
 
 impl Default for ReceiverConfig {
@@ -55,6 +64,7 @@ impl Default for ReceiverConfig {
             max_rejects_per_chunk: 3,
             stall_timeout: Duration::from_secs(60),
             symlinks: true,
+            stream: false,
         }
     }
 }
@@ -146,6 +156,8 @@ pub enum RecvEvent {
     /// Verified and durable bytes so far (of `bytes_total` file bytes); `wire_bytes` counts
     /// chunk payload received in this session (after compression); `files_done` counts the
     /// manifest's files whose every chunk is durable here (empty files count from the start).
+    /// Sent once the manifest is complete (a streaming session's first one covers what arrived
+    /// before).
     Progress {
         bytes_done: u64,
         bytes_total: u64,
@@ -171,6 +183,13 @@ enum State {
         last_frame_at: Option<Instant>,
     },
     Preparing,
+    /// Version 4, fresh store: chunks are asked for while the manifest streams in. `builder`
+    /// is `None` once `ManifestEnd` arrived (the full manifest waits in [`Stream::full`]).
+    Streaming {
+        builder: Option<Box<ManifestBuilder>>,
+        last_frame_at: Option<Instant>,
+        transfer: Transfer,
+    },
     Transferring(Transfer),
     /// The transfer's bookkeeping is kept: damage found by finalize resumes the transfer.
     Finalizing(Transfer),
@@ -224,6 +243,13 @@ impl<I: BitIndex> BitSet<I> {
     fn get(&self, i: I) -> bool {
         let i = i.bit();
         self.0.get(i / 64).is_some_and(|w| w >> (i % 64) & 1 == 1)
+    }
+    /// Room for `n` ids, keeping the ones set.
+    fn grow(&mut self, n: usize) {
+        let words = n.div_ceil(64);
+        if words > self.0.len() {
+            self.0.resize(words, 0);
+        }
     }
     fn set(&mut self, i: I, v: bool) {
         let i = i.bit();
@@ -280,6 +306,23 @@ pub struct Receiver {
     reported_at: Option<Instant>,
     /// A report is due once [`REPORT_EVERY`] has passed since the last one.
     report_pending: bool,
+    /// Streaming (version 4): the prefixes the store was prepared for.
+    stream: Stream,
+}
+
+/// What a streaming receiver tracks about the manifest prefixes it asked chunks of.
+#[derive(Debug, Default)]
+struct Stream {
+    /// Entries of the prefix the store was last prepared with (0: none yet).
+    prepared_entries: usize,
+    /// A larger prefix is due: no chunk is taken until stores and commits settle and the
+    /// store is prepared for it.
+    grow_due: bool,
+    /// The complete, root-checked manifest once `ManifestEnd` arrived.
+    full: Option<Arc<Manifest>>,
+    /// Chunks (and their bytes) asked for over the session, for `WantEnd`.
+    wanted_chunks: u64,
+    wanted_bytes: u64,
 }
 
 /// How the sender ended a round (see [`Receiver::verdict`]).
@@ -332,6 +375,7 @@ impl Receiver {
             reported: 0,
             reported_at: None,
             report_pending: false,
+            stream: Stream::default(),
         }
     }
 
@@ -349,7 +393,11 @@ impl Receiver {
     /// [`ManifestBuilder::held_bytes`]); `None` outside the manifest phase.
     pub fn manifest_held_bytes(&self) -> Option<u64> {
         match &self.state {
-            State::Manifest { builder, .. } => Some(builder.held_bytes()),
+            State::Manifest { builder, .. }
+            | State::Streaming {
+                builder: Some(builder),
+                ..
+            } => Some(builder.held_bytes()),
             _ => None,
         }
     }
@@ -381,7 +429,9 @@ impl Receiver {
 
     /// Whether the driver should read another chunk frame now (bounded memory).
     pub fn can_accept_chunk(&self) -> bool {
+        let streaming = matches!(self.state, State::Streaming { .. });
         self.busy_bytes + self.uncommitted_bytes < self.cfg.max_pending_bytes
+            && !(streaming && (self.stream.grow_due || self.exclusive_io))
     }
 
     /// Feeds a frame received from the sender.
@@ -406,7 +456,9 @@ impl Receiver {
         }
         if let (
             Some(now),
-            State::AwaitHello { last_frame_at } | State::Manifest { last_frame_at, .. },
+            State::AwaitHello { last_frame_at }
+            | State::Manifest { last_frame_at, .. }
+            | State::Streaming { last_frame_at, .. },
         ) = (self.now, &mut self.state)
         {
             *last_frame_at = Some(now);
@@ -467,10 +519,50 @@ impl Receiver {
                     return Err(SessionError::Protocol("peer is not a sender".into()));
                 }
                 self.peer_version = h.version;
-                self.state = State::Manifest {
-                    builder: Box::new(ManifestBuilder::new(self.cfg.limits.clone())),
-                    last_frame_at: *last_frame_at,
+                let builder = Box::new(ManifestBuilder::new(self.cfg.limits.clone()));
+                let last_frame_at = *last_frame_at;
+                self.state = if self.cfg.stream && h.version >= 4 {
+                    State::Streaming {
+                        builder: Some(builder),
+                        last_frame_at,
+                        transfer: Transfer::default(),
+                    }
+                } else {
+                    State::Manifest {
+                        builder,
+                        last_frame_at,
+                    }
                 };
+                Ok(())
+            }
+            (
+                State::Streaming {
+                    builder: Some(builder),
+                    ..
+                },
+                Frame::Message(Message::Manifest(entries)),
+            ) => {
+                for e in entries {
+                    builder.push(e)?;
+                }
+                self.maybe_grow();
+                Ok(())
+            }
+            (
+                State::Streaming {
+                    builder: builder @ Some(_),
+                    ..
+                },
+                Frame::Message(Message::ManifestEnd(summary)),
+            ) => {
+                let Some(b) = builder.take() else {
+                    return Err(SessionError::Protocol("internal state".into()));
+                };
+                // The root is checked before anything more is asked or finalized.
+                let m = Arc::new(b.finish(&summary)?);
+                self.manifest_complete(&m, summary);
+                self.stream.full = Some(m);
+                self.maybe_grow();
                 Ok(())
             }
             (State::Manifest { builder, .. }, Frame::Message(Message::Manifest(entries))) => {
@@ -486,18 +578,8 @@ impl Receiver {
                     return Err(SessionError::Protocol("internal state".into()));
                 };
                 let m = Arc::new(b.finish(&summary)?);
-                let uniques = m.unique_chunks().len();
-                self.have = BitSet::new(uniques);
-                self.wanted = BitSet::new(uniques);
-                self.durable = BitSet::new(m.slot_count() as usize);
-                self.events.push_back(RecvEvent::Manifest(summary));
-                let paths = crate::store::omitted_entries(&m, self.cfg.symlinks);
-                if !paths.is_empty() {
-                    self.events.push_back(RecvEvent::Unrepresentable {
-                        paths,
-                        reason: "the destination's file system cannot hold symlinks",
-                    });
-                }
+                self.grow_tables(&m);
+                self.manifest_complete(&m, summary);
                 self.io.push_back(RecvIo::Prepare {
                     manifest: Arc::clone(&m),
                 });
@@ -506,7 +588,7 @@ impl Receiver {
                 Ok(())
             }
             (
-                State::Transferring(_),
+                State::Transferring(_) | State::Streaming { .. },
                 Frame::Chunk {
                     id,
                     encoding,
@@ -555,7 +637,7 @@ impl Receiver {
         self.wanted.set(id, false);
         self.wanted_left = self.wanted_left.saturating_sub(1);
         self.wire_bytes += payload.len() as u64;
-        if let State::Transferring(t) = &mut self.state {
+        if let State::Transferring(t) | State::Streaming { transfer: t, .. } = &mut self.state {
             t.last_chunk_at = self.now;
         }
         let slots: Vec<SlotId> = m.slots_of(id).filter(|&s| !self.durable.get(s)).collect();
@@ -578,29 +660,29 @@ impl Receiver {
         match done {
             RecvIoDone::Prepared { durable } => {
                 self.exclusive_io = false;
-                self.on_prepared(&m, durable);
-                self.bytes_verified = self.bytes_done;
+                if matches!(self.state, State::Streaming { .. }) {
+                    self.on_prepared_stream(&m, durable);
+                } else {
+                    self.on_prepared(&m, durable);
+                    self.bytes_verified = self.bytes_done;
+                }
             }
             RecvIoDone::Stored { chunk, slots } => {
                 self.settle(&m, chunk);
                 self.have.set(chunk, true);
                 let len = m.unique(chunk).map_or(0, |u| u64::from(u.len));
                 self.bytes_verified += len * slots.len() as u64;
-                self.events.push_back(RecvEvent::Progress {
-                    bytes_done: self.bytes_verified,
-                    bytes_total: m.summary().bytes,
-                    wire_bytes: self.wire_bytes,
-                    files_done: self.files_done,
-                });
+                self.progress(&m, self.bytes_verified);
                 self.uncommitted_bytes += len * slots.len() as u64;
                 self.uncommitted.extend(slots);
                 if self.uncommitted_since.is_none() {
                     self.uncommitted_since = self.now;
                 }
-                if self.commit_due() || self.all_stored() {
+                if self.commit_due() || self.all_stored() || self.stream.grow_due {
                     self.flush_commit();
                 }
                 self.maybe_finalize(&m);
+                self.maybe_grow();
             }
             RecvIoDone::Corrupt { chunk, error } => {
                 self.settle(&m, chunk);
@@ -608,7 +690,9 @@ impl Receiver {
                     return;
                 }
                 let n = match &mut self.state {
-                    State::Transferring(t) | State::Finalizing(t) => {
+                    State::Transferring(t)
+                    | State::Finalizing(t)
+                    | State::Streaming { transfer: t, .. } => {
                         let n = t.rejects.entry(chunk).or_insert(0);
                         *n += 1;
                         *n
@@ -638,26 +722,24 @@ impl Receiver {
                         }
                     }
                 }
-                self.events.push_back(RecvEvent::Progress {
-                    bytes_done: self.bytes_verified.max(self.bytes_done),
-                    bytes_total: m.summary().bytes,
-                    wire_bytes: self.wire_bytes,
-                    files_done: self.files_done,
-                });
+                self.progress(&m, self.bytes_verified.max(self.bytes_done));
                 let last = self.all_stored() && self.uncommitted.is_empty();
                 self.report_durable(last);
                 if !self.uncommitted.is_empty()
                     && (self.commit_due()
                         || matches!(self.state, State::Draining)
-                        || self.all_stored())
+                        || self.all_stored()
+                        || self.stream.grow_due)
                 {
                     self.flush_commit();
                 }
                 self.maybe_finalize(&m);
+                self.maybe_grow();
             }
             RecvIoDone::CopyFailed { chunk, damaged } => {
                 self.settle(&m, chunk);
                 self.on_damaged(&m, damaged);
+                self.maybe_grow();
             }
             RecvIoDone::Damaged { slots } => {
                 self.exclusive_io = false;
@@ -688,6 +770,20 @@ impl Receiver {
         }
     }
 
+    /// A progress event — once the manifest is complete: while it streams in, its totals are
+    /// not known (the application hears of the bytes already here with the first one after).
+    fn progress(&mut self, m: &Manifest, bytes_done: u64) {
+        if matches!(self.state, State::Streaming { .. }) {
+            return;
+        }
+        self.events.push_back(RecvEvent::Progress {
+            bytes_done,
+            bytes_total: m.summary().bytes,
+            wire_bytes: self.wire_bytes,
+            files_done: self.files_done,
+        });
+    }
+
     fn on_damaged(&mut self, m: &Manifest, slots: Vec<SlotId>) {
         if matches!(self.state, State::Draining | State::Done) {
             return;
@@ -711,7 +807,10 @@ impl Receiver {
         chunks.dedup();
         // Queued copies of these chunks would read a slot that no longer holds them: the chunk
         // arrives from the sender instead and is written to every slot still missing it.
-        if let State::Transferring(t) | State::Finalizing(t) = &mut self.state {
+        if let State::Transferring(t)
+        | State::Finalizing(t)
+        | State::Streaming { transfer: t, .. } = &mut self.state
+        {
             t.copies
                 .retain(|(c, _, _)| chunks.binary_search(c).is_err());
         }
@@ -769,11 +868,108 @@ impl Receiver {
         }]));
     }
 
-    fn on_prepared(&mut self, m: &Arc<Manifest>, durable: Vec<SlotId>) {
-        if !matches!(self.state, State::Preparing) {
+    /// The manifest arrived whole and checked: tell the application, name what the
+    /// destination cannot hold.
+    fn manifest_complete(&mut self, m: &Manifest, summary: ManifestSummary) {
+        self.events.push_back(RecvEvent::Manifest(summary));
+        let paths = crate::store::omitted_entries(m, self.cfg.symlinks);
+        if !paths.is_empty() {
+            self.events.push_back(RecvEvent::Unrepresentable {
+                paths,
+                reason: "the destination's file system cannot hold symlinks",
+            });
+        }
+    }
+
+    /// Sizes the chunk and slot sets for `m` (a longer prefix keeps what they hold).
+    fn grow_tables(&mut self, m: &Manifest) {
+        let uniques = m.unique_chunks().len();
+        self.have.grow(uniques);
+        self.wanted.grow(uniques);
+        self.durable.grow(m.slot_count() as usize);
+    }
+
+    /// Streaming: prepares the store for a longer prefix of the manifest (or the whole of it,
+    /// once it ended) when one is due — the first entries, a prefix twice as long as the last,
+    /// or more entries while nothing is wanted. Chunks wait (see
+    /// [`can_accept_chunk`](Self::can_accept_chunk)) until every store and commit settled:
+    /// preparing compacts the journal and reopens staging files.
+    fn maybe_grow(&mut self) {
+        let State::Streaming { builder, .. } = &self.state else {
+            return;
+        };
+        if self.exclusive_io {
             return;
         }
-        let mut transfer = Transfer::default();
+        let n = builder.as_ref().map_or(0, |b| b.len());
+        let p = self.stream.prepared_entries;
+        let due = self.stream.grow_due
+            || self.stream.full.is_some()
+            || (n > p && (p == 0 || n >= 2 * p || self.wanted_left == 0));
+        if !due {
+            return;
+        }
+        self.stream.grow_due = true;
+        self.flush_commit();
+        if self.busy > 0 || self.committing || !self.uncommitted.is_empty() {
+            return;
+        }
+        let m = match (&self.stream.full, &self.state) {
+            (Some(m), _) => Arc::clone(m),
+            (
+                None,
+                State::Streaming {
+                    builder: Some(b), ..
+                },
+            ) => Arc::new(b.prefix().clone()),
+            _ => return,
+        };
+        self.stream.grow_due = false;
+        self.stream.prepared_entries = m.entries().len();
+        self.grow_tables(&m);
+        self.manifest = Some(Arc::clone(&m));
+        self.io.push_back(RecvIo::Prepare { manifest: m });
+        self.exclusive_io = true;
+    }
+
+    /// Streaming: the store is prepared for prefix `m` (or the whole manifest): ask for the
+    /// chunks it adds. After the whole manifest, `WantEnd` closes the session's want list and
+    /// the transfer runs on as in a manifest-first session.
+    fn on_prepared_stream(&mut self, m: &Arc<Manifest>, durable: Vec<SlotId>) {
+        let State::Streaming { transfer, .. } = &mut self.state else {
+            return;
+        };
+        let mut transfer = std::mem::take(transfer);
+        self.mark_durable(m, durable);
+        self.count_files(m);
+        self.bytes_verified = self.bytes_verified.max(self.bytes_done);
+        // Copies are planned afresh: new slots may hold chunks already here.
+        transfer.copies.clear();
+        let (ranges, chunks, bytes) = self.plan(m, &mut transfer);
+        self.wanted_left += chunks;
+        self.stream.wanted_chunks += chunks;
+        self.stream.wanted_bytes += bytes;
+        for part in ranges.chunks(MAX_RANGES_PER_FRAME) {
+            self.send(&Message::Want(part.to_vec()));
+        }
+        let whole = self.stream.full.as_ref().is_some_and(|f| Arc::ptr_eq(f, m));
+        if whole {
+            let (chunks, bytes) = (self.stream.wanted_chunks, self.stream.wanted_bytes);
+            self.send(&Message::WantEnd { chunks, bytes });
+            self.events.push_back(RecvEvent::Wanted { chunks, bytes });
+            self.state = State::Transferring(transfer);
+            // What arrived while the manifest streamed in.
+            self.progress(m, self.bytes_verified.max(self.bytes_done));
+            self.report_durable(true);
+            self.maybe_finalize(m);
+        } else if let State::Streaming { transfer: t, .. } = &mut self.state {
+            *t = transfer;
+            self.maybe_grow();
+        }
+    }
+
+    /// Marks the slots the store found durable.
+    fn mark_durable(&mut self, m: &Manifest, durable: Vec<SlotId>) {
         for s in durable {
             if s.0 < m.slot_count() && !self.durable.get(s) {
                 self.durable.set(s, true);
@@ -783,54 +979,16 @@ impl Receiver {
                 }
             }
         }
-        self.count_files(m);
-        let mut ranges: Vec<ChunkRange> = Vec::new();
-        let (mut want_chunks, mut want_bytes) = (0u64, 0u64);
-        // Chunks in the manifest's transfer order (databases, then small files first), each
-        // unique chunk once; the sender serves the ranges in the order they are asked for.
-        let mut seen = BitSet::new(m.unique_chunks().len());
-        let ids = m.transfer_order().into_iter().flat_map(|i| {
-            let e = m.entry(i);
-            e.into_iter()
-                .flat_map(|e| e.slots())
-                .filter_map(|s| m.slot_chunk(s))
-        });
-        for id in ids {
-            if seen.get(id) {
-                continue;
-            }
-            seen.set(id, true);
-            let Some(u) = m.unique(id) else { continue };
-            let mut from = None;
-            let mut missing = Vec::new();
-            for s in m.slots_of(id) {
-                if self.durable.get(s) {
-                    from.get_or_insert(s);
-                } else {
-                    missing.push(s);
-                }
-            }
-            match from {
-                Some(f) => {
-                    self.have.set(id, true);
-                    if !missing.is_empty() {
-                        transfer.copies.push_back((id, f, missing));
-                    }
-                }
-                None => {
-                    self.wanted.set(id, true);
-                    want_chunks += 1;
-                    want_bytes += u64::from(u.len);
-                    match ranges.last_mut() {
-                        Some(r) if r.end == id => r.end = id.next(),
-                        _ => ranges.push(ChunkRange {
-                            start: id,
-                            end: id.next(),
-                        }),
-                    }
-                }
-            }
+    }
+
+    fn on_prepared(&mut self, m: &Arc<Manifest>, durable: Vec<SlotId>) {
+        if !matches!(self.state, State::Preparing) {
+            return;
         }
+        let mut transfer = Transfer::default();
+        self.mark_durable(m, durable);
+        self.count_files(m);
+        let (ranges, want_chunks, want_bytes) = self.plan(m, &mut transfer);
         self.wanted_left = want_chunks;
         if self.bytes_done > 0 {
             self.events.push_back(RecvEvent::Resumed {
@@ -854,11 +1012,69 @@ impl Receiver {
         self.maybe_finalize(m);
     }
 
+    /// What to do for each unique chunk of `m` not already asked for: copy it locally when a
+    /// slot holds it durably (to its other slots), else ask the sender. Chunks in the
+    /// manifest's transfer order (databases, then small files first), each once; the sender
+    /// serves the ranges in the order they are asked for. Returns the ranges, and the chunks
+    /// and bytes they hold.
+    fn plan(&mut self, m: &Manifest, transfer: &mut Transfer) -> (Vec<ChunkRange>, u64, u64) {
+        let mut ranges: Vec<ChunkRange> = Vec::new();
+        let (mut want_chunks, mut want_bytes) = (0u64, 0u64);
+        let mut seen = BitSet::new(m.unique_chunks().len());
+        let ids = m.transfer_order().into_iter().flat_map(|i| {
+            let e = m.entry(i);
+            e.into_iter()
+                .flat_map(|e| e.slots())
+                .filter_map(|s| m.slot_chunk(s))
+        });
+        for id in ids {
+            if seen.get(id) || self.wanted.get(id) {
+                continue;
+            }
+            seen.set(id, true);
+            let Some(u) = m.unique(id) else { continue };
+            let mut from = None;
+            let mut missing = Vec::new();
+            for s in m.slots_of(id) {
+                if self.durable.get(s) {
+                    from.get_or_insert(s);
+                } else {
+                    missing.push(s);
+                }
+            }
+            match from {
+                Some(f) => {
+                    self.have.set(id, true);
+                    if !missing.is_empty() {
+                        transfer.copies.push_back((id, f, missing));
+                    }
+                }
+                None => {
+                    self.have.set(id, false);
+                    self.wanted.set(id, true);
+                    want_chunks += 1;
+                    want_bytes += u64::from(u.len);
+                    match ranges.last_mut() {
+                        Some(r) if r.end == id => r.end = id.next(),
+                        _ => ranges.push(ChunkRange {
+                            start: id,
+                            end: id.next(),
+                        }),
+                    }
+                }
+            }
+        }
+        (ranges, want_chunks, want_bytes)
+    }
+
     /// Tells a version-3 sender the durable bytes, if they grew: now when `now` is set or
     /// [`REPORT_EVERY`] has passed since the last report, else once it has (see
     /// [`handle_timeout`](Self::handle_timeout)). Only while the round runs.
     fn report_durable(&mut self, now: bool) {
-        let running = matches!(self.state, State::Transferring(_) | State::Finalizing(_));
+        let running = matches!(
+            self.state,
+            State::Transferring(_) | State::Finalizing(_) | State::Streaming { .. }
+        );
         if self.peer_version < 3 || !running || self.bytes_done <= self.reported {
             self.report_pending = false;
             return;
@@ -895,7 +1111,9 @@ impl Receiver {
 
     fn all_stored(&self) -> bool {
         let no_copies = match &self.state {
-            State::Transferring(t) | State::Finalizing(t) => t.copies.is_empty(),
+            State::Transferring(t)
+            | State::Finalizing(t)
+            | State::Streaming { transfer: t, .. } => t.copies.is_empty(),
             _ => true,
         };
         self.wanted_left == 0 && self.busy == 0 && no_copies
@@ -952,32 +1170,44 @@ impl Receiver {
             match *last_frame_at {
                 None => *last_frame_at = Some(now),
                 Some(t) if now >= t + self.cfg.stall_timeout => {
-                    self.stalled(if matches!(self.state, State::AwaitHello { .. }) {
+                    let what = if matches!(self.state, State::AwaitHello { .. }) {
                         "no hello"
                     } else {
                         "no manifest data"
-                    });
+                    };
+                    self.stalled(what, self.cfg.stall_timeout);
                 }
                 Some(_) => {}
             }
         }
-        if let (State::Transferring(tr), true) = (&mut self.state, self.wanted_left > 0) {
+        if let (State::Transferring(tr) | State::Streaming { transfer: tr, .. }, true) =
+            (&mut self.state, self.wanted_left > 0)
+        {
             match tr.last_chunk_at {
                 None => tr.last_chunk_at = Some(now),
-                Some(t) if now >= t + self.cfg.stall_timeout => self.stalled("no data"),
+                Some(t) if now >= t + self.cfg.stall_timeout => {
+                    self.stalled("no data", self.cfg.stall_timeout);
+                }
+                Some(_) => {}
+            }
+        }
+        // A streaming sender may hash one large file for minutes before its next entry; only
+        // a far longer silence ends the session.
+        if let (State::Streaming { last_frame_at, .. }, 0) = (&mut self.state, self.wanted_left) {
+            let limit = self.cfg.stall_timeout * STREAM_SILENCE_FACTOR;
+            match *last_frame_at {
+                None => *last_frame_at = Some(now),
+                Some(t) if now >= t + limit => self.stalled("no manifest data", limit),
                 Some(_) => {}
             }
         }
     }
 
-    fn stalled(&mut self, what: &str) {
+    fn stalled(&mut self, what: &str, after: Duration) {
         self.events
             .push_back(RecvEvent::Failed(SessionError::PeerClosed {
                 code: Some(CloseCode::Timeout),
-                reason: format!(
-                    "{what} from the sender for {} s",
-                    self.cfg.stall_timeout.as_secs()
-                ),
+                reason: format!("{what} from the sender for {} s", after.as_secs()),
             }));
         self.control.push_back(close_frame(
             CloseCode::Timeout,
@@ -998,15 +1228,23 @@ impl Receiver {
             false => self.uncommitted_since.map(|t| t + self.cfg.commit_interval),
         };
         let stall = match &self.state {
-            State::Transferring(tr) if self.wanted_left > 0 => {
+            State::Transferring(tr) | State::Streaming { transfer: tr, .. }
+                if self.wanted_left > 0 =>
+            {
                 tr.last_chunk_at.map(|t| t + self.cfg.stall_timeout)
             }
             State::AwaitHello { last_frame_at } | State::Manifest { last_frame_at, .. } => {
                 last_frame_at.map(|t| t + self.cfg.stall_timeout)
             }
+            State::Streaming { last_frame_at, .. } => {
+                last_frame_at.map(|t| t + self.cfg.stall_timeout * STREAM_SILENCE_FACTOR)
+            }
             _ => None,
         };
-        let running = matches!(self.state, State::Transferring(_) | State::Finalizing(_));
+        let running = matches!(
+            self.state,
+            State::Transferring(_) | State::Finalizing(_) | State::Streaming { .. }
+        );
         let report = match (self.report_pending && running, self.reported_at) {
             (true, Some(last)) => Some(last + REPORT_EVERY),
             _ => None,
@@ -1023,11 +1261,20 @@ impl Receiver {
     /// The next I/O to perform.
     #[must_use]
     pub fn poll_io(&mut self) -> Option<RecvIo> {
+        // Stores wait for a prepare (a streaming prefix) to finish.
+        let held = self.exclusive_io
+            && matches!(
+                self.io.front(),
+                Some(RecvIo::Store { .. } | RecvIo::Copy { .. })
+            );
+        if held {
+            return None;
+        }
         if let Some(io) = self.io.pop_front() {
             return Some(io);
         }
-        if let State::Transferring(t) = &mut self.state {
-            if self.busy_bytes >= self.cfg.max_pending_bytes {
+        if let State::Transferring(t) | State::Streaming { transfer: t, .. } = &mut self.state {
+            if self.busy_bytes >= self.cfg.max_pending_bytes || self.exclusive_io {
                 return None;
             }
             let (chunk, from, to) = t.copies.pop_front()?;

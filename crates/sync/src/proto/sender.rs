@@ -8,7 +8,10 @@ use bytes::Bytes;
 use super::frame::{self, ChunkRange, Frame, Hello, Message, Role, MANIFEST_FRAME_TARGET};
 use super::{close_frame, CloseCode, Lane, SessionError, Transmit};
 use crate::compress::Encoding;
-use crate::manifest::{ChunkHash, ChunkId, EntryId, Manifest};
+use crate::manifest::{
+    ChunkHash, ChunkId, EntryId, Manifest, ManifestBuilder, ManifestError, ManifestLimits,
+    WireEntry,
+};
 
 /// Tuning for the sender.
 #[derive(Clone, Debug)]
@@ -45,6 +48,8 @@ pub enum SendIo {
         len: u32,
         hash: ChunkHash,
         verify: bool,
+        /// The file's manifest path (what [`crate::source::Source`] opens).
+        path: String,
     },
 }
 
@@ -119,10 +124,34 @@ struct Serving {
     requested: u64,
 }
 
+/// The sender's manifest: complete, or still growing as the application scans (version 4).
+#[derive(Debug)]
+enum Entries {
+    Building(Box<ManifestBuilder>),
+    Complete(Arc<Manifest>),
+}
+
+impl Entries {
+    /// The manifest, or the prefix of it announced so far.
+    fn get(&self) -> &Manifest {
+        match self {
+            Entries::Building(b) => b.prefix(),
+            Entries::Complete(m) => m,
+        }
+    }
+
+    fn complete(&self) -> Option<&Arc<Manifest>> {
+        match self {
+            Entries::Building(_) => None,
+            Entries::Complete(m) => Some(m),
+        }
+    }
+}
+
 /// The sender's side of one session. See the [module docs](super) for the protocol.
 #[derive(Debug)]
 pub struct Sender {
-    manifest: Arc<Manifest>,
+    manifest: Entries,
     cfg: SenderConfig,
     state: State,
     /// The receiver's protocol version (from its hello).
@@ -142,6 +171,25 @@ pub struct Sender {
 impl Sender {
     /// A new session for `manifest`. Queues the hello.
     pub fn new(manifest: Arc<Manifest>, cfg: SenderConfig) -> Self {
+        Self::with_entries(Entries::Complete(manifest), cfg)
+    }
+
+    /// A new session whose manifest the application supplies while it scans: entries in path
+    /// order with [`push_entries`](Self::push_entries), then [`end_manifest`](Self::end_manifest).
+    /// Entries are announced as they come, and chunks the receiver asks for are served at once
+    /// (see the [module docs](super), "Streaming"). Queues the hello.
+    pub fn streaming(cfg: SenderConfig) -> Self {
+        let limits = ManifestLimits {
+            max_memory: u64::MAX,
+            ..ManifestLimits::default()
+        };
+        Self::with_entries(
+            Entries::Building(Box::new(ManifestBuilder::new(limits))),
+            cfg,
+        )
+    }
+
+    fn with_entries(manifest: Entries, cfg: SenderConfig) -> Self {
         let mut control = VecDeque::new();
         control.push_back(Transmit::control(frame::encode_hello(&Hello {
             version: frame::PROTOCOL_VERSION,
@@ -164,8 +212,45 @@ impl Sender {
         }
     }
 
-    pub fn manifest(&self) -> &Arc<Manifest> {
-        &self.manifest
+    /// The complete manifest (`None` while a streaming sender's scan goes on).
+    pub fn manifest(&self) -> Option<&Arc<Manifest>> {
+        self.manifest.complete()
+    }
+
+    /// The manifest announced so far (all of it once complete).
+    pub fn manifest_prefix(&self) -> &Manifest {
+        self.manifest.get()
+    }
+
+    /// Adds the next entries of a streaming sender's manifest (in path order, after those
+    /// pushed before). An entry the manifest refuses (out of order, …) fails the session.
+    pub fn push_entries(&mut self, entries: Vec<WireEntry>) -> Result<(), ManifestError> {
+        let Entries::Building(b) = &mut self.manifest else {
+            return Ok(());
+        };
+        for e in entries {
+            if let Err(err) = b.push(e) {
+                if !self.is_closed() {
+                    self.fail(SessionError::Source(format!("manifest: {err}")));
+                }
+                return Err(err);
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends a streaming sender's manifest: the root is computed and `ManifestEnd` follows the
+    /// last entry. Nothing happens for a complete manifest.
+    pub fn end_manifest(&mut self) {
+        if let Entries::Building(b) = &mut self.manifest {
+            let b = std::mem::replace(b, Box::new(ManifestBuilder::new(ManifestLimits::default())));
+            self.manifest = Entries::Complete(Arc::new(b.finish_unchecked()));
+        }
+    }
+
+    /// Whether the manifest is complete (always, unless streaming and not yet ended).
+    pub fn manifest_complete(&self) -> bool {
+        self.manifest.complete().is_some()
     }
 
     /// Chunk payload bytes handed out for sending (after compression).
@@ -273,18 +358,18 @@ impl Sender {
                 Ok(())
             }
             (State::Serving(s), Frame::Message(Message::Want(ranges))) => {
-                let n = self.manifest.unique_chunks().len() as u64;
+                let n = self.manifest.get().unique_chunks().len() as u64;
                 for r in ranges {
                     if r.start >= r.end || u64::from(r.end.0) > n {
                         return Err(SessionError::Protocol(format!(
-                            "want range {}..{} outside the manifest's {n} chunks",
+                            "want range {}..{} outside the {n} chunks announced",
                             r.start, r.end
                         )));
                     }
                     s.requested += u64::from(r.end.0 - r.start.0);
                     if s.requested > n + self.cfg.max_rerequests {
                         return Err(SessionError::Protocol(format!(
-                            "receiver asked for {} chunks; the manifest has {n}",
+                            "receiver asked for {} chunks; {n} were announced",
                             s.requested
                         )));
                     }
@@ -308,7 +393,7 @@ impl Sender {
                     )));
                 }
                 // A claim from the peer: never more than the round holds, never backwards.
-                let bytes = bytes.min(self.manifest.summary().bytes);
+                let bytes = bytes.min(self.manifest.get().summary().bytes);
                 if bytes > self.durable_bytes {
                     self.durable_bytes = bytes;
                     self.events.push_back(SendEvent::Durable { bytes });
@@ -316,7 +401,7 @@ impl Sender {
                 Ok(())
             }
             (State::Serving(s), Frame::Message(Message::Rejected { chunk })) => {
-                if chunk.index() >= self.manifest.unique_chunks().len() {
+                if chunk.index() >= self.manifest.get().unique_chunks().len() {
                     return Err(SessionError::Protocol(format!(
                         "rejected unknown chunk {chunk}"
                     )));
@@ -328,10 +413,15 @@ impl Sender {
                 Ok(())
             }
             (State::Serving(_), Frame::Message(Message::Done { root })) => {
-                if root != self.manifest.root() {
+                let Some(m) = self.manifest.complete() else {
+                    return Err(SessionError::Protocol(
+                        "receiver finished before the manifest was complete".into(),
+                    ));
+                };
+                if root != m.root() {
                     return Err(SessionError::Protocol(format!(
                         "receiver finished root {root:?}, expected {:?}",
-                        self.manifest.root()
+                        m.root()
                     )));
                 }
                 self.events.push_back(SendEvent::Done { root });
@@ -361,7 +451,7 @@ impl Sender {
                 payload,
             } => {
                 self.reads = self.reads.saturating_sub(1);
-                let Some(u) = self.manifest.unique(chunk) else {
+                let Some(u) = self.manifest.get().unique(chunk) else {
                     return;
                 };
                 let raw_len = u.len;
@@ -383,9 +473,10 @@ impl Sender {
                 self.reads = self.reads.saturating_sub(1);
                 let path = self
                     .manifest
+                    .get()
                     .unique(chunk)
-                    .and_then(|u| self.manifest.locate(u.first_slot))
-                    .and_then(|l| self.manifest.entry(l.entry))
+                    .and_then(|u| self.manifest.get().locate(u.first_slot))
+                    .and_then(|l| self.manifest.get().entry(l.entry))
                     .map_or_else(|| format!("chunk {chunk}"), |e| e.path.clone());
                 if !matches!(self.state, State::Serving(_)) {
                     return;
@@ -409,6 +500,13 @@ impl Sender {
         }
     }
 
+    /// Ends the session with `e` (sent to the receiver as a close).
+    pub fn abort(&mut self, e: SessionError) {
+        if !self.is_closed() {
+            self.fail(e);
+        }
+    }
+
     fn fail(&mut self, e: SessionError) {
         self.control
             .push_back(close_frame(e.close_code(), &e.to_string()));
@@ -425,11 +523,12 @@ impl Sender {
         }
         if let State::Serving(s) = &mut self.state {
             if !s.manifest_done {
-                let msg = s.next_manifest_message(&self.manifest);
-                return Some(match frame::encode_message(&msg) {
-                    Ok(b) => Transmit::control(b),
-                    Err(e) => self.manifest_unencodable(e),
-                });
+                if let Some(msg) = s.next_manifest_message(&self.manifest) {
+                    return Some(match frame::encode_message(&msg) {
+                        Ok(b) => Transmit::control(b),
+                        Err(e) => self.manifest_unencodable(e),
+                    });
+                }
             }
         }
         let (raw_len, t) = self.data.pop_front()?;
@@ -451,7 +550,10 @@ impl Sender {
 
     /// Whether a control frame is ready.
     pub fn has_control(&self) -> bool {
-        !self.control.is_empty() || matches!(&self.state, State::Serving(s) if !s.manifest_done)
+        !self.control.is_empty()
+            || matches!(&self.state, State::Serving(s) if !s.manifest_done
+                && (s.manifest_next < self.manifest.get().entries().len()
+                    || self.manifest.complete().is_some()))
     }
 
     /// The manifest could not be encoded: the session fails; returns the close frame.
@@ -478,8 +580,10 @@ impl Sender {
         if r.start >= r.end {
             s.want.pop_front();
         }
-        let u = *self.manifest.unique(chunk)?;
-        let loc = self.manifest.locate(u.first_slot)?;
+        let m = self.manifest.get();
+        let u = *m.unique(chunk)?;
+        let loc = m.locate(u.first_slot)?;
+        let path = m.entry(loc.entry)?.path.clone();
         self.reads += 1;
         self.ahead_bytes += u64::from(u.len);
         Some(SendIo::Read {
@@ -489,6 +593,7 @@ impl Sender {
             len: u.len,
             hash: u.hash,
             verify: s.verify.remove(&chunk),
+            path,
         })
     }
 
@@ -501,8 +606,10 @@ impl Sender {
 
 impl Serving {
     /// The next manifest frame's message: entries up to about [`MANIFEST_FRAME_TARGET`] bytes,
-    /// or `ManifestEnd` once they are all sent.
-    fn next_manifest_message(&mut self, m: &Manifest) -> Message {
+    /// or `ManifestEnd` once they are all sent and the manifest is complete; `None` while a
+    /// streaming manifest has nothing new.
+    fn next_manifest_message(&mut self, all: &Entries) -> Option<Message> {
+        let m = all.get();
         let mut entries = Vec::new();
         let mut size = 0usize;
         while size < MANIFEST_FRAME_TARGET {
@@ -513,12 +620,12 @@ impl Serving {
             entries.push(e);
             self.manifest_next += 1;
         }
-        if entries.is_empty() {
-            self.manifest_done = true;
-            Message::ManifestEnd(*m.summary())
-        } else {
-            Message::Manifest(entries)
+        if !entries.is_empty() {
+            return Some(Message::Manifest(entries));
         }
+        let m = all.complete()?;
+        self.manifest_done = true;
+        Some(Message::ManifestEnd(*m.summary()))
     }
 }
 
