@@ -26,16 +26,19 @@
 //! 5. **Finalize** trusts what this process verified and made durable: a chunk received (step 1),
 //!    copied locally (re-hashed on the way) or found complete at its final path (hashed while
 //!    surveyed) is not read again. Finalize checks that every slot of every file is claimed and
-//!    that each staging file has its manifest size (one `fstat`), and re-reads (and re-hashes)
+//!    that each staging file has its manifest size (one `statx`), and re-reads (and re-hashes)
 //!    only the files with a slot claimed by a journal an *earlier process* wrote: between that
 //!    process's end and this one's start nobody held the lock, so the staging file could have
 //!    been changed behind ferry's back (or lost a write on a disk that lies about `fsync`) — the
-//!    record's check hash proves the record, not the data. With
+//!    record's check hash proves the record, not the data. A staged file is checked and given
+//!    its mode and mtime by name in ferry's owner-only staging folder (`statx`, `chmod`,
+//!    `utimensat`: no open and close per file). With
 //!    [`FsStore::verify_at_end`] every file is re-read, as `ferry verify` does afterwards.
 //!    Then each file gets its mode (without setuid/setgid/sticky, masked by the umask, owner
 //!    access kept) and mtime, and is renamed into place (its data is durable since its commit) —
 //!    from directory handles, never through a symlink (see [`FsStore::finalize`]); one `syncfs`
-//!    then makes every mode, mtime and rename durable, the parent directories are `fsync`ed;
+//!    then makes every mode, mtime, new directory and rename durable, the parent directories
+//!    are `fsync`ed (once each, after it: not one journal commit per new directory);
 //!    then the receipt is written (tmp, fsync, rename, fsync). Only then are journal and staging
 //!    removed. A final path only ever receives a complete, verified file.
 //!
@@ -197,6 +200,18 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// The staging key a staging file's name spells ([`hex`] of it), if it is one.
+fn key_of(name: &str) -> Option<[u8; 16]> {
+    if name.len() != 32 || !name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return None;
+    }
+    let mut k = [0u8; 16];
+    for (i, b) in k.iter_mut().enumerate() {
+        *b = u8::from_str_radix(name.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(k)
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 struct Record {
     key: [u8; 16],
@@ -312,8 +327,8 @@ struct Survey {
     journaled: Vec<usize>,
     /// Entries with chunks at their final path to copy into staging, and those slots.
     local: Vec<(usize, Vec<SlotId>)>,
-    /// Names of the staging files this manifest uses.
-    wanted_keys: HashSet<String>,
+    /// The staging files present that this manifest uses (sorted keys).
+    wanted_keys: Vec<[u8; 16]>,
 }
 
 /// The slots of file `e` (staging key `key`) that the journal claims exactly as `m` has them,
@@ -578,9 +593,16 @@ impl FsStore {
             homes,
             journaled,
             local,
-            wanted_keys,
+            mut wanted_keys,
         } = self.survey(manifest, &records)?;
         self.check_space(manifest, &durable, &homes)?;
+        wanted_keys.extend(
+            local
+                .iter()
+                .filter_map(|(i, _)| manifest.entries().get(*i))
+                .map(|e| staging_key(&e.path)),
+        );
+        wanted_keys.sort_unstable();
         self.copy_local(manifest, local, &mut keep, &mut durable)?;
         self.remove_stale_staging(&wanted_keys)?;
         let journal = self.compact_journal(&keep)?;
@@ -656,18 +678,22 @@ impl FsStore {
             homes: vec![Home::Staging; manifest.entries().len()],
             journaled: Vec::new(),
             local: Vec::new(),
-            wanted_keys: HashSet::new(),
+            wanted_keys: Vec::new(),
         };
+        // One listing of staging instead of a lookup per file (none at all in a fresh DEST),
+        // and one lookup per folder for the final paths: entries are sorted, so a file's
+        // folder is mostly the previous file's.
+        let present = self.staged_keys();
+        let mut folder: Option<(String, bool)> = None;
         for (i, e) in manifest.entries().iter().enumerate() {
             if !e.is_file() {
                 continue;
             }
             let key = staging_key(&e.path);
-            s.wanted_keys.insert(hex(&key));
-            let staged = self.staging.join(hex(&key));
-            let staged_len = fs::metadata(&staged).ok().map(|m| m.len());
+            let staged = present.binary_search(&key).is_ok();
             let n = e.chunks();
-            if staged_len.is_some() {
+            if staged {
+                s.wanted_keys.push(key);
                 let found = journaled_slots(manifest, e, key, records);
                 let complete = found.len() == n as usize;
                 if !found.is_empty() {
@@ -681,7 +707,15 @@ impl FsStore {
                     continue;
                 }
             }
-            // Is the file (or part of it) already at its final path?
+            // Is the file (or part of it) already at its final path? Not if its folder is not.
+            let parent = e.path.rsplit_once('/').map_or("", |(d, _)| d);
+            if folder.as_ref().is_none_or(|(f, _)| f != parent) {
+                let there = fs::symlink_metadata(self.dest.join(parent)).is_ok_and(|m| m.is_dir());
+                folder = Some((parent.to_string(), there));
+            }
+            if folder.as_ref().is_some_and(|(_, there)| !there) {
+                continue;
+            }
             let by_receipt = match (&prev, prev_index.get(e.path.as_str())) {
                 (Some(p), Some(&pi)) => self.reusable_by_receipt(p, pi, manifest, i),
                 _ => None,
@@ -691,10 +725,10 @@ impl FsStore {
                 None => self.reusable_in_place(manifest, EntryId(i as u32))?,
             };
             if let Some((reuse, same_size)) = reusable {
-                if reuse.len() == n as usize && same_size && staged_len.is_none() {
+                if reuse.len() == n as usize && same_size && !staged {
                     s.homes[i] = Home::InPlace;
                     s.durable.extend(reuse);
-                } else if staged_len.is_none() && !reuse.is_empty() {
+                } else if !staged && !reuse.is_empty() {
                     s.local.push((i, reuse));
                 }
             }
@@ -779,12 +813,26 @@ impl FsStore {
         Ok(())
     }
 
-    /// Staging files of files no longer in the manifest are garbage.
-    fn remove_stale_staging(&self, wanted_keys: &HashSet<String>) -> Result<(), StoreError> {
+    /// The staging files present, by key (sorted); anything else there is ignored (and removed
+    /// by [`Self::remove_stale_staging`]).
+    fn staged_keys(&self) -> Vec<[u8; 16]> {
+        let mut keys: Vec<[u8; 16]> = fs::read_dir(&self.staging)
+            .map(|rd| {
+                rd.flatten()
+                    .filter_map(|ent| key_of(&ent.file_name().to_string_lossy()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        keys.sort_unstable();
+        keys
+    }
+
+    /// Staging files of files no longer in the manifest are garbage (`wanted_keys`: sorted).
+    fn remove_stale_staging(&self, wanted_keys: &[[u8; 16]]) -> Result<(), StoreError> {
         if let Ok(rd) = fs::read_dir(&self.staging) {
             for ent in rd.flatten() {
                 let name = ent.file_name().to_string_lossy().into_owned();
-                if !wanted_keys.contains(&name) {
+                if key_of(&name).is_none_or(|k| wanted_keys.binary_search(&k).is_err()) {
                     let _ = fs::remove_file(ent.path());
                 }
             }
@@ -1190,7 +1238,7 @@ impl FsStore {
         )?;
         let moved = t0.elapsed();
         for d in &touched_dirs {
-            let dir = self.open_dir(d, false)?;
+            let dir = self.open_dir(d, None)?;
             ctx(&self.dest.join(d), dir.sync_all())?;
         }
         self.stamp_dirs(m)?;
@@ -1230,14 +1278,15 @@ impl FsStore {
                 None => ("", e.path.as_str()),
             };
             if parent.as_ref().is_none_or(|(r, _)| r != par_rel) {
-                parent = Some((par_rel.to_string(), self.open_dir(par_rel, true)?));
+                let dir = self.open_dir(par_rel, Some(&mut touched_dirs))?;
+                parent = Some((par_rel.to_string(), dir));
             }
             let Some((_, dir)) = parent.as_ref() else {
                 continue;
             };
             let touched = match &e.kind {
                 EntryKind::Dir => {
-                    self.open_dir(&e.path, true)?;
+                    self.open_dir(&e.path, Some(&mut touched_dirs))?;
                     false
                 }
                 EntryKind::File { .. } if homes[i] == Home::InPlace => {
@@ -1340,7 +1389,7 @@ impl FsStore {
     fn stamp_dirs(&self, m: &Manifest) -> Result<(), StoreError> {
         for e in m.entries().iter().rev() {
             if e.kind == EntryKind::Dir {
-                let dir = self.open_dir(&e.path, false)?;
+                let dir = self.open_dir(&e.path, None)?;
                 let path = self.dest.join(&e.path);
                 let mode = final_mode(e.mode, true, self.umask);
                 ctx(&path, dir.set_permissions(fs::Permissions::from_mode(mode)))?;
@@ -1385,7 +1434,7 @@ impl FsStore {
                 None => ("", e.path.as_str()),
             };
             // A parent that is no longer a real directory: nothing of ferry's is there.
-            let Ok(dir) = self.open_dir(par_rel, false) else {
+            let Ok(dir) = self.open_dir(par_rel, None) else {
                 continue;
             };
             let Ok(st) = rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) else {
@@ -1432,26 +1481,40 @@ impl FsStore {
 
     /// Opens directory `rel` of DEST ("" is DEST itself) from DEST's handle, one component at a
     /// time with `O_NOFOLLOW`: a symlink or file where the history has a directory is a
-    /// conflict, never followed. With `create`, missing directories are created (owner-only
-    /// until finalize gives them their modes) and their parents synced.
-    fn open_dir(&self, rel: &str, create: bool) -> Result<File, StoreError> {
+    /// conflict, never followed. With `created`, missing directories are created (owner-only
+    /// until finalize gives them their modes) and their parents (relative paths) added to it, to
+    /// be synced once finalize has placed everything: an fsync per new directory in the middle
+    /// of thousands of renames would commit the file system's journal each time.
+    fn open_dir(
+        &self,
+        rel: &str,
+        mut created: Option<&mut HashSet<String>>,
+    ) -> Result<File, StoreError> {
         let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
         let mut cur = ctx(&self.dest, self.dest_dir.try_clone())?;
         let mut shown = self.dest.clone();
+        // `cur` relative to DEST.
+        let mut at = String::new();
         for part in rel.split('/').filter(|p| !p.is_empty()) {
             shown.push(part);
-            let next = match rustix::fs::openat(&cur, part, flags, Mode::empty()) {
-                Err(Errno::NOENT) if create => {
+            let next = match (
+                rustix::fs::openat(&cur, part, flags, Mode::empty()),
+                &mut created,
+            ) {
+                (Err(Errno::NOENT), Some(created)) => {
                     match rustix::fs::mkdirat(&cur, part, Mode::from_raw_mode(private::DIR_MODE)) {
                         Ok(()) | Err(Errno::EXIST) => {}
                         Err(e) => return Err(StoreError::io(&shown, e.into())),
                     }
-                    let parent = shown.parent().unwrap_or(&self.dest).to_path_buf();
-                    ctx(&parent, cur.sync_all())?;
+                    created.insert(at.clone());
                     rustix::fs::openat(&cur, part, flags, Mode::empty())
                 }
-                r => r,
+                (r, _) => r,
             };
+            if !at.is_empty() {
+                at.push('/');
+            }
+            at.push_str(part);
             cur = match next {
                 Ok(fd) => File::from(fd),
                 Err(Errno::LOOP | Errno::NOTDIR) => {
@@ -1729,6 +1792,29 @@ fn stamp_file(f: &File, mode: u32, mtime: Mtime, umask: u32) -> io::Result<()> {
     f.set_times(file_times(mtime))
 }
 
+/// [`stamp_file`] by path, for a staging file (in ferry's owner-only folder, just found to be a
+/// regular file): two calls instead of opening and closing it as well.
+fn stamp_staged(path: &Path, mode: u32, mtime: Mtime, umask: u32) -> io::Result<()> {
+    let cwd = rustix::fs::CWD;
+    let mode = Mode::from_raw_mode(final_mode(mode, false, umask));
+    rustix::fs::chmodat(cwd, path, mode, AtFlags::empty())?;
+    let (secs, nanos) = if mtime.secs >= 0 {
+        (mtime.secs, i64::from(mtime.nanos.min(999_999_999)))
+    } else {
+        (0, 0)
+    };
+    let t = rustix::fs::Timespec {
+        tv_sec: secs,
+        tv_nsec: nanos,
+    };
+    let times = rustix::fs::Timestamps {
+        last_access: t,
+        last_modification: t,
+    };
+    rustix::fs::utimensat(cwd, path, &times, AtFlags::SYMLINK_NOFOLLOW)?;
+    Ok(())
+}
+
 fn file_times(mtime: Mtime) -> fs::FileTimes {
     let t = if mtime.secs >= 0 {
         SystemTime::UNIX_EPOCH + Duration::new(mtime.secs as u64, mtime.nanos.min(999_999_999))
@@ -1800,9 +1886,13 @@ fn verify_and_stamp(
                     if !mine.is_empty() {
                         tracing::warn!(path = %e.path, chunks = mine.len(), "verification failed");
                         lock(&bad).extend(mine);
-                    } else if let Some(f) = f.filter(|_| (check.stamp)(i)) {
+                    } else if (check.stamp)(i) {
                         // A failure here is not fatal: the file is stamped by path later.
-                        if stamp_file(&f, e.mode, e.mtime, check.umask).is_ok() {
+                        let done = match f {
+                            Some(f) => stamp_file(&f, e.mode, e.mtime, check.umask),
+                            None => stamp_staged(&path_of(i), e.mode, e.mtime, check.umask),
+                        };
+                        if done.is_ok() {
                             stamped[i].store(true, std::sync::atomic::Ordering::Relaxed);
                         }
                     }
@@ -1817,7 +1907,7 @@ fn verify_and_stamp(
 }
 
 /// Verifies entry `i` at `path`: the slots that do not match, and the open file. Without a
-/// buffer only its kind and size are checked.
+/// buffer only its kind and size are checked, by path (one `statx`, no file opened).
 fn verify_file(
     m: &Manifest,
     i: usize,
@@ -1826,6 +1916,12 @@ fn verify_file(
 ) -> (Vec<SlotId>, Option<File>) {
     let e = &m.entries()[i];
     let all = || e.slots().collect::<Vec<SlotId>>();
+    let Some(buf) = buf else {
+        return match fs::symlink_metadata(path) {
+            Ok(md) if md.is_file() && md.len() == e.size => (Vec::new(), None),
+            _ => (all(), None),
+        };
+    };
     let Ok(f) = open_nofollow(path) else {
         return (all(), None);
     };
@@ -1833,9 +1929,6 @@ fn verify_file(
         Ok(md) if md.is_file() && md.len() == e.size => {}
         _ => return (all(), None),
     }
-    let Some(buf) = buf else {
-        return (Vec::new(), Some(f));
-    };
     let mut bad = Vec::new();
     buf.resize(e.chunk_size() as usize, 0);
     for c in 0..e.chunks() {
