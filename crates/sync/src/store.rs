@@ -2253,6 +2253,41 @@ mod tests {
         assert_eq!(fs::read(dest.join("b.jpg")).unwrap(), b);
     }
 
+    /// Prepare lists staging once: a staged file of this manifest keeps its journaled slots,
+    /// one of a file no longer in it goes, and so does anything else there; a file whose
+    /// folder does not exist at DEST is not looked for there.
+    #[test]
+    fn prepare_keeps_wanted_staging_and_removes_the_rest() {
+        let (a, b) = (data(300_000, 6), data(4_000, 7));
+        let files: [(&str, &[u8]); 2] = [("a.jpg", &a), ("sub/b.txt", &b)];
+        let m = manifest_of(&files);
+        let d = tempfile::tempdir().unwrap();
+        let dest = d.path().join("dest");
+        let staging = dest.join(STATE_DIR).join("staging");
+        {
+            let store = FsStore::open(&dest).unwrap();
+            store.prepare(&m).unwrap();
+            receive(&store, &m, &files, &["a.jpg"]);
+        }
+        let stale = staging.join(hex(&staging_key("gone.jpg")));
+        fs::write(&stale, b"old").unwrap();
+        fs::write(staging.join("not-a-key"), b"?").unwrap();
+        let store = FsStore::open(&dest).unwrap();
+        let durable = store.prepare(&m).unwrap();
+        let a_slots: Vec<SlotId> = m.entries()[m.find("a.jpg").unwrap()].slots().collect();
+        assert_eq!(durable, a_slots);
+        let mut left: Vec<String> = fs::read_dir(&staging)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, vec![hex(&staging_key("a.jpg"))]);
+        receive(&store, &m, &files, &["sub/b.txt"]);
+        assert_eq!(store.finalize().unwrap(), Vec::<SlotId>::new());
+        assert_eq!(fs::read(dest.join("a.jpg")).unwrap(), a);
+        assert_eq!(fs::read(dest.join("sub/b.txt")).unwrap(), b);
+    }
+
     /// A slot never committed is not trusted: finalize names it instead of placing the file.
     #[test]
     fn finalize_names_slots_never_committed() {
