@@ -752,11 +752,14 @@ impl Receiving<'_> {
 
     /// A session that ended well: another round follows, or the migration is complete.
     async fn ended(&mut self, conn: PeerConnection, end: RecvEnd) -> Result<Step, Error> {
-        if end.summary().is_some() {
+        let verified = end.summary().is_some();
+        if verified {
             self.rounds += 1;
-            if self.first.is_none() {
-                self.first = ferry_sync::store::read_receipt(&self.o.dest).ok();
-            }
+        }
+        // The first verified tree, to say at the end what changed since: only needed when
+        // another round follows (a manifest's worth of memory per file otherwise).
+        if verified && self.first.is_none() && end.more_rounds() {
+            self.first = ferry_sync::store::read_receipt(&self.o.dest).ok();
         }
         let (m, confirmed): (ManifestSummary, bool) = match end {
             RecvEnd::Next(m) => {
@@ -824,9 +827,12 @@ impl Receiving<'_> {
 
     /// The summary of the finished migration, emitted as `done`.
     async fn finish(&self, root: ChunkHash, files: u64, bytes: u64, end: End) -> ReceiveSummary {
-        let diff = match (&self.first, ferry_sync::store::read_receipt(&self.o.dest)) {
-            (Some(f), Ok(last)) => f.diff(&last, 0),
-            _ => Default::default(),
+        // One round: nothing changed since the first (and its tree was not kept).
+        let diff = match &self.first {
+            Some(f) => ferry_sync::store::read_receipt(&self.o.dest)
+                .map(|last| f.diff(&last, 0))
+                .unwrap_or_default(),
+            None => Default::default(),
         };
         // What finalize left out, as listed with the receipt it wrote.
         let unrepresentable = ferry_sync::store::read_omitted(&self.o.dest).unwrap_or_default();
