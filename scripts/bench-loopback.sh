@@ -18,12 +18,12 @@
 # sshd on 127.0.0.1:2222 with its own keys in a temporary folder). Only 127.0.0.1 is used.
 # Everything it starts is stopped on exit, also on failure or Ctrl-C.
 #
-# Every round runs every tool once, in the same order, on the same data, into a fresh
-# destination, after an unmeasured warm-up round (page cache warm). Each result is one JSON line
-# in bench-results/<tag>-<time>.jsonl; a summary table (medians, min–max, ratios) follows.
+# Every round runs every tool once, on the same data, into a fresh destination (even rounds in
+# reverse order), after an unmeasured warm-up round (page cache warm). Each result is one JSON
+# line in bench-results/<tag>-<time>.jsonl; a summary table (medians, min–max, ratios) follows.
 # ferry's own output of every run (both ends' --json events, stderr and /usr/bin/time figures)
 # is kept in target/bench-logs/<tag>-<time>/<round>-<tool>-{send,receive}.{json,err,time}, so an
-# outlier can be looked at afterwards.
+# outlier can be looked at afterwards. NO_BUILD=1 uses target/release as it is.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -85,8 +85,11 @@ else
   fi
 fi
 
-echo "bench-loopback: building ferry (release)" >&2
-cargo build --release --quiet --bin ferry --example gen_history --example scan_bench --example proto_bench
+# NO_BUILD=1: use target/release as it is (an interleaved comparison must not rebuild midway).
+if [ -z "${NO_BUILD:-}" ]; then
+  echo "bench-loopback: building ferry (release)" >&2
+  cargo build --release --quiet --bin ferry --example gen_history --example scan_bench --example proto_bench
+fi
 BIN="$REPO/target/release"
 FERRY="$BIN/ferry"
 
@@ -383,31 +386,51 @@ run_proto() { # round [extra-flag [binary tool-name]]
   echo "source: $SRC ($FILES files, $BYTES bytes); rounds: $ROUNDS; only: $ONLY${BASE:+; baseline: $BASE}"
 } | tee "$RESULTS.txt" >&2
 
+# One tool of one round (ferry and proto run next to their baselines, if any).
+run_tool() { # round tool
+  local round=$1
+  case "$2" in
+    tar) run_tar "$round" 0 ;;
+    tarzstd) run_tar "$round" 1 ;;
+    rsync) run_rsync "$round" "" ;;
+    rsyncgcm) run_rsync "$round" aes128-gcm@openssh.com ;;
+    scp) run_scp "$round" ;;
+    # With a baseline, the two builds swap places every round so neither always goes first.
+    ferry)
+      if [ -n "$BASE" ] && [ $((round % 2)) = 0 ]; then
+        run_ferry "$round" "$BASE/ferry" ferry@base
+        run_ferry "$round"
+      else
+        run_ferry "$round"
+        [ -z "$BASE" ] || run_ferry "$round" "$BASE/ferry" ferry@base
+      fi ;;
+    scan) run_scan "$round" ;;
+    b3sum) run_b3sum "$round" ;;
+    proto)
+      if [ -n "$BASE" ] && [ $((round % 2)) = 0 ]; then
+        run_proto "$round" "" "$BASE/proto_bench" proto@base
+        run_proto "$round"
+      else
+        run_proto "$round"
+        [ -z "$BASE" ] || run_proto "$round" "" "$BASE/proto_bench" proto@base
+      fi ;;
+    protoraw) run_proto "$round" --no-compress ;;
+  esac
+}
+
+# Every other round runs the tools in reverse order, so that none always runs first (or last)
+# in a batch on a machine whose load drifts.
+ORDER=(tar tarzstd rsync rsyncgcm scp ferry scan b3sum proto protoraw)
 for round in $(seq "$([ "$WARMUP" = 0 ] && echo 1 || echo 0)" "$ROUNDS"); do
   echo "round $round$([ "$round" = 0 ] && echo ' (warm-up, not recorded)') — $(uptime)" >&2
-  want tar && run_tar "$round" 0
-  want tarzstd && run_tar "$round" 1
-  want rsync && run_rsync "$round" ""
-  want rsyncgcm && run_rsync "$round" aes128-gcm@openssh.com
-  want scp && run_scp "$round"
-  # With a baseline, the two builds swap places every round so neither always goes first.
-  if want ferry && [ -n "$BASE" ] && [ $((round % 2)) = 0 ]; then
-    run_ferry "$round" "$BASE/ferry" ferry@base
-    run_ferry "$round"
-  elif want ferry; then
-    run_ferry "$round"
-    [ -z "$BASE" ] || run_ferry "$round" "$BASE/ferry" ferry@base
+  tools=("${ORDER[@]}")
+  if [ $((round % 2)) = 0 ]; then
+    tools=()
+    for ((k = ${#ORDER[@]} - 1; k >= 0; k--)); do tools+=("${ORDER[k]}"); done
   fi
-  want scan && run_scan "$round"
-  want b3sum && run_b3sum "$round"
-  if want proto && [ -n "$BASE" ] && [ $((round % 2)) = 0 ]; then
-    run_proto "$round" "" "$BASE/proto_bench" proto@base
-    run_proto "$round"
-  elif want proto; then
-    run_proto "$round"
-    [ -z "$BASE" ] || run_proto "$round" "" "$BASE/proto_bench" proto@base
-  fi
-  want protoraw && run_proto "$round" --no-compress
+  for t in "${tools[@]}"; do
+    want "$t" && run_tool "$round" "$t"
+  done
 done
 echo "end: $(date -u +%FT%TZ) uptime:$(uptime)" | tee -a "$RESULTS.txt" >&2
 fresh_dest

@@ -125,6 +125,11 @@ pub struct ReceiveFlags {
     /// replaces files at the same paths as the history's.
     #[arg(long)]
     pub yes: bool,
+    /// Re-read and re-hash every file before it moves into place (chunks are verified on
+    /// arrival and durable before they count; by default only files an interrupted run
+    /// journaled are read back).
+    #[arg(long)]
+    pub verify_at_end: bool,
     /// One JSON event per line on stdout.
     #[arg(long)]
     pub json: bool,

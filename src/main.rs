@@ -158,6 +158,7 @@ async fn receive(f: ReceiveFlags) -> Result<(), Error> {
     let mut m = Migration::receive(&f.dest)
         .dirs(ferry_migrate::dirs_from_env()?)
         .accept_nonempty(f.yes)
+        .verify_at_end(f.verify_at_end)
         .give_up_after(Duration::from_secs(f.give_up_after))
         .pairing_ttl(args::parse_pairing_ttl(f.pairing_ttl)?)
         .prompt(Arc::new(args::TerminalPrompt));

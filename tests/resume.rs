@@ -511,3 +511,51 @@ fn receiving_again_into_a_finished_folder_says_so_and_never_that_it_resumes() {
     assert!(done.contains("nothing needed to be received"), "{err}");
     assert_histories_equal(src, &dest).unwrap();
 }
+
+/// Finalize reads nothing back that the receiving process verified and made durable itself:
+/// `read_back_bytes` is 0 for a run without interruption, every byte with `--verify-at-end`,
+/// and after a `kill -9` the files the killed process had journaled (some, not all), so data
+/// staged while no receiver guarded it is re-hashed before it moves into place.
+#[test]
+fn finalize_reads_back_only_what_an_earlier_process_journaled() {
+    let src = shared_history(160, 7);
+    let clean = migrate(src);
+    let bytes = u64_of(&clean.recv_done, "bytes");
+    assert_eq!(u64_of(&clean.recv_done, "read_back_bytes"), 0);
+    assert_histories_equal(src, &clean.dest).unwrap();
+    drop(clean);
+
+    let (old, new) = (Device::new("old"), Device::new("new"));
+    let work = tempdir("dest");
+    let dest = work.path().join("history");
+    let (mut s, addr, code) = start_sender(&old, src, "127.0.0.1:0");
+    let mut r = new.receive(&dest, &addr, Some(&code), &["--verify-at-end"]);
+    let done = r.wait_event("done", LONG);
+    r.expect_exit(0, LONG);
+    s.wait_event("done", LONG);
+    s.expect_exit(0, LONG);
+    assert_eq!(u64_of(&done, "read_back_bytes"), bytes, "{done}");
+    assert_histories_equal(src, &dest).unwrap();
+
+    let work = tempdir("dest");
+    let dest = work.path().join("history");
+    let (mut s, addr, code) = start_sender_with(&old, src, "127.0.0.1:0", &["--limit-rate", LIMIT]);
+    let mut r = new.receive(&dest, &addr, Some(&code), &[]);
+    wait_progress(&mut r, 0.5, &dest).expect("the migration finished before half of it");
+    r.kill9();
+    let mut r = new.receive(&dest, &addr, None, &[]);
+    let done = r.wait_event("done", LONG);
+    r.expect_exit(0, LONG);
+    s.wait_event("done", LONG);
+    s.expect_exit(0, LONG);
+    let read_back = u64_of(&done, "read_back_bytes");
+    let resumed = u64_of(&done, "resumed_bytes");
+    eprintln!("resumed with {resumed} of {bytes} bytes; read back {read_back}");
+    assert!(
+        resumed > 0 && read_back >= resumed && read_back < bytes,
+        "read back {read_back} bytes after resuming with {resumed} of {bytes}: {done}"
+    );
+    assert_histories_equal(src, &dest).unwrap();
+    let (code, err) = verify(&dest);
+    assert_eq!(code, 0, "ferry verify failed: {err}");
+}

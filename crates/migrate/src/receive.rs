@@ -55,6 +55,7 @@ pub struct ReceiveBuilder {
     connect: Option<Vec<SocketAddr>>,
     ticket: Option<Ticket>,
     accept_nonempty: bool,
+    verify_at_end: bool,
     give_up: Duration,
     name: Option<String>,
     dirs: Option<FerryDirs>,
@@ -83,6 +84,7 @@ impl ReceiveBuilder {
             connect: None,
             ticket: None,
             accept_nonempty: false,
+            verify_at_end: false,
             give_up: Duration::from_secs(3600),
             name: None,
             dirs: None,
@@ -112,6 +114,14 @@ impl ReceiveBuilder {
     /// same paths are replaced).
     pub fn accept_nonempty(mut self, yes: bool) -> Self {
         self.accept_nonempty = yes;
+        self
+    }
+    /// Re-read and re-hash every file from disk before it is moved into place (default off:
+    /// chunks were verified on arrival and made durable before they counted, so only files
+    /// journaled by an earlier, interrupted run are read back; see `ferry_sync::store`).
+    /// [`ReceiveSummary::read_back_bytes`] says how much was read.
+    pub fn verify_at_end(mut self, yes: bool) -> Self {
+        self.verify_at_end = yes;
         self
     }
     /// Give up reconnecting after this long without a connection (default one hour).
@@ -174,6 +184,10 @@ pub struct ReceiveSummary {
     pub totals: Totals,
     /// Bytes already here and verified when the first round started.
     pub resumed_bytes: u64,
+    /// Bytes read back from disk and re-hashed before files moved into place: 0 for a
+    /// migration received in one run, the files an interrupted run had journaled after a
+    /// resume, everything with [`ReceiveBuilder::verify_at_end`].
+    pub read_back_bytes: u64,
     /// Connections lost and re-made.
     pub interruptions: u32,
     /// The sender's name.
@@ -253,8 +267,9 @@ fn receiver_config(dest: &Path) -> ReceiverConfig {
 }
 
 /// Opens the destination's store (one receiver at a time).
-fn open_store(dest: &Path) -> Result<Arc<FsStore>, Error> {
-    FsStore::open(dest).map(Arc::new).map_err(|e| match e {
+fn open_store(dest: &Path, verify_at_end: bool) -> Result<Arc<FsStore>, Error> {
+    let store = FsStore::open(dest).map(|s| Arc::new(s.verify_at_end(verify_at_end)));
+    store.map_err(|e| match e {
         StoreError::Locked(_) => Error::with_cause(
             ErrorKind::Destination,
             format!("another ferry receive is already using {}", dest.display()),
@@ -272,7 +287,7 @@ async fn run(o: ReceiveBuilder, em: &Emitter, ctl: Arc<Control>) -> Result<Recei
         None => device::dirs_from_env()?,
     };
     check_dest(&o.dest, o.accept_nonempty)?;
-    let store = open_store(&o.dest)?;
+    let store = open_store(&o.dest, o.verify_at_end)?;
     if FsStore::has_unfinished(&o.dest) {
         em.emit(Event::Unfinished).await;
     } else if FsStore::has_receipt(&o.dest) {
@@ -433,6 +448,7 @@ async fn complete_without_sender(
             end: End::Complete,
         },
         resumed_bytes: 0,
+        read_back_bytes: 0,
         interruptions: 0,
         sender: String::new(),
         complete: unrepresentable.is_empty(),
@@ -738,11 +754,14 @@ impl Receiving<'_> {
 
     /// A session that ended well: another round follows, or the migration is complete.
     async fn ended(&mut self, conn: PeerConnection, end: RecvEnd) -> Result<Step, Error> {
-        if end.summary().is_some() {
+        let verified = end.summary().is_some();
+        if verified {
             self.rounds += 1;
-            if self.first.is_none() {
-                self.first = ferry_sync::store::read_receipt(&self.o.dest).ok();
-            }
+        }
+        // The first verified tree, to say at the end what changed since: only needed when
+        // another round follows (a manifest's worth of memory per file otherwise).
+        if verified && self.first.is_none() && end.more_rounds() {
+            self.first = ferry_sync::store::read_receipt(&self.o.dest).ok();
         }
         let (m, confirmed): (ManifestSummary, bool) = match end {
             RecvEnd::Next(m) => {
@@ -810,9 +829,12 @@ impl Receiving<'_> {
 
     /// The summary of the finished migration, emitted as `done`.
     async fn finish(&self, root: ChunkHash, files: u64, bytes: u64, end: End) -> ReceiveSummary {
-        let diff = match (&self.first, ferry_sync::store::read_receipt(&self.o.dest)) {
-            (Some(f), Ok(last)) => f.diff(&last, 0),
-            _ => Default::default(),
+        // One round: nothing changed since the first (and its tree was not kept).
+        let diff = match &self.first {
+            Some(f) => ferry_sync::store::read_receipt(&self.o.dest)
+                .map(|last| f.diff(&last, 0))
+                .unwrap_or_default(),
+            None => Default::default(),
         };
         // What finalize left out, as listed with the receipt it wrote.
         let unrepresentable = ferry_sync::store::read_omitted(&self.o.dest).unwrap_or_default();
@@ -831,6 +853,7 @@ impl Receiving<'_> {
                 end,
             },
             resumed_bytes: self.resumed,
+            read_back_bytes: self.store.bytes_read_back(),
             interruptions: self.interruptions,
             sender: self.sender.name.clone(),
             complete: unrepresentable.is_empty(),

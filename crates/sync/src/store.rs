@@ -23,13 +23,28 @@
 //!    check hash), records that do not match the new manifest exactly are dropped, and the
 //!    compacted journal replaces the old one (write, fsync, rename, fsync dir) *before* any new
 //!    write, so a slot the journal claims is never overwritten with other content.
-//! 5. **Finalize**: every file is re-read from disk and checked against the manifest, its mode
-//!    (without setuid/setgid/sticky, masked by the umask, owner access kept) and mtime set, and
-//!    it is renamed into place (its data is durable since its commit) — from directory handles,
-//!    never through a symlink (see [`FsStore::finalize`]); one `syncfs` then makes every mode,
-//!    mtime and rename durable, the parent directories are `fsync`ed; then
-//!    the receipt is written (tmp, fsync, rename, fsync). Only then are journal and staging
+//! 5. **Finalize** trusts what this process verified and made durable: a chunk received (step 1),
+//!    copied locally (re-hashed on the way) or found complete at its final path (hashed while
+//!    surveyed) is not read again. Finalize checks that every slot of every file is claimed and
+//!    that each staging file has its manifest size (one `statx`), and re-reads (and re-hashes)
+//!    only the files with a slot claimed by a journal an *earlier process* wrote: between that
+//!    process's end and this one's start nobody held the lock, so the staging file could have
+//!    been changed behind ferry's back (or lost a write on a disk that lies about `fsync`) — the
+//!    record's check hash proves the record, not the data. A staged file is checked and given
+//!    its mode and mtime by name in ferry's owner-only staging folder (`statx`, `chmod`,
+//!    `utimensat`: no open and close per file). With
+//!    [`FsStore::verify_at_end`] every file is re-read, as `ferry verify` does afterwards.
+//!    Then each file gets its mode (without setuid/setgid/sticky, masked by the umask, owner
+//!    access kept) and mtime, and is renamed into place (its data is durable since its commit) —
+//!    from directory handles, never through a symlink (see [`FsStore::finalize`]); one `syncfs`
+//!    then makes every mode, mtime, new directory and rename durable, the parent directories
+//!    are `fsync`ed (once each, after it: not one journal commit per new directory);
+//!    then the receipt is written (tmp, fsync, rename, fsync). Only then are journal and staging
 //!    removed. A final path only ever receives a complete, verified file.
+//!
+//! Files found in place by the previous round's receipt (same size and mtime as ferry left them,
+//! not read) are trusted as the receipt says, like a destination that already holds the whole
+//! manifest; `ferry verify` (or [`FsStore::verify_at_end`]) reads them.
 //!
 //! A `kill -9` at any instant loses at most the chunks written since the last commit. Files that
 //! are already in place at their final path (an interrupted finalize, an earlier round, or an
@@ -185,6 +200,18 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// The staging key a staging file's name spells ([`hex`] of it), if it is one.
+fn key_of(name: &str) -> Option<[u8; 16]> {
+    if name.len() != 32 || !name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return None;
+    }
+    let mut k = [0u8; 16];
+    for (i, b) in k.iter_mut().enumerate() {
+        *b = u8::from_str_radix(name.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(k)
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 struct Record {
     key: [u8; 16],
@@ -235,8 +262,57 @@ struct Prepared {
     manifest: Arc<Manifest>,
     /// Per entry; a file found damaged in place is moved back to staging (and fetched whole).
     homes: Mutex<Vec<Home>>,
+    /// What this process knows to be verified and durable.
+    ledger: Mutex<Ledger>,
     /// DEST already holds exactly this manifest (receipt + unchanged metadata).
     complete: bool,
+}
+
+/// Which slots this store has claimed (durable, as prepare found them or as committed since) and
+/// which files finalize must read back: those with a slot claimed by a journal an earlier
+/// process wrote (see the module docs, step 5). One bit per slot and per entry.
+struct Ledger {
+    claimed: Vec<u64>,
+    reread: Vec<u64>,
+}
+
+impl Ledger {
+    fn new(slots: u32, entries: usize) -> Self {
+        Ledger {
+            claimed: vec![0; (slots as usize).div_ceil(64)],
+            reread: vec![0; entries.div_ceil(64)],
+        }
+    }
+
+    fn set(bits: &mut [u64], i: usize, v: bool) {
+        if let Some(w) = bits.get_mut(i / 64) {
+            let m = 1u64 << (i % 64);
+            if v {
+                *w |= m;
+            } else {
+                *w &= !m;
+            }
+        }
+    }
+
+    fn get(bits: &[u64], i: usize) -> bool {
+        bits.get(i / 64)
+            .is_some_and(|w| w & (1u64 << (i % 64)) != 0)
+    }
+
+    fn claim(&mut self, slots: &[SlotId], v: bool) {
+        for s in slots {
+            Self::set(&mut self.claimed, s.index(), v);
+        }
+    }
+
+    fn claimed(&self, s: SlotId) -> bool {
+        Self::get(&self.claimed, s.index())
+    }
+
+    fn reread(&self, entry: usize) -> bool {
+        Self::get(&self.reread, entry)
+    }
 }
 
 /// What [`FsStore::prepare`] found before writing anything.
@@ -247,10 +323,12 @@ struct Survey {
     keep: Vec<Record>,
     /// Per entry.
     homes: Vec<Home>,
+    /// Entries with a slot claimed by the journal (an earlier process): read back at finalize.
+    journaled: Vec<usize>,
     /// Entries with chunks at their final path to copy into staging, and those slots.
     local: Vec<(usize, Vec<SlotId>)>,
-    /// Names of the staging files this manifest uses.
-    wanted_keys: HashSet<String>,
+    /// The staging files present that this manifest uses (sorted keys).
+    wanted_keys: Vec<[u8; 16]>,
 }
 
 /// The slots of file `e` (staging key `key`) that the journal claims exactly as `m` has them,
@@ -310,6 +388,10 @@ pub struct FsStore {
     /// DEST's file system can hold symlinks (not exFAT, FAT, nor Windows without the privilege).
     symlinks: bool,
     _lock: File,
+    /// Finalize re-reads every file, not only those an earlier process journaled.
+    verify_at_end: bool,
+    /// Bytes finalize read back to verify them (see [`FsStore::bytes_read_back`]).
+    read_back: std::sync::atomic::AtomicU64,
     prepared: Mutex<Option<Arc<Prepared>>>,
     open: Mutex<Open>,
     journal: Mutex<Option<BufWriter<File>>>,
@@ -379,10 +461,26 @@ impl FsStore {
             normalizes,
             symlinks,
             _lock: lock_file,
+            verify_at_end: false,
+            read_back: std::sync::atomic::AtomicU64::new(0),
             prepared: Mutex::new(None),
             open: Mutex::new(Open::default()),
             journal: Mutex::new(None),
         })
+    }
+
+    /// With `true`, finalize re-reads and re-hashes every file (in staging and in place) before
+    /// anything moves, as `ferry verify` does afterwards; by default it reads back only the
+    /// files an earlier process journaled (see the module docs, step 5).
+    pub fn verify_at_end(mut self, yes: bool) -> Self {
+        self.verify_at_end = yes;
+        self
+    }
+
+    /// Bytes finalize has read back from disk to verify them, over this store's life: 0 for a
+    /// migration received in one process without [`FsStore::verify_at_end`].
+    pub fn bytes_read_back(&self) -> u64 {
+        self.read_back.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The destination directory.
@@ -504,17 +602,31 @@ impl FsStore {
             mut durable,
             mut keep,
             homes,
+            journaled,
             local,
-            wanted_keys,
+            mut wanted_keys,
         } = self.survey(manifest, &records)?;
         self.check_space(manifest, &durable, &homes)?;
+        wanted_keys.extend(
+            local
+                .iter()
+                .filter_map(|(i, _)| manifest.entries().get(*i))
+                .map(|e| staging_key(&e.path)),
+        );
+        wanted_keys.sort_unstable();
         self.copy_local(manifest, local, &mut keep, &mut durable)?;
         self.remove_stale_staging(&wanted_keys)?;
         let journal = self.compact_journal(&keep)?;
         *lock(&self.journal) = Some(journal);
+        let mut ledger = Ledger::new(manifest.slot_count(), manifest.entries().len());
+        ledger.claim(&durable, true);
+        for i in journaled {
+            Ledger::set(&mut ledger.reread, i, true);
+        }
         *lock(&self.prepared) = Some(Arc::new(Prepared {
             manifest: Arc::clone(manifest),
             homes: Mutex::new(homes),
+            ledger: Mutex::new(ledger),
             complete: false,
         }));
         Ok(durable)
@@ -532,6 +644,7 @@ impl FsStore {
         *lock(&self.prepared) = Some(Arc::new(Prepared {
             manifest: Arc::clone(manifest),
             homes: Mutex::new(vec![Home::InPlace; manifest.entries().len()]),
+            ledger: Mutex::new(Ledger::new(0, 0)),
             complete: true,
         }));
         Some((0..manifest.slot_count()).map(SlotId).collect())
@@ -574,21 +687,29 @@ impl FsStore {
             durable: Vec::new(),
             keep: Vec::new(),
             homes: vec![Home::Staging; manifest.entries().len()],
+            journaled: Vec::new(),
             local: Vec::new(),
-            wanted_keys: HashSet::new(),
+            wanted_keys: Vec::new(),
         };
+        // One listing of staging instead of a lookup per file (none at all in a fresh DEST),
+        // and one lookup per folder for the final paths: entries are sorted, so a file's
+        // folder is mostly the previous file's.
+        let present = self.staged_keys();
+        let mut folder: Option<(String, bool)> = None;
         for (i, e) in manifest.entries().iter().enumerate() {
             if !e.is_file() {
                 continue;
             }
             let key = staging_key(&e.path);
-            s.wanted_keys.insert(hex(&key));
-            let staged = self.staging.join(hex(&key));
-            let staged_len = fs::metadata(&staged).ok().map(|m| m.len());
+            let staged = present.binary_search(&key).is_ok();
             let n = e.chunks();
-            if staged_len.is_some() {
+            if staged {
+                s.wanted_keys.push(key);
                 let found = journaled_slots(manifest, e, key, records);
                 let complete = found.len() == n as usize;
+                if !found.is_empty() {
+                    s.journaled.push(i);
+                }
                 for (slot, r) in found {
                     s.keep.push(r);
                     s.durable.push(slot);
@@ -597,7 +718,15 @@ impl FsStore {
                     continue;
                 }
             }
-            // Is the file (or part of it) already at its final path?
+            // Is the file (or part of it) already at its final path? Not if its folder is not.
+            let parent = e.path.rsplit_once('/').map_or("", |(d, _)| d);
+            if folder.as_ref().is_none_or(|(f, _)| f != parent) {
+                let there = fs::symlink_metadata(self.dest.join(parent)).is_ok_and(|m| m.is_dir());
+                folder = Some((parent.to_string(), there));
+            }
+            if folder.as_ref().is_some_and(|(_, there)| !there) {
+                continue;
+            }
             let by_receipt = match (&prev, prev_index.get(e.path.as_str())) {
                 (Some(p), Some(&pi)) => self.reusable_by_receipt(p, pi, manifest, i),
                 _ => None,
@@ -607,10 +736,10 @@ impl FsStore {
                 None => self.reusable_in_place(manifest, EntryId(i as u32))?,
             };
             if let Some((reuse, same_size)) = reusable {
-                if reuse.len() == n as usize && same_size && staged_len.is_none() {
+                if reuse.len() == n as usize && same_size && !staged {
                     s.homes[i] = Home::InPlace;
                     s.durable.extend(reuse);
-                } else if staged_len.is_none() && !reuse.is_empty() {
+                } else if !staged && !reuse.is_empty() {
                     s.local.push((i, reuse));
                 }
             }
@@ -654,7 +783,9 @@ impl FsStore {
     }
 
     /// Copies the chunks found at final paths into new staging files; they become durable with
-    /// the compacted journal (their records go to `keep`, their slots to `durable`).
+    /// the compacted journal (their records go to `keep`, their slots to `durable`). Each chunk is
+    /// hashed on the way (one found by the receipt was not read before): one that no longer
+    /// matches is left out, to be fetched, so finalize need not read these files back.
     fn copy_local(
         &self,
         manifest: &Manifest,
@@ -676,6 +807,9 @@ impl FsStore {
                 };
                 let b = &mut buf[..loc.len as usize];
                 ctx(&final_path, src.read_exact_at(b, loc.offset))?;
+                if ChunkHash::of(b) != hash {
+                    continue;
+                }
                 ctx(&self.staging, dst.write_all_at(b, loc.offset))?;
                 keep.push(Record {
                     key,
@@ -690,12 +824,26 @@ impl FsStore {
         Ok(())
     }
 
-    /// Staging files of files no longer in the manifest are garbage.
-    fn remove_stale_staging(&self, wanted_keys: &HashSet<String>) -> Result<(), StoreError> {
+    /// The staging files present, by key (sorted); anything else there is ignored (and removed
+    /// by [`Self::remove_stale_staging`]).
+    fn staged_keys(&self) -> Vec<[u8; 16]> {
+        let mut keys: Vec<[u8; 16]> = fs::read_dir(&self.staging)
+            .map(|rd| {
+                rd.flatten()
+                    .filter_map(|ent| key_of(&ent.file_name().to_string_lossy()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        keys.sort_unstable();
+        keys
+    }
+
+    /// Staging files of files no longer in the manifest are garbage (`wanted_keys`: sorted).
+    fn remove_stale_staging(&self, wanted_keys: &[[u8; 16]]) -> Result<(), StoreError> {
         if let Ok(rd) = fs::read_dir(&self.staging) {
             for ent in rd.flatten() {
                 let name = ent.file_name().to_string_lossy().into_owned();
-                if !wanted_keys.contains(&name) {
+                if key_of(&name).is_none_or(|k| wanted_keys.binary_search(&k).is_err()) {
                     let _ = fs::remove_file(ent.path());
                 }
             }
@@ -754,7 +902,8 @@ impl FsStore {
     /// final path is still exactly as the previous round left it (kind, size and mtime of entry
     /// `pi` of the previous receipt), its chunks are the receipt's; those equal to the new
     /// manifest's at the same offsets are reusable. `None` when that cannot be trusted (then the
-    /// file is read). Finalize re-verifies every file from disk either way.
+    /// file is read). A partial reuse is re-hashed while copied ([`Self::copy_local`]); a file
+    /// reused whole is trusted as the receipt says (see the module docs).
     fn reusable_by_receipt(
         &self,
         prev: &Manifest,
@@ -966,6 +1115,7 @@ impl FsStore {
         }
         out.sort_unstable();
         out.dedup();
+        lock(&p.ledger).claim(&out, false);
         out
     }
 
@@ -1028,6 +1178,7 @@ impl FsStore {
         }
         ctx(&jpath, w.flush())?;
         ctx(&jpath, w.get_ref().sync_data())?;
+        lock(&p.ledger).claim(slots, true);
         Ok(())
     }
 
@@ -1050,16 +1201,40 @@ impl FsStore {
         let m = &p.manifest;
         let t0 = std::time::Instant::now();
         *lock(&self.open) = Open::default();
-        // Verify first (in parallel), so that damage is found before anything moves.
+        // Check first (in parallel), so that damage is found before anything moves: every slot
+        // claimed, every file of its size, and the files to read back read (module docs, step 5).
         let homes = lock(&p.homes).clone();
+        let (unclaimed, read) = {
+            let ledger = lock(&p.ledger);
+            let unclaimed: Vec<SlotId> = (0..m.slot_count())
+                .map(SlotId)
+                .filter(|&s| !ledger.claimed(s))
+                .collect();
+            let read: Vec<bool> = (0..m.entries().len())
+                .map(|i| self.verify_at_end || ledger.reread(i))
+                .collect();
+            (unclaimed, read)
+        };
+        if !unclaimed.is_empty() {
+            tracing::warn!(
+                slots = unclaimed.len(),
+                "finalize found slots never committed"
+            );
+            return Ok(self.damaged(&p, &unclaimed));
+        }
+        let check = Check {
+            read: &|i| read[i],
+            stamp: &|i| homes[i] == Home::Staging,
+            umask: self.umask,
+            read_back: &self.read_back,
+        };
         let (bad, stamped) = verify_and_stamp(
             m,
             |i| match homes[i] {
                 Home::InPlace => self.dest.join(&m.entries()[i].path),
                 Home::Staging => self.staging_path(&m.entries()[i].path),
             },
-            |i| homes[i] == Home::Staging,
-            self.umask,
+            &check,
         );
         if !bad.is_empty() {
             return Ok(self.damaged(&p, &bad));
@@ -1074,7 +1249,7 @@ impl FsStore {
         )?;
         let moved = t0.elapsed();
         for d in &touched_dirs {
-            let dir = self.open_dir(d, false)?;
+            let dir = self.open_dir(d, None)?;
             ctx(&self.dest.join(d), dir.sync_all())?;
         }
         self.stamp_dirs(m)?;
@@ -1114,14 +1289,15 @@ impl FsStore {
                 None => ("", e.path.as_str()),
             };
             if parent.as_ref().is_none_or(|(r, _)| r != par_rel) {
-                parent = Some((par_rel.to_string(), self.open_dir(par_rel, true)?));
+                let dir = self.open_dir(par_rel, Some(&mut touched_dirs))?;
+                parent = Some((par_rel.to_string(), dir));
             }
             let Some((_, dir)) = parent.as_ref() else {
                 continue;
             };
             let touched = match &e.kind {
                 EntryKind::Dir => {
-                    self.open_dir(&e.path, true)?;
+                    self.open_dir(&e.path, Some(&mut touched_dirs))?;
                     false
                 }
                 EntryKind::File { .. } if homes[i] == Home::InPlace => {
@@ -1224,7 +1400,7 @@ impl FsStore {
     fn stamp_dirs(&self, m: &Manifest) -> Result<(), StoreError> {
         for e in m.entries().iter().rev() {
             if e.kind == EntryKind::Dir {
-                let dir = self.open_dir(&e.path, false)?;
+                let dir = self.open_dir(&e.path, None)?;
                 let path = self.dest.join(&e.path);
                 let mode = final_mode(e.mode, true, self.umask);
                 ctx(&path, dir.set_permissions(fs::Permissions::from_mode(mode)))?;
@@ -1269,7 +1445,7 @@ impl FsStore {
                 None => ("", e.path.as_str()),
             };
             // A parent that is no longer a real directory: nothing of ferry's is there.
-            let Ok(dir) = self.open_dir(par_rel, false) else {
+            let Ok(dir) = self.open_dir(par_rel, None) else {
                 continue;
             };
             let Ok(st) = rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) else {
@@ -1316,26 +1492,40 @@ impl FsStore {
 
     /// Opens directory `rel` of DEST ("" is DEST itself) from DEST's handle, one component at a
     /// time with `O_NOFOLLOW`: a symlink or file where the history has a directory is a
-    /// conflict, never followed. With `create`, missing directories are created (owner-only
-    /// until finalize gives them their modes) and their parents synced.
-    fn open_dir(&self, rel: &str, create: bool) -> Result<File, StoreError> {
+    /// conflict, never followed. With `created`, missing directories are created (owner-only
+    /// until finalize gives them their modes) and their parents (relative paths) added to it, to
+    /// be synced once finalize has placed everything: an fsync per new directory in the middle
+    /// of thousands of renames would commit the file system's journal each time.
+    fn open_dir(
+        &self,
+        rel: &str,
+        mut created: Option<&mut HashSet<String>>,
+    ) -> Result<File, StoreError> {
         let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
         let mut cur = ctx(&self.dest, self.dest_dir.try_clone())?;
         let mut shown = self.dest.clone();
+        // `cur` relative to DEST.
+        let mut at = String::new();
         for part in rel.split('/').filter(|p| !p.is_empty()) {
             shown.push(part);
-            let next = match rustix::fs::openat(&cur, part, flags, Mode::empty()) {
-                Err(Errno::NOENT) if create => {
+            let next = match (
+                rustix::fs::openat(&cur, part, flags, Mode::empty()),
+                &mut created,
+            ) {
+                (Err(Errno::NOENT), Some(created)) => {
                     match rustix::fs::mkdirat(&cur, part, Mode::from_raw_mode(private::DIR_MODE)) {
                         Ok(()) | Err(Errno::EXIST) => {}
                         Err(e) => return Err(StoreError::io(&shown, e.into())),
                     }
-                    let parent = shown.parent().unwrap_or(&self.dest).to_path_buf();
-                    ctx(&parent, cur.sync_all())?;
+                    created.insert(at.clone());
                     rustix::fs::openat(&cur, part, flags, Mode::empty())
                 }
-                r => r,
+                (r, _) => r,
             };
+            if !at.is_empty() {
+                at.push('/');
+            }
+            at.push_str(part);
             cur = match next {
                 Ok(fd) => File::from(fd),
                 Err(Errno::LOOP | Errno::NOTDIR) => {
@@ -1613,6 +1803,29 @@ fn stamp_file(f: &File, mode: u32, mtime: Mtime, umask: u32) -> io::Result<()> {
     f.set_times(file_times(mtime))
 }
 
+/// [`stamp_file`] by path, for a staging file (in ferry's owner-only folder, just found to be a
+/// regular file): two calls instead of opening and closing it as well.
+fn stamp_staged(path: &Path, mode: u32, mtime: Mtime, umask: u32) -> io::Result<()> {
+    let cwd = rustix::fs::CWD;
+    let mode = Mode::from_raw_mode(final_mode(mode, false, umask));
+    rustix::fs::chmodat(cwd, path, mode, AtFlags::empty())?;
+    let (secs, nanos) = if mtime.secs >= 0 {
+        (mtime.secs, i64::from(mtime.nanos.min(999_999_999)))
+    } else {
+        (0, 0)
+    };
+    let t = rustix::fs::Timespec {
+        tv_sec: secs,
+        tv_nsec: nanos,
+    };
+    let times = rustix::fs::Timestamps {
+        last_access: t,
+        last_modification: t,
+    };
+    rustix::fs::utimensat(cwd, path, &times, AtFlags::SYMLINK_NOFOLLOW)?;
+    Ok(())
+}
+
 fn file_times(mtime: Mtime) -> fs::FileTimes {
     let t = if mtime.secs >= 0 {
         SystemTime::UNIX_EPOCH + Duration::new(mtime.secs as u64, mtime.nanos.min(999_999_999))
@@ -1625,17 +1838,35 @@ fn file_times(mtime: Mtime) -> fs::FileTimes {
 /// Checks files against a manifest chunk by chunk; returns the slots that do not match.
 /// `path_of(i)` names where entry `i`'s bytes are.
 fn verify_files(m: &Manifest, path_of: impl Fn(usize) -> PathBuf + Sync) -> Vec<SlotId> {
-    verify_and_stamp(m, path_of, |_| false, 0).0
+    let read_back = std::sync::atomic::AtomicU64::new(0);
+    let check = Check {
+        read: &|_| true,
+        stamp: &|_| false,
+        umask: 0,
+        read_back: &read_back,
+    };
+    verify_and_stamp(m, path_of, &check).0
 }
 
-/// [`verify_files`], and for every file that matched and `stamp(i)` names, sets its mode and
-/// mtime through the handle it was read with (two calls, instead of looking the path up three
-/// more times later). The second result says which entries were stamped.
+/// What [`verify_and_stamp`] does with each file entry `i`.
+struct Check<'a> {
+    /// Read it back and hash it; otherwise only its size is checked.
+    read: &'a (dyn Fn(usize) -> bool + Sync),
+    /// Once it matched, set its mode and mtime through its handle.
+    stamp: &'a (dyn Fn(usize) -> bool + Sync),
+    umask: u32,
+    /// Counts the bytes read back.
+    read_back: &'a std::sync::atomic::AtomicU64,
+}
+
+/// Checks every file of `m` as `check` says (its size; its chunks when it is to be read), and
+/// for every file that matched and is to be stamped, sets its mode and mtime through the handle
+/// it was checked with (two calls, instead of looking the path up three more times later).
+/// Returns the slots that do not match and which entries were stamped.
 fn verify_and_stamp(
     m: &Manifest,
     path_of: impl Fn(usize) -> PathBuf + Sync,
-    stamp: impl Fn(usize) -> bool + Sync,
-    umask: u32,
+    check: &Check<'_>,
 ) -> (Vec<SlotId>, Vec<bool>) {
     let files: Vec<usize> = (0..m.entries().len())
         .filter(|&i| m.entries()[i].is_file())
@@ -1656,13 +1887,23 @@ fn verify_and_stamp(
                     let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let Some(&i) = files.get(k) else { break };
                     let e = &m.entries()[i];
-                    let (mine, f) = verify_file(m, i, &path_of(i), &mut buf);
+                    let read = (check.read)(i);
+                    let (mine, f) = verify_file(m, i, &path_of(i), read.then_some(&mut buf));
+                    if read {
+                        check
+                            .read_back
+                            .fetch_add(e.size, std::sync::atomic::Ordering::Relaxed);
+                    }
                     if !mine.is_empty() {
                         tracing::warn!(path = %e.path, chunks = mine.len(), "verification failed");
                         lock(&bad).extend(mine);
-                    } else if let Some(f) = f.filter(|_| stamp(i)) {
+                    } else if (check.stamp)(i) {
                         // A failure here is not fatal: the file is stamped by path later.
-                        if stamp_file(&f, e.mode, e.mtime, umask).is_ok() {
+                        let done = match f {
+                            Some(f) => stamp_file(&f, e.mode, e.mtime, check.umask),
+                            None => stamp_staged(&path_of(i), e.mode, e.mtime, check.umask),
+                        };
+                        if done.is_ok() {
                             stamped[i].store(true, std::sync::atomic::Ordering::Relaxed);
                         }
                     }
@@ -1676,15 +1917,22 @@ fn verify_and_stamp(
     )
 }
 
-/// Verifies entry `i` at `path`: the slots that do not match, and the open file.
+/// Verifies entry `i` at `path`: the slots that do not match, and the open file. Without a
+/// buffer only its kind and size are checked, by path (one `statx`, no file opened).
 fn verify_file(
     m: &Manifest,
     i: usize,
     path: &Path,
-    buf: &mut Vec<u8>,
+    buf: Option<&mut Vec<u8>>,
 ) -> (Vec<SlotId>, Option<File>) {
     let e = &m.entries()[i];
     let all = || e.slots().collect::<Vec<SlotId>>();
+    let Some(buf) = buf else {
+        return match fs::symlink_metadata(path) {
+            Ok(md) if md.is_file() && md.len() == e.size => (Vec::new(), None),
+            _ => (all(), None),
+        };
+    };
     let Ok(f) = open_nofollow(path) else {
         return (all(), None);
     };
@@ -1891,6 +2139,192 @@ mod tests {
         .unwrap();
         assert_eq!(omitted_entries(&m, false), vec!["media/latest.jpg"]);
         assert!(omitted_entries(&m, true).is_empty());
+    }
+
+    /// A manifest of top-level files with these contents.
+    fn manifest_of(files: &[(&str, &[u8])]) -> Arc<Manifest> {
+        let entries = files
+            .iter()
+            .map(|(path, data)| {
+                let shift = crate::manifest::chunk_shift_for(data.len() as u64);
+                crate::manifest::WireEntry {
+                    path: (*path).into(),
+                    kind: EntryKind::File { chunk_shift: shift },
+                    size: data.len() as u64,
+                    mode: 0o644,
+                    mtime: Mtime {
+                        secs: 1_600_000_000,
+                        nanos: 0,
+                    },
+                    hashes: data.chunks(1 << shift).map(ChunkHash::of).collect(),
+                }
+            })
+            .collect();
+        Arc::new(Manifest::from_wire_entries(entries).unwrap())
+    }
+
+    /// Receives (verifies and writes) every slot of `m`'s files named in `only`, as the
+    /// receiver does, and commits them.
+    fn receive(store: &FsStore, m: &Manifest, files: &[(&str, &[u8])], only: &[&str]) {
+        let mut done = Vec::new();
+        for (path, data) in files.iter().filter(|(p, _)| only.contains(p)) {
+            let e = &m.entries()[m.find(path).unwrap()];
+            for slot in e.slots() {
+                let loc = m.locate(slot).unwrap();
+                let bytes = &data[loc.offset as usize..][..loc.len as usize];
+                let chunk = m.slot_chunk(slot).unwrap();
+                let payload = Bytes::copy_from_slice(bytes);
+                store
+                    .store_chunk(chunk, Encoding::Raw, payload, &[slot])
+                    .unwrap()
+                    .unwrap();
+                done.push(slot);
+            }
+        }
+        store.commit(&done).unwrap();
+    }
+
+    fn data(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+            .collect()
+    }
+
+    /// Finalize trusts what this process verified and made durable: it reads nothing back by
+    /// default, and every byte with `verify_at_end`. Either way the files arrive intact.
+    #[test]
+    fn finalize_reads_back_nothing_received_in_this_process_unless_asked() {
+        let (a, b) = (data(300_000, 1), data(5_000, 2));
+        let files: [(&str, &[u8]); 2] = [("a.jpg", &a), ("b.txt", &b)];
+        let m = manifest_of(&files);
+        for verify_at_end in [false, true] {
+            let d = tempfile::tempdir().unwrap();
+            let dest = d.path().join("dest");
+            let store = FsStore::open(&dest).unwrap().verify_at_end(verify_at_end);
+            assert!(store.prepare(&m).unwrap().is_empty());
+            receive(&store, &m, &files, &["a.jpg", "b.txt"]);
+            assert_eq!(store.finalize().unwrap(), Vec::<SlotId>::new());
+            let want = if verify_at_end { 305_000 } else { 0 };
+            assert_eq!(
+                store.bytes_read_back(),
+                want,
+                "verify_at_end {verify_at_end}"
+            );
+            assert_eq!(fs::read(dest.join("a.jpg")).unwrap(), a);
+            assert_eq!(fs::read(dest.join("b.txt")).unwrap(), b);
+            assert!(verify_dest(&dest).unwrap().mismatched.is_empty());
+        }
+    }
+
+    /// After a crash, the files an earlier process journaled are read back (nobody held the
+    /// lock in between): a staged byte changed behind ferry's back is found and fetched again,
+    /// and the file received by this process is not read.
+    #[test]
+    fn finalize_reads_back_what_an_earlier_process_journaled() {
+        let (a, b) = (data(300_000, 3), data(200_000, 4));
+        let files: [(&str, &[u8]); 2] = [("a.jpg", &a), ("b.jpg", &b)];
+        let m = manifest_of(&files);
+        let d = tempfile::tempdir().unwrap();
+        let dest = d.path().join("dest");
+        {
+            let store = FsStore::open(&dest).unwrap();
+            store.prepare(&m).unwrap();
+            receive(&store, &m, &files, &["a.jpg"]);
+        } // the process ends here (a kill -9 after the commit)
+        let staged = dest
+            .join(STATE_DIR)
+            .join("staging")
+            .join(hex(&staging_key("a.jpg")));
+        let mut bytes = fs::read(&staged).unwrap();
+        bytes[150_000] ^= 1;
+        fs::write(&staged, &bytes).unwrap();
+
+        let store = FsStore::open(&dest).unwrap();
+        let durable = store.prepare(&m).unwrap();
+        let a_slots: Vec<SlotId> = m.entries()[m.find("a.jpg").unwrap()].slots().collect();
+        assert_eq!(durable, a_slots, "the journal claims a.jpg");
+        receive(&store, &m, &files, &["b.jpg"]);
+        let damaged = store.finalize().unwrap();
+        let hit = m.entries()[m.find("a.jpg").unwrap()].first_slot.0 + 150_000 / (1 << 17);
+        assert_eq!(damaged, vec![SlotId(hit)], "the changed chunk is named");
+        assert_eq!(store.bytes_read_back(), 300_000, "only a.jpg was read back");
+        assert!(!dest.join("a.jpg").exists() && !dest.join("b.jpg").exists());
+
+        // Fetched again, it arrives intact.
+        let loc = m.locate(SlotId(hit)).unwrap();
+        let payload = Bytes::copy_from_slice(&a[loc.offset as usize..][..loc.len as usize]);
+        let chunk = m.slot_chunk(SlotId(hit)).unwrap();
+        store
+            .store_chunk(chunk, Encoding::Raw, payload, &[SlotId(hit)])
+            .unwrap()
+            .unwrap();
+        store.commit(&[SlotId(hit)]).unwrap();
+        assert_eq!(store.finalize().unwrap(), Vec::<SlotId>::new());
+        assert_eq!(fs::read(dest.join("a.jpg")).unwrap(), a);
+        assert_eq!(fs::read(dest.join("b.jpg")).unwrap(), b);
+    }
+
+    /// Prepare lists staging once: a staged file of this manifest keeps its journaled slots,
+    /// one of a file no longer in it goes, and so does anything else there; a file whose
+    /// folder does not exist at DEST is not looked for there.
+    #[test]
+    fn prepare_keeps_wanted_staging_and_removes_the_rest() {
+        let (a, b) = (data(300_000, 6), data(4_000, 7));
+        let files: [(&str, &[u8]); 2] = [("a.jpg", &a), ("sub/b.txt", &b)];
+        let m = manifest_of(&files);
+        let d = tempfile::tempdir().unwrap();
+        let dest = d.path().join("dest");
+        let staging = dest.join(STATE_DIR).join("staging");
+        {
+            let store = FsStore::open(&dest).unwrap();
+            store.prepare(&m).unwrap();
+            receive(&store, &m, &files, &["a.jpg"]);
+        }
+        let stale = staging.join(hex(&staging_key("gone.jpg")));
+        fs::write(&stale, b"old").unwrap();
+        fs::write(staging.join("not-a-key"), b"?").unwrap();
+        let store = FsStore::open(&dest).unwrap();
+        let durable = store.prepare(&m).unwrap();
+        let a_slots: Vec<SlotId> = m.entries()[m.find("a.jpg").unwrap()].slots().collect();
+        assert_eq!(durable, a_slots);
+        let mut left: Vec<String> = fs::read_dir(&staging)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, vec![hex(&staging_key("a.jpg"))]);
+        receive(&store, &m, &files, &["sub/b.txt"]);
+        assert_eq!(store.finalize().unwrap(), Vec::<SlotId>::new());
+        assert_eq!(fs::read(dest.join("a.jpg")).unwrap(), a);
+        assert_eq!(fs::read(dest.join("sub/b.txt")).unwrap(), b);
+    }
+
+    /// A slot never committed is not trusted: finalize names it instead of placing the file.
+    #[test]
+    fn finalize_names_slots_never_committed() {
+        let a = data(300_000, 5);
+        let files: [(&str, &[u8]); 1] = [("a.jpg", &a)];
+        let m = manifest_of(&files);
+        let d = tempfile::tempdir().unwrap();
+        let dest = d.path().join("dest");
+        let store = FsStore::open(&dest).unwrap();
+        store.prepare(&m).unwrap();
+        let slots: Vec<SlotId> = m.entries()[0].slots().collect();
+        for &slot in &slots {
+            let loc = m.locate(slot).unwrap();
+            let payload = Bytes::copy_from_slice(&a[loc.offset as usize..][..loc.len as usize]);
+            let chunk = m.slot_chunk(slot).unwrap();
+            store
+                .store_chunk(chunk, Encoding::Raw, payload, &[slot])
+                .unwrap()
+                .unwrap();
+        }
+        store.commit(&slots[..1]).unwrap();
+        assert_eq!(store.finalize().unwrap(), slots[1..].to_vec());
+        assert!(!dest.join("a.jpg").exists());
+        store.commit(&slots[1..]).unwrap();
+        assert_eq!(store.finalize().unwrap(), Vec::<SlotId>::new());
+        assert_eq!(fs::read(dest.join("a.jpg")).unwrap(), a);
     }
 
     #[test]
