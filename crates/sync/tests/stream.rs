@@ -48,23 +48,6 @@ fn decode(t: &Transmit) -> Frame {
     decode_frame(&mut b).unwrap().unwrap()
 }
 
-fn name(f: &Frame) -> &'static str {
-    match f {
-        Frame::Hello(_) => "hello",
-        Frame::Chunk { .. } => "chunk",
-        Frame::Message(m) => match m {
-            Message::Manifest(_) => "manifest",
-            Message::ManifestEnd(_) => "manifest-end",
-            Message::Want(_) => "want",
-            Message::WantEnd { .. } => "want-end",
-            Message::Done { .. } => "done",
-            Message::Durable { .. } => "durable",
-            Message::Close { .. } => "close",
-            _ => "other",
-        },
-    }
-}
-
 /// Two machines, the store and the source, the manifest's entries still to feed, and the
 /// frames as they crossed (`S:` sender to receiver, `R:` back).
 struct Pair {
@@ -118,7 +101,7 @@ impl Pair {
             let mut moved = false;
             while let Some(t) = self.s.poll_transmit() {
                 let f = (self.tamper)(decode(&t));
-                self.log.push(format!("S:{}", name(&f)));
+                self.log.push(format!("S:{}", f.name()));
                 self.to_r.push_back(f);
                 moved = true;
             }
@@ -140,7 +123,7 @@ impl Pair {
             }
             while let Some(t) = self.r.poll_transmit() {
                 let f = (self.tamper)(decode(&t));
-                self.log.push(format!("R:{}", name(&f)));
+                self.log.push(format!("R:{}", f.name()));
                 self.s.handle_frame(f);
                 moved = true;
             }

@@ -107,6 +107,27 @@ pub enum Frame {
     },
 }
 
+impl Frame {
+    /// The frame's kind in a word (`chunk`, `want`, …), for logs and errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Frame::Hello(_) => "hello",
+            Frame::Chunk { .. } => "chunk",
+            Frame::Message(m) => match m {
+                Message::Manifest(_) => "manifest",
+                Message::ManifestEnd(_) => "manifest-end",
+                Message::Want(_) => "want",
+                Message::WantEnd { .. } => "want-end",
+                Message::Rejected { .. } => "rejected",
+                Message::Done { .. } => "done",
+                Message::NextRound => "next-round",
+                Message::Durable { .. } => "durable",
+                Message::Close { .. } => "close",
+            },
+        }
+    }
+}
+
 /// A frame that cannot be decoded.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 #[non_exhaustive]

@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::frame::{self, ChunkRange, Frame, Hello, Message, Role, MAX_RANGES_PER_FRAME};
-use super::sender::frame_name;
 use super::{close_frame, CloseCode, SessionError, Transmit};
 use crate::compress::Encoding;
 use crate::manifest::{ChunkId, ManifestBuilder, ManifestLimits, ManifestSummary, SlotId};
@@ -598,7 +597,7 @@ impl Receiver {
             ) => self.on_chunk(id, encoding, raw_len, payload),
             (_, f) => Err(SessionError::Protocol(format!(
                 "unexpected {} frame",
-                frame_name(&f)
+                f.name()
             ))),
         }
     }

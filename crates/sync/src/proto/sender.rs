@@ -437,7 +437,7 @@ impl Sender {
             }
             (_, f) => Err(SessionError::Protocol(format!(
                 "unexpected frame {}",
-                frame_name(&f)
+                f.name()
             ))),
         }
     }
@@ -626,23 +626,5 @@ impl Serving {
         let m = all.complete()?;
         self.manifest_done = true;
         Some(Message::ManifestEnd(*m.summary()))
-    }
-}
-
-pub(crate) fn frame_name(f: &Frame) -> &'static str {
-    match f {
-        Frame::Hello(_) => "hello",
-        Frame::Chunk { .. } => "chunk",
-        Frame::Message(m) => match m {
-            Message::Manifest(_) => "manifest",
-            Message::ManifestEnd(_) => "manifest-end",
-            Message::Want(_) => "want",
-            Message::WantEnd { .. } => "want-end",
-            Message::Rejected { .. } => "rejected",
-            Message::Done { .. } => "done",
-            Message::NextRound => "next-round",
-            Message::Durable { .. } => "durable",
-            Message::Close { .. } => "close",
-        },
     }
 }
